@@ -1,0 +1,44 @@
+# kftune: `make run` and `make test` are the whole set-up on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_ROWS ?= 3000
+
+.DEFAULT_GOAL := help
+.PHONY: help install dev run test test-fast compile clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv and install kftune with pinned dependencies
+
+dev: $(VENV)/.dev ## install kftune plus test dependencies
+
+run: install ## generate a demo batch and run the training pipeline end to end (kfp.local + MLflow)
+	$(BIN)/kftune demo-data --out data/demo --batch 0 --rows $(DEMO_ROWS)
+	$(BIN)/kftune run --data data/demo/batch-000.csv
+
+test: dev ## run the whole test suite
+	$(BIN)/pytest -q
+
+test-fast: dev ## the suite without the slow real-data and pipeline tests
+	$(BIN)/pytest -q -m "not slow and not realdata"
+
+compile: install ## compile the training pipeline to pipeline.yaml (set KFTUNE_IMAGE for your registry)
+	$(BIN)/kftune compile -o pipeline.yaml
+
+clean: ## remove local run outputs (keeps .venv, mlflow.db and mlartifacts)
+	rm -rf local_outputs .kftune data/demo pipeline.yaml

@@ -1,0 +1,17 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate_op(data: Input[Dataset], model: Input[Model], params: dict, evaluation: Output[Dataset],
+                metrics: Output[Metrics]):
+    """Test metrics of the model and of the majority and TF-IDF baselines."""
+    from kftune.config import params_from_dict
+    from kftune.steps.evaluate import evaluate
+
+    m = evaluate(data.path, model.path, evaluation.path, params_from_dict(params).evaluate)
+    for key in ("accuracy", "macro_f1", "ece"):
+        metrics.log_metric(f"test_{key}", m["model"][key])
+    metrics.log_metric("baseline_tfidf_macro_f1", m["baselines"]["tfidf_logreg"]["macro_f1"])

@@ -1,0 +1,15 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tokenize_op(data: Input[Dataset], params: dict, tokenized: Output[Dataset]):
+    """Tokenize every split with the base model's fast tokenizer (no padding stored)."""
+    from kftune.config import params_from_dict
+    from kftune.steps.tokenize import tokenize
+
+    p = params_from_dict(params)
+    stats = tokenize(data.path, tokenized.path, p.model.name, p.tokenize)
+    tokenized.metadata.update({s: v["truncation_rate"] for s, v in stats["splits"].items()})

@@ -1,0 +1,229 @@
+"""The `kftune` command: run and compile the pipeline, run single steps, manage the registry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kftune.config import ConfigError, load_params, params_help
+
+log = logging.getLogger("kftune")
+
+
+def _params(args):
+    return load_params(args.params, args.set or [])
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="settings file (default: %(default)s)")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. -S finetune.learning_rate=3e-5 (repeatable)")
+
+
+# --- run / compile -------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from kftune import registry
+    from kftune.runner import run_local
+    from kftune.tracking import configure
+
+    params = _params(args)
+    version = run_local(args.data, params, args.project_dir)
+    configure(args.project_dir)
+    print(f"\nregistered {params.register.model_name} v{version}")
+    _print_versions(params.register.model_name, only=version)
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version(params.register.model_name, version).tags
+    print(f"decision: {tags.get('kftune.decision')}\n  " + tags.get("kftune.reasons", "").replace(" | ", "\n  "))
+    champion = registry.version_by_alias(params.register.model_name, registry.CHAMPION)
+    print(f"champion: v{champion.version}" if champion else "champion: none yet")
+    report = sorted(Path(args.project_dir, "local_outputs").glob("*/evaluate-op/evaluation/report.md"),
+                    key=lambda p: p.stat().st_mtime)
+    if report:
+        print("\n" + report[-1].read_text(encoding="utf-8").split("![")[0].strip())
+    uri = configure(args.project_dir)
+    print(f"\nbrowse runs and the registry: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from kftune.runner import compile_pipeline
+
+    print(f"wrote {compile_pipeline(_params(args), args.output)}")
+    return 0
+
+
+# --- step (one step from files, for DVC and debugging) -------------------------------------
+
+def cmd_step(args) -> int:
+    params = _params(args)
+    if args.name == "ingest":
+        from kftune.steps.ingest import ingest
+
+        card = ingest(args.data, args.out, params.ingest)
+        print(f"{card['rows']} dropped={card['dropped']} sha256={card['sha256'][:12]}")
+    elif args.name == "tokenize":
+        from kftune.steps.tokenize import tokenize
+
+        tokenize(args.data, args.out, params.model.name, params.tokenize)
+    elif args.name == "finetune":
+        from kftune.steps.finetune import finetune
+
+        finetune(args.data, args.out, params.model.name, params.finetune, checkpoint_dir=args.checkpoint_dir)
+    elif args.name == "evaluate":
+        from kftune.steps.evaluate import evaluate
+
+        m = evaluate(args.data, args.model, args.out, params.evaluate)
+        print(f"test macro-F1 {m['model']['macro_f1']:.4f} (TF-IDF {m['baselines']['tfidf_logreg']['macro_f1']:.4f})")
+    elif args.name == "register":
+        from kftune import registry
+        from kftune.steps.register import PROMOTE, register
+        from kftune.tracking import configure, git_commit
+
+        configure(args.project_dir)
+        d = register(args.data, args.model, args.evaluation, args.out, params, git_commit=git_commit())
+        if d.decision == PROMOTE:
+            registry.promote(params.register.model_name, d.version, "passed the gate (kftune step register)",
+                             expected_champion=d.champion_version)
+        print(f"v{d.version}: {d.decision}\n  " + "\n  ".join(d.reasons))
+    return 0
+
+
+# --- models --------------------------------------------------------------------------------
+
+def _print_versions(name: str, only: str | None = None) -> None:
+    from kftune import registry
+
+    rows = [r for r in registry.list_versions(name) if only is None or str(r["version"]) == str(only)]
+    print(f"{'version':>7}  {'aliases':<30} {'decision':<18} {'macro-F1':>8}  created")
+    for r in rows:
+        created = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<30} {r['decision'] or '-':<18} "
+              f"{r['macro_f1'] or '-':>8}  {created}")
+
+
+def cmd_models(args) -> int:
+    from kftune import registry
+    from kftune.tracking import configure
+
+    configure(args.project_dir)
+    name = args.name or _params(args).register.model_name
+    if args.action == "list":
+        _print_versions(name)
+    elif args.action == "promote":
+        from mlflow import MlflowClient
+
+        event = registry.promote(name, args.version, args.reason)
+        MlflowClient().set_model_version_tag(name, args.version, "kftune.approved_by", event.actor)
+        print(f"{name}: champion v{event.from_version or '-'} -> v{event.to_version}")
+    elif args.action == "rollback":
+        event = registry.rollback(name, args.reason)
+        print(f"{name}: champion v{event.from_version} -> v{event.to_version} (rolled back)")
+    elif args.action == "history":
+        events = registry.history(name)
+        if not events:
+            print(f"{name}: no promotions, holds or rollbacks recorded yet")
+        for e in events:
+            when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{when}  {e.action:<17} v{e.from_version or '-'} -> v{e.to_version or '-'}  by {e.actor}\n"
+                  f"    {e.reason}")
+    return 0
+
+
+def cmd_params(args) -> int:
+    for key, text in params_help().items():
+        print(f"{key:<36} {text}")
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from kftune.demo_data import write_batch
+
+    path = write_batch(args.out, args.batch, args.rows, drift=args.drift, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kftune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--project-dir", default=".", help="where mlflow.db, mlartifacts and local_outputs live")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the training pipeline locally with kfp.local")
+    p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, folder of them, or s3://bucket/prefix")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="compile the training pipeline to KFP IR YAML")
+    p.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: %(default)s)")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("step", help="run one step from files (used by DVC, handy for debugging)")
+    p.add_argument("name", choices=["ingest", "tokenize", "finetune", "evaluate", "register"])
+    p.add_argument("--data", required=True, help="input: raw data (ingest), ingest output (tokenize, evaluate, "
+                                                 "register) or tokenize output (finetune)")
+    p.add_argument("--model", help="fine-tune output (evaluate, register)")
+    p.add_argument("--evaluation", help="evaluate output (register)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint-dir", help="finetune: resumable checkpoints (resumed if present)")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_step)
+
+    p = sub.add_parser("models", help="the MLflow registry: list, promote, rollback, history")
+    p.add_argument("action", choices=["list", "promote", "rollback", "history"])
+    p.add_argument("version", nargs="?", help="version to promote")
+    p.add_argument("--name", help="registered model (default: register.model_name in params)")
+    p.add_argument("--reason", help="why (required for promote and rollback; recorded in the history)")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("params", help="list every params.yaml key with its meaning")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("demo-data", help="write one batch of the synthetic financial-headline corpus")
+    p.add_argument("--out", default="data/demo", help="folder (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=0, help="batch number; each batch has its own texts")
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--drift", type=float, default=0.0, help="0 = i.i.d.; 1 = new entities, terms and class priors")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo_data)
+    return parser
+
+
+def _check_args(parser, args) -> None:
+    if args.command == "models" and args.action in ("promote", "rollback") and not args.reason:
+        parser.error(f"models {args.action} needs --reason (it is recorded in the promotion history)")
+    if args.command == "models" and args.action == "promote" and not args.version:
+        parser.error("models promote needs a VERSION")
+    if args.command == "step":
+        needs = {"evaluate": ["model"], "register": ["model", "evaluation"]}.get(args.name, [])
+        missing = [f"--{n}" for n in needs if not getattr(args, n)]
+        if missing:
+            parser.error(f"step {args.name} needs {' '.join(missing)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kftune.models import ModelNotFound
+    from kftune.registry import RegistryError
+    from kftune.steps.ingest import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelNotFound, RegistryError) as exc:
+        print(f"kftune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Typed, validated settings loaded from params.yaml.
+
+params.yaml is the only place defaults live: every field here is required, so a
+key missing from the file is reported instead of silently taking a value from code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TASKS = ("sequence-classification",)
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message lists every problem."""
+
+
+def _doc(text: str):
+    return field(metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _doc("Base encoder: minilm-l6, bert-tiny, a local model folder, or a Hugging Face hub id.")
+
+
+@dataclass
+class IngestConfig:
+    text_column: str = _doc("Column holding the text.")
+    label_column: str = _doc("Column holding the label.")
+    encoding: str = _doc("Encoding of CSV/TSV/JSONL files.")
+    labels: list[str] = _doc("Allowed labels in order; empty means infer the sorted set from the data.")
+    validation_fraction: float = _doc("Share of texts hashed into the validation split.")
+    test_fraction: float = _doc("Share of texts hashed into the test split.")
+    split_salt: str = _doc("Salt of the split hash; changing it reshuffles every text, so keep it for a dataset's life.")
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("validation_fraction", "test_fraction"):
+            if not 0 < getattr(self, key) < 0.5:
+                out.append(f"ingest.{key}={getattr(self, key)!r}: must be > 0 and < 0.5")
+        if len(set(self.labels)) != len(self.labels):
+            out.append(f"ingest.labels={self.labels!r}: labels must be unique")
+        if self.labels and len(self.labels) < 2:
+            out.append(f"ingest.labels={self.labels!r}: need at least 2 labels")
+        try:
+            "".encode(self.encoding)
+        except LookupError:
+            out.append(f"ingest.encoding={self.encoding!r}: unknown encoding")
+        return out
+
+
+@dataclass
+class TokenizeConfig:
+    max_length: int = _doc("Longest sequence in tokens; longer texts are truncated (and counted).")
+
+    def problems(self) -> list[str]:
+        return [] if 8 <= self.max_length <= 512 else [f"tokenize.max_length={self.max_length!r}: must be in [8, 512]"]
+
+
+@dataclass
+class FinetuneConfig:
+    seed: int = _doc("Seed for weights init of the head, dropout and batch order.")
+    epochs: int = _doc("Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = _doc("Optimizer steps to run; 0 means use epochs.")
+    batch_size: int = _doc("Examples per forward pass.")
+    grad_accum_steps: int = _doc("Forward passes per optimizer step (effective batch = batch_size x this).")
+    learning_rate: float = _doc("Peak AdamW learning rate.")
+    weight_decay: float = _doc("AdamW weight decay (not applied to biases and LayerNorm).")
+    warmup_ratio: float = _doc("Share of steps with linear warm-up; the rest decays linearly to 0.")
+    max_grad_norm: float = _doc("Gradient clipping norm; 0 disables clipping.")
+    eval_every_steps: int = _doc("Validate every N optimizer steps; 0 means at the end of each epoch.")
+    early_stopping_patience: int = _doc("Stop after this many validations without a better macro-F1; 0 disables.")
+    freeze_embeddings: bool = _doc("Freeze the embedding layer.")
+    freeze_layers: int = _doc("Freeze the bottom k encoder layers.")
+    group_by_length: bool = _doc("Batch texts of similar length (batches are still shuffled).")
+    bf16: bool = _doc("bf16 autocast on CPU (faster on AVX512-BF16 / AMX CPUs).")
+    threads: int = _doc("torch intra-op threads; 0 keeps torch's default.")
+    log_every_steps: int = _doc("Log loss and learning rate to MLflow every N optimizer steps.")
+    checkpoint_every_steps: int = _doc("Save a resumable checkpoint every N optimizer steps; 0 disables.")
+
+    def problems(self) -> list[str]:
+        out = []
+        positive = ("batch_size", "grad_accum_steps", "log_every_steps")
+        non_negative = ("epochs", "max_steps", "eval_every_steps", "early_stopping_patience", "freeze_layers",
+                        "threads", "checkpoint_every_steps", "weight_decay", "max_grad_norm")
+        out += [f"finetune.{k}={getattr(self, k)!r}: must be > 0" for k in positive if getattr(self, k) <= 0]
+        out += [f"finetune.{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
+        if not 0 < self.learning_rate < 1:
+            out.append(f"finetune.learning_rate={self.learning_rate!r}: must be in (0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"finetune.warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        if self.epochs == 0 and self.max_steps == 0:
+            out.append("finetune.epochs and finetune.max_steps are both 0: set one of them")
+        return out
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = _doc("Examples per forward pass when predicting.")
+    ece_bins: int = _doc("Confidence bins for the expected calibration error.")
+    tfidf_ngram_max: int = _doc("Longest word n-gram of the TF-IDF baseline.")
+    tfidf_c: float = _doc("Inverse regularisation strength of the baseline's logistic regression.")
+
+    def problems(self) -> list[str]:
+        out = [f"evaluate.{k}={getattr(self, k)!r}: must be > 0"
+               for k in ("batch_size", "ece_bins", "tfidf_ngram_max", "tfidf_c") if getattr(self, k) <= 0]
+        return out
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = _doc("Registered model name in the MLflow registry.")
+    experiment: str = _doc("MLflow experiment for training runs.")
+    min_delta: float = _doc("Challenger must reach champion macro-F1 + min_delta on the same test split.")
+    require_approval: bool = _doc("Leave a passing challenger awaiting `kftune models promote` instead of promoting.")
+    smoke_examples: int = _doc("Test texts predicted through the registry URI before promotion.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.model_name.strip():
+            out.append("register.model_name is empty")
+        if not self.experiment.strip():
+            out.append("register.experiment is empty")
+        if self.smoke_examples < 1:
+            out.append(f"register.smoke_examples={self.smoke_examples!r}: must be >= 1")
+        return out
+
+
+@dataclass
+class Params:
+    task: str = _doc("sequence-classification (token-classification is not implemented yet).")
+    model: ModelConfig = _doc("Base model.")
+    ingest: IngestConfig = _doc("Reading, cleaning and splitting the data.")
+    tokenize: TokenizeConfig = _doc("Tokenization.")
+    finetune: FinetuneConfig = _doc("Training loop.")
+    evaluate: EvaluateConfig = _doc("Test metrics and baselines.")
+    register: RegisterConfig = _doc("MLflow registry and promotion gate.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short stable hash of every setting, tagged on model versions."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_BAD = object()
+
+
+def _coerce(value, tp, key: str, problems: list[str]):
+    """Check `value` against the annotation `tp` (ints pass as floats); return _BAD if it does not fit."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", problems)
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            problems.append(f"{key}={value!r}: expected a list")
+            return _BAD
+        items = [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if _BAD in items else items
+    if tp is float and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads a label like `1` as int; labels are strings
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        problems.append(f"{key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
+        return _BAD
+    return value
+
+
+def _build(cls, data, prefix: str, problems: list[str]):
+    """Build dataclass `cls` from a mapping; sections that build run their own semantic checks."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {type(data).__name__}")
+        return _BAD
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for extra in sorted(set(data) - set(names)):
+        problems.append(f"{prefix}{extra}: unknown key (known: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            problems.append(f"{prefix}{name}: missing")
+            kwargs[name] = _BAD
+        else:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}", problems)
+    if _BAD in kwargs.values():
+        return _BAD
+    obj = cls(**kwargs)
+    if hasattr(obj, "problems"):
+        problems += obj.problems()
+    return obj
+
+
+def _apply_override(data: dict, assignment: str, problems: list[str]) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        problems.append(f"override {assignment!r}: expected KEY=VALUE, e.g. finetune.learning_rate=3e-5")
+        return
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            problems.append(f"override {key}: {part!r} is not a section of params.yaml")
+            return
+        node = node[part]
+    if leaf not in node:
+        problems.append(f"override {key}: unknown key")
+        return
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def params_from_dict(data: dict, overrides: list[str] = (), source: str = "params") -> Params:
+    """Build and validate Params; raise ConfigError listing every problem at once."""
+    data = json.loads(json.dumps(data))  # deep copy; overrides must not leak into the caller's dict
+    problems: list[str] = []
+    for assignment in overrides:
+        _apply_override(data, assignment, problems)
+    _build(Params, data, "", problems)
+    if data.get("task") not in TASKS:
+        problems.append(f"task={data.get('task')!r}: must be one of {', '.join(TASKS)}")
+    if problems:
+        raise ConfigError(f"invalid settings in {source}:\n  - " + "\n  - ".join(problems))
+    return _build(Params, data, "", [])
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project folder or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return params_from_dict(data or {}, overrides, source=str(path))
+
+
+def params_help() -> dict[str, str]:
+    """key path -> help text, for the README and `kftune params`."""
+    out = {}
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = f.metadata["help"]
+    walk(Params, "")
+    return out
+

@@ -1,0 +1,57 @@
+"""Thin runners for the training pipeline: kfp.local here, IR YAML for a cluster."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from kftune.config import Params
+
+log = logging.getLogger(__name__)
+
+
+def preflight(data_path: str, params: Params) -> dict:
+    """Everything that can fail on bad input, checked in-process before any pipeline step starts.
+
+    Returns the data card the ingest step will produce.
+    """
+    from kftune.models import resolve_base_model
+    from kftune.steps.ingest import ingest
+
+    resolve_base_model(params.model.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        return ingest(data_path, Path(tmp) / "data", params.ingest)
+
+
+def compile_pipeline(params: Params, out: str | Path) -> Path:
+    from kfp import compiler
+
+    from pipelines.training import create_pipeline
+
+    compiler.Compiler().compile(create_pipeline(params.to_dict()), str(out))
+    return Path(out)
+
+
+def run_local(data_path: str, params: Params, project_dir: str | Path = ".") -> str:
+    """Run the training pipeline with kfp.local in this Python environment; return the registered version.
+
+    Outputs land in <project_dir>/local_outputs, MLflow in <project_dir>/mlflow.db + mlartifacts
+    unless MLFLOW_TRACKING_URI is set, checkpoints in <project_dir>/.kftune/checkpoints.
+    """
+    from kfp import local
+
+    from kftune.tracking import configure, git_commit
+    from pipelines.training import create_pipeline
+
+    project_dir = Path(project_dir).resolve()
+    if not str(data_path).startswith("s3://"):
+        data_path = str(Path(data_path).resolve())
+    preflight(data_path, params)
+    configure(project_dir)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(project_dir / "local_outputs"),
+               raise_on_error=True)
+    pipeline = create_pipeline(params.to_dict())
+    task = pipeline(data_path=data_path, checkpoint_root=str(project_dir / ".kftune" / "checkpoints"),
+                    git_commit=git_commit(project_dir))
+    return str(task.output)

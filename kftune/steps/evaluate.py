@@ -1,0 +1,121 @@
+"""evaluate: test-split metrics for the model and two baselines trained on the same train split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kftune.config import EvaluateConfig
+from kftune.fileio import atomic_dir, write_json
+from kftune.predict import predict_proba
+
+log = logging.getLogger(__name__)
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int) -> float:
+    """Bin-weighted gap between confidence and accuracy of the top prediction."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs((pred[in_bin] == y_true[in_bin]).mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], ece_bins: int) -> dict:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    pred = probs.argmax(1)
+    ids = list(range(len(labels)))
+    p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=ids, zero_division=0)
+    return {
+        "accuracy": float((pred == y_true).mean()),
+        "macro_f1": float(f.mean()),
+        "ece": expected_calibration_error(probs, y_true, ece_bins),
+        "per_class": {lbl: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, lbl in enumerate(labels)},
+        "confusion_matrix": confusion_matrix(y_true, pred, labels=ids).tolist(),
+    }
+
+
+def baseline_probs(train: pd.DataFrame, test: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) -> dict:
+    """Test-set probabilities of the majority-class and TF-IDF + logistic-regression baselines."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    y = train["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
+    prior = np.bincount(y, minlength=len(labels)) / len(y)
+    tfidf = make_pipeline(TfidfVectorizer(ngram_range=(1, cfg.tfidf_ngram_max), sublinear_tf=True),
+                          LogisticRegression(C=cfg.tfidf_c, max_iter=2000))
+    tfidf.fit(train["text"], y)
+    tfidf_probs = np.zeros((len(test), len(labels)))
+    tfidf_probs[:, tfidf.classes_] = tfidf.predict_proba(test["text"])
+    return {"majority": np.tile(prior, (len(test), 1)), "tfidf_logreg": tfidf_probs}
+
+
+def _plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.array(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(m, cmap="Blues")
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+           xlabel="predicted", ylabel="true", title="test confusion matrix")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_report(metrics: dict) -> str:
+    rows = [("model", metrics["model"])] + list(metrics["baselines"].items())
+    lines = [f"# Evaluation on the test split ({metrics['test_rows']} rows)", "",
+             "| system | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
+    lines += [f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} |" for name, m in rows]
+    lines += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {lbl} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+              for lbl, c in metrics["model"]["per_class"].items()]
+    return "\n".join(lines) + "\n\n![confusion matrix](confusion_matrix.png)\n"
+
+
+def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig) -> dict:
+    """Score the fine-tuned model and the baselines on the test split.
+
+    Args:
+        data_dir: ingest output (train.parquet for the baselines, test.parquet to score).
+        model_dir: fine-tune output.
+        out_dir: folder for metrics.json, report.md, confusion_matrix.json and confusion_matrix.png.
+        cfg: the `evaluate` section of params.yaml.
+
+    Returns:
+        The metrics written to metrics.json.
+    """
+    data_dir = Path(data_dir)
+    train, test = pd.read_parquet(data_dir / "train.parquet"), pd.read_parquet(data_dir / "test.parquet")
+    probs, labels = predict_proba(model_dir, test["text"].tolist(), cfg.batch_size)
+    y = test["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
+    metrics = {
+        "labels": labels,
+        "test_rows": len(test),
+        "model": classification_metrics(y, probs, labels, cfg.ece_bins),
+        "baselines": {name: classification_metrics(y, p, labels, cfg.ece_bins)
+                      for name, p in baseline_probs(train, test, labels, cfg).items()},
+    }
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "confusion_matrix.json", {"labels": labels, "matrix": metrics["model"]["confusion_matrix"]})
+        _plot_confusion(metrics["model"]["confusion_matrix"], labels, tmp / "confusion_matrix.png")
+        (tmp / "report.md").write_text(render_report(metrics), encoding="utf-8")
+    log.info("evaluate: macro-F1 model %.4f, tfidf %.4f, majority %.4f", metrics["model"]["macro_f1"],
+             metrics["baselines"]["tfidf_logreg"]["macro_f1"], metrics["baselines"]["majority"]["macro_f1"])
+    return metrics

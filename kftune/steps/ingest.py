@@ -1,0 +1,186 @@
+"""ingest: read labelled text tables, clean them, split by a stable hash, write a data card."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from kftune.config import IngestConfig
+from kftune.fileio import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """The input data cannot be used; the message names the file, column or label."""
+
+
+def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
+    kind = READERS[path.suffix.lower()]
+    try:
+        if kind == "parquet":
+            df = pd.read_parquet(path)
+        elif kind == "jsonl":
+            df = pd.read_json(path, lines=True, dtype=False, encoding=cfg.encoding)
+        else:
+            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=cfg.encoding, dtype=str,
+                             keep_default_na=False, quoting=3 if kind == "tsv" else 0)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid {cfg.encoding} at byte {exc.start}; set ingest.encoding "
+                        f"to the file's encoding (e.g. latin-1)") from None
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot be read as {kind}: {exc}") from None
+    for role, col in (("text", cfg.text_column), ("label", cfg.label_column)):
+        if col not in df.columns:
+            raise DataError(f"{path}: no {role} column {col!r} (columns: {', '.join(map(str, df.columns))}); "
+                            f"set ingest.{role}_column")
+    out = df[[cfg.text_column, cfg.label_column]].copy()
+    out.columns = ["text", "label"]
+    return out.fillna("").astype(str)
+
+
+def _download_s3(uri: str, dest: Path) -> Path:
+    import boto3  # the endpoint comes from AWS_ENDPOINT_URL, credentials from the environment
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in READERS]
+    if not keys:
+        raise DataError(f"{uri}: no {'/'.join(READERS)} objects under this prefix")
+    for key in keys:
+        target = dest / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(target))
+    return dest
+
+
+def list_files(source: str | Path) -> list[Path]:
+    """The table files behind `source` (a file or a folder), sorted; fail if there are none."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() not in READERS:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READERS)
+    if not files:
+        raise DataError(f"{path}: folder has no {', '.join(READERS)} files")
+    return files
+
+
+def read_tables(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, list[dict]]:
+    """Read every table under `source` (local path or s3://bucket/prefix) into text/label columns."""
+    remote = str(source).startswith("s3://")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = list_files(_download_s3(source, Path(tmp)) if remote else source)
+        frames = [_read_one(f, cfg) for f in files]
+        bucket = str(source).removeprefix("s3://").partition("/")[0]
+        sources = [{"file": f"s3://{bucket}/{f.relative_to(tmp)}" if remote else str(f),
+                    "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "rows": len(df)}
+                   for f, df in zip(files, frames)]
+    return pd.concat(frames, ignore_index=True), sources
+
+
+def normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def split_of(text: str, salt: str, validation_fraction: float, test_fraction: float) -> str:
+    """Stable split from the text alone, so a text keeps its split as the dataset grows."""
+    digest = hashlib.sha256(f"{salt}\0{text}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + validation_fraction else "train"
+
+
+def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise whitespace; drop empty rows, exact duplicates and texts with conflicting labels."""
+    drops: dict[str, int] = {}
+    df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())
+    empty = (df["text"] == "") | (df["label"] == "")
+    drops["empty"] = int(empty.sum())
+    df = df[~empty]
+    dup = df.duplicated(["text", "label"])
+    drops["duplicate"] = int(dup.sum())
+    df = df[~dup]
+    conflicting = df["text"].duplicated(keep=False)
+    drops["conflicting_labels"] = int(conflicting.sum())
+    return df[~conflicting].reset_index(drop=True), drops
+
+
+def _quantiles(values: pd.Series) -> dict[str, float]:
+    q = values.quantile([0.5, 0.9, 0.99])
+    return {"min": int(values.min()), "p50": float(q[0.5]), "p90": float(q[0.9]), "p99": float(q[0.99]),
+            "max": int(values.max())}
+
+
+def ingest(source: str, out_dir: str | Path, cfg: IngestConfig) -> dict:
+    """Read, clean, validate and split labelled texts.
+
+    Args:
+        source: a CSV/TSV/JSONL/Parquet file, a folder of them, or s3://bucket/prefix.
+        out_dir: folder to write train/validation/test.parquet and data_card.json into.
+        cfg: the `ingest` section of params.yaml.
+
+    Returns:
+        The data card.
+    """
+    raw, sources = read_tables(source, cfg)
+    df, drops = clean(raw)
+    if df.empty:
+        raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
+
+    if cfg.labels:
+        unknown = Counter(lbl for lbl in df["label"] if lbl not in cfg.labels)
+        if unknown:
+            listed = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
+            raise DataError(f"{source}: column {cfg.label_column!r} has labels outside ingest.labels "
+                            f"{cfg.labels}: {listed}")
+        labels = list(cfg.labels)
+    else:
+        labels = sorted(df["label"].unique())
+    present = df["label"].nunique()
+    if present < 2:
+        raise DataError(f"{source}: column {cfg.label_column!r} has {present} distinct label(s); need at least 2")
+
+    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
+    for name in SPLITS:
+        if not (df["split"] == name).any():
+            raise DataError(f"{source}: the {name} split is empty with {len(df)} rows; add data or raise "
+                            f"ingest.{'test' if name == 'test' else 'validation'}_fraction")
+
+    content = hashlib.sha256()
+    for text, label in sorted(zip(df["text"], df["label"])):
+        content.update(f"{text}\t{label}\n".encode())
+    card = {
+        "sources": sources,
+        "rows_read": len(raw),
+        "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "labels": labels,
+        "label_distribution": {s: {lbl: int(n) for lbl, n in df[df["split"] == s]["label"].value_counts().items()}
+                               for s in SPLITS},
+        "text_length_chars": _quantiles(df["text"].str.len()),
+        "text_length_words": _quantiles(df["text"].str.split().str.len()),
+        "dropped": drops,
+        "sha256": content.hexdigest(),
+        "split_salt": cfg.split_salt,
+    }
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            part = df[df["split"] == name][["text", "label"]].reset_index(drop=True)
+            part.to_parquet(tmp / f"{name}.parquet", index=False)
+        write_json(tmp / "data_card.json", card)
+    log.info("ingest: %s rows -> %s; dropped %s", len(raw), card["rows"], drops)
+    return card

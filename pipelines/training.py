@@ -1,0 +1,57 @@
+"""The training pipeline: ingest -> tokenize -> fine-tune -> evaluate -> register -> (gate) promote."""
+
+from kfp import dsl
+
+from components.evaluate import evaluate_op
+from components.finetune import finetune_op
+from components.ingest import ingest_op
+from components.promote import promote_op
+from components.register import register_op
+from components.tokenize import tokenize_op
+
+NAME = "kftune-training"
+
+
+def create_pipeline(params: dict):
+    """Return the pipeline function with `params` (a resolved params.yaml) as its default settings."""
+
+    @dsl.pipeline(name=NAME, description="Fine-tune, evaluate, register and gate a text classifier.")
+    def training_pipeline(data_path: str, params: dict = params, checkpoint_root: str = "",
+                          git_commit: str = "unknown") -> str:
+        """kftune training.
+
+        1. ingest: read, clean and hash-split the labelled data at `data_path`.
+        2. tokenize: fast tokenizer, truncation at max_length, no stored padding.
+        3. fine-tune: length-grouped, shuffled batches; early stopping; logs to MLflow.
+        4. evaluate: test metrics for the model and the majority / TF-IDF baselines.
+        5. register: a new registry version (alias challenger) and the gate's decision.
+        6. promote, only if the gate said so: champion moves, the old one becomes previous-champion.
+
+        Returns the registered model version.
+        """
+        ingest = ingest_op(data_path=data_path, params=params).set_display_name("1 ingest")
+        ingest.set_caching_options(False)  # the data behind a path can change between runs
+
+        tokenize = tokenize_op(data=ingest.outputs["data"], params=params).set_display_name("2 tokenize")
+
+        finetune = finetune_op(tokenized=tokenize.outputs["tokenized"], params=params,
+                               data_sha256=ingest.outputs["Output"], checkpoint_root=checkpoint_root,
+                               run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("3 fine-tune")
+        finetune.set_caching_options(False)  # each run logs its own MLflow run
+
+        evaluate = evaluate_op(data=ingest.outputs["data"], model=finetune.outputs["model"],
+                               params=params).set_display_name("4 evaluate")
+
+        register = register_op(data=ingest.outputs["data"], model=finetune.outputs["model"],
+                               evaluation=evaluate.outputs["evaluation"], params=params,
+                               run_id=finetune.outputs["Output"], git_commit=git_commit)
+        register.set_display_name("5 register + gate").set_caching_options(False)  # reads the registry
+
+        with dsl.If(register.outputs["decision"] == "promote", name="gate-passed"):
+            promote_op(params=params, version=register.outputs["version"],
+                       expected_champion=register.outputs["champion_version"],
+                       run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name(
+                "6 promote to champion").set_caching_options(False)
+        return register.outputs["version"]
+
+    return training_pipeline
