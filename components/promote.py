@@ -1,20 +1,28 @@
 from kfp import dsl
+from kfp.dsl import Artifact, Input
 
 from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_op(params: dict, version: str, expected_champion: str, run_name: str) -> str:
-    """Move `champion` to the gated version (old champion becomes previous-champion); returns the version.
+def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
+    """Move `champion` to the gated version (the old champion becomes previous-champion); returns it.
 
     Refuses if the champion moved since the gate compared against it.
     """
+    import json
+    import os
+
     from kftune import registry
     from kftune.config import params_from_dict
     from kftune.tracking import configure
 
+    with open(os.path.join(gate.path, "decision.json"), encoding="utf-8") as f:
+        decision = json.load(f)
+    if decision["decision"] != "promote":
+        raise RuntimeError(f"promote ran for a {decision['decision']!r} decision: {decision}")
     configure()
-    name = params_from_dict(params).register.model_name
-    registry.promote(name, version, reason="passed the gate (see the version's kftune.reasons tag)",
-                     who=f"pipeline:{run_name}", expected_champion=expected_champion)
-    return version
+    registry.promote(params_from_dict(params).register.model_name, decision["version"],
+                     reason="passed the gate: " + " | ".join(decision["reasons"]), who=f"pipeline:{run_name}",
+                     expected_champion=decision["champion_version"])
+    return decision["version"]

@@ -31,21 +31,18 @@ def cmd_run(args) -> int:
     from kftune.tracking import configure
 
     params = _params(args)
-    version = run_local(args.data, params, args.project_dir)
-    configure(args.project_dir)
-    print(f"\nregistered {params.register.model_name} v{version}")
-    _print_versions(params.register.model_name, only=version)
-    from mlflow import MlflowClient
-
-    tags = MlflowClient().get_model_version(params.register.model_name, version).tags
-    print(f"decision: {tags.get('kftune.decision')}\n  " + tags.get("kftune.reasons", "").replace(" | ", "\n  "))
-    champion = registry.version_by_alias(params.register.model_name, registry.CHAMPION)
-    print(f"champion: v{champion.version}" if champion else "champion: none yet")
-    report = sorted(Path(args.project_dir, "local_outputs").glob("*/evaluate-op/evaluation/report.md"),
-                    key=lambda p: p.stat().st_mtime)
-    if report:
-        print("\n" + report[-1].read_text(encoding="utf-8").split("![")[0].strip())
+    decision = run_local(args.data, params, args.project_dir)
     uri = configure(args.project_dir)
+    name = params.register.model_name
+    print(f"\nregistered {name} v{decision['version']}: {decision['decision']}")
+    print("  " + "\n  ".join(decision["reasons"]))
+    champion = registry.version_by_alias(name, registry.CHAMPION)
+    print(f"champion: v{champion.version}\n" if champion else "champion: none\n")
+    _print_versions(name)
+    reports = sorted(Path(args.project_dir, "local_outputs").glob("*/evaluate-op/evaluation/report.md"),
+                     key=lambda p: p.stat().st_mtime)
+    if reports:
+        print(f"\n{reports[-1].read_text(encoding='utf-8').split('![')[0].strip()}\n(full report: {reports[-1]})")
     print(f"\nbrowse runs and the registry: mlflow ui --backend-store-uri {uri}")
     return 0
 
@@ -216,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kftune.models import ModelNotFound
     from kftune.registry import RegistryError
+    from kftune.runner import PipelineFailed
     from kftune.steps.ingest import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelNotFound, RegistryError) as exc:
+    except (ConfigError, DataError, ModelNotFound, RegistryError, PipelineFailed) as exc:
         print(f"kftune: error: {exc}", file=sys.stderr)
         return 2
 

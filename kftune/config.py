@@ -174,6 +174,8 @@ def _coerce(value, tp, key: str, problems: list[str]):
             return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         except (TypeError, ValueError):
             pass
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # KFP passes dict parameters as protobuf Structs, where every number is a float
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # YAML reads a label like `1` as int; labels are strings
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path
 
 from kftune.config import Params
+from kftune.fileio import read_json
 
 log = logging.getLogger(__name__)
+
+
+class PipelineFailed(RuntimeError):
+    """A pipeline step failed; its own log (printed above) has the details."""
 
 
 def preflight(data_path: str, params: Params) -> dict:
@@ -33,8 +39,8 @@ def compile_pipeline(params: Params, out: str | Path) -> Path:
     return Path(out)
 
 
-def run_local(data_path: str, params: Params, project_dir: str | Path = ".") -> str:
-    """Run the training pipeline with kfp.local in this Python environment; return the registered version.
+def run_local(data_path: str, params: Params, project_dir: str | Path = ".") -> dict:
+    """Run the training pipeline with kfp.local in this Python environment; return the gate's decision.
 
     Outputs land in <project_dir>/local_outputs, MLflow in <project_dir>/mlflow.db + mlartifacts
     unless MLFLOW_TRACKING_URI is set, checkpoints in <project_dir>/.kftune/checkpoints.
@@ -52,6 +58,10 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".") -> 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(project_dir / "local_outputs"),
                raise_on_error=True)
     pipeline = create_pipeline(params.to_dict())
-    task = pipeline(data_path=data_path, checkpoint_root=str(project_dir / ".kftune" / "checkpoints"),
-                    git_commit=git_commit(project_dir))
-    return str(task.output)
+    try:
+        task = pipeline(data_path=data_path, checkpoint_root=str(project_dir / ".kftune" / "checkpoints"),
+                        git_commit=git_commit(project_dir))
+    except RuntimeError as exc:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages
+        raise PipelineFailed(f"{plain} The failing step's log is printed above; the champion is unchanged.") from None
+    return read_json(Path(task.output.path) / "decision.json")

@@ -1,6 +1,7 @@
 """The training pipeline: ingest -> tokenize -> fine-tune -> evaluate -> register -> (gate) promote."""
 
 from kfp import dsl
+from kfp.dsl import Artifact
 
 from components.evaluate import evaluate_op
 from components.finetune import finetune_op
@@ -17,7 +18,7 @@ def create_pipeline(params: dict):
 
     @dsl.pipeline(name=NAME, description="Fine-tune, evaluate, register and gate a text classifier.")
     def training_pipeline(data_path: str, params: dict = params, checkpoint_root: str = "",
-                          git_commit: str = "unknown") -> str:
+                          git_commit: str = "unknown") -> Artifact:
         """kftune training.
 
         1. ingest: read, clean and hash-split the labelled data at `data_path`.
@@ -27,7 +28,7 @@ def create_pipeline(params: dict):
         5. register: a new registry version (alias challenger) and the gate's decision.
         6. promote, only if the gate said so: champion moves, the old one becomes previous-champion.
 
-        Returns the registered model version.
+        Returns the gate's record: decision.json with the version, the decision and its reasons.
         """
         ingest = ingest_op(data_path=data_path, params=params).set_display_name("1 ingest")
         ingest.set_caching_options(False)  # the data behind a path can change between runs
@@ -47,11 +48,10 @@ def create_pipeline(params: dict):
                                run_id=finetune.outputs["Output"], git_commit=git_commit)
         register.set_display_name("5 register + gate").set_caching_options(False)  # reads the registry
 
-        with dsl.If(register.outputs["decision"] == "promote", name="gate-passed"):
-            promote_op(params=params, version=register.outputs["version"],
-                       expected_champion=register.outputs["champion_version"],
+        with dsl.If(register.outputs["Output"] == "promote", name="gate-passed"):
+            promote_op(params=params, gate=register.outputs["gate"],
                        run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name(
                 "6 promote to champion").set_caching_options(False)
-        return register.outputs["version"]
+        return register.outputs["gate"]
 
     return training_pipeline
