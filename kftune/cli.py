@@ -37,7 +37,7 @@ def cmd_run(args) -> int:
     print(f"\nregistered {name} v{decision['version']}: {decision['decision']}")
     print("  " + "\n  ".join(decision["reasons"]))
     champion = registry.version_by_alias(name, registry.CHAMPION)
-    print(f"champion: v{champion.version}\n" if champion else "champion: none\n")
+    print(f"champion: v{champion}\n" if champion else "champion: none\n")
     _print_versions(name)
     reports = sorted(Path(args.project_dir, "local_outputs").glob("*/evaluate-op/evaluation/report.md"),
                      key=lambda p: p.stat().st_mtime)

@@ -30,12 +30,12 @@ def _client():
     return MlflowClient()
 
 
-def version_by_alias(name: str, alias: str):
-    """The model version behind `alias`, or None."""
+def version_by_alias(name: str, alias: str) -> str | None:
+    """The model version number behind `alias`, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return _client().get_model_version_by_alias(name, alias)
+        return str(_client().get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 
@@ -89,8 +89,7 @@ def promote(name: str, version: str, reason: str, who: str | None = None, expect
     """
     client = _client()
     client.get_model_version(name, str(version))  # raises with MLflow's message if it does not exist
-    current = version_by_alias(name, CHAMPION)
-    current_v = current.version if current else ""
+    current_v = version_by_alias(name, CHAMPION) or ""
     if expected_champion != "any" and str(expected_champion or "") != str(current_v):
         why = (f"champion moved from v{expected_champion or 'none'} to v{current_v} since the gate ran; "
                f"re-run the gate against the new champion")
@@ -98,7 +97,7 @@ def promote(name: str, version: str, reason: str, who: str | None = None, expect
         raise RegistryError(why)
     if str(current_v) == str(version):
         raise RegistryError(f"{name} v{version} is already the champion")
-    if current:
+    if current_v:
         client.set_registered_model_alias(name, PREVIOUS, current_v)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_model_version_tag(name, str(version), f"{TAG}decision", "promoted")
@@ -112,11 +111,11 @@ def rollback(name: str, reason: str, who: str | None = None) -> Event:
     current, previous = version_by_alias(name, CHAMPION), version_by_alias(name, PREVIOUS)
     if previous is None:
         raise RegistryError(f"{name} has no {PREVIOUS} to roll back to; use `kftune models promote VERSION`")
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    client.set_registered_model_alias(name, CHAMPION, previous)
     client.delete_registered_model_alias(name, PREVIOUS)
     if current:
-        client.set_model_version_tag(name, current.version, f"{TAG}decision", "rolled-back")
-    return record("rollback", name, current.version if current else None, previous.version, reason, who)
+        client.set_model_version_tag(name, current, f"{TAG}decision", "rolled-back")
+    return record("rollback", name, current, previous, reason, who)
 
 
 def list_versions(name: str) -> list[dict]:
@@ -126,7 +125,7 @@ def list_versions(name: str) -> list[dict]:
         aliases.setdefault(str(v), []).append(alias)
     out = []
     for mv in client.search_model_versions(f"name='{name}'", order_by=["version_number ASC"]):
-        out.append({"version": mv.version, "aliases": sorted(aliases.get(str(mv.version), [])),
+        out.append({"version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
                     "decision": mv.tags.get(f"{TAG}decision", ""), "macro_f1": mv.tags.get(f"{TAG}test_macro_f1", ""),
                     "created": mv.creation_timestamp, "run_id": mv.run_id})
     return out

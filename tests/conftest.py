@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -101,3 +102,19 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data ships with the project's CI, not with the repo)")
     return path
+
+
+@pytest.fixture
+def prepared(tmp_path, params, subword_csv) -> Path:
+    """Ingest + tokenize outputs for the sub-word data and the tiny model: tmp_path/{data,tokenized}."""
+    from kftune.steps.ingest import ingest
+    from kftune.steps.tokenize import tokenize
+
+    ingest(str(subword_csv), tmp_path / "data", params.ingest)
+    tokenize(tmp_path / "data", tmp_path / "tokenized", params.model.name, params.tokenize)
+    return tmp_path
+
+
+def with_changes(cfg, **changes):
+    """A copy of a config section with some fields changed."""
+    return dataclasses.replace(cfg, **changes)

@@ -77,7 +77,7 @@ def _optimizer(model, cfg: FinetuneConfig):
 
 def _read_split(tokenized_dir: Path, split: str) -> tuple[list[list[int]], np.ndarray]:
     df = pd.read_parquet(tokenized_dir / f"{split}.parquet")
-    return [list(x) for x in df["input_ids"]], df["label"].to_numpy()
+    return [list(x) for x in df["input_ids"]], df["label"].to_numpy(copy=True)
 
 
 def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cfg: FinetuneConfig,

@@ -155,8 +155,8 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
 
         champion = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
         champion_f1 = None
-        if champion is not None:
-            champion_f1 = _score_champion(f"models:/{cfg.model_name}/{champion.version}", test, labels, params)
+        if champion:
+            champion_f1 = _score_champion(f"models:/{cfg.model_name}/{champion}", test, labels, params)
             mlflow.log_metric("champion_test_macro_f1", champion_f1)
         uri = f"models:/{cfg.model_name}/{version}"
         smoke_error = _smoke_test(uri, test["text"].head(cfg.smoke_examples).tolist(), labels)
@@ -165,7 +165,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         if outcome == AWAITING:
             reasons.append("register.require_approval is true: approve with `kftune models promote "
                            f"{version} --reason ...`")
-        decision = Decision(outcome, version, reasons, champion.version if champion else "",
+        decision = Decision(outcome, version, reasons, champion or "",
                             model_m["macro_f1"], tfidf_m["macro_f1"] if champion_f1 is None else champion_f1)
         for k, v in {"decision": outcome, "reasons": " | ".join(reasons),
                      "compared_with": f"v{decision.champion_version}" if champion else "tfidf_logreg baseline",

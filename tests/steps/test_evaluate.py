@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from kftune.fileio import read_json
+from kftune.steps.evaluate import classification_metrics, evaluate, expected_calibration_error
+from kftune.steps.finetune import finetune
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy():
+    # 10 predictions at confidence 0.8, 8 of them right
+    probs = np.array([[0.8, 0.2]] * 10)
+    y = np.array([0] * 8 + [1] * 2)
+    assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.0)
+
+
+def test_ece_of_an_overconfident_model():
+    probs = np.array([[0.9, 0.1]] * 10)  # 90% sure, half right -> gap 0.4
+    y = np.array([0] * 5 + [1] * 5)
+    assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.4)
+
+
+def test_classification_metrics_by_hand():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y, np.eye(3)[pred], ["a", "b", "c"], ece_bins=10)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["macro_f1"] == pytest.approx(np.mean([0.5, 0.8, 2 / 3]))
+
+
+def test_evaluate_scores_model_and_baselines_on_the_test_split(prepared, params):
+    finetune(prepared / "tokenized", prepared / "model", params.model.name, params.finetune)
+    m = evaluate(prepared / "data", prepared / "model", prepared / "eval", params.evaluate)
+    assert read_json(prepared / "eval" / "metrics.json") == m
+    assert {p.name for p in (prepared / "eval").iterdir()} == {
+        "metrics.json", "report.md", "confusion_matrix.json", "confusion_matrix.png"}
+    assert sum(map(sum, m["model"]["confusion_matrix"])) == m["test_rows"]
+    # the sub-word data is built so that word counts fail and the encoder does not
+    assert m["model"]["macro_f1"] > 0.9 > 0.7 > m["baselines"]["tfidf_logreg"]["macro_f1"]
+    assert m["baselines"]["majority"]["macro_f1"] < 0.5
+    report = (prepared / "eval" / "report.md").read_text()
+    assert f"{m['model']['macro_f1']:.4f}" in report and "tfidf_logreg" in report

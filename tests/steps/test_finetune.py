@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from kftune.fileio import read_json
+from kftune.steps.finetune import epoch_batches, finetune
+from tests.conftest import with_changes
+
+
+def test_length_grouped_batches_cover_every_example_once_and_are_shuffled():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=5000)
+    batches = epoch_batches(lengths, 16, seed=1, epoch=0, group_by_length=True)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(5000))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < 10, "a batch should hold texts of similar length"
+    firsts = [lengths[b].max() for b in batches]
+    assert abs(np.corrcoef(np.arange(len(firsts)), firsts)[0, 1]) < 0.2, "batches must not run long-to-short"
+    again = epoch_batches(lengths, 16, seed=1, epoch=0, group_by_length=True)
+    assert all((a == b).all() for a, b in zip(batches, again))
+    other = epoch_batches(lengths, 16, seed=1, epoch=1, group_by_length=True)
+    assert any((a != b).any() for a, b in zip(batches, other) if len(a) == len(b))
+
+
+def test_learns_the_task_and_writes_a_loadable_model(prepared, params):
+    logged = []
+    summary = finetune(prepared / "tokenized", prepared / "model", params.model.name, params.finetune,
+                       on_log=lambda m, step: logged.append((step, m)))
+    assert summary["best_val_macro_f1"] > 0.9
+    assert summary["steps"] == 300 and summary["examples_per_second"] > 0
+    train_logs = [s for s, m in logged if "train_loss" in m]
+    assert train_logs == list(range(10, 301, 10)), "metrics every log_every_steps, not every step"
+    assert [s for s, m in logged if "val_macro_f1" in m] == [100, 200, 300]
+    model = AutoModelForSequenceClassification.from_pretrained(prepared / "model")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert AutoTokenizer.from_pretrained(prepared / "model").model_max_length == params.tokenize.max_length
+    assert read_json(prepared / "model" / "train_summary.json") == summary
+
+
+def test_early_stopping_restores_the_best_weights(prepared, params):
+    # validate every 10 steps with patience 2: a flat-lined run stops long before max_steps
+    cfg = with_changes(params.finetune, learning_rate=1e-9, eval_every_steps=10, early_stopping_patience=2)
+    summary = finetune(prepared / "tokenized", prepared / "model", params.model.name, cfg)
+    assert summary["stopped_early"] and summary["steps"] == 30 and summary["best_step"] == 10
+
+
+def _weights(path):
+    return AutoModelForSequenceClassification.from_pretrained(path).state_dict()
+
+
+def test_frozen_layers_do_not_change(prepared, params):
+    from kftune.models import resolve_base_model
+
+    cfg = with_changes(params.finetune, freeze_embeddings=True, freeze_layers=1, max_steps=30)
+    finetune(prepared / "tokenized", prepared / "model", params.model.name, cfg)
+    before = AutoModelForSequenceClassification.from_pretrained(resolve_base_model(params.model.name),
+                                                                 num_labels=2).state_dict()
+    after = _weights(prepared / "model")
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["bert.encoder.layer.1.attention.self.query.weight"],
+                           after["bert.encoder.layer.1.attention.self.query.weight"])
+
+
+def test_freezing_more_layers_than_exist_is_an_error(prepared, params):
+    with pytest.raises(ValueError, match="freeze_layers=5: the model has only 2 layers"):
+        finetune(prepared / "tokenized", prepared / "model", params.model.name, with_changes(params.finetune, freeze_layers=5))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(prepared, params):
+    cfg = with_changes(params.finetune, max_steps=60, checkpoint_every_steps=20, eval_every_steps=30,
+                       grad_accum_steps=2)
+    finetune(prepared / "tokenized", prepared / "straight", params.model.name, cfg)
+
+    def kill_at_50(metrics, step):
+        if step == 50:
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(prepared / "tokenized", prepared / "resumed", params.model.name, cfg,
+                 checkpoint_dir=prepared / "ckpt", on_log=kill_at_50)
+    assert not (prepared / "resumed").exists(), "a killed run must leave no model behind"
+    summary = finetune(prepared / "tokenized", prepared / "resumed", params.model.name, cfg,
+                       checkpoint_dir=prepared / "ckpt")
+    assert summary["resumed_from_step"] == 40 and summary["steps"] == 60
+    straight, resumed = _weights(prepared / "straight"), _weights(prepared / "resumed")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, msg=name)
+    assert not (prepared / "ckpt" / "checkpoint.pt").exists(), "a finished run removes its checkpoint"

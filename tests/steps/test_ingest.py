@@ -1,0 +1,134 @@
+import json
+
+import pandas as pd
+import pytest
+
+from kftune.fileio import read_json
+from kftune.steps.ingest import DataError, ingest, split_of
+
+ROWS = [("Profit  rose \u00a0sharply ", "positive"), ("Profit rose sharply", "positive"),  # same text after cleaning
+        ("Costs fell", "positive"), ("Costs fell", "negative"),  # conflicting labels
+        ("   ", "neutral"), ("Board meets today", ""),  # empty text, empty label
+        ] + [(f"headline number {i}", ["negative", "neutral", "positive"][i % 3]) for i in range(300)]
+
+
+def write(df: pd.DataFrame, path, kind):
+    if kind == "csv":
+        df.to_csv(path, index=False)
+    elif kind == "tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif kind == "jsonl":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "parquet"])
+def test_reads_each_format_cleans_and_counts_drops(tmp_path, params, kind):
+    src = write(pd.DataFrame(ROWS, columns=["text", "label"]), tmp_path / f"data.{kind}", kind)
+    card = ingest(str(src), tmp_path / "out", params.ingest)
+    assert card["dropped"] == {"empty": 2, "duplicate": 1, "conflicting_labels": 2}
+    assert sum(card["rows"].values()) == len(ROWS) - 5
+    assert card["labels"] == ["negative", "neutral", "positive"]
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    everything = pd.concat(pd.read_parquet(tmp_path / "out" / f"{s}.parquet") for s in ("train", "validation", "test"))
+    assert "Profit rose sharply" in set(everything["text"]) and "Costs fell" not in set(everything["text"])
+    assert list(train.columns) == ["text", "label"]
+    assert read_json(tmp_path / "out" / "data_card.json") == json.loads(json.dumps(card))
+
+
+def test_folder_of_mixed_files_and_configurable_columns(tmp_path, params):
+    df = pd.DataFrame(ROWS[6:], columns=["sentence", "sentiment"])
+    (tmp_path / "in").mkdir()
+    write(df.iloc[:150], tmp_path / "in" / "a.csv", "csv")
+    write(df.iloc[150:], tmp_path / "in" / "b.parquet", "parquet")
+    cfg = params.ingest.__class__(**{**vars(params.ingest), "text_column": "sentence", "label_column": "sentiment"})
+    card = ingest(str(tmp_path / "in"), tmp_path / "out", cfg)
+    assert sum(card["rows"].values()) == 300 and len(card["sources"]) == 2
+
+
+def test_split_is_stable_as_data_grows_and_hash_ignores_row_order(tmp_path, params):
+    df = pd.DataFrame(ROWS[6:], columns=["text", "label"])
+    ingest(str(write(df.iloc[:200], tmp_path / "v1.csv", "csv")), tmp_path / "v1", params.ingest)
+    ingest(str(write(df, tmp_path / "v2.csv", "csv")), tmp_path / "v2", params.ingest)
+    card3 = ingest(str(write(df.sample(frac=1, random_state=0), tmp_path / "v3.csv", "csv")), tmp_path / "v3",
+                   params.ingest)
+    for split in ("train", "validation", "test"):
+        old = set(pd.read_parquet(tmp_path / "v1" / f"{split}.parquet")["text"])
+        new = set(pd.read_parquet(tmp_path / "v2" / f"{split}.parquet")["text"])
+        assert old <= new, f"texts left the {split} split when the data grew"
+    assert read_json(tmp_path / "v2" / "data_card.json")["sha256"] == card3["sha256"]
+    assert split_of("x", "salt-a", 0.1, 0.1) == split_of("x", "salt-a", 0.1, 0.1)
+
+
+def test_split_fractions_are_respected_roughly():
+    splits = pd.Series([split_of(f"text {i}", "s", 0.1, 0.2) for i in range(20000)]).value_counts(normalize=True)
+    assert abs(splits["test"] - 0.2) < 0.01 and abs(splits["validation"] - 0.1) < 0.01
+
+
+def _ingest_error(tmp_path, params, content: bytes, name="bad.csv", **cfg_changes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = params.ingest.__class__(**{**vars(params.ingest), **cfg_changes})
+    with pytest.raises(DataError) as err:
+        ingest(str(path), tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists(), "a failed ingest must not leave an output behind"
+    return str(err.value)
+
+
+def test_bad_inputs_fail_with_a_message_naming_the_problem(tmp_path, params):
+    many = "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(200)).encode()
+    msg = _ingest_error(tmp_path, params, b"text,lbl\n" + many)
+    assert "no label column 'label'" in msg and "bad.csv" in msg and "ingest.label_column" in msg
+    msg = _ingest_error(tmp_path, params, b"text,label\ncaf\xe9 news,a\n" + many)
+    assert "not valid utf-8" in msg and "ingest.encoding" in msg
+    msg = _ingest_error(tmp_path, params, b"text,label\n" + many, labels=["a", "c"])
+    assert "'b' (100 rows)" in msg and "outside ingest.labels" in msg
+    msg = _ingest_error(tmp_path, params, b"text,label\n" + "".join(f"t{i},a\n" for i in range(50)).encode())
+    assert "1 distinct label" in msg
+    msg = _ingest_error(tmp_path, params, b"text,label\n ,a\n")
+    assert "no usable rows" in msg
+    msg = _ingest_error(tmp_path, params, b"text,label\nup,a\ndown,b\n")
+    assert "split is empty" in msg
+
+
+def test_missing_file_and_unsupported_type(tmp_path, params):
+    with pytest.raises(DataError, match="no such file or folder"):
+        ingest(str(tmp_path / "nope.csv"), tmp_path / "out", params.ingest)
+    (tmp_path / "data.xlsx").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type '.xlsx'"):
+        ingest(str(tmp_path / "data.xlsx"), tmp_path / "out", params.ingest)
+
+
+def test_latin1_file_reads_with_the_configured_encoding(tmp_path, params):
+    many = "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(200))
+    path = tmp_path / "latin.csv"
+    path.write_bytes(("text,label\ncafé news,a\n" + many).encode("latin-1"))
+    cfg = params.ingest.__class__(**{**vars(params.ingest), "encoding": "latin-1"})
+    ingest(str(path), tmp_path / "out", cfg)
+    texts = pd.concat(pd.read_parquet(tmp_path / "out" / f"{s}.parquet") for s in ("train", "validation", "test"))
+    assert "café news" in set(texts["text"])
+
+
+def test_reads_from_s3_through_an_endpoint_url(tmp_path, params, monkeypatch):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="data")
+        df = pd.DataFrame(ROWS[6:], columns=["text", "label"])
+        s3.put_object(Bucket="data", Key="batches/b1.csv", Body=df.iloc[:150].to_csv(index=False).encode())
+        s3.put_object(Bucket="data", Key="batches/b2.csv", Body=df.iloc[150:].to_csv(index=False).encode())
+        card = ingest("s3://data/batches", tmp_path / "out", params.ingest)
+    finally:
+        server.stop()
+    assert sum(card["rows"].values()) == 300
+    assert [s["file"] for s in card["sources"]] == ["s3://data/batches/b1.csv", "s3://data/batches/b2.csv"]

@@ -1,0 +1,63 @@
+import re
+
+import pytest
+import yaml
+
+from kftune.config import ConfigError, load_params, params_from_dict, params_help
+from tests.conftest import ROOT
+
+
+def test_params_yaml_loads_and_hash_is_stable():
+    a, b = load_params(ROOT / "params.yaml"), load_params(ROOT / "params.yaml")
+    assert a == b and a.digest() == b.digest()
+    assert load_params(ROOT / "params.yaml", ["finetune.seed=1"]).digest() != a.digest()
+
+
+def test_override_sets_one_key_and_parses_yaml_scalars():
+    p = load_params(ROOT / "params.yaml", ["finetune.learning_rate=3e-5", "finetune.bf16=false",
+                                           "ingest.labels=[neg, pos]"])
+    assert p.finetune.learning_rate == 3e-5 and p.finetune.bf16 is False and p.ingest.labels == ["neg", "pos"]
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path():
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", ["finetune.batch_size=0", "ingest.test_fraction=0.9",
+                                           "tokenize.max_length=abc", "register.model_name=", "task=ner",
+                                           "nosuch.key=1", "finetune.nosuch=1"])
+    msg = str(err.value)
+    for expected in ["finetune.batch_size=0", "ingest.test_fraction=0.9", "tokenize.max_length='abc'",
+                     "register.model_name is empty", "task='ner'", "'nosuch' is not a section",
+                     "override finetune.nosuch: unknown key"]:
+        assert expected in msg
+    assert len(re.findall(r"^\s+- ", msg, re.M)) == 7
+
+
+def test_missing_and_unknown_keys_in_the_file_are_named(tmp_path):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del data["finetune"]["seed"]
+    data["evaluate"]["typo_key"] = 1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"finetune\.seed: missing") as err:
+        load_params(path)
+    assert "evaluate.typo_key: unknown key" in str(err.value)
+
+
+def test_kfp_struct_numbers_come_back_as_floats_and_are_accepted():
+    data = load_params(ROOT / "params.yaml").to_dict()
+    data["finetune"]["batch_size"] = 32.0
+    assert params_from_dict(data).finetune.batch_size == 32
+    data["finetune"]["batch_size"] = 32.5
+    with pytest.raises(ConfigError, match="finetune.batch_size=32.5"):
+        params_from_dict(data)
+
+
+def test_missing_params_file_says_where():
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_params("nope.yaml")
+
+
+def test_every_key_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in params_help() if f"`{key}`" not in readme]
+    assert not missing, f"README lacks {missing}"
