@@ -22,10 +22,12 @@ def preflight(data_path: str, params: Params) -> dict:
 
     Returns the data card the ingest step will produce.
     """
-    from kftune.models import resolve_base_model
+    from transformers import AutoConfig
+
+    from kftune.models import load_pretrained, resolve_base_model
     from kftune.steps.ingest import ingest
 
-    resolve_base_model(params.model.name)
+    load_pretrained(AutoConfig, resolve_base_model(params.model.name))
     with tempfile.TemporaryDirectory() as tmp:
         return ingest(data_path, Path(tmp) / "data", params.ingest)
 

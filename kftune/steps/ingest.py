@@ -24,6 +24,15 @@ class DataError(ValueError):
     """The input data cannot be used; the message names the file, column or label."""
 
 
+def _bad_byte_line(path: Path, encoding: str) -> int:
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        return raw[: exc.start].count(b"\n") + 1
+    return 0
+
+
 def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
     kind = READERS[path.suffix.lower()]
     try:
@@ -34,8 +43,8 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
         else:
             df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=cfg.encoding, dtype=str,
                              keep_default_na=False, quoting=3 if kind == "tsv" else 0)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid {cfg.encoding} at byte {exc.start}; set ingest.encoding "
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{_bad_byte_line(path, cfg.encoding)}: not valid {cfg.encoding}; set ingest.encoding "
                         f"to the file's encoding (e.g. latin-1)") from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: cannot be read as {kind}: {exc}") from None

@@ -82,7 +82,7 @@ def test_bad_inputs_fail_with_a_message_naming_the_problem(tmp_path, params):
     msg = _ingest_error(tmp_path, params, b"text,lbl\n" + many)
     assert "no label column 'label'" in msg and "bad.csv" in msg and "ingest.label_column" in msg
     msg = _ingest_error(tmp_path, params, b"text,label\ncaf\xe9 news,a\n" + many)
-    assert "not valid utf-8" in msg and "ingest.encoding" in msg
+    assert "bad.csv:2: not valid utf-8" in msg and "ingest.encoding" in msg
     msg = _ingest_error(tmp_path, params, b"text,label\n" + many, labels=["a", "c"])
     assert "'b' (100 rows)" in msg and "outside ingest.labels" in msg
     msg = _ingest_error(tmp_path, params, b"text,label\n" + "".join(f"t{i},a\n" for i in range(50)).encode())

@@ -1,0 +1,82 @@
+"""End to end: the KFP pipeline through kfp.local with the tiny model, the real registry and gate."""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kftune import registry
+from kftune.config import ModelConfig, load_params
+from kftune.runner import PipelineFailed, compile_pipeline, run_local
+from kftune.steps.ingest import DataError
+from tests.conftest import ROOT
+from tests.steps.test_register import train_and_register
+
+pytestmark = pytest.mark.slow
+
+
+def test_compiled_pipeline_has_the_gate_image_and_caching(tmp_path, params):
+    spec = yaml.safe_load(compile_pipeline(params, tmp_path / "p.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"kftune:0.1.0"}
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["condition-1"]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--register-op-Output'] == 'promote'")
+    for name in ("ingest-op", "finetune-op", "register-op"):
+        assert not tasks[name]["cachingOptions"].get("enableCache"), f"{name} reads external state"
+    defaults = spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
+    assert defaults["finetune"]["max_steps"] == params.finetune.max_steps, "defaults come from params.yaml"
+
+
+def test_pipeline_trains_registers_and_promotes_then_holds_a_worse_model(tmp_path, params, subword_csv, mlflow_store):
+    name = params.register.model_name
+    first = run_local(str(subword_csv), params, tmp_path)
+    assert first["decision"] == "promote" and first["version"] == "1"
+    # kfp.local has silently skipped dsl.If branches before: prove the promote task really ran
+    promote_outputs = list(Path(tmp_path, "local_outputs").glob("*/promote-op/executor_output.json"))
+    assert len(promote_outputs) == 1
+    assert registry.version_by_alias(name, registry.CHAMPION) == "1"
+    events = registry.history(name)
+    assert [e.action for e in events] == ["promote"] and events[0].actor.startswith("pipeline:kftune-training")
+
+    tags = MlflowClient().get_model_version(name, "1").tags
+    assert tags["kftune.params_hash"] == params.digest() and tags["kftune.git_commit"]
+    assert len(tags["kftune.data_sha256"]) == 64
+    run = MlflowClient().get_run(tags["kftune.run_id"])
+    assert run.data.metrics["test_macro_f1"] > 0.9 > run.data.metrics["baseline_tfidf_logreg_macro_f1"]
+    assert "val_macro_f1" in run.data.metrics and "train_loss" in run.data.metrics
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/confusion_matrix.png", "evaluation/report.md"} <= artifacts
+
+    worse = load_params(ROOT / "params.yaml", [f"model.name={params.model.name}", "finetune.max_steps=3",
+                                                "finetune.bf16=false", "tokenize.max_length=32",
+                                                f"register.model_name={name}"])
+    second = run_local(str(subword_csv), worse, tmp_path)
+    assert second["decision"] == "hold" and second["champion_version"] == "1"
+    assert second["challenger_macro_f1"] < second["reference_macro_f1"]
+    assert registry.version_by_alias(name, registry.CHAMPION) == "1"
+    assert registry.version_by_alias(name, registry.CHALLENGER) == "2"
+    assert len(list(Path(tmp_path, "local_outputs").glob("*/promote-op/executor_output.json"))) == 1
+
+
+def test_a_failing_step_leaves_the_champion_alone(prepared, params, subword_csv, mlflow_store):
+    name = params.register.model_name
+    _, decision = train_and_register(prepared, params, "champion")
+    registry.promote(name, decision.version, "first champion")
+
+    bad = prepared / "bad.csv"
+    bad.write_text("text,sentiment\nup,a\n")
+    with pytest.raises(DataError, match="no label column 'label'"):  # caught before any step starts
+        run_local(str(bad), params, prepared)
+
+    # a model folder without weights passes the pre-flight and breaks inside the fine-tune step
+    broken = prepared / "broken-model"
+    shutil.copytree(params.model.name, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(PipelineFailed, match="champion is unchanged"):
+        run_local(str(subword_csv), dataclasses.replace(params, model=ModelConfig(str(broken))), prepared)
+    assert registry.version_by_alias(name, registry.CHAMPION) == "1"
+    assert [v["version"] for v in registry.list_versions(name)] == ["1"]
