@@ -163,6 +163,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         metrics = {"val_macro_f1": f1, "val_accuracy": float((logits.argmax(1) == val_y).mean()), "val_loss": loss}
         state["history"].append({"step": state["step"], **metrics})
         on_log(metrics, state["step"])
+        log.info("fine-tune step %d: validation macro-F1 %.4f, loss %.4f", state["step"], f1, loss)
         if f1 > state["best_f1"]:
             state.update(best_f1=f1, best_step=state["step"], bad_evals=0)
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -204,6 +205,9 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
                 state["history"].append({"step": state["step"], **metrics})
                 running_loss = []
                 on_log(metrics, state["step"])
+                if bar.disable:  # no terminal (a pipeline pod): progress goes to the log instead
+                    log.info("fine-tune step %d/%d: loss %.4f, %.1f examples/s", state["step"], total_steps,
+                             metrics["train_loss"], rate)
             if state["step"] % eval_every == 0 or state["step"] >= total_steps:
                 stopped_early = validate() or stopped_early
             if state["micro"] >= len(batches):
