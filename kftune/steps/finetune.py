@@ -173,7 +173,8 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         return bool(cfg.early_stopping_patience) and state["bad_evals"] >= cfg.early_stopping_patience
 
     model.train()
-    seen, train_seconds, running_loss, stopped_early = 0, 0.0, [], False
+    seen, train_seconds, running_loss = 0, 0.0, []
+    stopped_early = bool(cfg.early_stopping_patience) and state["bad_evals"] >= cfg.early_stopping_patience
     bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tune", unit="step", mininterval=2, disable=None)
     while state["epoch"] < epochs and state["step"] < total_steps and not stopped_early:
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state["epoch"], cfg.group_by_length)
