@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kftune.config import ConfigError, load_params, params_help
+from kftune.data import DATASET
 
 log = logging.getLogger("kftune")
 
@@ -31,7 +32,8 @@ def cmd_run(args) -> int:
     from kftune.tracking import configure
 
     params = _params(args)
-    decision = run_local(args.data, params, args.project_dir)
+    data = args.data or DATASET
+    decision = run_local(data, params, args.project_dir, data_repo=args.data_repo or "", data_rev=args.data_rev or "")
     uri = configure(args.project_dir)
     name = params.register.model_name
     print(f"\nregistered {name} v{decision['version']}: {decision['decision']}")
@@ -47,6 +49,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from kftune.data import add_batches
+
+    result = add_batches(args.files, args.project_dir, _params(args).ingest, tag=args.tag, push=not args.no_push)
+    print(f"added {', '.join(result['files'])} -> commit {result['commit'][:10]}"
+          f"{' tag ' + result['tag'] if result['tag'] else ''}, dataset md5 {result['md5']}, "
+          f"{'pushed to the DVC remote' if result['pushed'] else 'not pushed'}")
+    print(f"train on this version: kftune run --data-rev {result['tag'] or result['commit'][:10]}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from kftune.runner import compile_pipeline
 
@@ -57,6 +70,8 @@ def cmd_compile(args) -> int:
 # --- step (one step from files, for DVC and debugging) -------------------------------------
 
 def cmd_step(args) -> int:
+    from kftune.fileio import read_json, write_json
+
     params = _params(args)
     if args.name == "ingest":
         from kftune.steps.ingest import ingest
@@ -71,6 +86,12 @@ def cmd_step(args) -> int:
         from kftune.steps.finetune import finetune
 
         finetune(args.data, args.out, params.model.name, params.finetune, checkpoint_dir=args.checkpoint_dir)
+        if args.plots:  # DVC plots: one record per step, one file per curve
+            history = read_json(Path(args.out) / "training_history.json")
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+            for key in ("train_loss", "val_macro_f1"):
+                write_json(Path(args.plots) / f"{key}.json", [
+                    {"step": h["step"], key: h[key]} for h in history if key in h])
     elif args.name == "evaluate":
         from kftune.steps.evaluate import evaluate
 
@@ -120,6 +141,8 @@ def cmd_models(args) -> int:
     elif args.action == "rollback":
         event = registry.rollback(name, args.reason)
         print(f"{name}: champion v{event.from_version} -> v{event.to_version} (rolled back)")
+    elif args.action == "show":
+        _show_version(name, args.version)
     elif args.action == "history":
         events = registry.history(name)
         if not events:
@@ -129,6 +152,33 @@ def cmd_models(args) -> int:
             print(f"{when}  {e.action:<17} v{e.from_version or '-'} -> v{e.to_version or '-'}  by {e.actor}\n"
                   f"    {e.reason}")
     return 0
+
+
+def _show_version(name: str, version: str) -> None:
+    """A version's decision, metrics and lineage, and the commands that reproduce it."""
+    from mlflow import MlflowClient
+
+    mv = MlflowClient().get_model_version(name, version)
+    t = {k.removeprefix("kftune."): v for k, v in mv.tags.items() if k.startswith("kftune.")}
+    print(f"{name} v{version}  (run {mv.run_id})")
+    for key in ("decision", "test_macro_f1", "compared_with", "reference_macro_f1", "reasons", "git_commit",
+                "params_hash", "data_sha256", "data_repo", "data_rev", "data_commit", "data_path", "dvc_md5"):
+        if key in t:
+            print(f"  {key:<19} {t[key]}")
+    print("\nreproduce:")
+    commit = t.get("git_commit", "unknown").removesuffix("-dirty")
+    if commit != "unknown":
+        print(f"  git checkout {commit}")
+    if t.get("data_commit"):
+        print(f"  dvc pull {t['data_path']}.dvc   # optional: fetches the data for local inspection")
+    print(f"  mlflow artifacts download --run-id {mv.run_id} --artifact-path params.yaml --dst-path .")
+    data = f"--data {t.get('data_path', '?')}"
+    if t.get("data_commit"):
+        repo = f" --data-repo {t['data_repo']}" if t.get("data_repo") else ""
+        data += f" --data-rev {t['data_commit']}{repo}"
+    print(f"  kftune run {data} --params params.yaml")
+    if t.get("git_commit", "").endswith("-dirty"):
+        print("  (warning: the code had uncommitted changes when this version was trained)")
 
 
 def cmd_params(args) -> int:
@@ -152,9 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the training pipeline locally with kfp.local")
-    p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, folder of them, or s3://bucket/prefix")
+    p.add_argument("--data", help="CSV/TSV/JSONL/Parquet file, folder of them, or s3://bucket/prefix "
+                                   f"(default with --data-rev: {DATASET})")
+    p.add_argument("--data-rev", help="read --data at this git revision (tag, branch, commit) through DVC")
+    p.add_argument("--data-repo", help="git repo (path or URL) holding the DVC-tracked data (default: this project)")
     _add_params_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("data", help="versioned data: add a batch (DVC + git)")
+    p.add_argument("action", choices=["add"])
+    p.add_argument("files", nargs="+", help="labelled batch files, checked by ingest's rules before anything changes")
+    p.add_argument("--tag", help="git tag for the new data version")
+    p.add_argument("--no-push", action="store_true", help="do not `dvc push` even if a remote is configured")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("compile", help="compile the training pipeline to KFP IR YAML")
     p.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: %(default)s)")
@@ -169,12 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", help="evaluate output (register)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint-dir", help="finetune: resumable checkpoints (resumed if present)")
+    p.add_argument("--plots", help="finetune: folder for train_loss.json and val_macro_f1.json (DVC plots)")
     _add_params_args(p)
     p.set_defaults(func=cmd_step)
 
-    p = sub.add_parser("models", help="the MLflow registry: list, promote, rollback, history")
-    p.add_argument("action", choices=["list", "promote", "rollback", "history"])
-    p.add_argument("version", nargs="?", help="version to promote")
+    p = sub.add_parser("models", help="the MLflow registry: list, show, promote, rollback, history")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history"])
+    p.add_argument("version", nargs="?", help="version to show or promote")
     p.add_argument("--name", help="registered model (default: register.model_name in params)")
     p.add_argument("--reason", help="why (required for promote and rollback; recorded in the history)")
     _add_params_args(p)
@@ -196,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser, args) -> None:
     if args.command == "models" and args.action in ("promote", "rollback") and not args.reason:
         parser.error(f"models {args.action} needs --reason (it is recorded in the promotion history)")
-    if args.command == "models" and args.action == "promote" and not args.version:
-        parser.error("models promote needs a VERSION")
+    if args.command == "models" and args.action in ("promote", "show") and not args.version:
+        parser.error(f"models {args.action} needs a VERSION")
+    if args.command == "run" and not args.data and not args.data_rev:
+        parser.error("run needs --data, or --data-rev to read the versioned dataset")
     if args.command == "step":
         needs = {"evaluate": ["model"], "register": ["model", "evaluation"]}.get(args.name, [])
         missing = [f"--{n}" for n in needs if not getattr(args, n)]
@@ -211,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kftune.data import DataVersionError
     from kftune.models import ModelNotFound
     from kftune.registry import RegistryError
     from kftune.runner import PipelineFailed
@@ -218,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelNotFound, RegistryError, PipelineFailed) as exc:
+    except (ConfigError, DataError, DataVersionError, ModelNotFound, RegistryError, PipelineFailed) as exc:
         print(f"kftune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -17,19 +17,21 @@ class PipelineFailed(RuntimeError):
     """A pipeline step failed; its own log (printed above) has the details."""
 
 
-def preflight(data_path: str, params: Params) -> dict:
+def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str = "") -> dict:
     """Everything that can fail on bad input, checked in-process before any pipeline step starts.
 
     Returns the data card the ingest step will produce.
     """
     from transformers import AutoConfig
 
+    from kftune.data import materialize
     from kftune.models import load_pretrained, resolve_base_model
     from kftune.steps.ingest import ingest
 
     load_pretrained(AutoConfig, resolve_base_model(params.model.name))
     with tempfile.TemporaryDirectory() as tmp:
-        return ingest(data_path, Path(tmp) / "data", params.ingest)
+        local, lineage = materialize(data_path, data_repo, data_rev, tmp)
+        return ingest(local, Path(tmp) / "data", params.ingest, lineage)
 
 
 def compile_pipeline(params: Params, out: str | Path) -> Path:
@@ -41,7 +43,8 @@ def compile_pipeline(params: Params, out: str | Path) -> Path:
     return Path(out)
 
 
-def run_local(data_path: str, params: Params, project_dir: str | Path = ".") -> dict:
+def run_local(data_path: str, params: Params, project_dir: str | Path = ".", data_repo: str = "",
+              data_rev: str = "") -> dict:
     """Run the training pipeline with kfp.local in this Python environment; return the gate's decision.
 
     Outputs land in <project_dir>/local_outputs, MLflow in <project_dir>/mlflow.db + mlartifacts
@@ -53,16 +56,18 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".") -> 
     from pipelines.training import create_pipeline
 
     project_dir = Path(project_dir).resolve()
-    if not str(data_path).startswith("s3://"):
+    if data_rev and not data_repo:
+        data_repo = str(project_dir)  # dvc.api reads the project's own git history
+    elif not data_repo and not str(data_path).startswith("s3://"):
         data_path = str(Path(data_path).resolve())
-    preflight(data_path, params)
+    card = preflight(data_path, params, data_repo, data_rev)
     configure(project_dir)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(project_dir / "local_outputs"),
                raise_on_error=True)
     pipeline = create_pipeline(params.to_dict())
     try:
-        task = pipeline(data_path=data_path, checkpoint_root=str(project_dir / ".kftune" / "checkpoints"),
-                        git_commit=git_commit(project_dir))
+        task = pipeline(data_path=data_path, data_repo=data_repo, data_rev=data_rev, data_hash=card["sha256"],
+                        checkpoint_root=str(project_dir / ".kftune" / "checkpoints"), git_commit=git_commit(project_dir))
     except RuntimeError as exc:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages
         raise PipelineFailed(f"{plain} The failing step's log is printed above; the champion is unchanged.") from None

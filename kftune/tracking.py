@@ -27,7 +27,12 @@ def configure(project_dir: str | Path | None = None) -> str:
 
 
 def experiment_id(name: str) -> str:
-    """Get or create an experiment; with a local sqlite store its artifacts go to ./mlartifacts beside the db."""
+    """Get or create an experiment.
+
+    New experiments keep artifacts under KFTUNE_ARTIFACT_ROOT (e.g. s3://bucket/mlflow, with
+    MLFLOW_S3_ENDPOINT_URL for MinIO) when set; else, with a local sqlite store, in ./mlartifacts
+    beside the database; else wherever the tracking server puts them.
+    """
     import mlflow
 
     uri = mlflow.get_tracking_uri()
@@ -35,7 +40,9 @@ def experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):
+    if os.environ.get("KFTUNE_ARTIFACT_ROOT"):
+        location = f"{os.environ['KFTUNE_ARTIFACT_ROOT'].rstrip('/')}/{name}"
+    elif uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)

@@ -17,11 +17,12 @@ def create_pipeline(params: dict):
     """Return the pipeline function with `params` (a resolved params.yaml) as its default settings."""
 
     @dsl.pipeline(name=NAME, description="Fine-tune, evaluate, register and gate a text classifier.")
-    def training_pipeline(data_path: str, params: dict = params, checkpoint_root: str = "",
-                          git_commit: str = "unknown") -> Artifact:
+    def training_pipeline(data_path: str, data_repo: str = "", data_rev: str = "", data_hash: str = "",
+                          params: dict = params, checkpoint_root: str = "", git_commit: str = "unknown") -> Artifact:
         """kftune training.
 
-        1. ingest: read, clean and hash-split the labelled data at `data_path`.
+        1. ingest: read, clean and hash-split the labelled data at `data_path` (at `data_rev` of
+           `data_repo` through DVC, when given; `data_hash` pins its content).
         2. tokenize: fast tokenizer, truncation at max_length, no stored padding.
         3. fine-tune: length-grouped, shuffled batches; early stopping; logs to MLflow.
         4. evaluate: test metrics for the model and the majority / TF-IDF baselines.
@@ -30,7 +31,8 @@ def create_pipeline(params: dict):
 
         Returns the gate's record: decision.json with the version, the decision and its reasons.
         """
-        ingest = ingest_op(data_path=data_path, params=params).set_display_name("1 ingest")
+        ingest = ingest_op(data_path=data_path, data_repo=data_repo, data_rev=data_rev, data_hash=data_hash,
+                           params=params).set_display_name("1 ingest")
         ingest.set_caching_options(False)  # the data behind a path can change between runs
 
         tokenize = tokenize_op(data=ingest.outputs["data"], params=params).set_display_name("2 tokenize")

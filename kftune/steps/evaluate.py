@@ -94,7 +94,7 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
     Args:
         data_dir: ingest output (train.parquet for the baselines, test.parquet to score).
         model_dir: fine-tune output.
-        out_dir: folder for metrics.json, report.md, confusion_matrix.json and confusion_matrix.png.
+        out_dir: folder for metrics.json, report.md, confusion_matrix.{json,png} and predictions.csv.
         cfg: the `evaluate` section of params.yaml.
 
     Returns:
@@ -116,6 +116,8 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
         write_json(tmp / "confusion_matrix.json", {"labels": labels, "matrix": metrics["model"]["confusion_matrix"]})
         _plot_confusion(metrics["model"]["confusion_matrix"], labels, tmp / "confusion_matrix.png")
         (tmp / "report.md").write_text(render_report(metrics), encoding="utf-8")
+        test.assign(predicted=[labels[i] for i in probs.argmax(1)], confidence=probs.max(1).round(4)).to_csv(
+            tmp / "predictions.csv", index=False)
     log.info("evaluate: macro-F1 model %.4f, tfidf %.4f, majority %.4f", metrics["model"]["macro_f1"],
              metrics["baselines"]["tfidf_logreg"]["macro_f1"], metrics["baselines"]["majority"]["macro_f1"])
     return metrics

@@ -135,13 +135,28 @@ def _quantiles(values: pd.Series) -> dict[str, float]:
             "max": int(values.max())}
 
 
-def ingest(source: str, out_dir: str | Path, cfg: IngestConfig) -> dict:
+def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str) -> list[str]:
+    """The label set: ingest.labels if configured (every row must use one), else the sorted labels seen."""
+    if cfg.labels:
+        unknown = Counter(lbl for lbl in df["label"] if lbl not in cfg.labels)
+        if unknown:
+            listed = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
+            raise DataError(f"{source}: column {cfg.label_column!r} has labels outside ingest.labels "
+                            f"{cfg.labels}: {listed}")
+    present = df["label"].nunique()
+    if present < 2:
+        raise DataError(f"{source}: column {cfg.label_column!r} has {present} distinct label(s); need at least 2")
+    return list(cfg.labels) if cfg.labels else sorted(df["label"].unique())
+
+
+def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None = None) -> dict:
     """Read, clean, validate and split labelled texts.
 
     Args:
         source: a CSV/TSV/JSONL/Parquet file, a folder of them, or s3://bucket/prefix.
         out_dir: folder to write train/validation/test.parquet and data_card.json into.
         cfg: the `ingest` section of params.yaml.
+        lineage: where the data came from (repo, revision, commit, DVC md5), kept in the data card.
 
     Returns:
         The data card.
@@ -151,18 +166,7 @@ def ingest(source: str, out_dir: str | Path, cfg: IngestConfig) -> dict:
     if df.empty:
         raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
 
-    if cfg.labels:
-        unknown = Counter(lbl for lbl in df["label"] if lbl not in cfg.labels)
-        if unknown:
-            listed = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
-            raise DataError(f"{source}: column {cfg.label_column!r} has labels outside ingest.labels "
-                            f"{cfg.labels}: {listed}")
-        labels = list(cfg.labels)
-    else:
-        labels = sorted(df["label"].unique())
-    present = df["label"].nunique()
-    if present < 2:
-        raise DataError(f"{source}: column {cfg.label_column!r} has {present} distinct label(s); need at least 2")
+    labels = check_labels(df, cfg, source)
 
     df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
     for name in SPLITS:
@@ -185,6 +189,7 @@ def ingest(source: str, out_dir: str | Path, cfg: IngestConfig) -> dict:
         "dropped": drops,
         "sha256": content.hexdigest(),
         "split_salt": cfg.split_salt,
+        "lineage": lineage or {"data_path": str(source)},
     }
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:

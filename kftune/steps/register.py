@@ -82,6 +82,20 @@ def _smoke_test(uri: str, texts: list[str], labels: list[str]) -> str | None:
     return None
 
 
+def _log_inputs(data_dir: Path, card: dict) -> None:
+    """Record the train and test splits as MLflow dataset inputs, pointing at where the data came from."""
+    import mlflow
+
+    lineage = card.get("lineage", {})
+    source = lineage.get("data_path", "")
+    if lineage.get("data_commit"):
+        source = f"{lineage['data_repo']}@{lineage['data_commit']}:{source}"
+    for split, context in (("train", "training"), ("test", "testing")):
+        df = pd.read_parquet(data_dir / f"{split}.parquet")
+        dataset = mlflow.data.from_pandas(df, source=source, targets="label", name=f"{split}-{card['sha256'][:12]}")
+        mlflow.log_input(dataset, context=context)
+
+
 def _log_model(model_dir: Path, name: str, example: list[str]):
     import mlflow
     import torch
@@ -126,7 +140,8 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
     labels = metrics["labels"]
     cfg = params.register
     tags = {"kftune.data_sha256": card["sha256"], "kftune.git_commit": git_commit,
-            "kftune.params_hash": params.digest()}
+            "kftune.params_hash": params.digest(),
+            **{f"kftune.{k}": str(v) for k, v in card.get("lineage", {}).items()}}
 
     exp = experiment_id(cfg.experiment)
     with mlflow.start_run(run_id=run_id or None, experiment_id=None if run_id else exp) as run:
@@ -139,6 +154,8 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
                             for k in ("accuracy", "macro_f1")})
         mlflow.log_metrics({f"test_f1_{lbl}": c["f1"] for lbl, c in model_m["per_class"].items()})
         mlflow.log_artifact(str(data_dir / "data_card.json"))
+        mlflow.log_dict(params.to_dict(), "params.yaml")
+        _log_inputs(data_dir, card)
         for f in sorted(eval_dir.iterdir()):
             mlflow.log_artifact(str(f), "evaluation")
         for f in ("training_history.json", "train_summary.json"):

@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from kftune.fileio import read_json
@@ -34,7 +35,10 @@ def test_evaluate_scores_model_and_baselines_on_the_test_split(prepared, params)
     m = evaluate(prepared / "data", prepared / "model", prepared / "eval", params.evaluate)
     assert read_json(prepared / "eval" / "metrics.json") == m
     assert {p.name for p in (prepared / "eval").iterdir()} == {
-        "metrics.json", "report.md", "confusion_matrix.json", "confusion_matrix.png"}
+        "metrics.json", "report.md", "confusion_matrix.json", "confusion_matrix.png", "predictions.csv"}
+    predictions = pd.read_csv(prepared / "eval" / "predictions.csv")
+    assert len(predictions) == m["test_rows"]
+    assert (predictions["label"] == predictions["predicted"]).mean() == pytest.approx(m["model"]["accuracy"])
     assert sum(map(sum, m["model"]["confusion_matrix"])) == m["test_rows"]
     # the sub-word data is built so that word counts fail and the encoder does not
     assert m["model"]["macro_f1"] > 0.9 > 0.7 > m["baselines"]["tfidf_logreg"]["macro_f1"]

@@ -1,0 +1,150 @@
+"""Versioned data: batches added with DVC + git, and read back at any revision through dvc.api."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from kftune.config import IngestConfig
+
+log = logging.getLogger(__name__)
+
+DATASET = "data/dataset"  # the versioned dataset: one file per batch, tracked by data/dataset.dvc
+
+
+class DataVersionError(RuntimeError):
+    """git or DVC refused; the message says which command and why."""
+
+
+def _tool(name: str) -> str:
+    beside = Path(sys.executable).with_name(name)  # the dvc of this environment, not another one on PATH
+    return str(beside) if beside.exists() else name
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode:
+        shown = " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))
+        raise DataVersionError(f"`{shown}` failed in {cwd}: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout.strip()
+
+
+def _git(root: Path, *args: str) -> str:
+    return _run(["git", *args], root)
+
+
+def _dvc(root: Path, *args: str) -> str:
+    return _run([_tool("dvc"), *args], root)
+
+
+def check_batch(path: str | Path, cfg: IngestConfig) -> int:
+    """Run ingest's schema checks on one batch file; return its usable rows or raise DataError."""
+    from kftune.steps.ingest import DataError, check_labels, clean, read_tables
+
+    df, drops = clean(read_tables(str(path), cfg)[0])
+    if df.empty:
+        raise DataError(f"{path}: no usable rows after cleaning (dropped {drops})")
+    check_labels(df, cfg, str(path))
+    return len(df)
+
+
+def has_remote(root: Path) -> bool:
+    return bool(_dvc(root, "remote", "list").strip())
+
+
+def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: str = DATASET,
+                tag: str | None = None, push: bool = True) -> dict:
+    """Add labelled batches to the versioned dataset and record the new version.
+
+    Every file is checked before anything changes; then each is copied in as the next
+    batch-NNN file, `dvc add` tracks the folder, git commits the .dvc file (and tags it), and
+    `dvc push` uploads when a remote is configured. If a step before the commit fails, the
+    working tree is put back as it was.
+
+    Returns:
+        commit, tag, the files added, the dataset's DVC md5 and whether it was pushed.
+    """
+    root = Path(root).resolve()
+    if not (root / ".dvc").is_dir():
+        raise DataVersionError(f"{root}: not a DVC repository (run `dvc init` there)")
+    rows = {str(f): check_batch(f, cfg) for f in files}
+    target = root / dataset
+    target.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in target.iterdir() if (m := re.match(r"batch-(\d+)", p.name))]
+    start = max(numbers, default=-1) + 1
+    dvc_file = root / f"{dataset}.dvc"
+    tracked = [p for p in (dvc_file, dvc_file.parent / ".gitignore") if p.exists()]
+    before = {p: p.read_bytes() for p in tracked}
+    added = []
+    try:
+        for i, f in enumerate(files):
+            dest = target / f"batch-{start + i:03d}{Path(f).suffix.lower()}"
+            shutil.copy2(f, dest)
+            added.append(dest)
+        _dvc(root, "add", dataset)
+        paths = [str(dvc_file.relative_to(root)), str((dvc_file.parent / ".gitignore").relative_to(root))]
+        _git(root, "add", "--", *paths)
+        message = f"data: add {', '.join(p.name for p in added)} ({sum(rows.values())} rows)"
+        _git(root, "commit", "-q", "-m", message, "--", *paths)
+    except Exception:
+        for p in added:
+            p.unlink(missing_ok=True)
+        for p in (dvc_file, dvc_file.parent / ".gitignore"):
+            if p in before:
+                p.write_bytes(before[p])
+            else:
+                p.unlink(missing_ok=True)
+        _git(root, "reset", "-q", "--", str(dvc_file.relative_to(root)))
+        raise
+    if tag:
+        _git(root, "tag", tag)
+    commit = _git(root, "rev-parse", "HEAD")
+    pushed = False
+    if push and has_remote(root):
+        try:
+            _dvc(root, "push", str(dvc_file.relative_to(root)))
+            pushed = True
+        except DataVersionError as exc:
+            raise DataVersionError(f"committed {commit[:10]} locally, but the push to the DVC remote failed "
+                                   f"(local data is intact; run `dvc push` when the remote is reachable): {exc}") from None
+    md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    return {"commit": commit, "tag": tag, "files": [str(p.relative_to(root)) for p in added], "md5": md5,
+            "pushed": pushed, "rows": rows}
+
+
+def materialize(data_path: str, data_repo: str, data_rev: str, dest: str | Path) -> tuple[str, dict]:
+    """Fetch `data_path` as it was at `data_rev` of `data_repo` (a path or git URL) into `dest`.
+
+    With neither repo nor rev, the path is used as it is. Returns (local path, lineage), the
+    lineage naming the resolved commit and the DVC md5 of the path.
+    """
+    if not data_repo and not data_rev:
+        return data_path, {"data_path": data_path}
+    from dvc.api import DVCFileSystem
+
+    from kftune.steps.ingest import READERS, DataError
+
+    repo = data_repo or "."
+    try:
+        fs = DVCFileSystem(repo, rev=data_rev or None)
+        commit = fs.repo.scm.resolve_rev(data_rev or "HEAD")
+    except Exception as exc:  # unknown revision, not a git/DVC repo, unreachable URL
+        raise DataError(f"cannot read data repo {repo!r} at revision {data_rev or 'HEAD'!r}: {exc}") from None
+    if not fs.exists(data_path):
+        raise DataError(f"{data_path!r} does not exist at revision {data_rev or 'HEAD'!r} of data repo {repo!r}")
+    local = Path(dest) / Path(data_path).name
+    fs.get(data_path, str(local), recursive=True)
+    if local.is_dir() and not any(p.suffix.lower() in READERS for p in local.rglob("*")):
+        raise DataError(f"{data_path!r} at revision {data_rev!r} holds no table files")
+    lineage = {"data_repo": str(data_repo or Path(repo).resolve()), "data_rev": data_rev or "HEAD",
+               "data_commit": commit, "data_path": data_path}
+    dvc_file = f"{data_path.rstrip('/')}.dvc"
+    if fs.exists(dvc_file):
+        lineage["dvc_md5"] = yaml.safe_load(fs.read_text(dvc_file))["outs"][0]["md5"]
+    return str(local), lineage

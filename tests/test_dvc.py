@@ -1,0 +1,184 @@
+"""Data versions with DVC: adding batches, running at a revision, dvc repro, remotes, lineage."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kftune import registry
+from kftune.cli import main
+from kftune.config import load_params
+from kftune.data import DataVersionError, add_batches
+from kftune.runner import preflight
+from kftune.steps.ingest import DataError
+from tests.conftest import ROOT, subword_texts
+
+pytestmark = pytest.mark.slow
+BIN = str(Path(sys.executable).parent)
+
+
+def sh(cwd, *cmd) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture
+def project(tmp_path, params, monkeypatch, mlflow_store) -> Path:
+    """A copy of this repository (code, dvc.yaml, .dvc/) in its own git repo, set up for the tiny model."""
+    proj = tmp_path / "proj"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (proj / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, proj / f)
+    data = yaml.safe_load((proj / "params.yaml").read_text())
+    data["model"]["name"] = params.model.name
+    data["tokenize"]["max_length"] = 32
+    data["finetune"].update(max_steps=200, batch_size=16, learning_rate=2e-3, eval_every_steps=100, bf16=False)
+    data["register"]["model_name"] = params.register.model_name
+    (proj / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(proj)
+    sh(proj, "git", "init", "-q", "-b", "main")
+    sh(proj, "git", "config", "user.email", "ci@kftune.test")
+    sh(proj, "git", "config", "user.name", "kftune tests")
+    sh(proj, "git", "add", "-A")
+    sh(proj, "git", "commit", "-qm", "kftune")
+    for i in (0, 1):
+        subword_texts(600, seed=10 + i).to_csv(tmp_path / f"batch{i}.csv", index=False)
+    return proj
+
+
+def test_data_add_versions_the_dataset_and_old_revisions_stay_readable(project, params):
+    first = add_batches([str(project.parent / "batch0.csv")], project, params.ingest, tag="data-v1")
+    second = add_batches([str(project.parent / "batch1.csv")], project, params.ingest)
+    assert first["files"] == ["data/dataset/batch-000.csv"] and second["files"] == ["data/dataset/batch-001.csv"]
+    assert first["pushed"] and second["pushed"], "the default local remote receives every version"
+    assert any((project / ".dvc-storage").rglob("*")), "objects are in the local remote"
+    log = sh(project, "git", "log", "--format=%s")
+    assert "data: add batch-001.csv (600 rows)" in log and "data: add batch-000.csv (600 rows)" in log
+
+    old = preflight("data/dataset", params, str(project), "data-v1")
+    new = preflight("data/dataset", params, str(project), "")
+    alone = preflight(str(project.parent / "batch0.csv"), params)
+    assert old["sha256"] == alone["sha256"] != new["sha256"]
+    assert old["lineage"]["data_commit"] == first["commit"] and old["lineage"]["dvc_md5"] == first["md5"]
+
+
+def test_a_bad_batch_changes_nothing(project, params):
+    add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    head = sh(project, "git", "rev-parse", "HEAD")
+    bad = project.parent / "bad.csv"
+    bad.write_text("sentence,label\nup,a\n")
+    with pytest.raises(DataError, match="no text column 'text'"):
+        add_batches([str(project.parent / "batch1.csv"), str(bad)], project, params.ingest)
+    assert sh(project, "git", "rev-parse", "HEAD") == head
+    assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == ["batch-000.csv"]
+    assert sh(project, "git", "status", "--porcelain") == ""
+
+
+def test_unknown_revision_or_path_fails_before_training(project, params, capsys):
+    add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    assert main(["--project-dir", str(project), "run", "--data-rev", "no-such-tag"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-tag" in err and str(project) in err
+    assert main(["--project-dir", str(project), "run", "--data", "data/other", "--data-rev", "HEAD"]) == 2
+    assert "'data/other' does not exist at revision 'HEAD'" in capsys.readouterr().err
+    assert not (project / "local_outputs").exists()
+
+
+def test_unreachable_remote_keeps_the_local_version(project, params, monkeypatch):
+    sh(project, "dvc", "remote", "add", "-f", "-d", "broken", "s3://nowhere/dvc")
+    sh(project, "dvc", "remote", "modify", "broken", "endpointurl", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with pytest.raises(DataVersionError, match="push to the DVC remote failed") as err:
+        add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    assert "local data is intact" in str(err.value)
+    assert "data: add batch-000.csv" in sh(project, "git", "log", "-1", "--format=%s")
+    assert (project / "data" / "dataset" / "batch-000.csv").is_file()
+
+
+def test_dvc_repro_metrics_and_only_affected_stages_rerun(project, params):
+    add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    sh(project, "dvc", "repro")
+    metrics = json.loads((project / "work" / "eval" / "metrics.json").read_text())
+    assert metrics["model"]["macro_f1"] > 0.8
+    assert "model.macro_f1" in sh(project, "dvc", "metrics", "show")
+    assert json.loads((project / "work" / "gate" / "decision.json").read_text())["decision"] == "promote"
+    assert registry.version_by_alias(params.register.model_name, registry.CHAMPION) == "1"
+
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["evaluate"]["ece_bins"] = 10
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    stale = set(json.loads(sh(project, "dvc", "status", "--json")))
+    assert stale == {"evaluate"}, "changing evaluate.* must not re-run ingest, tokenize or fine-tune"
+
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "baseline")
+    sh(project, "dvc", "exp", "run", "-S", "finetune.learning_rate=1e-3")
+    diff = sh(project, "dvc", "metrics", "diff", "--all", "--json")
+    assert "model.macro_f1" in diff
+    sh(project, "dvc", "plots", "diff", "--json")
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1: the same endpoint-URL + keys code path MinIO uses."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "kftune", "AWS_SECRET_ACCESS_KEY": "kftune-secret",
+                 "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for bucket in ("dvc", "mlflow"):
+        client.create_bucket(Bucket=bucket)
+    yield endpoint, client
+    server.stop()
+
+
+def test_s3_remote_and_artifacts_with_lineage_from_a_run_at_a_revision(project, params, s3, monkeypatch, capsys):
+    endpoint, client = s3
+    sh(project, "dvc", "remote", "add", "-f", "-d", "minio", "s3://dvc/store")
+    sh(project, "dvc", "remote", "modify", "minio", "endpointurl", endpoint)
+    sh(project, "git", "commit", "-qam", "dvc remote on S3")
+    v1 = add_batches([str(project.parent / "batch0.csv")], project, params.ingest, tag="data-v1")
+    add_batches([str(project.parent / "batch1.csv")], project, params.ingest)
+    assert v1["pushed"] and client.list_objects_v2(Bucket="dvc")["KeyCount"] > 0
+
+    shutil.rmtree(project / ".dvc" / "cache")
+    (project / "data" / "dataset" / "batch-000.csv").unlink()
+    sh(project, "dvc", "pull", "data/dataset.dvc")
+    assert (project / "data" / "dataset" / "batch-000.csv").is_file(), "dvc pull restores from S3"
+
+    monkeypatch.setenv("KFTUNE_ARTIFACT_ROOT", "s3://mlflow/artifacts")
+    monkeypatch.setenv("KFTUNE_GIT_COMMIT", sh(project, "git", "rev-parse", "HEAD").strip())
+    assert main(["--project-dir", str(project), "run", "--data-rev", "data-v1"]) == 0
+    name = params.register.model_name
+    tags = MlflowClient().get_model_version(name, "1").tags
+    assert tags["kftune.data_commit"] == v1["commit"] and tags["kftune.dvc_md5"] == v1["md5"]
+    assert tags["kftune.data_rev"] == "data-v1" and tags["kftune.data_path"] == "data/dataset"
+    assert tags["kftune.data_sha256"] == preflight(str(project.parent / "batch0.csv"), load_params())["sha256"]
+    run = MlflowClient().get_run(tags["kftune.run_id"])
+    assert {i.dataset.name.split("-")[0] for i in run.inputs.dataset_inputs} == {"train", "test"}
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="mlflow", MaxKeys=1000).get("Contents", [])]
+    assert any(k.endswith("model.safetensors") for k in keys), "the model went to the S3 artifact store"
+
+    capsys.readouterr()
+    assert main(["--project-dir", str(project), "models", "show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"git checkout {os.environ['KFTUNE_GIT_COMMIT']}" in out
+    assert f"kftune run --data data/dataset --data-rev {v1['commit']}" in out
