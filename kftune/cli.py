@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +62,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_compile(args) -> int:
+    if args.image:
+        os.environ["KFTUNE_IMAGE"] = args.image  # read when the component modules are imported, just below
     from kftune.runner import compile_pipeline
 
     print(f"wrote {compile_pipeline(_params(args), args.output)}")
@@ -217,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("compile", help="compile the training pipeline to KFP IR YAML")
+    p = sub.add_parser("compile", help="compile the training pipeline for a cluster (KFP IR YAML)")
     p.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: %(default)s)")
+    p.add_argument("--image", help="component image for every task (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     _add_params_args(p)
     p.set_defaults(func=cmd_compile)
 

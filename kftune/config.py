@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,29 @@ class RegisterConfig:
 
 
 @dataclass
+class ClusterConfig:
+    finetune_cpu: str = _doc("CPU request and limit of the fine-tune task on a cluster (Kubernetes quantity).")
+    finetune_memory: str = _doc("Memory request and limit of the fine-tune task (e.g. 8G).")
+    finetune_gpus: int = _doc("GPUs for the fine-tune task; 0 runs it on CPU.")
+    accelerator_type: str = _doc("Kubernetes resource name of the GPUs (nvidia.com/gpu).")
+    retries: int = _doc("Retries of each task after a transient failure (pod eviction, node loss).")
+    mlflow_secret: str = _doc("Kubernetes Secret whose keys become env vars of every task (MLflow URI).")
+    s3_secret: str = _doc("Kubernetes Secret with the S3/MinIO keys and endpoints, as env vars of every task.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.finetune_gpus < 0:
+            out.append(f"cluster.finetune_gpus={self.finetune_gpus}: must be >= 0")
+        if not 0 <= self.retries <= 10:
+            out.append(f"cluster.retries={self.retries}: must be in [0, 10]")
+        if not re.fullmatch(r"\d+(\.\d+)?m?", self.finetune_cpu):
+            out.append(f"cluster.finetune_cpu={self.finetune_cpu!r}: not a CPU quantity like 2 or 500m")
+        if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?)?", self.finetune_memory):
+            out.append(f"cluster.finetune_memory={self.finetune_memory!r}: not a memory quantity like 8G or 8Gi")
+        return out
+
+
+@dataclass
 class Params:
     task: str = _doc("sequence-classification (token-classification is not implemented yet).")
     model: ModelConfig = _doc("Base model.")
@@ -143,6 +167,7 @@ class Params:
     finetune: FinetuneConfig = _doc("Training loop.")
     evaluate: EvaluateConfig = _doc("Test metrics and baselines.")
     register: RegisterConfig = _doc("MLflow registry and promotion gate.")
+    cluster: ClusterConfig = _doc("Settings that only apply when the pipeline is compiled for a cluster.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

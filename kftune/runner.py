@@ -35,11 +35,12 @@ def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str
 
 
 def compile_pipeline(params: Params, out: str | Path) -> Path:
+    """Write the cluster flavour of the training pipeline as KFP IR YAML (image from KFTUNE_IMAGE)."""
     from kfp import compiler
 
     from pipelines.training import create_pipeline
 
-    compiler.Compiler().compile(create_pipeline(params.to_dict()), str(out))
+    compiler.Compiler().compile(create_pipeline(params.to_dict(), cluster=True), str(out))
     return Path(out)
 
 

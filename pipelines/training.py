@@ -13,12 +13,35 @@ from components.tokenize import tokenize_op
 NAME = "kftune-training"
 
 
-def create_pipeline(params: dict):
-    """Return the pipeline function with `params` (a resolved params.yaml) as its default settings."""
+def for_cluster(tasks: list, finetune, cluster: dict) -> None:
+    """Cluster-only task settings: retries, the fine-tune task's resources, credentials from Secrets.
+
+    Credentials never travel as pipeline parameters: every task reads them from Kubernetes
+    Secrets as environment variables. kfp.local ignores all of this.
+    """
+    from kfp import kubernetes
+
+    finetune.set_cpu_request(cluster["finetune_cpu"]).set_cpu_limit(cluster["finetune_cpu"])
+    finetune.set_memory_request(cluster["finetune_memory"]).set_memory_limit(cluster["finetune_memory"])
+    if cluster["finetune_gpus"]:
+        finetune.set_accelerator_type(cluster["accelerator_type"]).set_accelerator_limit(cluster["finetune_gpus"])
+    for task in tasks:
+        task.set_retry(num_retries=cluster["retries"], backoff_duration="30s", backoff_factor=2)
+        kubernetes.use_secret_as_env(task, cluster["mlflow_secret"], {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+        kubernetes.use_secret_as_env(task, cluster["s3_secret"], {
+            k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")})
+
+
+def create_pipeline(defaults: dict, cluster: bool = False):
+    """Return the pipeline function with `defaults` (a resolved params.yaml) as its default params.
+
+    With cluster=True the tasks also get retries, resources and Secrets (see `for_cluster`).
+    """
+    cluster_cfg = defaults["cluster"] if cluster else None
 
     @dsl.pipeline(name=NAME, description="Fine-tune, evaluate, register and gate a text classifier.")
     def training_pipeline(data_path: str, data_repo: str = "", data_rev: str = "", data_hash: str = "",
-                          params: dict = params, checkpoint_root: str = "", git_commit: str = "unknown") -> Artifact:
+                          params: dict = defaults, checkpoint_root: str = "", git_commit: str = "unknown") -> Artifact:
         """kftune training.
 
         1. ingest: read, clean and hash-split the labelled data at `data_path` (at `data_rev` of
@@ -51,9 +74,12 @@ def create_pipeline(params: dict):
         register.set_display_name("5 register + gate").set_caching_options(False)  # reads the registry
 
         with dsl.If(register.outputs["Output"] == "promote", name="gate-passed"):
-            promote_op(params=params, gate=register.outputs["gate"],
-                       run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name(
-                "6 promote to champion").set_caching_options(False)
+            promote = promote_op(params=params, gate=register.outputs["gate"],
+                                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            promote.set_display_name("6 promote to champion").set_caching_options(False)
+
+        if cluster_cfg:
+            for_cluster([ingest, tokenize, finetune, evaluate, register, promote], finetune, cluster_cfg)
         return register.outputs["gate"]
 
     return training_pipeline

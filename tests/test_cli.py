@@ -84,4 +84,4 @@ def test_params_lists_every_key(capsys):
 def test_compile_writes_ir_yaml(tmp_path, capsys):
     out = tmp_path / "pipeline.yaml"
     assert main(["compile", "-o", str(out), "--params", str(ROOT / "params.yaml")]) == 0
-    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "kftune-training"
+    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == "kftune-training"

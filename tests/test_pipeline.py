@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_compiled_pipeline_has_the_gate_image_and_caching(tmp_path, params):
-    spec = yaml.safe_load(compile_pipeline(params, tmp_path / "p.yaml").read_text())
+    spec, _ = yaml.safe_load_all(compile_pipeline(params, tmp_path / "p.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"kftune:0.1.0"}
     tasks = spec["root"]["dag"]["tasks"]
