@@ -138,7 +138,12 @@ def cmd_models(args) -> int:
     elif args.action == "promote":
         from mlflow import MlflowClient
 
-        event = registry.promote(name, args.version, args.reason)
+        tags = MlflowClient().get_model_version(name, args.version).tags
+        expected = "any"
+        if tags.get("kftune.decision") == "awaiting-approval" and not args.force:
+            # approve what was gated: against the champion of that moment, or none
+            expected = tags.get("kftune.compared_with", "").removeprefix("v").replace("tfidf_logreg baseline", "")
+        event = registry.promote(name, args.version, args.reason, expected_champion=expected)
         MlflowClient().set_model_version_tag(name, args.version, "kftune.approved_by", event.actor)
         print(f"{name}: champion v{event.from_version or '-'} -> v{event.to_version}")
     elif args.action == "rollback":
@@ -243,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", nargs="?", help="version to show or promote")
     p.add_argument("--name", help="registered model (default: register.model_name in params)")
     p.add_argument("--reason", help="why (required for promote and rollback; recorded in the history)")
+    p.add_argument("--force", action="store_true",
+                   help="promote: approve even if the champion moved since this version was gated")
     _add_params_args(p)
     p.set_defaults(func=cmd_models)
 
@@ -285,9 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     from kftune.runner import PipelineFailed
     from kftune.steps.ingest import DataError
 
+    from mlflow.exceptions import MlflowException
+
     try:
         return args.func(args)
-    except (ConfigError, DataError, DataVersionError, ModelNotFound, RegistryError, PipelineFailed) as exc:
+    except (ConfigError, DataError, DataVersionError, ModelNotFound, RegistryError, PipelineFailed,
+            MlflowException) as exc:
         print(f"kftune: error: {exc}", file=sys.stderr)
         return 2
 

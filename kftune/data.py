@@ -31,7 +31,8 @@ def _run(cmd: list[str], cwd: Path) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode:
         shown = " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))
-        raise DataVersionError(f"`{shown}` failed in {cwd}: {(proc.stderr or proc.stdout).strip()}")
+        said = (proc.stderr or proc.stdout).strip() or f"exit code {proc.returncode}"
+        raise DataVersionError(f"`{shown}` failed in {cwd}: {said}")
     return proc.stdout.strip()
 
 
@@ -74,6 +75,8 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
     if not (root / ".dvc").is_dir():
         raise DataVersionError(f"{root}: not a DVC repository (run `dvc init` there)")
     rows = {str(f): check_batch(f, cfg) for f in files}
+    if tag and _run(["git", "tag", "--list", tag], root):
+        raise DataVersionError(f"git tag {tag!r} already exists in {root}; choose another --tag")
     target = root / dataset
     target.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in target.iterdir() if (m := re.match(r"batch-(\d+)", p.name))]
@@ -100,7 +103,7 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
                 p.write_bytes(before[p])
             else:
                 p.unlink(missing_ok=True)
-        _git(root, "reset", "-q", "--", str(dvc_file.relative_to(root)))
+        _git(root, "reset", "-q", "--", *[str(p.relative_to(root)) for p in (dvc_file, dvc_file.parent / ".gitignore")])
         raise
     if tag:
         _git(root, "tag", tag)

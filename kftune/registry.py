@@ -97,9 +97,11 @@ def promote(name: str, version: str, reason: str, who: str | None = None, expect
         raise RegistryError(why)
     if str(current_v) == str(version):
         raise RegistryError(f"{name} v{version} is already the champion")
+    # champion first: if anything after it fails, users still get the promoted model.
+    # Two promotions racing between the check above and this line are not prevented.
+    client.set_registered_model_alias(name, CHAMPION, str(version))
     if current_v:
         client.set_registered_model_alias(name, PREVIOUS, current_v)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_model_version_tag(name, str(version), f"{TAG}decision", "promoted")
     client.set_model_version_tag(name, str(version), f"{TAG}promoted_by", who or actor())
     return record("promote", name, current_v, version, reason, who)
@@ -120,6 +122,9 @@ def rollback(name: str, reason: str, who: str | None = None) -> Event:
 
 def list_versions(name: str) -> list[dict]:
     client = _client()
+    if not client.search_registered_models(f"name='{name}'"):
+        raise RegistryError(f"no registered model {name!r} in {__import__('mlflow').get_tracking_uri()} yet; "
+                            f"`kftune run` registers one")
     aliases: dict[str, list[str]] = {}
     for alias, v in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(v), []).append(alias)

@@ -7,7 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from kftune.config import Params
+from kftune.config import ConfigError, Params
 from kftune.fileio import read_json
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,11 @@ def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str
     from kftune.models import load_pretrained, resolve_base_model
     from kftune.steps.ingest import ingest
 
-    load_pretrained(AutoConfig, resolve_base_model(params.model.name))
+    config = load_pretrained(AutoConfig, resolve_base_model(params.model.name))
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and params.finetune.freeze_layers > layers:
+        raise ConfigError(f"finetune.freeze_layers={params.finetune.freeze_layers}: {params.model.name} has only "
+                          f"{layers} layers")
     with tempfile.TemporaryDirectory() as tmp:
         local, lineage = materialize(data_path, data_repo, data_rev, tmp)
         return ingest(local, Path(tmp) / "data", params.ingest, lineage)

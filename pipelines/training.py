@@ -13,20 +13,22 @@ from components.tokenize import tokenize_op
 NAME = "kftune-training"
 
 
-def for_cluster(tasks: list, finetune, cluster: dict) -> None:
+def for_cluster(tasks: list, retryable: list, finetune, cluster: dict) -> None:
     """Cluster-only task settings: retries, the fine-tune task's resources, credentials from Secrets.
 
-    Credentials never travel as pipeline parameters: every task reads them from Kubernetes
-    Secrets as environment variables. kfp.local ignores all of this.
+    Only idempotent tasks retry (a retried register would register a second version). Credentials
+    never travel as pipeline parameters: every task reads them from Kubernetes Secrets as
+    environment variables. kfp.local ignores all of this.
     """
     from kfp import kubernetes
 
+    for task in retryable:
+        task.set_retry(num_retries=cluster["retries"], backoff_duration="30s", backoff_factor=2)
     finetune.set_cpu_request(cluster["finetune_cpu"]).set_cpu_limit(cluster["finetune_cpu"])
     finetune.set_memory_request(cluster["finetune_memory"]).set_memory_limit(cluster["finetune_memory"])
     if cluster["finetune_gpus"]:
         finetune.set_accelerator_type(cluster["accelerator_type"]).set_accelerator_limit(cluster["finetune_gpus"])
     for task in tasks:
-        task.set_retry(num_retries=cluster["retries"], backoff_duration="30s", backoff_factor=2)
         kubernetes.use_secret_as_env(task, cluster["mlflow_secret"], {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
         kubernetes.use_secret_as_env(task, cluster["s3_secret"], {
             k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")})
@@ -79,7 +81,8 @@ def create_pipeline(defaults: dict, cluster: bool = False):
             promote.set_display_name("6 promote to champion").set_caching_options(False)
 
         if cluster_cfg:
-            for_cluster([ingest, tokenize, finetune, evaluate, register, promote], finetune, cluster_cfg)
+            for_cluster([ingest, tokenize, finetune, evaluate, register, promote],
+                        [ingest, tokenize, finetune, evaluate], finetune, cluster_cfg)
         return register.outputs["gate"]
 
     return training_pipeline

@@ -45,17 +45,24 @@ def subword_texts(n: int, seed: int = 0) -> pd.DataFrame:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer, 32-wide BERT with a WordPiece vocabulary trained on the fixture texts, saved as a folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A 2-layer, 32-wide BERT with a hand-built WordPiece vocabulary, saved as a folder.
+
+    The vocabulary is explicit (the WordPiece trainer breaks ties differently from run to run) and
+    the weights are seeded, so every session trains the same model to the same numbers.
+    """
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    import torch
     from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny-bert")
-    texts = subword_texts(3000, seed=99)["text"].tolist()
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE_STEMS, *NEGATIVE_STEMS, *FILLER,
+             *chars, *(f"##{c}" for c in chars)]
+    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[(s, tok.token_to_id(s)) for s in ("[CLS]", "[SEP]")])
@@ -64,6 +71,7 @@ def tiny_model(tmp_path_factory) -> str:
     fast.save_pretrained(out)
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.token_to_id("[PAD]"))
+    torch.manual_seed(0)  # the same "pretrained" weights in every session, so outcomes are reproducible
     BertForMaskedLM(config).save_pretrained(out)
     return str(out)
 

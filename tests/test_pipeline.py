@@ -27,6 +27,8 @@ def test_compiled_pipeline_has_the_gate_image_and_caching(tmp_path, params):
         "inputs.parameter_values['pipelinechannel--register-op-Output'] == 'promote'")
     for name in ("ingest-op", "finetune-op", "register-op"):
         assert not tasks[name]["cachingOptions"].get("enableCache"), f"{name} reads external state"
+    promote = spec["components"]["comp-condition-1"]["dag"]["tasks"]["promote-op"]
+    assert not promote["cachingOptions"].get("enableCache"), "promote reads the registry"
     defaults = spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
     assert defaults["finetune"]["max_steps"] == params.finetune.max_steps, "defaults come from params.yaml"
 

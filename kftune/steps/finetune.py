@@ -8,6 +8,7 @@ checkpoints at optimizer-step boundaries so a killed run resumes exactly where i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -54,7 +55,11 @@ def macro_f1(y_true, y_pred, n_labels: int) -> float:
 
 
 def _freeze(model, cfg: FinetuneConfig) -> None:
+    if not (cfg.freeze_embeddings or cfg.freeze_layers):
+        return
     base = getattr(model, model.base_model_prefix)
+    if not hasattr(base, "embeddings") or not hasattr(getattr(base, "encoder", None), "layer"):
+        raise ValueError(f"finetune.freeze_*: freezing needs a BERT-style encoder, not {type(base).__name__}")
     if cfg.freeze_embeddings:
         base.embeddings.requires_grad_(False)
     layers = base.encoder.layer
@@ -131,7 +136,9 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     state = {"step": 0, "epoch": 0, "micro": 0, "best_f1": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     best_weights = None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    fingerprint = {"model": model_name, "cfg": vars(cfg), "train_rows": len(train_x), "labels": labels}
+    data_hash = hashlib.sha256(b"".join((tokenized_dir / f"{s}.parquet").read_bytes()
+                                        for s in ("train", "validation"))).hexdigest()
+    fingerprint = {"model": model_name, "cfg": vars(cfg), "data": data_hash, "labels": labels}
     resumed_from = 0
     if ckpt_path and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
@@ -184,7 +191,8 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
             ids, mask = pad_batch([train_x[i] for i in idx], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = model(input_ids=ids, attention_mask=mask, labels=torch.as_tensor(train_y[idx])).loss
-            (loss / cfg.grad_accum_steps).backward()
+            group_start = state["micro"] - state["micro"] % cfg.grad_accum_steps
+            (loss / min(cfg.grad_accum_steps, len(batches) - group_start)).backward()  # a short last group too
             running_loss.append(loss.item())
             seen += len(idx)
             state["micro"] += 1
@@ -216,7 +224,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
             if ckpt_path and cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0:
                 save_checkpoint()
             t0 = time.perf_counter()
-            if stopped_early or state["step"] >= total_steps:
+            if stopped_early or state["step"] >= total_steps or state["micro"] == 0:  # micro 0: epoch done
                 break
     bar.close()
 

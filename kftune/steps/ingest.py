@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import unicodedata
 from collections import Counter
@@ -54,22 +55,31 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
                             f"set ingest.{role}_column")
     out = df[[cfg.text_column, cfg.label_column]].copy()
     out.columns = ["text", "label"]
-    return out.fillna("").astype(str)
+    labels = out["label"]
+    if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
+        out["label"] = labels.astype("Int64")  # a gap in an int column turns 1 into 1.0; labels stay "1"
+    return out.astype(object).fillna("").astype(str)
 
 
 def _download_s3(uri: str, dest: Path) -> Path:
     import boto3  # the endpoint comes from AWS_ENDPOINT_URL, credentials from the environment
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client("s3")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in READERS]
-    if not keys:
-        raise DataError(f"{uri}: no {'/'.join(READERS)} objects under this prefix")
-    for key in keys:
-        target = dest / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(bucket, key, str(target))
+    try:
+        s3 = boto3.client("s3")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in READERS]
+        if not keys:
+            raise DataError(f"{uri}: no {'/'.join(READERS)} objects under this prefix")
+        for key in keys:
+            target = dest / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(target))
+    except (BotoCoreError, ClientError) as exc:
+        raise DataError(f"{uri}: cannot read from S3 (endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}): "
+                        f"{exc}") from None
     return dest
 
 
@@ -171,8 +181,9 @@ def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | 
     df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
     for name in SPLITS:
         if not (df["split"] == name).any():
-            raise DataError(f"{source}: the {name} split is empty with {len(df)} rows; add data or raise "
-                            f"ingest.{'test' if name == 'test' else 'validation'}_fraction")
+            hint = ("lower ingest.validation_fraction and ingest.test_fraction" if name == "train"
+                    else f"raise ingest.{name}_fraction")
+            raise DataError(f"{source}: the {name} split is empty with {len(df)} rows; add data or {hint}")
 
     content = hashlib.sha256()
     for text, label in sorted(zip(df["text"], df["label"])):

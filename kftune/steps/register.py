@@ -34,10 +34,14 @@ class Decision:
 
 
 def gate(challenger_f1: float, baseline_f1: float, champion_f1: float | None, min_delta: float,
-         smoke_error: str | None) -> tuple[bool, list[str]]:
+         smoke_error: str | None, champion_error: str | None = None) -> tuple[bool, list[str]]:
     """Pure decision rule. Returns (passes, reasons with numbers)."""
     reasons = []
-    if champion_f1 is None:
+    if champion_error:
+        ok = False
+        reasons.append(f"the champion could not be scored on this test split, so nothing can be compared: "
+                       f"{champion_error}; promote by hand with `kftune models promote` if this is intended")
+    elif champion_f1 is None:
         ok = challenger_f1 > baseline_f1
         reasons.append(f"no champion yet: test macro-F1 {challenger_f1:.4f} "
                        f"{'>' if ok else '<='} TF-IDF baseline {baseline_f1:.4f}")
@@ -61,8 +65,8 @@ def _score_champion(uri: str, test: pd.DataFrame, labels: list[str], params: Par
 
     parts = mlflow.transformers.load_model(uri, return_type="components")
     if labels_of(parts["model"]) != labels:
-        raise registry.RegistryError(f"champion {uri} predicts labels {labels_of(parts['model'])}, this data has "
-                                     f"{labels}; a label-set change needs a manual promotion")
+        raise registry.RegistryError(f"it predicts labels {labels_of(parts['model'])}, this data has {labels} "
+                                     f"(a label-set change)")
     probs = predict_proba_with(parts["model"], parts["tokenizer"], test["text"].tolist(), params.evaluate.batch_size)
     y = test["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
     return classification_metrics(y, probs, labels, params.evaluate.ece_bins)["macro_f1"]
@@ -168,22 +172,26 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         for k, v in {**tags, "kftune.test_macro_f1": f"{model_m['macro_f1']:.4f}",
                      "kftune.run_id": run.info.run_id}.items():
             client.set_model_version_tag(cfg.model_name, version, k, v)
-        client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
 
         champion = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
-        champion_f1 = None
+        champion_f1, champion_error = None, None
         if champion:
-            champion_f1 = _score_champion(f"models:/{cfg.model_name}/{champion}", test, labels, params)
-            mlflow.log_metric("champion_test_macro_f1", champion_f1)
+            try:
+                champion_f1 = _score_champion(f"models:/{cfg.model_name}/{champion}", test, labels, params)
+                mlflow.log_metric("champion_test_macro_f1", champion_f1)
+            except Exception as exc:  # a champion we cannot score is a reason to hold, not to crash
+                champion_error = f"v{champion}: {type(exc).__name__}: {exc}"
         uri = f"models:/{cfg.model_name}/{version}"
         smoke_error = _smoke_test(uri, test["text"].head(cfg.smoke_examples).tolist(), labels)
-        ok, reasons = gate(model_m["macro_f1"], tfidf_m["macro_f1"], champion_f1, cfg.min_delta, smoke_error)
+        ok, reasons = gate(model_m["macro_f1"], tfidf_m["macro_f1"], champion_f1, cfg.min_delta, smoke_error,
+                           champion_error)
         outcome = (AWAITING if cfg.require_approval else PROMOTE) if ok else HOLD
         if outcome == AWAITING:
             reasons.append("register.require_approval is true: approve with `kftune models promote "
                            f"{version} --reason ...`")
         decision = Decision(outcome, version, reasons, champion or "",
                             model_m["macro_f1"], tfidf_m["macro_f1"] if champion_f1 is None else champion_f1)
+        client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)  # once it has a decision
         for k, v in {"decision": outcome, "reasons": " | ".join(reasons),
                      "compared_with": f"v{decision.champion_version}" if champion else "tfidf_logreg baseline",
                      "reference_macro_f1": f"{decision.reference_macro_f1:.4f}"}.items():

@@ -38,11 +38,30 @@ def test_learns_the_task_and_writes_a_loadable_model(prepared, params):
     assert read_json(prepared / "model" / "train_summary.json") == summary
 
 
-def test_early_stopping_restores_the_best_weights(prepared, params):
+def test_early_stopping_stops_when_validation_stalls(prepared, params):
     # validate every 10 steps with patience 2: a flat-lined run stops long before max_steps
     cfg = with_changes(params.finetune, learning_rate=1e-9, eval_every_steps=10, early_stopping_patience=2)
     summary = finetune(prepared / "tokenized", prepared / "model", params.model.name, cfg)
     assert summary["stopped_early"] and summary["steps"] == 30 and summary["best_step"] == 10
+
+
+def test_the_saved_model_is_the_best_validation_checkpoint_not_the_last(prepared, params):
+    import pandas as pd
+
+    from kftune.predict import predict_logits
+    from kftune.steps.finetune import macro_f1
+
+    # warm up to a learning rate far too high: the model learns early, then training blows up
+    cfg = with_changes(params.finetune, learning_rate=3e-2, warmup_ratio=0.95, eval_every_steps=10, max_steps=300,
+                       early_stopping_patience=0)
+    scores = {}
+    summary = finetune(prepared / "tokenized", prepared / "model", params.model.name, cfg,
+                       on_log=lambda m, step: scores.update({step: m["val_macro_f1"]}) if "val_macro_f1" in m else None)
+    assert scores[300] < max(scores.values()) - 0.2, f"precondition: the run must end far below its best {scores}"
+    model = AutoModelForSequenceClassification.from_pretrained(prepared / "model")
+    val = pd.read_parquet(prepared / "tokenized" / "validation.parquet")
+    saved = macro_f1(val["label"], predict_logits(model, [list(x) for x in val["input_ids"]], 0, 64).argmax(1), 2)
+    assert saved == pytest.approx(max(scores.values())) == pytest.approx(summary["best_val_macro_f1"])
 
 
 def _weights(path):
@@ -90,5 +109,5 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(prepared, 
     assert summary["resumed_from_step"] == 40 and summary["steps"] == 60
     straight, resumed = _weights(prepared / "straight"), _weights(prepared / "resumed")
     for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, msg=name)
+        torch.testing.assert_close(resumed[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
     assert not (prepared / "ckpt" / "checkpoint.pt").exists(), "a finished run removes its checkpoint"
