@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 DEMO_ROWS ?= 3000
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run test test-fast compile clean
+.PHONY: help install dev run test test-fast compile clean image image-cuda test-postgres infra-check
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,16 @@ compile: install ## compile the training pipeline to pipeline.yaml (set KFTUNE_I
 
 clean: ## remove local run outputs (keeps .venv, mlflow.db and mlartifacts)
 	rm -rf local_outputs .kftune data/demo pipeline.yaml
+
+image: ## build the CPU component image (needs a Docker engine; set IMAGE=registry/kftune:tag)
+	docker build -f infra/Dockerfile --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $${IMAGE:-kftune:0.1.0} .
+
+image-cuda: ## build the CUDA component image (torch's PyPI wheels bundle the CUDA runtime)
+	docker build -f infra/Dockerfile --build-arg TORCH_INDEX=https://pypi.org/simple \
+		--build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $${IMAGE:-kftune:0.1.0-cuda} .
+
+test-postgres: dev ## MLflow server on PostgreSQL (installed from Debian if missing) + S3, the pipeline against it
+	$(BIN)/pytest -q tests/test_mlflow_postgres.py
+
+infra-check: dev ## render every kustomize overlay and validate it against the Kubernetes schemas
+	$(BIN)/pytest -q tests/test_infra.py

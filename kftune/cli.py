@@ -50,6 +50,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    if args.image:
+        os.environ["KFTUNE_IMAGE"] = args.image
+    from kftune.runner import submit
+
+    arguments = dict(kv.split("=", 1) for kv in args.param or [])
+    print(f"submitted: {submit(args.host, _params(args), arguments, args.experiment)}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from kftune.data import add_batches
 
@@ -217,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("submit", help="compile and start a run on a Kubeflow Pipelines endpoint")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded)")
+    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="pipeline argument, e.g. -p data_path=s3://kftune-data/batches (repeatable)")
+    p.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing")
+    p.add_argument("--image", help="component image (default: $KFTUNE_IMAGE)")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser("data", help="versioned data: add a batch (DVC + git)")
     p.add_argument("action", choices=["add"])
     p.add_argument("files", nargs="+", help="labelled batch files, checked by ingest's rules before anything changes")
@@ -271,6 +290,8 @@ def _check_args(parser, args) -> None:
         parser.error(f"models {args.action} needs --reason (it is recorded in the promotion history)")
     if args.command == "models" and args.action in ("promote", "show") and not args.version:
         parser.error(f"models {args.action} needs a VERSION")
+    if args.command == "submit" and any("=" not in kv for kv in args.param or []):
+        parser.error("submit -p takes NAME=VALUE")
     if args.command == "run" and not args.data and not args.data_rev:
         parser.error("run needs --data, or --data-rev to read the versioned dataset")
     if args.command == "step":

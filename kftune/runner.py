@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import tempfile
 from pathlib import Path
 
@@ -77,3 +78,27 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".", dat
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages
         raise PipelineFailed(f"{plain} The failing step's log is printed above; the champion is unchanged.") from None
     return read_json(Path(task.output.path) / "decision.json")
+
+
+def submit(host: str, params: Params, arguments: dict[str, str], experiment: str = "kftune") -> str:
+    """Compile the cluster pipeline and start a run on a KFP endpoint; return the run's URL.
+
+    The experiment is created if needed. Auth: a bearer token from KFTUNE_KFP_TOKEN, if set.
+    """
+    import os
+
+    import kfp
+
+    from kftune.tracking import git_commit
+
+    try:
+        client = kfp.Client(host=host, existing_token=os.environ.get("KFTUNE_KFP_TOKEN") or None)
+    except Exception as exc:  # kfp checks /healthz on construction; urllib3 raises its own errors
+        raise PipelineFailed(f"cannot reach Kubeflow Pipelines at {host}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml")
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments={"git_commit": git_commit(), **arguments}, experiment_name=experiment,
+            run_name=f"kftune-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"

@@ -78,3 +78,10 @@ def test_local_pipeline_has_no_cluster_settings(tmp_path):
 
     compiler.Compiler().compile(create_pipeline(load_params(ROOT / "params.yaml").to_dict()), str(tmp_path / "p.yaml"))
     assert "platforms" not in (tmp_path / "p.yaml").read_text()
+
+
+def test_submit_to_an_unreachable_endpoint_says_so(capsys):
+    from kftune.cli import main
+
+    assert main(["submit", "--host", "http://127.0.0.1:9", "--params", str(ROOT / "params.yaml")]) == 2
+    assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:9" in capsys.readouterr().err
