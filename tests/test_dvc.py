@@ -86,6 +86,22 @@ def test_a_bad_batch_changes_nothing(project, params):
     assert sh(project, "git", "status", "--porcelain") == ""
 
 
+def test_a_refused_commit_puts_the_working_tree_back(project, params):
+    add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    hook = project / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'policy: no data commits today' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    with pytest.raises(DataVersionError, match="policy: no data commits today"):
+        add_batches([str(project.parent / "batch1.csv")], project, params.ingest)
+    assert sh(project, "git", "status", "--porcelain") == ""
+    assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == ["batch-000.csv"]
+    with pytest.raises(DataVersionError, match="git tag 'v1' already exists"):
+        hook.unlink()
+        sh(project, "git", "tag", "v1")
+        add_batches([str(project.parent / "batch1.csv")], project, params.ingest, tag="v1")
+    assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == ["batch-000.csv"]
+
+
 def test_unknown_revision_or_path_fails_before_training(project, params, capsys):
     add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
     assert main(["--project-dir", str(project), "run", "--data-rev", "no-such-tag"]) == 2
