@@ -98,8 +98,19 @@ def cmd_step(args) -> int:
     elif args.name == "finetune":
         from kftune.steps.finetune import finetune
 
-        finetune(args.data, args.out, params.model.name, params.finetune, checkpoint_dir=args.checkpoint_dir)
-        if args.plots:  # DVC plots: one record per step, one file per curve
+        on_log = None
+        if args.mlflow_run_id:  # torchrun from the pipeline's fine-tune task: log into its run
+            import mlflow
+
+            from kftune.tracking import configure
+
+            configure(args.project_dir)
+            client = mlflow.MlflowClient()
+            on_log = lambda metrics, step: [client.log_metric(args.mlflow_run_id, k, v, step=step)  # noqa: E731
+                                            for k, v in metrics.items()]
+        finetune(args.data, args.out, params.model.name, params.finetune, checkpoint_dir=args.checkpoint_dir,
+                 on_log=on_log)
+        if args.plots and os.environ.get("RANK", "0") == "0":  # DVC plots: one record per step, one file per curve
             history = read_json(Path(args.out) / "training_history.json")
             Path(args.plots).mkdir(parents=True, exist_ok=True)
             for key in ("train_loss", "val_macro_f1"):
@@ -259,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint-dir", help="finetune: resumable checkpoints (resumed if present)")
     p.add_argument("--plots", help="finetune: folder for train_loss.json and val_macro_f1.json (DVC plots)")
+    p.add_argument("--mlflow-run-id", help="finetune: log training metrics into this MLflow run")
     _add_params_args(p)
     p.set_defaults(func=cmd_step)
 

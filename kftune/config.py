@@ -82,7 +82,7 @@ class FinetuneConfig:
     freeze_embeddings: bool = _doc("Freeze the embedding layer.")
     freeze_layers: int = _doc("Freeze the bottom k encoder layers.")
     group_by_length: bool = _doc("Batch texts of similar length (batches are still shuffled).")
-    bf16: bool = _doc("bf16 autocast on CPU (faster on AVX512-BF16 / AMX CPUs).")
+    bf16: bool = _doc("bf16 autocast (faster on AVX512-BF16 / AMX CPUs and on GPUs).")
     threads: int = _doc("torch intra-op threads; 0 keeps torch's default.")
     log_every_steps: int = _doc("Log loss and learning rate to MLflow every N optimizer steps.")
     checkpoint_every_steps: int = _doc("Save a resumable checkpoint every N optimizer steps; 0 disables.")

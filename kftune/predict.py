@@ -28,12 +28,13 @@ def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, b
 
     order = np.argsort([len(s) for s in seqs], kind="stable")
     out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
+    device = next(model.parameters()).device
     model.eval()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(seqs), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-            out[idx] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+            out[idx] = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu().numpy()
     return out
 
 

@@ -102,3 +102,23 @@ def submit(host: str, params: Params, arguments: dict[str, str], experiment: str
             str(package), arguments={"git_commit": git_commit(), **arguments}, experiment_name=experiment,
             run_name=f"kftune-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
+
+
+def torchrun_finetune(tokenized_dir: str, out_dir: str, params: Params, processes: int, run_id: str = "",
+                      checkpoint_dir: str | None = None) -> None:
+    """Run the fine-tune step under torchrun: one process per GPU (gloo workers on a CPU-only host)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Path(tmp) / "params.yaml"
+        settings.write_text(yaml.safe_dump(params.to_dict()), encoding="utf-8")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "kftune.cli", "step", "finetune", "--data", str(tokenized_dir), "--out", str(out_dir),
+               "--params", str(settings)]
+        cmd += ["--mlflow-run-id", run_id] if run_id else []
+        cmd += ["--checkpoint-dir", checkpoint_dir] if checkpoint_dir else []
+        if subprocess.run(cmd).returncode:
+            raise PipelineFailed(f"distributed fine-tune ({processes} processes) failed; see its log above")

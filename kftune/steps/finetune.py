@@ -125,8 +125,21 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
                             num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={lbl: i for i, lbl in enumerate(labels)})
     _freeze(model, cfg)
+    # Under torchrun there is one process per GPU (or per CPU worker, with gloo); each trains on
+    # its share of every epoch's batches and DDP averages the gradients. Alone, one GPU if present.
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    model.to(device)
+    train_model = model
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        torch.manual_seed(cfg.seed + rank)  # the same weights everywhere (DDP broadcasts them), other dropout
+        if rank:
+            on_log = lambda metrics, step: None  # noqa: E731 - rank 0 reports for everyone
     optimizer = _optimizer(model, cfg)
-    micro_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    micro_per_epoch = math.ceil(len(train_x) / cfg.batch_size) // world
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -141,12 +154,12 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     fingerprint = {"model": model_name, "cfg": vars(cfg), "data": data_hash, "labels": labels}
     resumed_from = 0
     if ckpt_path and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
         if ckpt["fingerprint"] == fingerprint:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["torch_rng"])
+            torch.set_rng_state(ckpt["torch_rng"].cpu())
             state, best_weights = ckpt["state"], ckpt["best_weights"]
             resumed_from = state["step"]
             log.info("fine-tune: resuming from %s at step %d", ckpt_path, resumed_from)
@@ -173,7 +186,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         log.info("fine-tune step %d: validation macro-F1 %.4f, loss %.4f", state["step"], f1, loss)
         if f1 > state["best_f1"]:
             state.update(best_f1=f1, best_step=state["step"], bad_evals=0)
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             state["bad_evals"] += 1
         model.train()
@@ -182,19 +195,22 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     model.train()
     seen, train_seconds, running_loss = 0, 0.0, []
     stopped_early = bool(cfg.early_stopping_patience) and state["bad_evals"] >= cfg.early_stopping_patience
-    bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tune", unit="step", mininterval=2, disable=None)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tune", unit="step", mininterval=2,
+               disable=None if rank == 0 else True)
     while state["epoch"] < epochs and state["step"] < total_steps and not stopped_early:
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state["epoch"], cfg.group_by_length)
+        batches = batches[: len(batches) // world * world][rank::world]  # every process the same count
         t0 = time.perf_counter()
         while state["micro"] < len(batches):
             idx = batches[state["micro"]]
             ids, mask = pad_batch([train_x[i] for i in idx], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(input_ids=ids, attention_mask=mask, labels=torch.as_tensor(train_y[idx])).loss
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = train_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   labels=torch.as_tensor(train_y[idx]).to(device)).loss
             group_start = state["micro"] - state["micro"] % cfg.grad_accum_steps
             (loss / min(cfg.grad_accum_steps, len(batches) - group_start)).backward()  # a short last group too
             running_loss.append(loss.item())
-            seen += len(idx)
+            seen += len(idx) * world
             state["micro"] += 1
             if state["micro"] % cfg.grad_accum_steps and state["micro"] < len(batches):
                 continue
@@ -221,7 +237,8 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
                 stopped_early = validate() or stopped_early
             if state["micro"] >= len(batches):
                 state.update(epoch=state["epoch"] + 1, micro=0)
-            if ckpt_path and cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0:
+            every = cfg.checkpoint_every_steps
+            if rank == 0 and ckpt_path and every and state["step"] % every == 0:
                 save_checkpoint()
             t0 = time.perf_counter()
             if stopped_early or state["step"] >= total_steps or state["micro"] == 0:  # micro 0: epoch done
@@ -234,7 +251,12 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         "best_val_macro_f1": state["best_f1"], "best_step": state["best_step"], "stopped_early": stopped_early,
         "resumed_from_step": resumed_from, "train_examples": len(train_x),
         "examples_per_second": seen / max(train_seconds, 1e-9), "train_seconds": train_seconds,
+        "processes": world,
     }
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank:
+            return summary  # rank 0 writes the model
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.model_max_length = stats["max_length"]  # so every later user truncates as training did

@@ -111,3 +111,14 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(prepared, 
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
     assert not (prepared / "ckpt" / "checkpoint.pt").exists(), "a finished run removes its checkpoint"
+
+
+def test_two_processes_under_torchrun_train_one_model(prepared, params):
+    """DDP as on a multi-GPU node, here with two gloo workers on the CPU."""
+    from kftune.runner import torchrun_finetune
+
+    torchrun_finetune(str(prepared / "tokenized"), str(prepared / "ddp"), params, processes=2)
+    summary = read_json(prepared / "ddp" / "train_summary.json")
+    assert summary["processes"] == 2 and summary["best_val_macro_f1"] > 0.9
+    assert summary["steps"] == params.finetune.max_steps
+    AutoModelForSequenceClassification.from_pretrained(prepared / "ddp")
