@@ -62,7 +62,7 @@ def record(action: str, name: str, from_version, to_version, reason: str, who: s
                   str(to_version) if to_version else None, reason, who or actor(), time.time())
     client = _client()
     run = client.create_run(history_experiment(name), run_name=f"{action} {event.to_version or ''}".strip(),
-                            tags={f"{TAG}{k}": str(v) for k, v in vars(event).items() if v is not None})
+                            tags={f"{TAG}{k}": str(v)[:5000] for k, v in vars(event).items() if v is not None})
     client.set_terminated(run.info.run_id)
     return event
 

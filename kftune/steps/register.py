@@ -195,7 +195,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         for k, v in {"decision": outcome, "reasons": " | ".join(reasons),
                      "compared_with": f"v{decision.champion_version}" if champion else "tfidf_logreg baseline",
                      "reference_macro_f1": f"{decision.reference_macro_f1:.4f}"}.items():
-            client.set_model_version_tag(cfg.model_name, version, f"kftune.{k}", v)
+            client.set_model_version_tag(cfg.model_name, version, f"kftune.{k}", v[:5000])  # MLflow's tag limit
         mlflow.set_tag("kftune.decision", outcome)
         mlflow.log_dict(asdict(decision), "decision.json")
 
