@@ -60,6 +60,40 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def cmd_schedule(args) -> int:
+    from kftune import schedule
+
+    if args.action != "start":
+        if not args.host:
+            raise schedule.ScheduleError(f"schedule {args.action} manages KFP recurring runs: pass --host URL "
+                                         f"(a local scheduler is stopped with Ctrl-C)")
+        for row in schedule.manage_on_cluster(args.host, args.action, args.id or ""):
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+        return 0
+    if not args.cron:
+        raise schedule.ScheduleError("schedule needs --cron, e.g. --cron '0 3 * * *'")
+    schedule.check_cron(args.cron)
+    params = _params(args)
+    if args.host:
+        if args.image:
+            os.environ["KFTUNE_IMAGE"] = args.image
+        arguments = dict(kv.split("=", 1) for kv in args.param or [])
+        job = schedule.schedule_on_cluster(args.host, params, args.cron, arguments, args.experiment)
+        print(f"recurring run {job}: {args.cron!r}, max_concurrency=1, no catch-up")
+        return 0
+    from kftune.runner import run_local
+
+    def job():
+        d = run_local(args.data or DATASET, params, args.project_dir, args.data_repo or "", args.data_rev or "")
+        return f"v{d['version']} {d['decision']}"
+
+    try:
+        schedule.run_schedule(args.cron, job, Path(args.project_dir) / ".kftune" / "schedule.lock")
+    except KeyboardInterrupt:
+        print("\nscheduler stopped")
+    return 0
+
+
 def cmd_data(args) -> int:
     from kftune.data import add_batches
 
@@ -247,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_submit)
 
+    p = sub.add_parser("schedule", help="scheduled runs: a local cron loop, or a KFP recurring run with --host")
+    p.add_argument("action", nargs="?", default="start", choices=["start", "list", "pause", "resume", "delete"])
+    p.add_argument("id", nargs="?", help="recurring run id (pause, resume, delete)")
+    p.add_argument("--cron", help="5-field cron, e.g. '0 3 * * *' (03:00 daily); missed runs are not caught up")
+    p.add_argument("--host", help="KFP endpoint: create/manage a recurring run there instead of running locally")
+    p.add_argument("--data", help=f"local runs: data to train on (default: {DATASET} at --data-rev)")
+    p.add_argument("--data-rev", help="local runs: data revision (default: the working tree / HEAD)")
+    p.add_argument("--data-repo", help="local runs: git repo holding the data (default: this project)")
+    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="--host: pipeline argument")
+    p.add_argument("--experiment", default="kftune", help="--host: KFP experiment")
+    p.add_argument("--image", help="--host: component image (default: $KFTUNE_IMAGE)")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_schedule)
+
     p = sub.add_parser("data", help="versioned data: add a batch (DVC + git)")
     p.add_argument("action", choices=["add"])
     p.add_argument("files", nargs="+", help="labelled batch files, checked by ingest's rules before anything changes")
@@ -302,8 +350,8 @@ def _check_args(parser, args) -> None:
         parser.error(f"models {args.action} needs --reason (it is recorded in the promotion history)")
     if args.command == "models" and args.action in ("promote", "show") and not args.version:
         parser.error(f"models {args.action} needs a VERSION")
-    if args.command == "submit" and any("=" not in kv for kv in args.param or []):
-        parser.error("submit -p takes NAME=VALUE")
+    if args.command in ("submit", "schedule") and any("=" not in kv for kv in args.param or []):
+        parser.error(f"{args.command} -p takes NAME=VALUE")
     if args.command == "run" and not args.data and not args.data_rev:
         parser.error("run needs --data, or --data-rev to read the versioned dataset")
     if args.command == "step":
@@ -323,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from kftune.models import ModelNotFound
     from kftune.registry import RegistryError
     from kftune.runner import PipelineFailed
+    from kftune.schedule import ScheduleError
     from kftune.steps.ingest import DataError
 
     from mlflow.exceptions import MlflowException
@@ -330,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, DataVersionError, ModelNotFound, RegistryError, PipelineFailed,
-            MlflowException) as exc:
+            ScheduleError, MlflowException) as exc:
         print(f"kftune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -80,22 +80,27 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".", dat
     return read_json(Path(task.output.path) / "decision.json")
 
 
-def submit(host: str, params: Params, arguments: dict[str, str], experiment: str = "kftune") -> str:
-    """Compile the cluster pipeline and start a run on a KFP endpoint; return the run's URL.
-
-    The experiment is created if needed. Auth: a bearer token from KFTUNE_KFP_TOKEN, if set.
-    """
+def kfp_client(host: str):
+    """A KFP API client; auth from a bearer token in KFTUNE_KFP_TOKEN, if set."""
     import os
 
     import kfp
 
-    from kftune.tracking import git_commit
-
     try:
-        client = kfp.Client(host=host, existing_token=os.environ.get("KFTUNE_KFP_TOKEN") or None)
+        return kfp.Client(host=host, existing_token=os.environ.get("KFTUNE_KFP_TOKEN") or None)
     except Exception as exc:  # kfp checks /healthz on construction; urllib3 raises its own errors
         raise PipelineFailed(f"cannot reach Kubeflow Pipelines at {host}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def submit(host: str, params: Params, arguments: dict[str, str], experiment: str = "kftune") -> str:
+    """Compile the cluster pipeline and start a run on a KFP endpoint; return the run's URL.
+
+    The experiment is created if needed.
+    """
+    from kftune.tracking import git_commit
+
+    client = kfp_client(host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(params, Path(tmp) / "pipeline.yaml")
         run = client.create_run_from_pipeline_package(

@@ -1,0 +1,99 @@
+"""The local scheduler: one run at a time, no catch-up, survives failures, one instance, stops on Ctrl-C."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import pytest
+
+from kftune.cli import main
+from kftune.schedule import ScheduleError, kfp_cron, run_schedule, single_instance
+from tests.conftest import ROOT
+
+
+class FakeClock:
+    """Simulated time: sleeping advances it instantly, so a day of schedule runs in milliseconds."""
+
+    def __init__(self, start: datetime):
+        self.t = start.timestamp()
+
+    def now(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds
+
+
+def test_runs_one_at_a_time_and_skips_missed_runs(tmp_path, caplog):
+    clock = FakeClock(datetime(2026, 11, 22, 10, 30))
+    started = []
+
+    def slow_job():  # the first run takes 2.5 hours: the 12:00 and 13:00 runs are skipped, not queued
+        started.append(datetime.fromtimestamp(clock.now()).strftime("%H:%M"))
+        clock.t += 2.5 * 3600 if len(started) == 1 else 60
+
+    with caplog.at_level(logging.INFO, logger="kftune.schedule"):
+        assert run_schedule("0 * * * *", slow_job, tmp_path / "lock", clock, max_runs=3) == 3
+    assert started == ["11:00", "14:00", "15:00"]
+    assert "skipped 2 run(s)" in caplog.text and "next run at 2026-11-22T14:00:00" in caplog.text
+
+
+def test_a_failing_run_does_not_stop_the_schedule(tmp_path, caplog):
+    clock = FakeClock(datetime(2026, 11, 22, 2, 0))
+    calls = []
+
+    def job():
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise RuntimeError("data repo unreachable")
+        return "v2 promote"
+
+    run_schedule("0 3 * * *", job, tmp_path / "lock", clock, max_runs=2)
+    assert len(calls) == 2 and calls[1] - calls[0] == 24 * 3600
+    assert "run failed: data repo unreachable" in caplog.text
+
+
+def test_one_scheduler_at_a_time(tmp_path):
+    with single_instance(tmp_path / "lock"):
+        with pytest.raises(ScheduleError, match=f"another kftune scheduler is running .*pid {os.getpid()}"):
+            with single_instance(tmp_path / "lock"):
+                pass
+    with single_instance(tmp_path / "lock"):  # released on exit
+        pass
+
+
+def test_cron_is_checked_and_converted_for_kfp(capsys):
+    assert kfp_cron("0 3 * * *") == "0 0 3 * * *"
+    assert main(["schedule", "--cron", "3am daily"]) == 2
+    assert "not a 5-field cron expression" in capsys.readouterr().err
+
+
+def test_the_real_command_holds_the_lock_and_stops_cleanly_on_ctrl_c(tmp_path):
+    cmd = [sys.executable, "-m", "kftune.cli", "--project-dir", str(tmp_path), "schedule", "--cron", "0 3 * * *",
+           "--data", str(tmp_path / "data.csv"), "--params", str(ROOT / "params.yaml")]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".kftune" / "schedule.lock").exists() or not (
+                tmp_path / ".kftune" / "schedule.lock").read_text():
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "another kftune scheduler is running" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=30)
+    assert first.returncode == 0 and "scheduler stopped" in out
+    assert "next run at" in err
+
+
+def test_cluster_schedule_commands_need_a_reachable_host(capsys):
+    assert main(["schedule", "--cron", "0 3 * * *", "--host", "http://127.0.0.1:9",
+                 "--params", str(ROOT / "params.yaml")]) == 2
+    assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:9" in capsys.readouterr().err
+    assert main(["schedule", "pause", "abc"]) == 2
+    assert "pass --host URL" in capsys.readouterr().err
