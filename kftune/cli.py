@@ -12,8 +12,6 @@ from pathlib import Path
 from kftune.config import ConfigError, load_params, params_help
 from kftune.data import DATASET
 
-log = logging.getLogger("kftune")
-
 
 def _params(args):
     return load_params(args.params, args.set or [])

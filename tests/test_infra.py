@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from kftune.config import load_params
-from kftune.runner import compile_pipeline
 from tests.conftest import ROOT
 
 OVERLAYS = sorted(p.name for p in (ROOT / "infra" / "k8s" / "overlays").iterdir())
