@@ -82,8 +82,9 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
     numbers = [int(m.group(1)) for p in target.iterdir() if (m := re.match(r"batch-(\d+)", p.name))]
     start = max(numbers, default=-1) + 1
     dvc_file = root / f"{dataset}.dvc"
-    tracked = [p for p in (dvc_file, dvc_file.parent / ".gitignore") if p.exists()]
-    before = {p: p.read_bytes() for p in tracked}
+    meta = [dvc_file, dvc_file.parent / ".gitignore"]  # what `dvc add` writes and git commits
+    paths = [str(p.relative_to(root)) for p in meta]
+    before = {p: p.read_bytes() for p in meta if p.exists()}
     added = []
     try:
         for i, f in enumerate(files):
@@ -91,19 +92,18 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
             shutil.copy2(f, dest)
             added.append(dest)
         _dvc(root, "add", dataset)
-        paths = [str(dvc_file.relative_to(root)), str((dvc_file.parent / ".gitignore").relative_to(root))]
         _git(root, "add", "--", *paths)
         message = f"data: add {', '.join(p.name for p in added)} ({sum(rows.values())} rows)"
         _git(root, "commit", "-q", "-m", message, "--", *paths)
     except Exception:
         for p in added:
             p.unlink(missing_ok=True)
-        for p in (dvc_file, dvc_file.parent / ".gitignore"):
+        for p in meta:
             if p in before:
                 p.write_bytes(before[p])
             else:
                 p.unlink(missing_ok=True)
-        _git(root, "reset", "-q", "--", *[str(p.relative_to(root)) for p in (dvc_file, dvc_file.parent / ".gitignore")])
+        _git(root, "reset", "-q", "--", *paths)
         raise
     if tag:
         _git(root, "tag", tag)
@@ -111,11 +111,11 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
     pushed = False
     if push and has_remote(root):
         try:
-            _dvc(root, "push", str(dvc_file.relative_to(root)))
+            _dvc(root, "push", paths[0])
             pushed = True
         except DataVersionError as exc:
-            raise DataVersionError(f"committed {commit[:10]} locally, but the push to the DVC remote failed "
-                                   f"(local data is intact; run `dvc push` when the remote is reachable): {exc}") from None
+            raise DataVersionError(f"committed {commit[:10]} locally, but the push to the DVC remote failed (local "
+                                   f"data is intact; run `dvc push` when the remote is reachable): {exc}") from None
     md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
     return {"commit": commit, "tag": tag, "files": [str(p.relative_to(root)) for p in added], "md5": md5,
             "pushed": pushed, "rows": rows}
