@@ -76,7 +76,7 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".", dat
                         checkpoint_root=str(project_dir / ".kftune" / "checkpoints"), git_commit=git_commit(project_dir))
     except RuntimeError as exc:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages
-        raise PipelineFailed(f"{plain} The failing step's log is printed above; the champion is unchanged.") from None
+        raise PipelineFailed(f"{plain} The failing step's log is printed above.") from None
     return read_json(Path(task.output.path) / "decision.json")
 
 

@@ -78,7 +78,7 @@ def test_a_failing_step_leaves_the_champion_alone(prepared, params, subword_csv,
     broken = prepared / "broken-model"
     shutil.copytree(params.model.name, broken)
     (broken / "model.safetensors").unlink()
-    with pytest.raises(PipelineFailed, match="champion is unchanged"):
+    with pytest.raises(PipelineFailed, match="failing step.s log is printed above"):
         run_local(str(subword_csv), dataclasses.replace(params, model=ModelConfig(str(broken))), prepared)
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"
     assert [v["version"] for v in registry.list_versions(name)] == ["1"]
