@@ -17,6 +17,13 @@ def _params(args):
     return load_params(args.params, args.set or [])
 
 
+def _cluster_arguments(args) -> dict[str, str]:
+    """Apply --image (read when the component modules are first imported) and parse -p NAME=VALUE."""
+    if args.image:
+        os.environ["KFTUNE_IMAGE"] = args.image
+    return dict(kv.split("=", 1) for kv in getattr(args, "param", None) or [])
+
+
 def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="settings file (default: %(default)s)")
     p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
@@ -49,11 +56,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    if args.image:
-        os.environ["KFTUNE_IMAGE"] = args.image
+    arguments = _cluster_arguments(args)
     from kftune.runner import submit
 
-    arguments = dict(kv.split("=", 1) for kv in args.param or [])
     print(f"submitted: {submit(args.host, _params(args), arguments, args.experiment)}")
     return 0
 
@@ -73,10 +78,7 @@ def cmd_schedule(args) -> int:
     schedule.check_cron(args.cron)
     params = _params(args)
     if args.host:
-        if args.image:
-            os.environ["KFTUNE_IMAGE"] = args.image
-        arguments = dict(kv.split("=", 1) for kv in args.param or [])
-        job = schedule.schedule_on_cluster(args.host, params, args.cron, arguments, args.experiment)
+        job = schedule.schedule_on_cluster(args.host, params, args.cron, _cluster_arguments(args), args.experiment)
         print(f"recurring run {job}: {args.cron!r}, max_concurrency=1, no catch-up")
         return 0
     from kftune.runner import run_local
@@ -104,8 +106,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    if args.image:
-        os.environ["KFTUNE_IMAGE"] = args.image  # read when the component modules are imported, just below
+    _cluster_arguments(args)
     from kftune.runner import compile_pipeline
 
     print(f"wrote {compile_pipeline(_params(args), args.output)}")

@@ -121,9 +121,11 @@ def rollback(name: str, reason: str, who: str | None = None) -> Event:
 
 
 def list_versions(name: str) -> list[dict]:
+    import mlflow
+
     client = _client()
     if not client.search_registered_models(f"name='{name}'"):
-        raise RegistryError(f"no registered model {name!r} in {__import__('mlflow').get_tracking_uri()} yet; "
+        raise RegistryError(f"no registered model {name!r} in {mlflow.get_tracking_uri()} yet; "
                             f"`kftune run` registers one")
     aliases: dict[str, list[str]] = {}
     for alias, v in client.get_registered_model(name).aliases.items():
