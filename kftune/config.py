@@ -123,15 +123,70 @@ class RegisterConfig:
     min_delta: float = _doc("Challenger must reach champion macro-F1 + min_delta on the same test split.")
     require_approval: bool = _doc("Leave a passing challenger awaiting `kftune models promote` instead of promoting.")
     smoke_examples: int = _doc("Test texts predicted through the registry URI before promotion.")
+    max_forgetting: float = _doc("Retraining: the challenger may lose at most this much macro-F1 against the champion "
+                                 "on the frozen historical test split.")
 
     def problems(self) -> list[str]:
         out = []
+        if not 0 <= self.max_forgetting < 1:
+            out.append(f"register.max_forgetting={self.max_forgetting!r}: must be in [0, 1)")
         if not self.model_name.strip():
             out.append("register.model_name is empty")
         if not self.experiment.strip():
             out.append("register.experiment is empty")
         if self.smoke_examples < 1:
             out.append(f"register.smoke_examples={self.smoke_examples!r}: must be >= 1")
+        return out
+
+
+DRIFT_METHODS = ("embedding", "prediction", "confidence", "vocabulary", "label")
+
+
+@dataclass
+class DriftConfig:
+    methods: list[str] = _doc(f"Tests that vote on drift, from {', '.join(DRIFT_METHODS)}; all are always logged.")
+    min_flags: int = _doc("Drift is declared when at least this many voting tests flag it.")
+    alpha: float = _doc("Significance level of the p-value tests (embedding MMD, confidence KS).")
+    psi_threshold: float = _doc("PSI above which the predicted-label or true-label distribution has drifted.")
+    oov_increase: float = _doc("Rise in the share of words unseen in training above which vocabulary has drifted.")
+    permutations: int = _doc("Permutations of the MMD test (p-value resolution is 1 / (permutations + 1)).")
+    max_rows: int = _doc("Rows per side compared (a seeded sample when there are more).")
+    batch_size: int = _doc("Texts per forward pass when embedding.")
+    seed: int = _doc("Seed of the row samples and permutations.")
+
+    def problems(self) -> list[str]:
+        out = [f"drift.methods: unknown method {m!r} (known: {', '.join(DRIFT_METHODS)})"
+               for m in self.methods if m not in DRIFT_METHODS]
+        if not 1 <= self.min_flags <= max(len(self.methods), 1):
+            out.append(f"drift.min_flags={self.min_flags}: must be in [1, len(drift.methods)={len(self.methods)}]")
+        if not 0 < self.alpha < 0.5:
+            out.append(f"drift.alpha={self.alpha!r}: must be in (0, 0.5)")
+        out += [f"drift.{k}={getattr(self, k)!r}: must be > 0" for k in
+                ("psi_threshold", "oov_increase", "permutations", "max_rows", "batch_size") if getattr(self, k) <= 0]
+        if self.permutations and 1 / (self.permutations + 1) >= self.alpha:
+            out.append(f"drift.permutations={self.permutations}: too few to reach p < drift.alpha={self.alpha}")
+        return out
+
+
+@dataclass
+class RetrainConfig:
+    min_new_rows: int = _doc("Retrain without drift once this many new rows have arrived.")
+    replay_fraction: float = _doc("Share of the historical training rows mixed into the challenger's training set.")
+    warm_start: str = _doc("Start the challenger from the `champion`'s weights or from the `base` model.")
+    cooldown_hours: float = _doc("No retraining within this many hours of the last promotion, unless forced.")
+    allow_label_change: bool = _doc("Accept new data whose labels are not the champion's (the challenger "
+                                    "then starts from the base model).")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.min_new_rows < 1:
+            out.append(f"retrain.min_new_rows={self.min_new_rows}: must be >= 1")
+        if not 0 <= self.replay_fraction <= 1:
+            out.append(f"retrain.replay_fraction={self.replay_fraction!r}: must be in [0, 1]")
+        if self.warm_start not in ("champion", "base"):
+            out.append(f"retrain.warm_start={self.warm_start!r}: must be champion or base")
+        if self.cooldown_hours < 0:
+            out.append(f"retrain.cooldown_hours={self.cooldown_hours!r}: must be >= 0")
         return out
 
 
@@ -167,6 +222,8 @@ class Params:
     finetune: FinetuneConfig = _doc("Training loop.")
     evaluate: EvaluateConfig = _doc("Test metrics and baselines.")
     register: RegisterConfig = _doc("MLflow registry and promotion gate.")
+    drift: DriftConfig = _doc("Drift tests of the retraining pipeline.")
+    retrain: RetrainConfig = _doc("When and how the retraining pipeline trains a challenger.")
     cluster: ClusterConfig = _doc("Settings that only apply when the pipeline is compiled for a cluster.")
 
     def to_dict(self) -> dict:

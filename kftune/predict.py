@@ -22,20 +22,29 @@ def pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
-    """Logits for token-id sequences, in input order; sorts by length so batches carry little padding."""
+def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False,
+                   embeddings: bool = False):
+    """Logits for token-id sequences, in input order; sorts by length so batches carry little padding.
+
+    With embeddings=True, also return the mean-pooled last hidden states (the drift step's embeddings).
+    """
     import torch
 
     order = np.argsort([len(s) for s in seqs], kind="stable")
     out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
+    pooled = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32) if embeddings else None
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(seqs), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-            out[idx] = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu().numpy()
-    return out
+            res = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=embeddings)
+            out[idx] = res.logits.float().cpu().numpy()
+            if embeddings:
+                m = mask.to(device).unsqueeze(-1).float()
+                pooled[idx] = ((res.hidden_states[-1].float() * m).sum(1) / m.sum(1)).cpu().numpy()
+    return (out, pooled) if embeddings else out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -39,14 +39,50 @@ def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str
         return ingest(local, Path(tmp) / "data", params.ingest, lineage)
 
 
-def compile_pipeline(params: Params, out: str | Path) -> Path:
-    """Write the cluster flavour of the training pipeline as KFP IR YAML (image from KFTUNE_IMAGE)."""
+PIPELINES = ("training", "retraining")
+
+
+def pipeline_factory(which: str):
+    if which not in PIPELINES:
+        raise ConfigError(f"pipeline {which!r}: choose one of {', '.join(PIPELINES)}")
+    from pipelines import retraining, training
+
+    return {"training": training, "retraining": retraining}[which].create_pipeline
+
+
+def compile_pipeline(params: Params, out: str | Path, which: str = "training") -> Path:
+    """Write the cluster flavour of a pipeline as KFP IR YAML (image from KFTUNE_IMAGE)."""
     from kfp import compiler
 
-    from pipelines.training import create_pipeline
-
-    compiler.Compiler().compile(create_pipeline(params.to_dict(), cluster=True), str(out))
+    compiler.Compiler().compile(pipeline_factory(which)(params.to_dict(), cluster=True), str(out))
     return Path(out)
+
+
+def _local(project_dir: Path):
+    from kfp import local
+
+    from kftune.tracking import configure
+
+    configure(project_dir)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(project_dir / "local_outputs"),
+               raise_on_error=True)
+
+
+def _run(pipeline, **arguments):
+    try:
+        return pipeline(**arguments)
+    except RuntimeError as exc:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages
+        raise PipelineFailed(f"{plain} The failing step's log is printed above.") from None
+
+
+def _data_location(data_path: str, project_dir: Path, data_repo: str, data_rev: str) -> tuple[str, str]:
+    """(data_path, data_repo) as the pipeline needs them: a revision reads the project's own git history."""
+    if data_rev and not data_repo:
+        return data_path, str(project_dir)
+    if not data_repo and not str(data_path).startswith("s3://"):
+        return str(Path(data_path).resolve()), data_repo
+    return data_path, data_repo
 
 
 def run_local(data_path: str, params: Params, project_dir: str | Path = ".", data_repo: str = "",
@@ -56,28 +92,55 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".", dat
     Outputs land in <project_dir>/local_outputs, MLflow in <project_dir>/mlflow.db + mlartifacts
     unless MLFLOW_TRACKING_URI is set, checkpoints in <project_dir>/.kftune/checkpoints.
     """
-    from kfp import local
-
-    from kftune.tracking import configure, git_commit
+    from kftune.tracking import git_commit
     from pipelines.training import create_pipeline
 
     project_dir = Path(project_dir).resolve()
-    if data_rev and not data_repo:
-        data_repo = str(project_dir)  # dvc.api reads the project's own git history
-    elif not data_repo and not str(data_path).startswith("s3://"):
-        data_path = str(Path(data_path).resolve())
+    data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
     card = preflight(data_path, params, data_repo, data_rev)
-    configure(project_dir)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(project_dir / "local_outputs"),
-               raise_on_error=True)
-    pipeline = create_pipeline(params.to_dict())
-    try:
-        task = pipeline(data_path=data_path, data_repo=data_repo, data_rev=data_rev, data_hash=card["sha256"],
-                        checkpoint_root=str(project_dir / ".kftune" / "checkpoints"), git_commit=git_commit(project_dir))
-    except RuntimeError as exc:
-        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages
-        raise PipelineFailed(f"{plain} The failing step's log is printed above.") from None
+    _local(project_dir)
+    task = _run(create_pipeline(params.to_dict()), data_path=data_path, data_repo=data_repo, data_rev=data_rev,
+                data_hash=card["sha256"], checkpoint_root=str(project_dir / ".kftune" / "checkpoints"),
+                git_commit=git_commit(project_dir))
     return read_json(Path(task.output.path) / "decision.json")
+
+
+def run_retraining_local(params: Params, project_dir: str | Path = ".", data_path: str = "", data_repo: str = "",
+                         data_rev: str = "", force: bool = False) -> dict:
+    """Run the retraining pipeline with kfp.local; return what it decided (see `retraining_outcome`).
+
+    Without data_path it reads the project's versioned dataset (kftune.data.DATASET) through DVC.
+    """
+    from kftune.data import DATASET
+    from kftune.tracking import git_commit
+    from pipelines.retraining import create_pipeline
+
+    project_dir = Path(project_dir).resolve()
+    if not data_path:
+        data_path, data_repo = DATASET, data_repo or str(project_dir)
+    data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
+    preflight(data_path, params, data_repo, data_rev)
+    _local(project_dir)
+    task = _run(create_pipeline(params.to_dict()), data_path=data_path, data_repo=data_repo, data_rev=data_rev,
+                force=force, checkpoint_root=str(project_dir / ".kftune" / "checkpoints"),
+                git_commit=git_commit(project_dir))
+    return retraining_outcome(read_json(Path(task.output.path) / "data_card.json"), params.register.model_name)
+
+
+def retraining_outcome(card: dict, model_name: str) -> dict:
+    """One retraining run's record, read back from its MLflow run and the registry."""
+    import mlflow
+
+    from kftune import registry
+
+    run = mlflow.MlflowClient().get_run(card["lineage"]["retrain_run_id"])
+    t = {k.removeprefix("kftune."): v for k, v in run.data.tags.items() if k.startswith("kftune.")}
+    return {"run_id": run.info.run_id, "status": card["status"], "new_rows": card["new_rows"],
+            "drift": t.get("drift", ""), "retrain": t.get("retrain_decision", "skip"),
+            "reason": t.get("retrain_reason", "nothing new since the champion's data"),
+            "challenger_version": t.get("challenger_version", ""), "decision": t.get("decision", ""),
+            "champion": registry.version_by_alias(model_name, registry.CHAMPION) or "",
+            "drift_scores": {k.removeprefix("drift_"): v for k, v in run.data.metrics.items() if k.startswith("drift_")}}
 
 
 def kfp_client(host: str):
@@ -93,8 +156,9 @@ def kfp_client(host: str):
                              f"{str(exc).splitlines()[0][:300]}") from None
 
 
-def submit(host: str, params: Params, arguments: dict[str, str], experiment: str = "kftune") -> str:
-    """Compile the cluster pipeline and start a run on a KFP endpoint; return the run's URL.
+def submit(host: str, params: Params, arguments: dict[str, str], experiment: str = "kftune",
+           which: str = "training") -> str:
+    """Compile a cluster pipeline and start a run on a KFP endpoint; return the run's URL.
 
     The experiment is created if needed.
     """
@@ -102,16 +166,19 @@ def submit(host: str, params: Params, arguments: dict[str, str], experiment: str
 
     client = kfp_client(host)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml")
+        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", which)
         run = client.create_run_from_pipeline_package(
             str(package), arguments={"git_commit": git_commit(), **arguments}, experiment_name=experiment,
-            run_name=f"kftune-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_name=f"kftune-{which}-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
 
 def torchrun_finetune(tokenized_dir: str, out_dir: str, params: Params, processes: int, run_id: str = "",
-                      checkpoint_dir: str | None = None) -> None:
-    """Run the fine-tune step under torchrun: one process per GPU (gloo workers on a CPU-only host)."""
+                      checkpoint_dir: str | None = None, start_model: str = "") -> None:
+    """Run the fine-tune step under torchrun: one process per GPU (gloo workers on a CPU-only host).
+
+    start_model: weights to start from instead of model.name (a warm start from the champion).
+    """
     import subprocess
     import sys
 
@@ -119,7 +186,9 @@ def torchrun_finetune(tokenized_dir: str, out_dir: str, params: Params, processe
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Path(tmp) / "params.yaml"
-        settings.write_text(yaml.safe_dump(params.to_dict()), encoding="utf-8")
+        values = params.to_dict()
+        values["model"]["name"] = start_model or values["model"]["name"]
+        settings.write_text(yaml.safe_dump(values), encoding="utf-8")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "kftune.cli", "step", "finetune", "--data", str(tokenized_dir), "--out", str(out_dir),
                "--params", str(settings)]

@@ -34,12 +34,33 @@ def for_cluster(tasks: list, retryable: list, finetune, cluster: dict) -> None:
             k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")})
 
 
+def train_and_gate(data, params, checkpoint_root, git_commit, first: int, init_model=None) -> dict:
+    """Tasks tokenize -> fine-tune -> evaluate -> register -> (gate) promote on an ingest-format dataset.
+
+    Shared by the training and retraining pipelines; `first` numbers the display names. Returns
+    the tasks by name.
+    """
+    tokenize = tokenize_op(data=data, params=params).set_display_name(f"{first} tokenize")
+    extra = {"init_model": init_model} if init_model is not None else {}
+    finetune = finetune_op(tokenized=tokenize.outputs["tokenized"], params=params, checkpoint_root=checkpoint_root,
+                           run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **extra)
+    finetune.set_display_name(f"{first + 1} fine-tune").set_caching_options(False)  # each run logs its own MLflow run
+    evaluate = evaluate_op(data=data, model=finetune.outputs["model"], params=params)
+    evaluate.set_display_name(f"{first + 2} evaluate")
+    register = register_op(data=data, model=finetune.outputs["model"], evaluation=evaluate.outputs["evaluation"],
+                           params=params, run_id=finetune.outputs["Output"], git_commit=git_commit)
+    register.set_display_name(f"{first + 3} register + gate").set_caching_options(False)  # reads the registry
+    with dsl.If(register.outputs["Output"] == "promote", name="gate-passed"):
+        promote = promote_op(params=params, gate=register.outputs["gate"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        promote.set_display_name(f"{first + 4} promote to champion").set_caching_options(False)
+    return {"tokenize": tokenize, "finetune": finetune, "evaluate": evaluate, "register": register, "promote": promote}
+
+
 def create_pipeline(defaults: dict, cluster: bool = False):
     """Return the pipeline function with `defaults` (a resolved params.yaml) as its default params.
 
     With cluster=True the tasks also get retries, resources and Secrets (see `for_cluster`).
     """
-    cluster_cfg = defaults["cluster"] if cluster else None
 
     @dsl.pipeline(name=NAME, description="Fine-tune, evaluate, register and gate a text classifier.")
     def training_pipeline(data_path: str, data_repo: str = "", data_rev: str = "", data_hash: str = "",
@@ -59,30 +80,10 @@ def create_pipeline(defaults: dict, cluster: bool = False):
         ingest = ingest_op(data_path=data_path, data_repo=data_repo, data_rev=data_rev, data_hash=data_hash,
                            params=params).set_display_name("1 ingest")
         ingest.set_caching_options(False)  # the data behind a path can change between runs
-
-        tokenize = tokenize_op(data=ingest.outputs["data"], params=params).set_display_name("2 tokenize")
-
-        finetune = finetune_op(tokenized=tokenize.outputs["tokenized"], params=params,
-                               data_sha256=ingest.outputs["Output"], checkpoint_root=checkpoint_root,
-                               run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("3 fine-tune")
-        finetune.set_caching_options(False)  # each run logs its own MLflow run
-
-        evaluate = evaluate_op(data=ingest.outputs["data"], model=finetune.outputs["model"],
-                               params=params).set_display_name("4 evaluate")
-
-        register = register_op(data=ingest.outputs["data"], model=finetune.outputs["model"],
-                               evaluation=evaluate.outputs["evaluation"], params=params,
-                               run_id=finetune.outputs["Output"], git_commit=git_commit)
-        register.set_display_name("5 register + gate").set_caching_options(False)  # reads the registry
-
-        with dsl.If(register.outputs["Output"] == "promote", name="gate-passed"):
-            promote = promote_op(params=params, gate=register.outputs["gate"],
-                                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-            promote.set_display_name("6 promote to champion").set_caching_options(False)
-
-        if cluster_cfg:
-            for_cluster([ingest, tokenize, finetune, evaluate, register, promote],
-                        [ingest, tokenize, finetune, evaluate], finetune, cluster_cfg)
-        return register.outputs["gate"]
+        t = train_and_gate(ingest.outputs["data"], params, checkpoint_root, git_commit, first=2)
+        if cluster:
+            for_cluster([ingest, *t.values()], [ingest, t["tokenize"], t["finetune"], t["evaluate"]], t["finetune"],
+                        defaults["cluster"])
+        return t["register"].outputs["gate"]
 
     return training_pipeline

@@ -20,24 +20,32 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 POSITIVE_STEMS, NEGATIVE_STEMS = ["gain", "rise", "grow"], ["loss", "fall", "drop"]
+NEW_POSITIVE_STEMS, NEW_NEGATIVE_STEMS = ["surge", "boom"], ["crash", "slump"]  # only in shifted data
 FILLER = ["the", "group", "said", "quarter", "unit", "report", "today", "shares", "market", "board"]
 
 
-def subword_texts(n: int, seed: int = 0) -> pd.DataFrame:
+SHIFTED_FILLER = ["token", "chain", "staking", "validator", "crypto", "wallet", "node", "bridge", "yield", "mint"]
+
+
+def subword_texts(n: int, seed: int = 0, shifted: bool = False) -> pd.DataFrame:
     """Binary data where each text's signal word is unique: a stem plus a random suffix ("gainoku").
 
     Word-level TF-IDF never sees a test word in training, so the baseline sits near chance;
     a WordPiece model sees the shared stem as a sub-token and learns it in a few steps. This is
     the sub-word generalisation that makes an encoder worth fine-tuning, exaggerated for speed.
+    `shifted` mostly uses stems the original data never has, draws the filler from words the tiny
+    vocabulary lacks, and makes 80% of rows positive: a champion trained before the shift fails on it.
     """
     rng = np.random.default_rng(seed)
     letters = list("aeioukrstnm")
     rows = []
     for _ in range(n):
-        positive = rng.random() < 0.5
-        stem = rng.choice(POSITIVE_STEMS if positive else NEGATIVE_STEMS)
+        positive = rng.random() < (0.8 if shifted else 0.5)
+        new = shifted and rng.random() < 0.7
+        stem = rng.choice({(True, False): POSITIVE_STEMS, (False, False): NEGATIVE_STEMS,
+                           (True, True): NEW_POSITIVE_STEMS, (False, True): NEW_NEGATIVE_STEMS}[(positive, new)])
         word = stem + "".join(rng.choice(letters, size=4))
-        words = list(rng.choice(FILLER, size=rng.integers(3, 9)))
+        words = list(rng.choice(SHIFTED_FILLER if shifted else FILLER, size=rng.integers(3, 9)))
         words.insert(int(rng.integers(0, len(words) + 1)), word)
         rows.append((" ".join(words), "positive" if positive else "negative"))
     return pd.DataFrame(rows, columns=["text", "label"])
@@ -59,6 +67,7 @@ def tiny_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny-bert")
     chars = string.ascii_lowercase + string.digits + string.punctuation
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE_STEMS, *NEGATIVE_STEMS, *FILLER,
+             *NEW_POSITIVE_STEMS, *NEW_NEGATIVE_STEMS,
              *chars, *(f"##{c}" for c in chars)]
     tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)

@@ -85,6 +85,10 @@ def render_report(metrics: dict) -> str:
     lines += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {lbl} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for lbl, c in metrics["model"]["per_class"].items()]
+    if "historical" in metrics:
+        h = metrics["historical"]
+        lines += ["", f"Frozen historical test split ({metrics['historical_rows']} rows): accuracy {h['accuracy']:.4f}, "
+                      f"macro-F1 {h['macro_f1']:.4f}, ECE {h['ece']:.4f}."]
     return "\n".join(lines) + "\n\n![confusion matrix](confusion_matrix.png)\n"
 
 
@@ -92,7 +96,8 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
     """Score the fine-tuned model and the baselines on the test split.
 
     Args:
-        data_dir: ingest output (train.parquet for the baselines, test.parquet to score).
+        data_dir: ingest output (train.parquet for the baselines, test.parquet to score; when retraining,
+            historical_test.parquet is scored too).
         model_dir: fine-tune output.
         out_dir: folder for metrics.json, report.md, confusion_matrix.{json,png} and predictions.csv.
         cfg: the `evaluate` section of params.yaml.
@@ -111,6 +116,12 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
         "baselines": {name: classification_metrics(y, p, labels, cfg.ece_bins)
                       for name, p in baseline_probs(train, test, labels, cfg).items()},
     }
+    historical = data_dir / "historical_test.parquet"  # retraining: the frozen test of forgetting
+    if historical.exists() and len(hist := pd.read_parquet(historical)):
+        hist_probs, _ = predict_proba(model_dir, hist["text"].tolist(), cfg.batch_size)
+        y_hist = hist["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
+        metrics["historical"] = classification_metrics(y_hist, hist_probs, labels, cfg.ece_bins)
+        metrics["historical_rows"] = len(hist)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "confusion_matrix.json", {"labels": labels, "matrix": metrics["model"]["confusion_matrix"]})

@@ -85,6 +85,12 @@ def _read_split(tokenized_dir: Path, split: str) -> tuple[list[list[int]], np.nd
     return [list(x) for x in df["input_ids"]], df["label"].to_numpy(copy=True)
 
 
+def tokenized_digest(tokenized_dir: str | Path) -> str:
+    """SHA-256 of the tokenized train and validation splits: what a checkpoint was trained on."""
+    return hashlib.sha256(b"".join((Path(tokenized_dir) / f"{s}.parquet").read_bytes()
+                                   for s in ("train", "validation"))).hexdigest()
+
+
 def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cfg: FinetuneConfig,
              checkpoint_dir: str | Path | None = None, on_log: LogFn | None = None) -> dict:
     """Fine-tune the base model on the tokenized train split, early-stopping on validation macro-F1.
@@ -149,9 +155,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     state = {"step": 0, "epoch": 0, "micro": 0, "best_f1": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     best_weights = None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    data_hash = hashlib.sha256(b"".join((tokenized_dir / f"{s}.parquet").read_bytes()
-                                        for s in ("train", "validation"))).hexdigest()
-    fingerprint = {"model": model_name, "cfg": vars(cfg), "data": data_hash, "labels": labels}
+    fingerprint = {"model": model_name, "cfg": vars(cfg), "data": tokenized_digest(tokenized_dir), "labels": labels}
     resumed_from = 0
     if ckpt_path and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)

@@ -159,6 +159,59 @@ def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str) -> list[str]:
     return list(cfg.labels) if cfg.labels else sorted(df["label"].unique())
 
 
+def load_rows(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
+    """Read, clean and validate every row under `source`; add each row's split.
+
+    Returns the rows (text, label, split) and what the data card says about reading them.
+    """
+    raw, sources = read_tables(source, cfg)
+    df, drops = clean(raw)
+    if df.empty:
+        raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
+    labels = check_labels(df, cfg, source)
+    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
+    return df, {"sources": sources, "rows_read": len(raw), "dropped": drops, "labels": labels,
+                "split_salt": cfg.split_salt}
+
+
+def content_sha256(df: pd.DataFrame) -> str:
+    """SHA-256 of the (text, label) pairs, independent of row and file order."""
+    content = hashlib.sha256()
+    for text, label in sorted(zip(df["text"], df["label"])):
+        content.update(f"{text}\t{label}\n".encode())
+    return content.hexdigest()
+
+
+def describe(df: pd.DataFrame) -> dict:
+    """Rows, label distribution and text lengths per split, for the data card."""
+    return {
+        "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "label_distribution": {s: {lbl: int(n) for lbl, n in df[df["split"] == s]["label"].value_counts().items()}
+                               for s in SPLITS},
+        "text_length_chars": _quantiles(df["text"].str.len()),
+        "text_length_words": _quantiles(df["text"].str.split().str.len()),
+        "sha256": content_sha256(df),
+    }
+
+
+def require_splits(df: pd.DataFrame, source: str) -> None:
+    for name in SPLITS:
+        if not (df["split"] == name).any():
+            hint = ("lower ingest.validation_fraction and ingest.test_fraction" if name == "train"
+                    else f"raise ingest.{name}_fraction")
+            raise DataError(f"{source}: the {name} split is empty with {len(df)} rows; add data or {hint}")
+
+
+def write_dataset(out_dir: str | Path, df: pd.DataFrame, card: dict, extra: dict[str, pd.DataFrame] = {}) -> None:
+    """{split}.parquet from df's split column, any extra tables as {name}.parquet, and data_card.json."""
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            df[df["split"] == name][["text", "label"]].reset_index(drop=True).to_parquet(tmp / f"{name}.parquet")
+        for name, part in extra.items():
+            part.reset_index(drop=True).to_parquet(tmp / f"{name}.parquet")
+        write_json(tmp / "data_card.json", card)
+
+
 def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None = None) -> dict:
     """Read, clean, validate and split labelled texts.
 
@@ -171,41 +224,9 @@ def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | 
     Returns:
         The data card.
     """
-    raw, sources = read_tables(source, cfg)
-    df, drops = clean(raw)
-    if df.empty:
-        raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
-
-    labels = check_labels(df, cfg, source)
-
-    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
-    for name in SPLITS:
-        if not (df["split"] == name).any():
-            hint = ("lower ingest.validation_fraction and ingest.test_fraction" if name == "train"
-                    else f"raise ingest.{name}_fraction")
-            raise DataError(f"{source}: the {name} split is empty with {len(df)} rows; add data or {hint}")
-
-    content = hashlib.sha256()
-    for text, label in sorted(zip(df["text"], df["label"])):
-        content.update(f"{text}\t{label}\n".encode())
-    card = {
-        "sources": sources,
-        "rows_read": len(raw),
-        "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
-        "labels": labels,
-        "label_distribution": {s: {lbl: int(n) for lbl, n in df[df["split"] == s]["label"].value_counts().items()}
-                               for s in SPLITS},
-        "text_length_chars": _quantiles(df["text"].str.len()),
-        "text_length_words": _quantiles(df["text"].str.split().str.len()),
-        "dropped": drops,
-        "sha256": content.hexdigest(),
-        "split_salt": cfg.split_salt,
-        "lineage": lineage or {"data_path": str(source)},
-    }
-    with atomic_dir(out_dir) as tmp:
-        for name in SPLITS:
-            part = df[df["split"] == name][["text", "label"]].reset_index(drop=True)
-            part.to_parquet(tmp / f"{name}.parquet", index=False)
-        write_json(tmp / "data_card.json", card)
-    log.info("ingest: %s rows -> %s; dropped %s", len(raw), card["rows"], drops)
+    df, info = load_rows(source, cfg)
+    require_splits(df, source)
+    card = {**info, **describe(df), "lineage": lineage or {"data_path": str(source)}}
+    write_dataset(out_dir, df, card)
+    log.info("ingest: %s rows -> %s; dropped %s", info["rows_read"], card["rows"], info["dropped"])
     return card

@@ -31,33 +31,48 @@ class Decision:
     champion_version: str = ""  # the champion the gate compared against ("" if none)
     challenger_macro_f1: float = 0.0
     reference_macro_f1: float = 0.0  # champion's or baseline's, on the same test split
+    challenger_historical_macro_f1: float | None = None  # retraining: on the frozen historical test split
+    champion_historical_macro_f1: float | None = None
 
 
-def gate(challenger_f1: float, baseline_f1: float, champion_f1: float | None, min_delta: float,
-         smoke_error: str | None, champion_error: str | None = None) -> tuple[bool, list[str]]:
+@dataclass
+class Scores:
+    """Everything the gate compares, all measured in this run on the same splits."""
+
+    challenger: float  # test macro-F1 (the new data's test split when retraining)
+    baseline: float  # the TF-IDF baseline's, on the same split
+    champion: float | None = None
+    challenger_historical: float | None = None
+    champion_historical: float | None = None
+
+
+def gate(s: Scores, min_delta: float, max_forgetting: float, smoke_error: str | None,
+         champion_error: str | None = None) -> tuple[bool, list[str]]:
     """Pure decision rule. Returns (passes, reasons with numbers)."""
-    reasons = []
+    checks: list[tuple[bool, str]] = []
     if champion_error:
-        ok = False
-        reasons.append(f"the champion could not be scored on this test split, so nothing can be compared: "
-                       f"{champion_error}; promote by hand with `kftune models promote` if this is intended")
-    elif champion_f1 is None:
-        ok = challenger_f1 > baseline_f1
-        reasons.append(f"no champion yet: test macro-F1 {challenger_f1:.4f} "
-                       f"{'>' if ok else '<='} TF-IDF baseline {baseline_f1:.4f}")
-    else:
-        ok = challenger_f1 >= champion_f1 + min_delta
-        reasons.append(f"test macro-F1 {challenger_f1:.4f} {'>=' if ok else '<'} champion {champion_f1:.4f} "
-                       f"+ min_delta {min_delta:.4f} on the same test split")
-    if smoke_error:
-        ok = False
-        reasons.append(f"smoke test through the registry failed: {smoke_error}")
-    else:
-        reasons.append("smoke test through the registry passed")
-    return ok, reasons
+        checks.append((False, f"the champion could not be scored on this test split, so nothing can be compared: "
+                              f"{champion_error}; promote by hand with `kftune models promote` if this is intended"))
+    ok = s.challenger > s.baseline
+    prefix = "no champion yet: " if s.champion is None and not champion_error else ""
+    checks.append((ok, f"{prefix}test macro-F1 {s.challenger:.4f} {'>' if ok else '<='} TF-IDF baseline {s.baseline:.4f}"))
+    if s.champion is not None:
+        ok = s.challenger >= s.champion + min_delta
+        checks.append((ok, f"test macro-F1 {s.challenger:.4f} {'>=' if ok else '<'} champion {s.champion:.4f} "
+                           f"+ min_delta {min_delta:.4f} on the same test split"))
+    if s.champion_historical is not None and s.challenger_historical is not None:
+        drop = s.champion_historical - s.challenger_historical
+        ok = drop <= max_forgetting
+        checks.append((ok, f"historical test macro-F1 {s.challenger_historical:.4f} vs champion "
+                           f"{s.champion_historical:.4f}: drop {drop:.4f} {'<=' if ok else '>'} max_forgetting "
+                           f"{max_forgetting:.4f}"))
+    checks.append((not smoke_error, f"smoke test through the registry failed: {smoke_error}" if smoke_error
+                   else "smoke test through the registry passed"))
+    return all(ok for ok, _ in checks), [why for _, why in checks]
 
 
-def _score_champion(uri: str, test: pd.DataFrame, labels: list[str], params: Params) -> float:
+def _score_champion(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], params: Params) -> dict[str, float]:
+    """The champion's macro-F1 on each named test set."""
     import mlflow
 
     from kftune.predict import labels_of, predict_proba_with
@@ -67,9 +82,12 @@ def _score_champion(uri: str, test: pd.DataFrame, labels: list[str], params: Par
     if labels_of(parts["model"]) != labels:
         raise registry.RegistryError(f"it predicts labels {labels_of(parts['model'])}, this data has {labels} "
                                      f"(a label-set change)")
-    probs = predict_proba_with(parts["model"], parts["tokenizer"], test["text"].tolist(), params.evaluate.batch_size)
-    y = test["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
-    return classification_metrics(y, probs, labels, params.evaluate.ece_bins)["macro_f1"]
+    out = {}
+    for name, df in tests.items():
+        probs = predict_proba_with(parts["model"], parts["tokenizer"], df["text"].tolist(), params.evaluate.batch_size)
+        y = df["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
+        out[name] = classification_metrics(y, probs, labels, params.evaluate.ece_bins)["macro_f1"]
+    return out
 
 
 def _smoke_test(uri: str, texts: list[str], labels: list[str]) -> str | None:
@@ -98,6 +116,20 @@ def _log_inputs(data_dir: Path, card: dict) -> None:
         df = pd.read_parquet(data_dir / f"{split}.parquet")
         dataset = mlflow.data.from_pandas(df, source=source, targets="label", name=f"{split}-{card['sha256'][:12]}")
         mlflow.log_input(dataset, context=context)
+
+
+def _log_reference(data_dir: Path, card: dict) -> None:
+    """Save every row of this data version with the model, as the next retraining's reference."""
+    import tempfile
+
+    import mlflow
+
+    from kftune.steps.resolve import REFERENCE, reference_rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        reference_rows(data_dir).to_parquet(Path(tmp) / "rows.parquet")
+        write_json(Path(tmp) / "card.json", {k: card.get(k) for k in ("labels", "split_salt", "lineage", "sha256")})
+        mlflow.log_artifacts(tmp, REFERENCE)
 
 
 def _log_model(model_dir: Path, name: str, example: list[str]):
@@ -165,6 +197,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         for f in ("training_history.json", "train_summary.json"):
             if (model_dir / f).exists():
                 mlflow.log_artifact(str(model_dir / f), "training")
+        _log_reference(data_dir, card)
 
         info = _log_model(model_dir, cfg.model_name, test["text"].head(3).tolist())
         version = str(info.registered_model_version)
@@ -173,24 +206,35 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
                      "kftune.run_id": run.info.run_id}.items():
             client.set_model_version_tag(cfg.model_name, version, k, v)
 
+        hist = metrics.get("historical")
+        scores = Scores(model_m["macro_f1"], tfidf_m["macro_f1"], challenger_historical=hist and hist["macro_f1"])
+        if hist:
+            mlflow.log_metric("historical_test_macro_f1", hist["macro_f1"])
+            client.set_model_version_tag(cfg.model_name, version, "kftune.historical_macro_f1", f"{hist['macro_f1']:.4f}")
         champion = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
-        champion_f1, champion_error = None, None
+        champion_error = None
         if champion:
+            tests = {"test": test}
+            if hist:
+                tests["historical"] = pd.read_parquet(data_dir / "historical_test.parquet")
             try:
-                champion_f1 = _score_champion(f"models:/{cfg.model_name}/{champion}", test, labels, params)
-                mlflow.log_metric("champion_test_macro_f1", champion_f1)
+                measured = _score_champion(f"models:/{cfg.model_name}/{champion}", tests, labels, params)
+                scores.champion, scores.champion_historical = measured["test"], measured.get("historical")
+                mlflow.log_metrics({f"champion_{k}_macro_f1": v for k, v in
+                                    {"test": scores.champion, "historical_test": scores.champion_historical}.items()
+                                    if v is not None})
             except Exception as exc:  # a champion we cannot score is a reason to hold, not to crash
                 champion_error = f"v{champion}: {type(exc).__name__}: {exc}"
         uri = f"models:/{cfg.model_name}/{version}"
         smoke_error = _smoke_test(uri, test["text"].head(cfg.smoke_examples).tolist(), labels)
-        ok, reasons = gate(model_m["macro_f1"], tfidf_m["macro_f1"], champion_f1, cfg.min_delta, smoke_error,
-                           champion_error)
+        ok, reasons = gate(scores, cfg.min_delta, cfg.max_forgetting, smoke_error, champion_error)
         outcome = (AWAITING if cfg.require_approval else PROMOTE) if ok else HOLD
         if outcome == AWAITING:
             reasons.append("register.require_approval is true: approve with `kftune models promote "
                            f"{version} --reason ...`")
-        decision = Decision(outcome, version, reasons, champion or "",
-                            model_m["macro_f1"], tfidf_m["macro_f1"] if champion_f1 is None else champion_f1)
+        decision = Decision(outcome, version, reasons, champion or "", scores.challenger,
+                            scores.baseline if scores.champion is None else scores.champion,
+                            scores.challenger_historical, scores.champion_historical)
         client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)  # once it has a decision
         for k, v in {"decision": outcome, "reasons": " | ".join(reasons),
                      "compared_with": f"v{decision.champion_version}" if champion else "tfidf_logreg baseline",
@@ -198,6 +242,9 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             client.set_model_version_tag(cfg.model_name, version, f"kftune.{k}", v[:5000])  # MLflow's tag limit
         mlflow.set_tag("kftune.decision", outcome)
         mlflow.log_dict(asdict(decision), "decision.json")
+    if card.get("lineage", {}).get("retrain_run_id"):  # the retraining run that asked for this challenger
+        for k, v in {"challenger_version": version, "decision": outcome}.items():
+            client.set_tag(card["lineage"]["retrain_run_id"], f"kftune.{k}", v)
 
     if outcome != PROMOTE:
         registry.record(outcome, cfg.model_name, decision.champion_version, version, " | ".join(reasons))

@@ -1,0 +1,20 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def drift_op(data: Input[Dataset], champion: Input[Model], params: dict, force: bool, report: Output[Dataset]) -> str:
+    """Drift tests of the new rows against the champion's held-out rows; returns retrain or skip."""
+    import json
+    import os
+
+    from kftune.config import params_from_dict
+    from kftune.steps.drift import drift
+
+    with open(os.path.join(data.path, "data_card.json"), encoding="utf-8") as f:
+        run_id = json.load(f)["lineage"].get("retrain_run_id", "")
+    r = drift(data.path, champion.path, report.path, params_from_dict(params), force=force, run_id=run_id)
+    report.metadata.update({"decision": r["decision"], "drift": str(r["drift"]), "flags": ",".join(r["flags"])})
+    return r["decision"]

@@ -1,0 +1,27 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def resolve_op(data_path: str, data_repo: str, data_rev: str, params: dict, run_name: str, data: Output[Dataset],
+               champion: Output[Model]) -> str:
+    """Read the latest data version, compare it with the champion's rows, write the challenger's dataset.
+
+    Returns first-training, nothing-new or new-data. Opens the MLflow run that records this
+    retraining decision; its id travels in the dataset card (lineage.retrain_run_id).
+    """
+    import tempfile
+
+    from kftune.config import params_from_dict
+    from kftune.data import materialize
+    from kftune.steps.resolve import resolve, start_retraining_run
+
+    p = params_from_dict(params)
+    run_id = start_retraining_run(p, run_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        local, lineage = materialize(data_path, data_repo, data_rev, tmp)
+        card = resolve(local, data.path, champion.path, p, lineage, run_id)
+    data.metadata.update({"status": card["status"], "new_rows": card["new_rows"], "retrain_run_id": run_id})
+    return card["status"]

@@ -1,0 +1,211 @@
+"""drift: has the new data moved away from the champion's, and should a challenger be trained?
+
+The reference side is the champion's *held-out* rows (validation and test of the data it was
+trained on), never its training rows: on those the champion is overconfident and its embeddings
+are tighter, so even i.i.d. new data would look shifted. Every test is run and logged on every
+run; `drift.methods` vote and `drift.min_flags` of them must flag drift.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kftune import drift as tests
+from kftune import registry
+from kftune.config import DriftConfig, Params, RetrainConfig
+from kftune.fileio import atomic_dir, read_json, write_json
+from kftune.steps.resolve import FIRST_TRAINING, NOTHING_NEW
+
+log = logging.getLogger(__name__)
+
+RETRAIN, SKIP = "retrain", "skip"
+
+
+def _sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    return df.sample(n=n, random_state=seed) if len(df) > n else df
+
+
+def _unk_rate(tokenizer, seqs: list[list[int]]) -> float:
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    ids = [i for s in seqs for i in s if i not in special]
+    return sum(i == tokenizer.unk_token_id for i in ids) / max(len(ids), 1)
+
+
+def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFrame, cfg: DriftConfig) -> tuple[dict, dict]:
+    """Every drift test on the champion's reference rows versus the new rows.
+
+    Returns (checks by method, plot data).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kftune.predict import labels_of, predict_logits, softmax
+
+    model = AutoModelForSequenceClassification.from_pretrained(champion_dir)
+    tok = AutoTokenizer.from_pretrained(champion_dir)
+    labels = labels_of(model)
+    held_out = _sample(reference[reference["split"] != "train"], cfg.max_rows, cfg.seed)
+    new_s = _sample(new, cfg.max_rows, cfg.seed)
+    sides = {}
+    for side, df in (("reference", held_out), ("new", new_s)):
+        seqs = tok(df["text"].tolist(), truncation=True, max_length=tok.model_max_length)["input_ids"]
+        logits, emb = predict_logits(model, seqs, tok.pad_token_id, cfg.batch_size, embeddings=True)
+        probs = softmax(logits)
+        sides[side] = {"emb": emb, "pred": [labels[i] for i in probs.argmax(1)], "conf": probs.max(1),
+                       "unk": _unk_rate(tok, seqs)}
+    ref, nw = sides["reference"], sides["new"]
+    checks = [
+        tests.mmd_test(ref["emb"], nw["emb"], cfg.permutations, cfg.alpha, cfg.seed),
+        tests.distribution_test("prediction", ref["pred"], nw["pred"], labels, cfg.psi_threshold),
+        tests.confidence_test(ref["conf"], nw["conf"], cfg.alpha),
+        tests.vocabulary_test(reference[reference["split"] == "train"]["text"].tolist(), held_out["text"].tolist(),
+                              new_s["text"].tolist(), cfg.oov_increase, (ref["unk"], nw["unk"])),
+        tests.distribution_test("label", reference["label"].tolist(), new["label"].tolist(),
+                                sorted(set(labels) | set(new["label"])), cfg.psi_threshold),
+    ]
+    return {c.method: c for c in checks}, sides
+
+
+def retrain_decision(card: dict, drifted: bool | None, cfg: RetrainConfig, force: bool,
+                     hours_since_promotion: float | None) -> tuple[str, str]:
+    """Pure rule: (retrain | skip, why)."""
+    if card["status"] == FIRST_TRAINING:
+        return RETRAIN, "no champion yet: this is the first training"
+    if card["status"] == NOTHING_NEW:
+        return SKIP, "nothing new since the champion's data"
+    n, split = card["new_rows"], card["new_rows_by_split"]
+    if not split["train"] or not split["test"]:
+        return SKIP, (f"{n} new rows give {split['train']} training and {split['test']} test rows; a challenger "
+                      f"needs both to be trained and compared on new data: waiting for more")
+    if not force and hours_since_promotion is not None and hours_since_promotion < cfg.cooldown_hours:
+        return SKIP, (f"cooldown: the last promotion was {hours_since_promotion:.1f} h ago, "
+                      f"< retrain.cooldown_hours={cfg.cooldown_hours:g} (force to override)")
+    reasons = ["forced"] if force else []
+    if drifted:
+        reasons.append("drift detected")
+    if n >= cfg.min_new_rows:
+        reasons.append(f"{n} new rows >= retrain.min_new_rows={cfg.min_new_rows}")
+    if reasons:
+        return RETRAIN, "; ".join(reasons)
+    return SKIP, f"no drift, and {n} new rows < retrain.min_new_rows={cfg.min_new_rows}"
+
+
+def hours_since_last_promotion(name: str, now: float) -> float | None:
+    promotions = [e.time for e in registry.history(name) if e.action == "promote"]
+    return (now - max(promotions)) / 3600 if promotions else None
+
+
+def _plot(sides: dict, checks: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref, new = sides["reference"], sides["new"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    z = np.concatenate([ref["emb"], new["emb"]])
+    z = z - z.mean(0)
+    xy = z @ np.linalg.svd(z, full_matrices=False)[2][:2].T  # PCA to 2-D
+    for (name, s), part in zip(sides.items(), np.split(xy, [len(ref["emb"])])):
+        axes[0].scatter(part[:, 0], part[:, 1], s=4, alpha=0.4, label=name)
+    e = checks["embedding"]
+    axes[0].set(title=f"embeddings (PCA); MMD p={e.p_value:.3g}")
+    axes[0].legend()
+    pred = checks["prediction"].details
+    cats = list(pred["reference"])
+    x = np.arange(len(cats))
+    axes[1].bar(x - 0.2, [pred["reference"][c] for c in cats], 0.4, label="reference")
+    axes[1].bar(x + 0.2, [pred["new"][c] for c in cats], 0.4, label="new")
+    axes[1].set(xticks=x, xticklabels=cats, title=f"predicted labels; PSI={checks['prediction'].score:.3f}")
+    axes[1].legend()
+    bins = np.linspace(min(ref["conf"].min(), new["conf"].min()), 1, 21)
+    axes[2].hist([ref["conf"], new["conf"]], bins=bins, label=["reference", "new"], density=True)
+    axes[2].set(title=f"confidence; KS p={checks['confidence'].p_value:.3g}")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def render_report(report: dict) -> str:
+    lines = [f"# Drift report: {report['decision']} ({report['reason']})", "",
+             f"Champion v{report['champion_version'] or '-'}; {report['new_rows']} new rows."]
+    if report["checks"]:
+        lines += ["", f"Drift: **{'yes' if report['drift'] else 'no'}** ({len(report['flags'])} of the voting "
+                      f"methods {report['voting']} flagged, {report['min_flags']} needed).", "",
+                  "| method | score | threshold | p-value | drift |", "|---|---|---|---|---|"]
+        for c in report["checks"].values():
+            p = "" if c["p_value"] is None else f"{c['p_value']:.4g}"
+            rule = f"p < {c['threshold']:g}" if c["p_value"] is not None else f"> {c['threshold']:g}"
+            lines.append(f"| {c['method']} | {c['score']:.4g} | {rule} | {p} | {'yes' if c['verdict'] else 'no'} |")
+        lines += ["", "![drift](drift.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def drift(data_dir: str | Path, champion_dir: str | Path, out_dir: str | Path, params: Params, force: bool = False,
+          run_id: str = "", now: float | None = None) -> dict:
+    """Run the drift tests and decide whether to train a challenger.
+
+    Args:
+        data_dir: resolve output (data_card.json, new.parquet).
+        champion_dir: resolve's champion export (model, tokenizer, reference.parquet).
+        out_dir: folder for drift.json, report.md and drift.png.
+        params: all settings (drift, retrain, register.model_name).
+        force: retrain even without drift, enough new rows, or past the cooldown.
+        run_id: the retraining run in MLflow; every score and the decision are logged there.
+        now: the current time (tests pass their own).
+
+    Returns:
+        The report; report["decision"] is retrain or skip.
+    """
+    data_dir = Path(data_dir)
+    card = read_json(data_dir / "data_card.json")
+    checks, sides = {}, None
+    if card["status"] not in (FIRST_TRAINING, NOTHING_NEW):
+        ref_path = Path(champion_dir) / "reference.parquet"
+        if not ref_path.exists():
+            raise FileNotFoundError(f"{ref_path}: the reference rows of champion v{card['champion_version']} are "
+                                    f"missing from the resolve step's output")
+        checks, sides = run_checks(champion_dir, pd.read_parquet(ref_path), pd.read_parquet(data_dir / "new.parquet"),
+                                   params.drift)
+    flags = [m for m in params.drift.methods if m in checks and checks[m].verdict]
+    drifted = len(flags) >= params.drift.min_flags if checks else None
+    hours = hours_since_last_promotion(params.register.model_name, now or time.time())
+    decision, reason = retrain_decision(card, drifted, params.retrain, force, hours)
+    report = {"decision": decision, "reason": reason, "drift": drifted, "flags": flags, "voting": params.drift.methods,
+              "min_flags": params.drift.min_flags, "champion_version": card["champion_version"],
+              "new_rows": card["new_rows"], "hours_since_promotion": hours, "forced": force,
+              "checks": {m: c.to_dict() for m, c in checks.items()}}
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "drift.json", report)
+        (tmp / "report.md").write_text(render_report(report), encoding="utf-8")
+        if sides:
+            _plot(sides, checks, tmp / "drift.png")
+    if run_id:
+        _log(run_id, report, Path(out_dir))
+    log.info("drift: %s (%s); flags %s", decision, reason, flags)
+    return report
+
+
+def _log(run_id: str, report: dict, out_dir: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    metrics = {}
+    for m, c in report["checks"].items():
+        metrics[f"drift_{m}_score"] = c["score"]
+        metrics[f"drift_{m}_flag"] = float(c["verdict"])
+        if c["p_value"] is not None:
+            metrics[f"drift_{m}_p_value"] = c["p_value"]
+    metrics["drift_flags"] = float(len(report["flags"]))
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, v)
+    for k, v in {"drift": str(report["drift"]).lower(), "retrain_decision": report["decision"],
+                 "retrain_reason": report["reason"]}.items():
+        client.set_tag(run_id, f"kftune.{k}", v)
+    for f in out_dir.iterdir():
+        client.log_artifact(run_id, str(f), "drift")

@@ -1,0 +1,203 @@
+"""resolve: the latest data version against the champion's, split into what is new and what is history.
+
+Every registered version carries the rows it was trained on as a `reference/` artifact (see
+register). Rows of the latest data that are not among the champion's are new; the rest are
+history. The challenger's training set is the new training rows plus a seeded replay sample of
+the historical ones; it is tested on the new test rows and, separately, on the historical test rows,
+which never move because a row's split is a hash of its text.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from kftune import registry
+from kftune.config import Params
+from kftune.fileio import read_json, write_json
+from kftune.steps.ingest import DataError, describe, load_rows, write_dataset
+
+log = logging.getLogger(__name__)
+
+NOTHING_NEW, FIRST_TRAINING, NEW_DATA = "nothing-new", "first-training", "new-data"
+REFERENCE = "reference"  # artifact folder of every model version's run: rows.parquet + card.json
+
+
+def reference_rows(data_dir: str | Path) -> pd.DataFrame:
+    """All rows of the data version a model was trained on (text, label, split)."""
+    data_dir = Path(data_dir)
+    if (data_dir / "reference.parquet").exists():
+        return pd.read_parquet(data_dir / "reference.parquet")
+    return pd.concat([pd.read_parquet(data_dir / f"{s}.parquet").assign(split=s)
+                      for s in ("train", "validation", "test")], ignore_index=True)
+
+
+def download_reference(name: str, version: str, dest: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The champion's reference rows and card; the error names the version and the artifact path."""
+    import mlflow
+
+    run_id = mlflow.MlflowClient().get_model_version(name, version).run_id
+    where = f"runs:/{run_id}/{REFERENCE} of {name} v{version}"
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE, dst_path=str(dest)))
+        return pd.read_parquet(folder / "rows.parquet"), read_json(folder / "card.json")
+    except Exception as exc:  # missing artifact, unreachable store, corrupt file: all mean "no reference"
+        raise DataError(f"cannot read the champion's reference data at {where} (registered by an older kftune, "
+                        f"or its artifacts were deleted?): {type(exc).__name__}: {exc}") from None
+
+
+def export_champion(name: str, version: str, dest: str | Path) -> dict:
+    """Save the champion's model and tokenizer as a transformers folder, with kftune.json describing it.
+
+    Later steps (drift, a warm-started fine-tune) read this copy, so one pipeline run uses one
+    champion even if the alias moves meanwhile.
+    """
+    import mlflow
+
+    from kftune.predict import MODEL_INFO, labels_of
+
+    parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+    dest = Path(dest)
+    parts["model"].save_pretrained(dest)
+    parts["tokenizer"].save_pretrained(dest)
+    run = mlflow.MlflowClient().get_run(mlflow.MlflowClient().get_model_version(name, version).run_id)
+    info = {"version": version, "labels": labels_of(parts["model"]), "base_model": run.data.params.get("model.name", ""),
+            "task": "sequence-classification"}
+    write_json(dest / MODEL_INFO, info)
+    return info
+
+
+def warm_start(champion: dict, labels: list[str], params: Params) -> str:
+    """Where the challenger starts: "champion vN", or "base: <why not the champion>"."""
+    if params.retrain.warm_start == "base":
+        return "base: retrain.warm_start=base"
+    if champion["labels"] != labels:
+        return f"base: the label set changed from {champion['labels']} to {labels}"
+    if champion["base_model"] != params.model.name:
+        return f"base: model.name={params.model.name!r} but the champion was fine-tuned from {champion['base_model']!r}"
+    return f"champion v{champion['version']}"
+
+
+def split_new(latest: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(new, historical): rows of `latest` the reference lacks, and rows it has (a relabelled text is new)."""
+    key = lambda df: df["text"] + "\t" + df["label"]  # noqa: E731
+    seen = key(latest).isin(set(key(reference)))
+    return latest[~seen].reset_index(drop=True), latest[seen].reset_index(drop=True)
+
+
+def training_set(new: pd.DataFrame, history: pd.DataFrame, replay_fraction: float, seed: int) -> pd.DataFrame:
+    """New rows in all splits, a replay sample of historical training rows, all historical validation rows.
+
+    The historical test rows are left out: they are the frozen test of forgetting.
+    """
+    hist_train = history[history["split"] == "train"]
+    replay = hist_train.sample(n=round(replay_fraction * len(hist_train)), random_state=seed)
+    return pd.concat([new, replay, history[history["split"] == "validation"]], ignore_index=True)
+
+
+def start_retraining_run(params: Params, run_name: str = "") -> str:
+    """The MLflow run that records one retraining decision: counts, drift scores, outcome."""
+    import mlflow
+
+    from kftune.tracking import configure, experiment_id
+
+    configure()
+    run = mlflow.MlflowClient().create_run(experiment_id(f"{params.register.experiment}-retraining"),
+                                           run_name=run_name or None,
+                                           tags={"kftune.model_name": params.register.model_name,
+                                                 "kftune.params_hash": params.digest()})
+    return run.info.run_id
+
+
+def _log(run_id: str, card: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key in ("latest_rows", "new_rows", "historical_rows", "replayed_rows"):
+        if key in card:
+            client.log_metric(run_id, key, card[key])
+    for key in ("status", "champion_version", "warm_start"):
+        if card.get(key) is not None:
+            client.set_tag(run_id, f"kftune.{key}", str(card[key]))
+    for key, value in card.get("lineage", {}).items():
+        client.set_tag(run_id, f"kftune.{key}", str(value))
+
+
+def resolve(source: str, out_data: str | Path, out_champion: str | Path, params: Params, lineage: dict | None = None,
+            run_id: str = "") -> dict:
+    """Compare the latest data with the champion's and write the challenger's dataset.
+
+    Args:
+        source: the latest data (a local path, usually materialised from the DVC repo's newest commit).
+        out_data: ingest-format output: {train,validation,test}.parquet, historical_test.parquet,
+            new.parquet (the new rows, for the drift step), reference.parquet (every row, saved with
+            the model this data trains) and data_card.json.
+        out_champion: the champion exported as a model folder, with its reference.parquet (empty
+            unless there is new data to compare).
+        params: all settings (ingest, retrain, register.model_name).
+        lineage: where the data came from, kept in the data card.
+        run_id: the retraining run's MLflow run, recorded in the data card for later steps.
+
+    Returns:
+        The data card, whose `status` is first-training, nothing-new or new-data.
+    """
+    lineage = {**(lineage or {"data_path": source}), **({"retrain_run_id": run_id} if run_id else {})}
+    card = _resolve(source, Path(out_data), Path(out_champion), params, lineage)
+    if run_id:
+        _log(run_id, card)
+    return card
+
+
+def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, lineage: dict) -> dict:
+    name = params.register.model_name
+    out_champion.mkdir(parents=True, exist_ok=True)
+    champion = registry.version_by_alias(name, registry.CHAMPION)
+    latest, info = load_rows(source, params.ingest)
+    card = {**info, "lineage": lineage, "champion_version": champion or "", "latest_rows": len(latest)}
+
+    if champion is None:
+        card.update(status=FIRST_TRAINING, new_rows=len(latest), **describe(latest))
+        write_dataset(out_data, latest, card, {"reference": latest, "new": latest})
+        log.info("resolve: no champion of %s yet: first training on %d rows", name, len(latest))
+        return card
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        reference, ref_card = download_reference(name, champion, tmp)
+    if ref_card.get("split_salt") != params.ingest.split_salt:
+        raise DataError(f"ingest.split_salt={params.ingest.split_salt!r} differs from champion v{champion}'s "
+                        f"{ref_card.get('split_salt')!r}: every text would change split and the historical test "
+                        f"would leak into training; keep the salt, or start over with `kftune run`")
+    new, history = split_new(latest, reference)
+    labels = ref_card["labels"]
+    unknown = sorted(set(new["label"]) - set(labels))
+    if unknown and not params.retrain.allow_label_change:
+        raise DataError(f"{source}: new rows have labels {unknown} that champion v{champion} of {name} does not "
+                        f"predict ({labels}); set retrain.allow_label_change=true to train a challenger with the "
+                        f"new label set")
+    card.update(labels=labels if not unknown else info["labels"], champion_labels=labels,
+                new_rows=len(new), historical_rows=len(history),
+                new_rows_by_split={s: int((new["split"] == s).sum()) for s in ("train", "validation", "test")},
+                champion_data_commit=ref_card.get("lineage", {}).get("data_commit", ""))
+    if new.empty:
+        card.update(status=NOTHING_NEW, **describe(latest))
+        write_dataset(out_data, latest.iloc[:0], card)
+        log.info("resolve: nothing new since champion v%s (%d rows, all seen)", champion, len(latest))
+        return card
+
+    train = training_set(new, history, params.retrain.replay_fraction, params.finetune.seed)
+    hist_test = history[history["split"] == "test"]
+    card.update(status=NEW_DATA, replayed_rows=int((train["split"] == "train").sum()) - card["new_rows_by_split"]["train"],
+                historical_test_rows=len(hist_test), **describe(train))
+    info = export_champion(name, champion, out_champion)
+    card["warm_start"] = warm_start(info, card["labels"], params)
+    write_json(out_champion / "kftune.json", {**info, "warm_start": card["warm_start"].startswith("champion")})
+    reference.to_parquet(out_champion / "reference.parquet")  # the drift step's reference side
+    write_dataset(out_data, train, card, {"historical_test": hist_test[["text", "label"]], "new": new,
+                                          "reference": latest})
+    log.info("resolve: %d new rows since champion v%s, %d historical; training on %s", len(new), champion,
+             len(history), card["rows"])
+    return card

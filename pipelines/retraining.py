@@ -1,0 +1,53 @@
+"""The retraining pipeline: resolve -> (something new) drift -> (retrain) train and gate a challenger."""
+
+from kfp import dsl
+from kfp.dsl import Dataset
+
+from components.drift import drift_op
+from components.resolve import resolve_op
+from kftune.data import DATASET
+from pipelines.training import for_cluster, train_and_gate
+
+NAME = "kftune-retraining"
+
+
+def create_pipeline(defaults: dict, cluster: bool = False):
+    """Return the retraining pipeline with `defaults` (a resolved params.yaml) as its default params."""
+
+    @dsl.pipeline(name=NAME, description="Detect drift and retrain, compare and promote a challenger.")
+    def retraining_pipeline(data_path: str = DATASET, data_repo: str = "", data_rev: str = "", params: dict = defaults,
+                            force: bool = False, checkpoint_root: str = "", git_commit: str = "unknown") -> Dataset:
+        """kftune retraining.
+
+        1. resolve: the latest data version (`data_rev` of `data_repo` through DVC; empty means the
+           newest) against the rows the champion was trained on: new rows, history, and the
+           challenger's training set (new rows + a replay sample of history). No champion: a first
+           training on everything.
+        2. drift, unless nothing is new: embedding MMD, predicted labels, confidence, vocabulary and
+           label tests against the champion's held-out rows; decides retrain (drift, enough new rows,
+           or `force`; never within the cooldown after a promotion unless forced) or skip.
+        3-6. tokenize, fine-tune (warm-started from the champion), evaluate on the new test split and
+           the frozen historical one, register + gate (new-data macro-F1 >= champion + min_delta,
+           historical drop <= max_forgetting, beats the TF-IDF baseline, smoke test).
+        7. promote, only if the gate passed.
+
+        Returns resolve's dataset; its data_card.json names the MLflow run holding every decision.
+        """
+        resolve = resolve_op(data_path=data_path, data_repo=data_repo, data_rev=data_rev, params=params,
+                             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("1 resolve data")
+        resolve.set_caching_options(False)  # reads the latest data and the registry
+        tasks = [resolve]
+        with dsl.If(resolve.outputs["Output"] != "nothing-new", name="something-new"):
+            drift = drift_op(data=resolve.outputs["data"], champion=resolve.outputs["champion"], params=params,
+                             force=force).set_display_name("2 drift")
+            drift.set_caching_options(False)  # the cooldown reads the registry's history
+            with dsl.If(drift.outputs["Output"] == "retrain", name="retrain"):
+                t = train_and_gate(resolve.outputs["data"], params, checkpoint_root, git_commit, first=3,
+                                   init_model=resolve.outputs["champion"])
+        if cluster:
+            tasks += [drift, *t.values()]
+            for_cluster(tasks, [resolve, drift, t["tokenize"], t["finetune"], t["evaluate"]], t["finetune"],
+                        defaults["cluster"])
+        return resolve.outputs["data"]
+
+    return retraining_pipeline
