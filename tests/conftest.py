@@ -67,8 +67,9 @@ def tiny_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny-bert")
     chars = string.ascii_lowercase + string.digits + string.punctuation
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE_STEMS, *NEGATIVE_STEMS, *FILLER,
-             *NEW_POSITIVE_STEMS, *NEW_NEGATIVE_STEMS,
              *chars, *(f"##{c}" for c in chars)]
+    base_size = len(dict.fromkeys(words))
+    words += [*NEW_POSITIVE_STEMS, *NEW_NEGATIVE_STEMS]
     tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -78,10 +79,12 @@ def tiny_model(tmp_path_factory) -> str:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
     fast.save_pretrained(out)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=base_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.token_to_id("[PAD]"))
     torch.manual_seed(0)  # the same "pretrained" weights in every session, so outcomes are reproducible
-    BertForMaskedLM(config).save_pretrained(out)
+    model = BertForMaskedLM(config)
+    model.resize_token_embeddings(tok.get_vocab_size())  # the shifted-data stems, without moving any other weight
+    model.save_pretrained(out)
     return str(out)
 
 
