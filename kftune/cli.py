@@ -55,11 +55,27 @@ def cmd_run(args) -> int:
     return 0
 
 
+def print_outcome(o: dict) -> None:
+    """One retraining run, as a user reads it."""
+    print(f"data: {o['status']}, {o['new_rows']} new rows; drift: {o['drift'] or '-'}; {o['retrain']}: {o['reason']}")
+    if o["challenger_version"]:
+        print(f"challenger v{o['challenger_version']}: {o['decision']}")
+    print(f"champion: v{o['champion'] or '-'}   (MLflow run {o['run_id']})")
+
+
+def cmd_retrain(args) -> int:
+    from kftune.runner import run_retraining_local
+
+    print_outcome(run_retraining_local(_params(args), args.project_dir, args.data or "", args.data_repo or "",
+                                       args.data_rev or "", force=args.force))
+    return 0
+
+
 def cmd_submit(args) -> int:
     arguments = _cluster_arguments(args)
     from kftune.runner import submit
 
-    print(f"submitted: {submit(args.host, _params(args), arguments, args.experiment)}")
+    print(f"submitted: {submit(args.host, _params(args), arguments, args.experiment, args.pipeline)}")
     return 0
 
 
@@ -81,11 +97,13 @@ def cmd_schedule(args) -> int:
         job = schedule.schedule_on_cluster(args.host, params, args.cron, _cluster_arguments(args), args.experiment)
         print(f"recurring run {job}: {args.cron!r}, max_concurrency=1, no catch-up")
         return 0
-    from kftune.runner import run_local
+    from kftune.runner import run_retraining_local
 
     def job():
-        d = run_local(args.data or DATASET, params, args.project_dir, args.data_repo or "", args.data_rev or "")
-        return f"v{d['version']} {d['decision']}"
+        o = run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "", args.data_rev or "")
+        return (f"{o['status']}, drift {o['drift'] or '-'}, {o['retrain']} ({o['reason']})"
+                + (f", challenger v{o['challenger_version']} {o['decision']}" if o["challenger_version"] else "")
+                + f", champion v{o['champion'] or '-'}")
 
     try:
         schedule.run_schedule(args.cron, job, Path(args.project_dir) / ".kftune" / "schedule.lock")
@@ -109,7 +127,7 @@ def cmd_compile(args) -> int:
     _cluster_arguments(args)
     from kftune.runner import compile_pipeline
 
-    print(f"wrote {compile_pipeline(_params(args), args.output)}")
+    print(f"wrote {compile_pipeline(_params(args), args.output, args.pipeline)}")
     return 0
 
 
@@ -271,22 +289,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("retrain", help="run the retraining pipeline once locally: new data -> drift -> challenger -> gate")
+    p.add_argument("--data", help=f"the latest data (default: {DATASET} at the newest commit, through DVC)")
+    p.add_argument("--data-rev", help="read the data at this git revision instead of the newest")
+    p.add_argument("--data-repo", help="git repo (path or URL) holding the DVC-tracked data (default: this project)")
+    p.add_argument("--force", action="store_true", help="train a challenger even without drift, enough new rows, "
+                                                        "or during the cooldown")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_retrain)
+
     p = sub.add_parser("submit", help="compile and start a run on a Kubeflow Pipelines endpoint")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="pipeline argument, e.g. -p data_path=s3://kftune-data/batches (repeatable)")
     p.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing")
     p.add_argument("--image", help="component image (default: $KFTUNE_IMAGE)")
+    p.add_argument("--pipeline", choices=["training", "retraining"], default="training", help="default: %(default)s")
     _add_params_args(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("schedule", help="scheduled runs: a local cron loop, or a KFP recurring run with --host")
+    p = sub.add_parser("schedule", help="scheduled retraining: a local cron loop, or a KFP recurring run with --host")
     p.add_argument("action", nargs="?", default="start", choices=["start", "list", "pause", "resume", "delete"])
     p.add_argument("id", nargs="?", help="recurring run id (pause, resume, delete)")
     p.add_argument("--cron", help="5-field cron, e.g. '0 3 * * *' (03:00 daily); missed runs are not caught up")
     p.add_argument("--host", help="KFP endpoint: create/manage a recurring run there instead of running locally")
-    p.add_argument("--data", help=f"local runs: data to train on (default: {DATASET} at --data-rev)")
-    p.add_argument("--data-rev", help="local runs: data revision (default: the working tree / HEAD)")
+    p.add_argument("--data", help=f"local runs: the latest data (default: {DATASET} at the newest commit)")
+    p.add_argument("--data-rev", help="local runs: data revision (default: the newest)")
     p.add_argument("--data-repo", help="local runs: git repo holding the data (default: this project)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="--host: pipeline argument")
     p.add_argument("--experiment", default="kftune", help="--host: KFP experiment")
@@ -302,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("compile", help="compile the training pipeline for a cluster (KFP IR YAML)")
+    p = sub.add_parser("compile", help="compile a pipeline for a cluster (KFP IR YAML)")
     p.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: %(default)s)")
+    p.add_argument("--pipeline", choices=["training", "retraining"], default="training", help="default: %(default)s")
     p.add_argument("--image", help="component image for every task (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     _add_params_args(p)
     p.set_defaults(func=cmd_compile)

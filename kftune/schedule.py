@@ -104,7 +104,7 @@ def kfp_cron(cron: str) -> str:
 
 
 def schedule_on_cluster(host: str, params, cron: str, arguments: dict[str, str], experiment: str = "kftune") -> str:
-    """Create a KFP recurring run of the compiled pipeline: max_concurrency=1, no catch-up. Returns its id."""
+    """Create a KFP recurring run of the retraining pipeline: max_concurrency=1, no catch-up. Returns its id."""
     import tempfile
 
     from kftune.runner import compile_pipeline, kfp_client
@@ -112,9 +112,9 @@ def schedule_on_cluster(host: str, params, cron: str, arguments: dict[str, str],
     client = kfp_client(host)
     exp = client.create_experiment(experiment)  # returns the existing one if there is one
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml")
+        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", "retraining")
         job = client.create_recurring_run(
-            experiment_id=exp.experiment_id, job_name=f"kftune-{params.register.model_name}",
+            experiment_id=exp.experiment_id, job_name=f"kftune-retraining-{params.register.model_name}",
             cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True, params=arguments,
             pipeline_package_path=str(package))
     return job.recurring_run_id

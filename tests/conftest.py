@@ -88,8 +88,7 @@ def tiny_model(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture
-def params(tiny_model):
+def tiny_params(tiny_model: str):
     """params.yaml with the tiny model and a short, fast training run."""
     return load_params(ROOT / "params.yaml", [
         f"model.name={tiny_model}", "finetune.max_steps=300", "finetune.batch_size=16", "finetune.learning_rate=2e-3",
@@ -99,22 +98,31 @@ def params(tiny_model):
 
 
 @pytest.fixture
+def params(tiny_model):
+    return tiny_params(tiny_model)
+
+
+@pytest.fixture
 def subword_csv(tmp_path) -> Path:
     path = tmp_path / "subword.csv"
     subword_texts(1200).to_csv(path, index=False)
     return path
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    """An isolated sqlite MLflow store under tmp_path, exported the way the CLI exports it."""
+def use_mlflow_store(folder: Path, monkeypatch) -> str:
+    """An isolated sqlite MLflow store in `folder`, exported the way the CLI exports it."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(folder)
     return uri
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    return use_mlflow_store(tmp_path, monkeypatch)
 
 
 def shared(*parts: str) -> Path:

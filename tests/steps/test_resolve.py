@@ -1,0 +1,69 @@
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kftune.fileio import read_json
+from kftune.steps.ingest import DataError
+from kftune.steps.resolve import NEW_DATA, NOTHING_NEW, resolve
+from tests.conftest import subword_texts, with_changes
+
+
+def test_new_rows_history_and_replay(tmp_path, params, store, champion):
+    old_test = set(pd.read_parquet(store / "r0" / "test.parquet")["text"])
+    old_train = pd.read_parquet(store / "r0" / "train.parquet")
+    subword_texts(600, seed=5).to_csv(champion / "new.csv", index=False)
+    card = resolve(str(champion), tmp_path / "r1", tmp_path / "c1", params)
+
+    new = pd.read_parquet(tmp_path / "r1" / "new.parquet")
+    assert card["status"] == NEW_DATA and card["new_rows"] == len(new) == 600 and card["historical_rows"] == 1200
+    assert card["champion_version"] == "1" and card["warm_start"] == "champion v1"
+    assert set(pd.read_parquet(tmp_path / "r1" / "historical_test.parquet")["text"]) == old_test, "frozen"
+    train = pd.read_parquet(tmp_path / "r1" / "train.parquet")
+    replayed = train[train["text"].isin(set(old_train["text"]))]
+    assert len(replayed) == card["replayed_rows"] == round(params.retrain.replay_fraction * len(old_train))
+    assert set(new[new["split"] == "train"]["text"]) <= set(train["text"])
+    assert not set(train["text"]) & old_test, "historical test rows never reach training"
+    assert set(pd.read_parquet(tmp_path / "r1" / "test.parquet")["text"]) == set(new[new["split"] == "test"]["text"])
+    assert read_json(tmp_path / "c1" / "kftune.json")["warm_start"] is True
+    assert (tmp_path / "c1" / "config.json").exists() and (tmp_path / "c1" / "reference.parquet").exists()
+
+    (champion / "new.csv").unlink()
+    assert resolve(str(champion), tmp_path / "r2", tmp_path / "c2", params)["status"] == NOTHING_NEW
+
+
+def test_a_label_outside_the_champions_needs_the_explicit_flag(tmp_path, params, champion):
+    pd.DataFrame({"text": [f"the board said unit {i} report" for i in range(50)], "label": "neutral"}).to_csv(
+        champion / "new.csv", index=False)
+    with pytest.raises(DataError, match=r"labels \['neutral'\] that champion v1 of tiny-test does not predict .*"
+                                        r"retrain.allow_label_change=true"):
+        resolve(str(champion), tmp_path / "r1", tmp_path / "c1", params)
+    allowed = dataclasses.replace(params, retrain=with_changes(params.retrain, allow_label_change=True))
+    card = resolve(str(champion), tmp_path / "r1", tmp_path / "c1", allowed)
+    assert card["labels"] == ["negative", "neutral", "positive"]
+    assert card["warm_start"].startswith("base: the label set changed")
+
+
+def test_unreadable_reference_names_the_version_and_path(tmp_path, params, champion):
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    subword_texts(100, seed=5).to_csv(champion / "new.csv", index=False)
+    client = MlflowClient()
+    run_id = client.get_model_version(params.register.model_name, "1").run_id
+    reference = Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / "reference"
+    shutil.move(reference, tmp_path / "moved")
+    try:
+        with pytest.raises(DataError, match=f"runs:/{run_id}/reference of tiny-test v1"):
+            resolve(str(champion), tmp_path / "r1", tmp_path / "c1", params)
+    finally:
+        shutil.move(tmp_path / "moved", reference)
+
+
+def test_a_changed_split_salt_is_refused(tmp_path, params, champion):
+    salted = dataclasses.replace(params, ingest=with_changes(params.ingest, split_salt="other"))
+    with pytest.raises(DataError, match="split_salt='other' differs from champion v1's 'kftune-v1'"):
+        resolve(str(champion), tmp_path / "r1", tmp_path / "c1", salted)

@@ -1,0 +1,61 @@
+"""The drift tests on constructed samples whose answer is known."""
+
+import numpy as np
+import pytest
+
+from kftune.drift import confidence_test, distribution_test, mmd_test, psi, vocabulary_test
+
+
+def gaussian(n, shift=0.0, seed=0, dim=8):
+    return np.random.default_rng(seed).normal(shift, 1.0, size=(n, dim))
+
+
+def test_mmd_same_distribution_is_not_drift_and_a_shift_is():
+    same = mmd_test(gaussian(300, seed=1), gaussian(300, seed=2), permutations=500, alpha=0.01, seed=0)
+    assert not same.verdict and same.p_value > 0.01
+    shifted = mmd_test(gaussian(300, seed=1), gaussian(300, shift=0.5, seed=2), permutations=500, alpha=0.01, seed=0)
+    assert shifted.verdict and shifted.p_value < 0.01 and shifted.score > same.score
+    again = mmd_test(gaussian(300, seed=1), gaussian(300, shift=0.5, seed=2), permutations=500, alpha=0.01, seed=0)
+    assert again.p_value == shifted.p_value, "seeded: the same inputs give the same p-value"
+
+
+def test_mmd_false_alarm_rate_is_near_alpha():
+    """Under the null the permutation p-value is uniform: about alpha of i.i.d. pairs are flagged."""
+    flagged = [mmd_test(gaussian(100, seed=2 * i), gaussian(100, seed=2 * i + 1), 200, 0.1, seed=i).verdict
+               for i in range(60)]
+    assert np.mean(flagged) <= 0.2, f"{np.mean(flagged):.2f} of null pairs flagged at alpha 0.1"
+
+
+def test_psi_known_values():
+    assert psi(np.array([50.0, 50.0]), np.array([50.0, 50.0])) == 0
+    expected = 0.4 * np.log(0.9 / 0.5) + 0.4 * np.log(0.5 / 0.1)
+    assert psi(np.array([50.0, 50.0]), np.array([90.0, 10.0])) == pytest.approx(expected)
+
+
+def test_label_distribution_shift():
+    ref = ["neutral"] * 45 + ["positive"] * 30 + ["negative"] * 25
+    same = distribution_test("label", ref, ref[::-1], ["negative", "neutral", "positive"], 0.2)
+    assert not same.verdict and same.details["chi2_p_value"] == pytest.approx(1.0)
+    moved = ["negative"] * 55 + ["neutral"] * 25 + ["positive"] * 20
+    shift = distribution_test("label", ref, moved, ["negative", "neutral", "positive"], 0.2)
+    assert shift.verdict and shift.score > 0.2 and shift.details["chi2_p_value"] < 0.01
+    assert shift.details["new"] == {"negative": 0.55, "neutral": 0.25, "positive": 0.2}
+
+
+def test_confidence_shift():
+    rng = np.random.default_rng(0)
+    confident = 0.5 + 0.5 * rng.beta(8, 1, 500)
+    assert not confidence_test(confident[:250], confident[250:], 0.01).verdict
+    unsure = 0.5 + 0.5 * rng.beta(2, 2, 250)
+    check = confidence_test(confident[:250], unsure, 0.01)
+    assert check.verdict and check.details["new_mean"] < check.details["reference_mean"]
+
+
+def test_vocabulary_shift_counts_only_words_new_to_training():
+    train = ["profit rose at the unit", "costs fell at the bank"]
+    held_out = ["profit fell", "the unit rose"]
+    assert not vocabulary_test(train, held_out, ["costs rose at the bank"], 0.05).verdict
+    check = vocabulary_test(train, held_out, ["staking yields rose", "token bridge exploit"], 0.05)
+    assert check.details["reference_oov_rate"] == 0 and check.details["new_oov_rate"] == pytest.approx(5 / 6)
+    assert check.verdict and check.score == pytest.approx(5 / 6)
+    assert set(check.details["top_new_words"]) == {"staking", "yields", "token", "bridge", "exploit"}
