@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_ROWS ?= 3000
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run test test-fast compile clean image image-cuda test-postgres infra-check
+.PHONY: help install dev run demo-drift test test-fast compile clean image image-cuda test-postgres infra-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -31,17 +31,21 @@ run: install ## generate a demo batch and run the training pipeline end to end (
 	$(BIN)/kftune demo-data --out data/demo --batch 0 --rows $(DEMO_ROWS)
 	$(BIN)/kftune run --data data/demo/batch-000.csv
 
+demo-drift: install ## watch drift detection and retraining on 4 synthetic batches (the last one shifted)
+	$(BIN)/kftune demo-drift
+
 test: dev ## run the whole test suite
 	$(BIN)/pytest -q
 
 test-fast: dev ## the suite without the slow real-data and pipeline tests
 	$(BIN)/pytest -q -m "not slow and not realdata"
 
-compile: install ## compile the training pipeline to pipeline.yaml (set KFTUNE_IMAGE for your registry)
-	$(BIN)/kftune compile -o pipeline.yaml
+compile: install ## compile both pipelines to *.yaml (set KFTUNE_IMAGE for your registry)
+	$(BIN)/kftune compile --pipeline training -o pipeline.yaml
+	$(BIN)/kftune compile --pipeline retraining -o retraining.yaml
 
 clean: ## remove local run outputs (keeps .venv, mlflow.db and mlartifacts)
-	rm -rf local_outputs .kftune data/demo pipeline.yaml
+	rm -rf local_outputs .kftune data/demo pipeline.yaml retraining.yaml
 
 image: ## build the CPU component image (needs a Docker engine; set IMAGE=registry/kftune:tag)
 	docker build -f infra/Dockerfile --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $${IMAGE:-kftune:0.1.0} .

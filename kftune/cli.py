@@ -275,6 +275,13 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def cmd_demo_drift(args) -> int:
+    from kftune.demo import OVERRIDES, run_drift_demo
+
+    run_drift_demo(args.workdir, load_params(args.params, OVERRIDES + (args.set or [])), args.rows)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kftune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -370,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift", type=float, default=0.0, help="0 = i.i.d.; 1 = new entities, terms and class priors")
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo-drift", help="watch the loop: i.i.d. batches, then a shifted one, retraining after each")
+    p.add_argument("--workdir", default=".kftune/demo-drift", help="scratch git + DVC project (default: %(default)s; "
+                                                                   "recreated)")
+    p.add_argument("--rows", type=int, default=1500, help="rows per batch (default: %(default)s)")
+    _add_params_args(p)
+    p.set_defaults(func=cmd_demo_drift)
     return parser
 
 

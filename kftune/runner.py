@@ -110,12 +110,19 @@ def run_retraining_local(params: Params, project_dir: str | Path = ".", data_pat
     """Run the retraining pipeline with kfp.local; return what it decided (see `retraining_outcome`).
 
     Without data_path it reads the project's versioned dataset (kftune.data.DATASET) through DVC.
+    One retraining at a time per project: a second one (manual or scheduled) refuses to start.
     """
+    from kftune.schedule import single_instance
+
+    with single_instance(Path(project_dir) / ".kftune" / "retrain.lock", "retraining run"):
+        return _retrain(params, Path(project_dir).resolve(), data_path, data_repo, data_rev, force)
+
+
+def _retrain(params: Params, project_dir: Path, data_path: str, data_repo: str, data_rev: str, force: bool) -> dict:
     from kftune.data import DATASET
     from kftune.tracking import git_commit
     from pipelines.retraining import create_pipeline
 
-    project_dir = Path(project_dir).resolve()
     if not data_path:
         data_path, data_repo = DATASET, data_repo or str(project_dir)
     data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)

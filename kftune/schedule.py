@@ -34,8 +34,8 @@ def next_fire(cron: str, after: float) -> float:
 
 
 @contextlib.contextmanager
-def single_instance(lock_path: str | Path):
-    """Hold an exclusive lock for the scheduler's lifetime; a second scheduler refuses to start."""
+def single_instance(lock_path: str | Path, what: str = "scheduler"):
+    """Hold an exclusive lock while the block runs; a second holder refuses to start."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as f:
@@ -43,8 +43,8 @@ def single_instance(lock_path: str | Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise ScheduleError(f"another kftune scheduler is running (lock {lock_path}, "
-                                f"pid {f.read().strip() or '?'}); stop it first") from None
+            raise ScheduleError(f"another kftune {what} is running (lock {lock_path}, "
+                                f"pid {f.read().strip() or '?'}); wait for it or stop it first") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))

@@ -70,6 +70,32 @@ def test_cluster_pipeline_carries_image_resources_retries_and_secrets(tmp_path, 
     assert params_default["cluster"]["finetune_gpus"] == 2
 
 
+def test_cluster_retraining_pipeline_has_its_branches_retries_and_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("KFTUNE_IMAGE", "registry.example.com/kftune:9.9")
+    out = tmp_path / "retraining.yaml"
+    subprocess.run([sys.executable, "-m", "kftune.cli", "compile", "--pipeline", "retraining", "-o", str(out),
+                    "--params", str(ROOT / "params.yaml")], check=True, capture_output=True)
+    spec, platform = yaml.safe_load_all(out.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"registry.example.com/kftune:9.9"}
+    root = spec["root"]["dag"]["tasks"]
+    inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    train = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    condition = lambda tasks, name: tasks[name]["triggerPolicy"]["condition"]  # noqa: E731
+    assert condition(root, "condition-1") == "inputs.parameter_values['pipelinechannel--resolve-op-Output'] != 'nothing-new'"
+    assert condition(inner, "condition-2") == "inputs.parameter_values['pipelinechannel--drift-op-Output'] == 'retrain'"
+    assert condition(train, "condition-3").endswith("['pipelinechannel--register-op-Output'] == 'promote'")
+    assert "init_model" in train["finetune-op"]["inputs"]["artifacts"], "warm start from the champion export"
+    for task in (root["resolve-op"], inner["drift-op"], train["finetune-op"], train["register-op"]):
+        assert not task["cachingOptions"].get("enableCache"), "reads the registry or the latest data"
+    for task in (root["resolve-op"], inner["drift-op"], train["tokenize-op"], train["finetune-op"]):
+        assert task["retryPolicy"]["maxRetryCount"] == 2
+    assert "retryPolicy" not in train["register-op"]
+    assert executors["exec-finetune-op"]["container"]["resources"]["resourceMemoryLimit"] == "8G"
+    env = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(env) == set(executors), "every task reads its credentials from Secrets"
+
+
 def test_local_pipeline_has_no_cluster_settings(tmp_path):
     from kfp import compiler
 

@@ -204,7 +204,7 @@ def _log(run_id: str, report: dict, out_dir: Path) -> None:
     metrics["drift_flags"] = float(len(report["flags"]))
     for k, v in metrics.items():
         client.log_metric(run_id, k, v)
-    for k, v in {"drift": str(report["drift"]).lower(), "retrain_decision": report["decision"],
+    for k, v in {"drift": "n/a" if report["drift"] is None else str(report["drift"]).lower(), "retrain_decision": report["decision"],
                  "retrain_reason": report["reason"]}.items():
         client.set_tag(run_id, f"kftune.{k}", v)
     for f in out_dir.iterdir():

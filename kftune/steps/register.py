@@ -177,7 +177,8 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
     cfg = params.register
     tags = {"kftune.data_sha256": card["sha256"], "kftune.git_commit": git_commit,
             "kftune.params_hash": params.digest(),
-            **{f"kftune.{k}": str(v) for k, v in card.get("lineage", {}).items()}}
+            **{f"kftune.{k}": str(v) for k, v in card.get("lineage", {}).items()},
+            **{f"kftune.{k}": str(card[k]) for k in ("warm_start", "new_rows", "replayed_rows") if k in card}}
 
     exp = experiment_id(cfg.experiment)
     with mlflow.start_run(run_id=run_id or None, experiment_id=None if run_id else exp) as run:
