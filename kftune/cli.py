@@ -55,19 +55,13 @@ def cmd_run(args) -> int:
     return 0
 
 
-def print_outcome(o: dict) -> None:
-    """One retraining run, as a user reads it."""
-    print(f"data: {o['status']}, {o['new_rows']} new rows; drift: {o['drift'] or '-'}; {o['retrain']}: {o['reason']}")
-    if o["challenger_version"]:
-        print(f"challenger v{o['challenger_version']}: {o['decision']}")
-    print(f"champion: v{o['champion'] or '-'}   (MLflow run {o['run_id']})")
-
-
 def cmd_retrain(args) -> int:
-    from kftune.runner import run_retraining_local
+    from kftune.runner import describe_outcome, run_retraining_local
 
-    print_outcome(run_retraining_local(_params(args), args.project_dir, args.data or "", args.data_repo or "",
-                                       args.data_rev or "", force=args.force))
+    o = run_retraining_local(_params(args), args.project_dir, args.data or "", args.data_repo or "",
+                             args.data_rev or "", force=args.force)
+    print(f"\n{describe_outcome(o)}\n(MLflow run {o['run_id']} in experiment {_params(args).register.experiment}"
+          f"-retraining)")
     return 0
 
 
@@ -97,13 +91,11 @@ def cmd_schedule(args) -> int:
         job = schedule.schedule_on_cluster(args.host, params, args.cron, _cluster_arguments(args), args.experiment)
         print(f"recurring run {job}: {args.cron!r}, max_concurrency=1, no catch-up")
         return 0
-    from kftune.runner import run_retraining_local
+    from kftune.runner import describe_outcome, run_retraining_local
 
     def job():
-        o = run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "", args.data_rev or "")
-        return (f"{o['status']}, drift {o['drift'] or '-'}, {o['retrain']} ({o['reason']})"
-                + (f", challenger v{o['challenger_version']} {o['decision']}" if o["challenger_version"] else "")
-                + f", champion v{o['champion'] or '-'}")
+        return describe_outcome(run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "",
+                                                     args.data_rev or ""))
 
     try:
         schedule.run_schedule(args.cron, job, Path(args.project_dir) / ".kftune" / "schedule.lock")
@@ -381,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-drift", help="watch the loop: i.i.d. batches, then a shifted one, retraining after each")
     p.add_argument("--workdir", default=".kftune/demo-drift", help="scratch git + DVC project (default: %(default)s; "
                                                                    "recreated)")
-    p.add_argument("--rows", type=int, default=1500, help="rows per batch (default: %(default)s)")
+    p.add_argument("--rows", type=int, default=2000, help="rows per batch (default: %(default)s)")
     _add_params_args(p)
     p.set_defaults(func=cmd_demo_drift)
     return parser

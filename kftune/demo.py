@@ -67,12 +67,13 @@ def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print) -
     """Feed BATCHES through `kftune data add` + the retraining pipeline; return (and print) the timeline."""
     from kftune.data import add_batches
     from kftune.demo_data import write_batch
-    from kftune.runner import run_retraining_local
-    from kftune.tracking import configure
+    from kftune.runner import describe_outcome, run_retraining_local
+    from kftune.tracking import configure, git_commit
 
     workdir = Path(workdir).resolve()
     setup_project(workdir)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"  # the demo's own store, always
+    os.environ.setdefault("KFTUNE_GIT_COMMIT", git_commit(Path(__file__).parent))  # the code's commit, not the demo's
     configure(workdir)
     echo(f"demo project: {workdir} (git + DVC, MLflow in mlflow.db); settings: {' '.join(OVERRIDES)}")
     timeline = []
@@ -88,9 +89,7 @@ def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print) -
         row = {"batch": batch, "shift": drift, **o, "batch_test_rows": len(texts), "champion_f1_before": before,
                "champion_f1_after": after}
         timeline.append(row)
-        echo(f"batch {batch}: {o['status']}, drift {o['drift'] or '-'}, {o['retrain']} ({o['reason']})"
-             + (f", challenger v{o['challenger_version']} {o['decision']}" if o["challenger_version"] else "")
-             + f"; champion v{o['champion']}, its macro-F1 on the batch {_f(before)} -> {_f(after)}")
+        echo(f"batch {batch}: {describe_outcome(o)}; its macro-F1 on the batch {_f(before)} -> {_f(after)}")
     (workdir / "timeline.json").write_text(json.dumps(timeline, indent=2, default=str), encoding="utf-8")
     echo("\n" + format_timeline(timeline))
     return timeline

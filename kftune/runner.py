@@ -150,6 +150,13 @@ def retraining_outcome(card: dict, model_name: str) -> dict:
             "drift_scores": {k.removeprefix("drift_"): v for k, v in run.data.metrics.items() if k.startswith("drift_")}}
 
 
+def describe_outcome(o: dict) -> str:
+    """One retraining run in one line, as the CLI, the scheduler's log and the demo show it."""
+    challenger = f", challenger v{o['challenger_version']} {o['decision']}" if o["challenger_version"] else ""
+    return (f"{o['status']} ({o['new_rows']} new rows), drift {o['drift'] or '-'}, {o['retrain']}: {o['reason']}"
+            f"{challenger}; champion v{o['champion'] or '-'}")
+
+
 def kfp_client(host: str):
     """A KFP API client; auth from a bearer token in KFTUNE_KFP_TOKEN, if set."""
     import os

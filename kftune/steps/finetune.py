@@ -155,7 +155,10 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     state = {"step": 0, "epoch": 0, "micro": 0, "best_f1": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
     best_weights = None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    fingerprint = {"model": model_name, "cfg": vars(cfg), "data": tokenized_digest(tokenized_dir), "labels": labels}
+    exported = Path(model_name) / MODEL_INFO  # a champion exported by resolve: a new folder in every pipeline run
+    version = read_json(exported).get("version") if exported.exists() else None
+    start = f"registry version {version}" if version else model_name
+    fingerprint = {"model": start, "cfg": vars(cfg), "data": tokenized_digest(tokenized_dir), "labels": labels}
     resumed_from = 0
     if ckpt_path and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)

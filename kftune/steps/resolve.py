@@ -17,7 +17,8 @@ import pandas as pd
 from kftune import registry
 from kftune.config import Params
 from kftune.fileio import read_json, write_json
-from kftune.steps.ingest import DataError, describe, load_rows, write_dataset
+from kftune.predict import MODEL_INFO
+from kftune.steps.ingest import DataError, describe, load_rows, require_splits, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +50,22 @@ def download_reference(name: str, version: str, dest: str | Path) -> tuple[pd.Da
 
 
 def export_champion(name: str, version: str, dest: str | Path) -> dict:
-    """Save the champion's model and tokenizer as a transformers folder, with kftune.json describing it.
+    """Save the champion's model and tokenizer as a transformers folder; return what it is.
 
     Later steps (drift, a warm-started fine-tune) read this copy, so one pipeline run uses one
     champion even if the alias moves meanwhile.
     """
     import mlflow
 
-    from kftune.predict import MODEL_INFO, labels_of
+    from kftune.predict import labels_of
 
     parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
     dest = Path(dest)
     parts["model"].save_pretrained(dest)
     parts["tokenizer"].save_pretrained(dest)
     run = mlflow.MlflowClient().get_run(mlflow.MlflowClient().get_model_version(name, version).run_id)
-    info = {"version": version, "labels": labels_of(parts["model"]), "base_model": run.data.params.get("model.name", ""),
+    return {"version": version, "labels": labels_of(parts["model"]), "base_model": run.data.params.get("model.name", ""),
             "task": "sequence-classification"}
-    write_json(dest / MODEL_INFO, info)
-    return info
 
 
 def warm_start(champion: dict, labels: list[str], params: Params) -> str:
@@ -158,6 +157,7 @@ def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, li
     card = {**info, "lineage": lineage, "champion_version": champion or "", "latest_rows": len(latest)}
 
     if champion is None:
+        require_splits(latest, source)
         card.update(status=FIRST_TRAINING, new_rows=len(latest), **describe(latest))
         write_dataset(out_data, latest, card, {"reference": latest, "new": latest})
         log.info("resolve: no champion of %s yet: first training on %d rows", name, len(latest))
@@ -192,9 +192,9 @@ def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, li
     hist_test = history[history["split"] == "test"]
     card.update(status=NEW_DATA, replayed_rows=int((train["split"] == "train").sum()) - card["new_rows_by_split"]["train"],
                 historical_test_rows=len(hist_test), **describe(train))
-    info = export_champion(name, champion, out_champion)
-    card["warm_start"] = warm_start(info, card["labels"], params)
-    write_json(out_champion / "kftune.json", {**info, "warm_start": card["warm_start"].startswith("champion")})
+    exported = export_champion(name, champion, out_champion)
+    card["warm_start"] = warm_start(exported, card["labels"], params)
+    write_json(out_champion / MODEL_INFO, {**exported, "warm_start": card["warm_start"].startswith("champion")})
     reference.to_parquet(out_champion / "reference.parquet")  # the drift step's reference side
     write_dataset(out_data, train, card, {"historical_test": hist_test[["text", "label"]], "new": new,
                                           "reference": latest})
