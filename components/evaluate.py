@@ -12,6 +12,6 @@ def evaluate_op(data: Input[Dataset], model: Input[Model], params: dict, evaluat
     from kftune.steps.evaluate import evaluate
 
     m = evaluate(data.path, model.path, evaluation.path, params_from_dict(params).evaluate)
-    for key in ("accuracy", "macro_f1", "ece"):
-        metrics.log_metric(f"test_{key}", m["model"][key])
-    metrics.log_metric("baseline_tfidf_macro_f1", m["baselines"]["tfidf_logreg"]["macro_f1"])
+    key, baseline = m["primary"], m["baseline"]
+    metrics.log_metric(f"test_{key}", m["model"][key])
+    metrics.log_metric(f"baseline_{baseline}_{key}", m["baselines"][baseline][key])

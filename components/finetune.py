@@ -40,7 +40,7 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
     with mlflow.start_run(run_id=run_id):
         summary = finetune(tokenized.path, model.path, start, p.finetune, checkpoint_dir=ckpt,
                            on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
-        mlflow.log_metrics({"best_val_macro_f1": summary["best_val_macro_f1"],
-                            "train_examples_per_second": summary["examples_per_second"]})
-    model.metadata.update({"best_val_macro_f1": summary["best_val_macro_f1"], "mlflow_run_id": run_id})
+        best = {k: v for k, v in summary.items() if k.startswith("best_val_")}
+        mlflow.log_metrics({**best, "train_examples_per_second": summary["examples_per_second"]})
+    model.metadata.update({**best, "mlflow_run_id": run_id})
     return run_id

@@ -21,7 +21,8 @@ def ingest_op(data_path: str, data_repo: str, data_rev: str, data_hash: str, par
 
     with tempfile.TemporaryDirectory() as tmp:
         local, lineage = materialize(data_path, data_repo, data_rev, tmp)
-        card = ingest(local, data.path, params_from_dict(params).ingest, lineage)
+        p = params_from_dict(params)
+        card = ingest(local, data.path, p.ingest, lineage, p.task)
     if data_hash and data_hash != card["sha256"]:
         raise ValueError(f"{data_path} at {data_rev or 'HEAD'} changed since submission: content SHA-256 "
                          f"{card['sha256']} != data_hash {data_hash}")

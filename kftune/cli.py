@@ -132,7 +132,7 @@ def cmd_step(args) -> int:
     if args.name == "ingest":
         from kftune.steps.ingest import ingest
 
-        card = ingest(args.data, args.out, params.ingest)
+        card = ingest(args.data, args.out, params.ingest, task=params.task)
         print(f"{card['rows']} dropped={card['dropped']} sha256={card['sha256'][:12]}")
     elif args.name == "tokenize":
         from kftune.steps.tokenize import tokenize
@@ -156,14 +156,15 @@ def cmd_step(args) -> int:
         if args.plots and os.environ.get("RANK", "0") == "0":  # DVC plots: one record per step, one file per curve
             history = read_json(Path(args.out) / "training_history.json")
             Path(args.plots).mkdir(parents=True, exist_ok=True)
-            for key in ("train_loss", "val_macro_f1"):
+            for key in [k for k in ("train_loss", "val_macro_f1", "val_entity_f1") if any(k in h for h in history)]:
                 write_json(Path(args.plots) / f"{key}.json", [
                     {"step": h["step"], key: h[key]} for h in history if key in h])
     elif args.name == "evaluate":
         from kftune.steps.evaluate import evaluate
 
         m = evaluate(args.data, args.model, args.out, params.evaluate)
-        print(f"test macro-F1 {m['model']['macro_f1']:.4f} (TF-IDF {m['baselines']['tfidf_logreg']['macro_f1']:.4f})")
+        key, base = m["primary"], m["baseline"]
+        print(f"test {key} {m['model'][key]:.4f} ({base} baseline {m['baselines'][base][key]:.4f})")
     elif args.name == "register":
         from kftune import registry
         from kftune.steps.register import PROMOTE, register
@@ -184,11 +185,11 @@ def _print_versions(name: str, only: str | None = None) -> None:
     from kftune import registry
 
     rows = [r for r in registry.list_versions(name) if only is None or str(r["version"]) == str(only)]
-    print(f"{'version':>7}  {'aliases':<30} {'decision':<18} {'macro-F1':>8}  created")
+    print(f"{'version':>7}  {'aliases':<30} {'decision':<18} {'test F1':>8}  created")
     for r in rows:
         created = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
         print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<30} {r['decision'] or '-':<18} "
-              f"{r['macro_f1'] or '-':>8}  {created}")
+              f"{r['score'] or '-':>8}  {created}")
 
 
 def cmd_models(args) -> int:
@@ -206,7 +207,8 @@ def cmd_models(args) -> int:
         expected = "any"
         if tags.get("kftune.decision") == "awaiting-approval" and not args.force:
             # approve what was gated: against the champion of that moment, or none
-            expected = tags.get("kftune.compared_with", "").removeprefix("v").replace("tfidf_logreg baseline", "")
+            expected = tags.get("kftune.compared_with", "").removeprefix("v")
+            expected = "" if expected.endswith(" baseline") else expected
         event = registry.promote(name, args.version, args.reason, expected_champion=expected)
         MlflowClient().set_model_version_tag(name, args.version, "kftune.approved_by", event.actor)
         print(f"{name}: champion v{event.from_version or '-'} -> v{event.to_version}")
@@ -233,7 +235,8 @@ def _show_version(name: str, version: str) -> None:
     mv = MlflowClient().get_model_version(name, version)
     t = {k.removeprefix("kftune."): v for k, v in mv.tags.items() if k.startswith("kftune.")}
     print(f"{name} v{version}  (run {mv.run_id})")
-    for key in ("decision", "test_macro_f1", "compared_with", "reference_macro_f1", "reasons", "git_commit",
+    for key in ("decision", "test_macro_f1", "test_entity_f1", "compared_with", "reference_score", "reasons",
+                "historical_macro_f1", "warm_start", "retrain_run_id", "git_commit",
                 "params_hash", "data_sha256", "data_repo", "data_rev", "data_commit", "data_path", "dvc_md5"):
         if key in t:
             print(f"  {key:<19} {t[key]}")

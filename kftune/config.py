@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-TASKS = ("sequence-classification",)
+TASKS = ("sequence-classification", "token-classification")
 
 
 class ConfigError(ValueError):
@@ -37,10 +37,14 @@ class IngestConfig:
     text_column: str = _doc("Column holding the text.")
     label_column: str = _doc("Column holding the label.")
     encoding: str = _doc("Encoding of CSV/TSV/JSONL files.")
-    labels: list[str] = _doc("Allowed labels in order; empty means infer the sorted set from the data.")
+    labels: list[str] = _doc("Allowed labels in order (token classification: allowed tags such as O, B-person, "
+                             "I-person); empty means infer them from the data.")
     validation_fraction: float = _doc("Share of texts hashed into the validation split.")
     test_fraction: float = _doc("Share of texts hashed into the test split.")
     split_salt: str = _doc("Salt of the split hash; changing it reshuffles every text, so keep it for a dataset's life.")
+    conll_tag_column: int = _doc("Token classification, CoNLL files: 0-based column holding the tag (-1: the last).")
+    bio_repair: bool = _doc("Token classification: turn an I-X that does not continue an X entity into B-X (and "
+                            "count it) instead of failing.")
 
     def problems(self) -> list[str]:
         out = []
@@ -60,7 +64,10 @@ class IngestConfig:
 
 @dataclass
 class TokenizeConfig:
-    max_length: int = _doc("Longest sequence in tokens; longer texts are truncated (and counted).")
+    max_length: int = _doc("Longest sequence in tokens; longer texts are truncated (token classification: split "
+                           "into windows of whole words), and counted.")
+    label_all_subtokens: bool = _doc("Token classification: label every sub-token of a word (B- becomes I- after "
+                                     "the first) instead of only the first.")
 
     def problems(self) -> list[str]:
         return [] if 8 <= self.max_length <= 512 else [f"tokenize.max_length={self.max_length!r}: must be in [8, 512]"]
@@ -215,7 +222,7 @@ class ClusterConfig:
 
 @dataclass
 class Params:
-    task: str = _doc("sequence-classification (token-classification is not implemented yet).")
+    task: str = _doc("sequence-classification (one label per text) or token-classification (one IOB2 tag per word).")
     model: ModelConfig = _doc("Base model.")
     ingest: IngestConfig = _doc("Reading, cleaning and splitting the data.")
     tokenize: TokenizeConfig = _doc("Tokenization.")

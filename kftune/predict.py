@@ -47,6 +47,67 @@ def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, b
     return (out, pooled) if embeddings else out
 
 
+def predict_token_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False) -> list:
+    """Token classification: one (sequence length, labels) logits array per sequence, in input order."""
+    import torch
+
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    out: list = [None] * len(seqs)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(seqs), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                out[i] = logits[row, : len(seqs[i])]
+    return out
+
+
+def word_predictions(model, tokenizer, sentences: list[list[str]], batch_size: int = 64):
+    """Token classification: (tags, scores) per word of each sentence, read from each word's first sub-token.
+
+    Long sentences are cut into windows of whole words as in training; predicted tags are made valid IOB2.
+    """
+    from kftune.ner import repaired
+    from kftune.steps.tokenize import word_windows
+
+    labels = labels_of(model)
+    seqs, owners = [], []
+    for i, words in enumerate(sentences):
+        for a, b in word_windows(tokenizer, words, tokenizer.model_max_length):
+            enc = tokenizer(words[a:b], is_split_into_words=True, truncation=True, max_length=tokenizer.model_max_length)
+            seqs.append(enc["input_ids"])
+            owners.append((i, a, enc.word_ids()))
+    tags = [["O"] * len(words) for words in sentences]
+    scores = [[0.0] * len(words) for words in sentences]
+    for (i, a, word_ids), logits in zip(owners, predict_token_logits(model, seqs, tokenizer.pad_token_id, batch_size)):
+        probs, previous = softmax(logits), None
+        for pos, w in enumerate(word_ids):
+            if w is not None and w != previous:
+                tags[i][a + w], scores[i][a + w] = labels[int(probs[pos].argmax())], float(probs[pos].max())
+            previous = w
+    return [repaired(t) for t in tags], scores
+
+
+def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[list[dict]]:
+    """Token classification on raw texts: per text, its entities (type, text, start, end, score).
+
+    Words come from the tokenizer's own pre-tokenizer (BERT's: whitespace and punctuation), with their
+    character offsets; sub-tokens are grouped back into words and words into spans.
+    """
+    from kftune.ner import char_spans
+
+    import re
+
+    pre = tokenizer.backend_tokenizer.pre_tokenizer  # None: split on whitespace
+    split = [pre.pre_tokenize_str(t) if pre else [(m.group(), m.span()) for m in re.finditer(r"\S+", t)]
+             for t in texts]
+    tags, scores = word_predictions(model, tokenizer, [[w for w, _ in ws] or [""] for ws in split], batch_size)
+    return [char_spans(text, [o for _, o in ws], t, s) if ws else [] for text, ws, t, s in zip(texts, split, tags, scores)]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)

@@ -133,6 +133,7 @@ def list_versions(name: str) -> list[dict]:
     out = []
     for mv in client.search_model_versions(f"name='{name}'", order_by=["version_number ASC"]):
         out.append({"version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
-                    "decision": mv.tags.get(f"{TAG}decision", ""), "macro_f1": mv.tags.get(f"{TAG}test_macro_f1", ""),
+                    "decision": mv.tags.get(f"{TAG}decision", ""),
+                    "score": mv.tags.get(f"{TAG}test_macro_f1") or mv.tags.get(f"{TAG}test_entity_f1", ""),
                     "created": mv.creation_timestamp, "run_id": mv.run_id})
     return out

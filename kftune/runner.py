@@ -36,7 +36,7 @@ def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str
                           f"{layers} layers")
     with tempfile.TemporaryDirectory() as tmp:
         local, lineage = materialize(data_path, data_repo, data_rev, tmp)
-        return ingest(local, Path(tmp) / "data", params.ingest, lineage)
+        return ingest(local, Path(tmp) / "data", params.ingest, lineage, params.task)
 
 
 PIPELINES = ("training", "retraining")
@@ -114,6 +114,9 @@ def run_retraining_local(params: Params, project_dir: str | Path = ".", data_pat
     """
     from kftune.schedule import single_instance
 
+    if params.task != "sequence-classification":
+        raise ConfigError(f"task={params.task!r}: the retraining pipeline (drift tests, replay) is built for "
+                          f"sequence-classification; retrain a {params.task} model with `kftune run`")
     with single_instance(Path(project_dir) / ".kftune" / "retrain.lock", "retraining run"):
         return _retrain(params, Path(project_dir).resolve(), data_path, data_repo, data_rev, force)
 

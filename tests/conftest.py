@@ -51,6 +51,32 @@ def subword_texts(n: int, seed: int = 0, shifted: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["text", "label"])
 
 
+def ner_sentences(n: int, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """Tagged sentences for the tiny model: a `per` is one word on a positive stem ("gainoku"), an `org`
+    two words on negative stems ("lossira dropmek"), every name unique, so memorising names fails
+    and only the stems (sub-tokens) generalise."""
+    rng = np.random.default_rng(seed)
+    letters = list("aeioukrstnm")
+    name = lambda stems: str(rng.choice(stems)) + "".join(rng.choice(letters, size=4))  # noqa: E731
+    out = []
+    for _ in range(n):
+        tokens = [str(w) for w in rng.choice(FILLER, size=rng.integers(3, 8))]
+        tags = ["O"] * len(tokens)
+        for _ in range(rng.integers(1, 3)):
+            at = int(rng.choice([i for i in range(len(tokens) + 1) if i == len(tokens) or tags[i][:2] != "I-"]))
+            if rng.random() < 0.5:
+                tokens[at:at], tags[at:at] = [name(POSITIVE_STEMS)], ["B-per"]
+            else:
+                tokens[at:at], tags[at:at] = [name(NEGATIVE_STEMS), name(NEGATIVE_STEMS)], ["B-org", "I-org"]
+        out.append((tokens, tags))
+    return out
+
+
+def write_conll(path: Path, sentences) -> Path:
+    path.write_text("\n\n".join("\n".join(f"{t}\t{g}" for t, g in zip(*s)) for s in sentences) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer, 32-wide BERT with a hand-built WordPiece vocabulary, saved as a folder.

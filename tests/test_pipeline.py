@@ -1,6 +1,7 @@
 """End to end: the KFP pipeline through kfp.local with the tiny model, the real registry and gate."""
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from kftune import registry
 from kftune.config import ModelConfig, load_params
 from kftune.runner import PipelineFailed, compile_pipeline, run_local
 from kftune.steps.ingest import DataError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ner_sentences, write_conll
 from tests.steps.test_register import train_and_register
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ def test_pipeline_trains_registers_and_promotes_then_holds_a_worse_model(tmp_pat
                                                 f"register.model_name={name}"])
     second = run_local(str(subword_csv), worse, tmp_path)
     assert second["decision"] == "hold" and second["champion_version"] == "1"
-    assert second["challenger_macro_f1"] < second["reference_macro_f1"]
+    assert second["challenger_score"] < second["reference_score"]
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"
     assert registry.version_by_alias(name, registry.CHALLENGER) == "2"
     assert len(list(Path(tmp_path, "local_outputs").glob("*/promote-op/executor_output.json"))) == 1
@@ -82,3 +83,27 @@ def test_a_failing_step_leaves_the_champion_alone(prepared, params, subword_csv,
         run_local(str(subword_csv), dataclasses.replace(params, model=ModelConfig(str(broken))), prepared)
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"
     assert [v["version"] for v in registry.list_versions(name)] == ["1"]
+
+
+def test_token_classification_pipeline_registers_a_tagger_that_returns_spans(tmp_path, params, mlflow_store):
+    import mlflow
+
+    from kftune.predict import predict_spans
+
+    ner = dataclasses.replace(params, task="token-classification",
+                              register=dataclasses.replace(params.register, model_name="tiny-ner"))
+    decision = run_local(str(write_conll(tmp_path / "ner.conll", ner_sentences(1200))), ner, tmp_path)
+    assert decision["decision"] == "promote" and decision["metric"] == "entity_f1"
+    (metrics_file,) = Path(tmp_path, "local_outputs").glob("*/evaluate-op/evaluation/metrics.json")
+    m = json.loads(metrics_file.read_text())
+    assert m["model"]["entity_f1"] > 0.8 and set(m["model"]["per_type"]) == {"org", "per"}
+    assert m["baselines"]["memorization"]["entity_f1"] < 0.2, "every name is new: memorising names cannot work"
+    assert decision["challenger_score"] == m["model"]["entity_f1"]
+
+    parts = mlflow.transformers.load_model("models:/tiny-ner@champion", return_type="components")
+    text = "The board said gainoku met lossira  dropmek today."
+    (spans,) = predict_spans(parts["model"], parts["tokenizer"], [text])
+    assert {"type": "per", "text": "gainoku", "start": 15, "end": 22} == {k: spans[0][k] for k in
+                                                                           ("type", "text", "start", "end")}
+    assert {w for e in spans if e["type"] == "org" for w in e["text"].split()} == {"lossira", "dropmek"}
+    assert all(text[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1 for e in spans)

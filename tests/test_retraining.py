@@ -68,7 +68,7 @@ def test_retraining_follows_the_data_and_survives_a_kill(project):  # noqa: F811
     assert tags["kftune.warm_start"] == "champion v1"
     reasons = tags["kftune.reasons"]
     assert "historical test macro-F1" in reasons and "champion" in reasons, reasons
-    new_f1, champion_f1 = float(tags["kftune.test_macro_f1"]), float(tags["kftune.reference_macro_f1"])
+    new_f1, champion_f1 = float(tags["kftune.test_macro_f1"]), float(tags["kftune.reference_score"])
     assert new_f1 > champion_f1 + 0.2, "the shifted data broke the old champion and the challenger learned it"
     assert float(tags["kftune.historical_macro_f1"]) > 0.9, "and it still knows the old data"
     assert tags["kftune.data_commit"] and tags["kftune.retrain_run_id"] == retrained["run_id"]

@@ -107,11 +107,15 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
     """
     data_dir = Path(data_dir)
     train, test = pd.read_parquet(data_dir / "train.parquet"), pd.read_parquet(data_dir / "test.parquet")
+    if "tags" in test.columns:
+        return evaluate_tokens(train, test, model_dir, Path(out_dir), cfg)
     probs, labels = predict_proba(model_dir, test["text"].tolist(), cfg.batch_size)
     y = test["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
     metrics = {
         "labels": labels,
         "test_rows": len(test),
+        "primary": "macro_f1",  # what the gate compares
+        "baseline": "tfidf_logreg",  # the baseline the gate requires beating
         "model": classification_metrics(y, probs, labels, cfg.ece_bins),
         "baselines": {name: classification_metrics(y, p, labels, cfg.ece_bins)
                       for name, p in baseline_probs(train, test, labels, cfg).items()},
@@ -131,4 +135,38 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
             tmp / "predictions.csv", index=False)
     log.info("evaluate: macro-F1 model %.4f, tfidf %.4f, majority %.4f", metrics["model"]["macro_f1"],
              metrics["baselines"]["tfidf_logreg"]["macro_f1"], metrics["baselines"]["majority"]["macro_f1"])
+    return metrics
+
+
+def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Path, out_dir: Path,
+                    cfg: EvaluateConfig) -> dict:
+    """Token classification: entity-level P/R/F1 (seqeval, strict IOB2) overall and per type, token
+    accuracy, for the model and for the memorisation baseline (each word's most frequent training tag)."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from kftune.ner import Sentence, entity_metrics, memorization_baseline
+    from kftune.predict import labels_of, word_predictions
+
+    model = AutoModelForTokenClassification.from_pretrained(model_dir)
+    tokens, gold = [list(t) for t in test["tokens"]], [list(t) for t in test["tags"]]
+    pred, _ = word_predictions(model, AutoTokenizer.from_pretrained(model_dir), tokens, cfg.batch_size)
+    seen = [Sentence(list(k), list(t), 0) for k, t in zip(train["tokens"], train["tags"])]
+    metrics = {"task": "token-classification", "labels": labels_of(model), "test_rows": len(test),
+               "primary": "entity_f1", "baseline": "memorization", "model": entity_metrics(gold, pred),
+               "baselines": {"memorization": entity_metrics(gold, memorization_baseline(seen, tokens))}}
+    rows = [("model", metrics["model"]), ("memorization", metrics["baselines"]["memorization"])]
+    lines = [f"# Evaluation on the test split ({len(test)} sentences)", "",
+             "| system | entity precision | entity recall | entity F1 | token accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {m['precision']:.4f} | {m['recall']:.4f} | {m['entity_f1']:.4f} | {m['token_accuracy']:.4f} |"
+              for n, m in rows]
+    lines += ["", "| type | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {t} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+              for t, c in metrics["model"]["per_type"].items()]
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        (tmp / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        pd.DataFrame({"tokens": tokens, "tags": gold, "predicted": pred}).to_json(
+            tmp / "predictions.jsonl", orient="records", lines=True)
+    log.info("evaluate: entity F1 model %.4f, memorization %.4f", metrics["model"]["entity_f1"],
+             metrics["baselines"]["memorization"]["entity_f1"])
     return metrics

@@ -80,9 +80,51 @@ def _optimizer(model, cfg: FinetuneConfig):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
 
 
-def _read_split(tokenized_dir: Path, split: str) -> tuple[list[list[int]], np.ndarray]:
+def _read_split(tokenized_dir: Path, split: str, ner: bool):
+    """(input ids, labels, word ids): labels one int per text, or (NER) one array per window with word ids."""
     df = pd.read_parquet(tokenized_dir / f"{split}.parquet")
-    return [list(x) for x in df["input_ids"]], df["label"].to_numpy(copy=True)
+    if ner:
+        return [list(x) for x in df["input_ids"]], [np.array(y) for y in df["labels"]], list(df["word_ids"])
+    return [list(x) for x in df["input_ids"]], df["label"].to_numpy(copy=True), None
+
+
+def _batch_labels(y, idx, width: int, ner: bool):
+    """Labels of one batch; NER label rows are padded with IGNORE like the input ids are with [PAD]."""
+    import torch
+
+    from kftune.ner import IGNORE
+
+    if not ner:
+        return torch.as_tensor(y[idx])
+    out = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+    for row, i in enumerate(idx):
+        out[row, : len(y[i])] = torch.as_tensor(y[i])
+    return out
+
+
+def validation_metrics(model, x, y, word_ids, pad_id: int, labels: list[str], batch_size: int, bf16: bool) -> dict:
+    """Validation loss and score: macro-F1 for texts, entity F1 (seqeval) for tags on each word's first sub-token."""
+    import torch
+
+    from kftune.ner import IGNORE, entity_metrics, repaired
+    from kftune.predict import predict_token_logits
+
+    if word_ids is None:
+        logits = predict_logits(model, x, pad_id, batch_size, bf16)
+        loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+        return {"val_macro_f1": macro_f1(y, logits.argmax(1), len(labels)),
+                "val_accuracy": float((logits.argmax(1) == y).mean()), "val_loss": loss}
+    logits = predict_token_logits(model, x, pad_id, batch_size, bf16)
+    flat_logits = np.concatenate([lg[yy != IGNORE] for lg, yy in zip(logits, y)])
+    flat_y = np.concatenate([yy[yy != IGNORE] for yy in y])
+    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(flat_logits), torch.from_numpy(flat_y)))
+    gold, pred = [], []
+    for lg, yy, ww in zip(logits, y, word_ids):
+        first = [i for i, w in enumerate(ww) if w >= 0 and (i == 0 or ww[i - 1] != w)]
+        gold.append([labels[yy[i]] for i in first])
+        pred.append(repaired([labels[int(lg[i].argmax())] for i in first]))
+    m = entity_metrics(gold, pred)
+    return {"val_entity_f1": m["entity_f1"], "val_token_accuracy": m["token_accuracy"], "val_loss": loss}
 
 
 def tokenized_digest(tokenized_dir: str | Path) -> str:
@@ -93,7 +135,7 @@ def tokenized_digest(tokenized_dir: str | Path) -> str:
 
 def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cfg: FinetuneConfig,
              checkpoint_dir: str | Path | None = None, on_log: LogFn | None = None) -> dict:
-    """Fine-tune the base model on the tokenized train split, early-stopping on validation macro-F1.
+    """Fine-tune the base model on the tokenized train split, early-stopping on validation macro-F1 (entity F1).
 
     Args:
         tokenized_dir: tokenize output ({split}.parquet, tokenizer/, tokenize_stats.json).
@@ -108,8 +150,8 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup,
-                              set_seed)
+    from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
+                              get_linear_schedule_with_warmup, set_seed)
 
     from kftune.models import load_pretrained, resolve_base_model
 
@@ -121,13 +163,17 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
 
-    train_x, train_y = _read_split(tokenized_dir, "train")
-    val_x, val_y = _read_split(tokenized_dir, "validation")
+    task = stats.get("task", "sequence-classification")
+    ner = task == "token-classification"
+    score_key = "val_entity_f1" if ner else "val_macro_f1"
+    train_x, train_y, _ = _read_split(tokenized_dir, "train", ner)
+    val_x, val_y, val_words = _read_split(tokenized_dir, "validation", ner)
     lengths = np.array([len(x) for x in train_x])
     tokenizer = AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer")
     pad_id = tokenizer.pad_token_id
 
-    model = load_pretrained(AutoModelForSequenceClassification, resolve_base_model(model_name),
+    model = load_pretrained(AutoModelForTokenClassification if ner else AutoModelForSequenceClassification,
+                            resolve_base_model(model_name),
                             num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={lbl: i for i, lbl in enumerate(labels)})
     _freeze(model, cfg)
@@ -184,13 +230,11 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     def validate() -> bool:
         """Record a validation; return True when patience has run out."""
         nonlocal best_weights
-        logits = predict_logits(model, val_x, pad_id, cfg.batch_size * 2, cfg.bf16)
-        f1 = macro_f1(val_y, logits.argmax(1), len(labels))
-        loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val_y)))
-        metrics = {"val_macro_f1": f1, "val_accuracy": float((logits.argmax(1) == val_y).mean()), "val_loss": loss}
+        metrics = validation_metrics(model, val_x, val_y, val_words, pad_id, labels, cfg.batch_size * 2, cfg.bf16)
+        f1, loss = metrics[score_key], metrics["val_loss"]
         state["history"].append({"step": state["step"], **metrics})
         on_log(metrics, state["step"])
-        log.info("fine-tune step %d: validation macro-F1 %.4f, loss %.4f", state["step"], f1, loss)
+        log.info("fine-tune step %d: %s %.4f, loss %.4f", state["step"], score_key, f1, loss)
         if f1 > state["best_f1"]:
             state.update(best_f1=f1, best_step=state["step"], bad_evals=0)
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -213,7 +257,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
             ids, mask = pad_batch([train_x[i] for i in idx], pad_id)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = train_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   labels=torch.as_tensor(train_y[idx]).to(device)).loss
+                                   labels=_batch_labels(train_y, idx, ids.shape[1], ner).to(device)).loss
             group_start = state["micro"] - state["micro"] % cfg.grad_accum_steps
             (loss / min(cfg.grad_accum_steps, len(batches) - group_start)).backward()  # a short last group too
             running_loss.append(loss.item())
@@ -255,7 +299,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     model.load_state_dict(best_weights)  # restore the best validation checkpoint
     summary = {
         "steps": state["step"], "epochs_completed": state["epoch"], "total_steps_planned": total_steps,
-        "best_val_macro_f1": state["best_f1"], "best_step": state["best_step"], "stopped_early": stopped_early,
+        f"best_{score_key}": state["best_f1"], "best_step": state["best_step"], "stopped_early": stopped_early,
         "resumed_from_step": resumed_from, "train_examples": len(train_x),
         "examples_per_second": seen / max(train_seconds, 1e-9), "train_seconds": train_seconds,
         "processes": world,
@@ -269,7 +313,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         tokenizer.model_max_length = stats["max_length"]  # so every later user truncates as training did
         tokenizer.save_pretrained(tmp)
         write_json(tmp / MODEL_INFO, {"labels": labels, "max_length": stats["max_length"], "base_model": model_name,
-                                      "task": "sequence-classification"})
+                                      "task": task})
         write_json(tmp / "training_history.json", state["history"])
         write_json(tmp / "train_summary.json", summary)
     if ckpt_path and ckpt_path.exists():

@@ -202,31 +202,95 @@ def require_splits(df: pd.DataFrame, source: str) -> None:
             raise DataError(f"{source}: the {name} split is empty with {len(df)} rows; add data or {hint}")
 
 
-def write_dataset(out_dir: str | Path, df: pd.DataFrame, card: dict, extra: dict[str, pd.DataFrame] = {}) -> None:
+def write_dataset(out_dir: str | Path, df: pd.DataFrame, card: dict, extra: dict[str, pd.DataFrame] = {},
+                  columns: tuple[str, ...] = ("text", "label")) -> None:
     """{split}.parquet from df's split column, any extra tables as {name}.parquet, and data_card.json."""
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
-            df[df["split"] == name][["text", "label"]].reset_index(drop=True).to_parquet(tmp / f"{name}.parquet")
+            df[df["split"] == name][list(columns)].reset_index(drop=True).to_parquet(tmp / f"{name}.parquet")
         for name, part in extra.items():
             part.reset_index(drop=True).to_parquet(tmp / f"{name}.parquet")
         write_json(tmp / "data_card.json", card)
 
 
-def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None = None) -> dict:
-    """Read, clean, validate and split labelled texts.
+NER_SUFFIXES = (".conll", ".iob", ".iob2", ".bio", ".jsonl", ".json")
+
+
+def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
+    """Token classification: every sentence under `source` (CoNLL or JSONL) as text, tokens, tags and label
+    (the tags joined, so that `clean` can drop duplicates and conflicts); bad lines fail with file:line."""
+    from kftune import ner
+
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in NER_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: folder has no {', '.join(NER_SUFFIXES)} files")
+    allowed = set(cfg.labels) or None
+    rows, repairs, sources = [], 0, []
+    for f in files:
+        try:
+            sentences = (ner.read_jsonl(f, cfg.encoding) if f.suffix.lower() in (".jsonl", ".json")
+                         else ner.read_conll(f, cfg.conll_tag_column, cfg.encoding))
+            for s in sentences:
+                repairs += ner.check_tags(s, f"{f}:{s.line}", cfg.bio_repair, allowed)
+        except ner.NerDataError as exc:
+            raise DataError(str(exc)) from None
+        except UnicodeDecodeError:
+            raise DataError(f"{f}:{_bad_byte_line(f, cfg.encoding)}: not valid {cfg.encoding}; set ingest.encoding") from None
+        if not sentences:
+            raise DataError(f"{f}: no sentences (expected one token per line, blank lines between sentences)")
+        sources.append({"file": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "rows": len(sentences)})
+        rows += [(" ".join(s.tokens), " ".join(s.tags), s.tokens, s.tags) for s in sentences]
+    df = pd.DataFrame(rows, columns=["text", "label", "tokens", "tags"])
+    return df, {"sources": sources, "bio_repairs": repairs}
+
+
+def _ingest_tokens(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None) -> dict:
+    from kftune import ner
+
+    raw, info = read_sentences(source, cfg)
+    df, drops = clean(raw)  # tokens never hold whitespace, so normalising the joined text changes nothing
+    if df.empty:
+        raise DataError(f"{source}: no usable sentences ({len(raw)} read; dropped {drops})")
+    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
+    require_splits(df, source)
+    tags = list(cfg.labels) or ner.tag_set([t for ts in df["tags"] for t in ts])
+    per_split = {s: [ner.Sentence(list(k), list(t), 0) for k, t in zip(part["tokens"], part["tags"])]
+                 for s, part in df.groupby("split")}
+    card = {**info, "task": "token-classification", "rows_read": len(raw), "dropped": drops, "labels": tags,
+            "split_salt": cfg.split_salt, "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
+            "tokens": {s: int(df[df["split"] == s]["tokens"].map(len).sum()) for s in SPLITS},
+            "entities": {s: ner.entity_counts(per_split.get(s, [])) for s in SPLITS},
+            "sentence_length_words": _quantiles(df["tokens"].map(len)), "sha256": content_sha256(df),
+            "lineage": lineage or {"data_path": str(source)}}
+    write_dataset(out_dir, df, card, columns=("text", "tokens", "tags"))
+    log.info("ingest: %d sentences -> %s; %d BIO repairs; dropped %s", len(raw), card["rows"], info["bio_repairs"],
+             drops)
+    return card
+
+
+def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None = None,
+           task: str = "sequence-classification") -> dict:
+    """Read, clean, validate and split labelled texts (or, for token classification, tagged sentences).
 
     Args:
-        source: a CSV/TSV/JSONL/Parquet file, a folder of them, or s3://bucket/prefix.
+        source: a CSV/TSV/JSONL/Parquet file, a folder of them, or s3://bucket/prefix; for
+            token classification a CoNLL or JSONL file, or a folder of them.
         out_dir: folder to write train/validation/test.parquet and data_card.json into.
         cfg: the `ingest` section of params.yaml.
         lineage: where the data came from (repo, revision, commit, DVC md5), kept in the data card.
+        task: params.task.
 
     Returns:
         The data card.
     """
+    if task == "token-classification":
+        return _ingest_tokens(source, out_dir, cfg, lineage)
     df, info = load_rows(source, cfg)
     require_splits(df, source)
-    card = {**info, **describe(df), "lineage": lineage or {"data_path": str(source)}}
+    card = {**info, **describe(df), "task": task, "lineage": lineage or {"data_path": str(source)}}
     write_dataset(out_dir, df, card)
     log.info("ingest: %s rows -> %s; dropped %s", info["rows_read"], card["rows"], info["dropped"])
     return card

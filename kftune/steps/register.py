@@ -29,10 +29,11 @@ class Decision:
     version: str
     reasons: list[str] = field(default_factory=list)
     champion_version: str = ""  # the champion the gate compared against ("" if none)
-    challenger_macro_f1: float = 0.0
-    reference_macro_f1: float = 0.0  # champion's or baseline's, on the same test split
-    challenger_historical_macro_f1: float | None = None  # retraining: on the frozen historical test split
-    champion_historical_macro_f1: float | None = None
+    metric: str = "macro_f1"  # what the scores are: macro_f1, or entity_f1 for token classification
+    challenger_score: float = 0.0
+    reference_score: float = 0.0  # champion's or baseline's, on the same test split
+    challenger_historical_score: float | None = None  # retraining: on the frozen historical test split
+    champion_historical_score: float | None = None
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Scores:
     champion: float | None = None
     challenger_historical: float | None = None
     champion_historical: float | None = None
+    metric: str = "macro-F1"
+    baseline_name: str = "TF-IDF baseline"
 
 
 def gate(s: Scores, min_delta: float, max_forgetting: float, smoke_error: str | None,
@@ -55,15 +58,15 @@ def gate(s: Scores, min_delta: float, max_forgetting: float, smoke_error: str | 
                               f"{champion_error}; promote by hand with `kftune models promote` if this is intended"))
     ok = s.challenger > s.baseline
     prefix = "no champion yet: " if s.champion is None and not champion_error else ""
-    checks.append((ok, f"{prefix}test macro-F1 {s.challenger:.4f} {'>' if ok else '<='} TF-IDF baseline {s.baseline:.4f}"))
+    checks.append((ok, f"{prefix}test {s.metric} {s.challenger:.4f} {'>' if ok else '<='} {s.baseline_name} {s.baseline:.4f}"))
     if s.champion is not None:
         ok = s.challenger >= s.champion + min_delta
-        checks.append((ok, f"test macro-F1 {s.challenger:.4f} {'>=' if ok else '<'} champion {s.champion:.4f} "
+        checks.append((ok, f"test {s.metric} {s.challenger:.4f} {'>=' if ok else '<'} champion {s.champion:.4f} "
                            f"+ min_delta {min_delta:.4f} on the same test split"))
     if s.champion_historical is not None and s.challenger_historical is not None:
         drop = s.champion_historical - s.challenger_historical
         ok = drop <= max_forgetting
-        checks.append((ok, f"historical test macro-F1 {s.challenger_historical:.4f} vs champion "
+        checks.append((ok, f"historical test {s.metric} {s.challenger_historical:.4f} vs champion "
                            f"{s.champion_historical:.4f}: drop {drop:.4f} {'<=' if ok else '>'} max_forgetting "
                            f"{max_forgetting:.4f}"))
     checks.append((not smoke_error, f"smoke test through the registry failed: {smoke_error}" if smoke_error
@@ -72,10 +75,11 @@ def gate(s: Scores, min_delta: float, max_forgetting: float, smoke_error: str | 
 
 
 def _score_champion(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], params: Params) -> dict[str, float]:
-    """The champion's macro-F1 on each named test set."""
+    """The champion's primary score (macro-F1, or entity F1 for tagged sentences) on each named test set."""
     import mlflow
 
-    from kftune.predict import labels_of, predict_proba_with
+    from kftune.ner import entity_metrics
+    from kftune.predict import labels_of, predict_proba_with, word_predictions
     from kftune.steps.evaluate import classification_metrics
 
     parts = mlflow.transformers.load_model(uri, return_type="components")
@@ -84,16 +88,37 @@ def _score_champion(uri: str, tests: dict[str, pd.DataFrame], labels: list[str],
                                      f"(a label-set change)")
     out = {}
     for name, df in tests.items():
+        if "tags" in df.columns:
+            pred, _ = word_predictions(parts["model"], parts["tokenizer"], [list(t) for t in df["tokens"]],
+                                       params.evaluate.batch_size)
+            out[name] = entity_metrics([list(t) for t in df["tags"]], pred)["entity_f1"]
+            continue
         probs = predict_proba_with(parts["model"], parts["tokenizer"], df["text"].tolist(), params.evaluate.batch_size)
         y = df["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
         out[name] = classification_metrics(y, probs, labels, params.evaluate.ece_bins)["macro_f1"]
     return out
 
 
-def _smoke_test(uri: str, texts: list[str], labels: list[str]) -> str | None:
-    """Load the version by URI as a user would and predict; return an error message or None."""
+def _smoke_test(uri: str, texts: list[str], labels: list[str], task: str) -> str | None:
+    """Load the version by URI as a user would and predict; return an error message or None.
+
+    Token classification: entity spans from the raw texts, each of a known type and whose text is
+    exactly the characters between its offsets.
+    """
     import mlflow
 
+    if task == "token-classification":
+        from kftune.predict import predict_spans
+
+        types = {t[2:] for t in labels if t != "O"}
+        try:
+            parts = mlflow.transformers.load_model(uri, return_type="components")
+            found = predict_spans(parts["model"], parts["tokenizer"], texts)
+        except Exception as exc:  # any failure here means users could not load it either
+            return f"{type(exc).__name__}: {exc}"
+        bad = [e for text, ents in zip(texts, found) for e in ents
+               if e["type"] not in types or text[e["start"]:e["end"]] != e["text"]]
+        return f"malformed spans: {bad[:3]}" if bad or len(found) != len(texts) else None
     try:
         out = mlflow.pyfunc.load_model(uri).predict(texts)
         got = list(out["label"]) if isinstance(out, pd.DataFrame) else [o["label"] for o in out]
@@ -114,7 +139,9 @@ def _log_inputs(data_dir: Path, card: dict) -> None:
         source = f"{lineage['data_repo']}@{lineage['data_commit']}:{source}"
     for split, context in (("train", "training"), ("test", "testing")):
         df = pd.read_parquet(data_dir / f"{split}.parquet")
-        dataset = mlflow.data.from_pandas(df, source=source, targets="label", name=f"{split}-{card['sha256'][:12]}")
+        targets = "label" if "label" in df.columns else None
+        df = df if targets else df[["text"]]  # tagged sentences: the text (list columns have no MLflow schema)
+        dataset = mlflow.data.from_pandas(df, source=source, targets=targets, name=f"{split}-{card['sha256'][:12]}")
         mlflow.log_input(dataset, context=context)
 
 
@@ -132,17 +159,18 @@ def _log_reference(data_dir: Path, card: dict) -> None:
         mlflow.log_artifacts(tmp, REFERENCE)
 
 
-def _log_model(model_dir: Path, name: str, example: list[str]):
+def _log_model(model_dir: Path, name: str, example: list[str], task: str):
     import mlflow
     import torch
     import transformers
     from mlflow.models import infer_signature
 
-    pipe = transformers.pipeline("text-classification", model=str(model_dir), tokenizer=str(model_dir),
-                                 device="cpu")
-    signature = infer_signature(example, pd.DataFrame(pipe(example)))
+    hf_task = "token-classification" if task == "token-classification" else "text-classification"
+    pipe = transformers.pipeline(hf_task, model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+    # text classification: one label per text; tagged sentences: mlflow's own signature for the task
+    signature = infer_signature(example, pd.DataFrame(pipe(example))) if hf_task == "text-classification" else None
     return mlflow.transformers.log_model(
-        transformers_model=pipe, name="model", task="text-classification", registered_model_name=name,
+        transformers_model=pipe, name="model", task=hf_task, registered_model_name=name,
         signature=signature, input_example=example,
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
                           f"torch=={torch.__version__.split('+')[0]}", "tokenizers", "safetensors"],
@@ -185,11 +213,14 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         mlflow.set_tags(tags)
         if not run_id:
             mlflow.log_params(flatten(params.to_dict()))
-        model_m, tfidf_m = metrics["model"], metrics["baselines"]["tfidf_logreg"]
-        mlflow.log_metrics({f"test_{k}": model_m[k] for k in ("accuracy", "macro_f1", "ece")})
-        mlflow.log_metrics({f"baseline_{b}_{k}": m[k] for b, m in metrics["baselines"].items()
-                            for k in ("accuracy", "macro_f1")})
-        mlflow.log_metrics({f"test_f1_{lbl}": c["f1"] for lbl, c in model_m["per_class"].items()})
+        primary, task = metrics.get("primary", "macro_f1"), card.get("task", "sequence-classification")
+        model_m, base_m = metrics["model"], metrics["baselines"][metrics.get("baseline", "tfidf_logreg")]
+        scalar = lambda m: {k: v for k, v in m.items() if isinstance(v, (int, float))}  # noqa: E731
+        mlflow.log_metrics({f"test_{k}": v for k, v in scalar(model_m).items()})
+        mlflow.log_metrics({f"baseline_{b}_{k}": v for b, m in metrics["baselines"].items()
+                            for k, v in scalar(m).items()})
+        per = model_m.get("per_class") or model_m.get("per_type", {})
+        mlflow.log_metrics({f"test_f1_{lbl}": c["f1"] for lbl, c in per.items()})
         mlflow.log_artifact(str(data_dir / "data_card.json"))
         mlflow.log_dict(params.to_dict(), "params.yaml")
         _log_inputs(data_dir, card)
@@ -200,18 +231,20 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
                 mlflow.log_artifact(str(model_dir / f), "training")
         _log_reference(data_dir, card)
 
-        info = _log_model(model_dir, cfg.model_name, test["text"].head(3).tolist())
+        info = _log_model(model_dir, cfg.model_name, test["text"].head(3).tolist(), task)
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient()
-        for k, v in {**tags, "kftune.test_macro_f1": f"{model_m['macro_f1']:.4f}",
+        for k, v in {**tags, f"kftune.test_{primary}": f"{model_m[primary]:.4f}",
                      "kftune.run_id": run.info.run_id}.items():
             client.set_model_version_tag(cfg.model_name, version, k, v)
 
         hist = metrics.get("historical")
-        scores = Scores(model_m["macro_f1"], tfidf_m["macro_f1"], challenger_historical=hist and hist["macro_f1"])
+        names = {"macro_f1": ("macro-F1", "TF-IDF baseline"), "entity_f1": ("entity F1", "memorization baseline")}
+        scores = Scores(model_m[primary], base_m[primary], challenger_historical=hist and hist[primary],
+                        metric=names[primary][0], baseline_name=names[primary][1])
         if hist:
-            mlflow.log_metric("historical_test_macro_f1", hist["macro_f1"])
-            client.set_model_version_tag(cfg.model_name, version, "kftune.historical_macro_f1", f"{hist['macro_f1']:.4f}")
+            mlflow.log_metric(f"historical_test_{primary}", hist[primary])
+            client.set_model_version_tag(cfg.model_name, version, f"kftune.historical_{primary}", f"{hist[primary]:.4f}")
         champion = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
         champion_error = None
         if champion:
@@ -221,25 +254,25 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             try:
                 measured = _score_champion(f"models:/{cfg.model_name}/{champion}", tests, labels, params)
                 scores.champion, scores.champion_historical = measured["test"], measured.get("historical")
-                mlflow.log_metrics({f"champion_{k}_macro_f1": v for k, v in
+                mlflow.log_metrics({f"champion_{k}_{primary}": v for k, v in
                                     {"test": scores.champion, "historical_test": scores.champion_historical}.items()
                                     if v is not None})
             except Exception as exc:  # a champion we cannot score is a reason to hold, not to crash
                 champion_error = f"v{champion}: {type(exc).__name__}: {exc}"
         uri = f"models:/{cfg.model_name}/{version}"
-        smoke_error = _smoke_test(uri, test["text"].head(cfg.smoke_examples).tolist(), labels)
+        smoke_error = _smoke_test(uri, test["text"].head(cfg.smoke_examples).tolist(), labels, task)
         ok, reasons = gate(scores, cfg.min_delta, cfg.max_forgetting, smoke_error, champion_error)
         outcome = (AWAITING if cfg.require_approval else PROMOTE) if ok else HOLD
         if outcome == AWAITING:
             reasons.append("register.require_approval is true: approve with `kftune models promote "
                            f"{version} --reason ...`")
-        decision = Decision(outcome, version, reasons, champion or "", scores.challenger,
+        decision = Decision(outcome, version, reasons, champion or "", primary, scores.challenger,
                             scores.baseline if scores.champion is None else scores.champion,
                             scores.challenger_historical, scores.champion_historical)
         client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)  # once it has a decision
         for k, v in {"decision": outcome, "reasons": " | ".join(reasons),
-                     "compared_with": f"v{decision.champion_version}" if champion else "tfidf_logreg baseline",
-                     "reference_macro_f1": f"{decision.reference_macro_f1:.4f}"}.items():
+                     "compared_with": f"v{decision.champion_version}" if champion else f"{metrics.get('baseline', 'tfidf_logreg')} baseline",
+                     "reference_score": f"{decision.reference_score:.4f}"}.items():
             client.set_model_version_tag(cfg.model_name, version, f"kftune.{k}", v[:5000])  # MLflow's tag limit
         mlflow.set_tag("kftune.decision", outcome)
         mlflow.log_dict(asdict(decision), "decision.json")

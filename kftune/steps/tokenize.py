@@ -26,6 +26,43 @@ def load_tokenizer(model_name: str):
     return tok
 
 
+def word_windows(tok, words: list[str], max_length: int) -> list[tuple[int, int]]:
+    """Word ranges whose sub-tokens (plus [CLS] and [SEP]) fit in max_length."""
+    from kftune.ner import windows
+
+    ids = tok(words, is_split_into_words=True, add_special_tokens=False).word_ids()
+    per_word = [0] * len(words)
+    for w in ids:
+        per_word[w] += 1
+    return windows([max(n, 1) for n in per_word], max_length - tok.num_special_tokens_to_add())
+
+
+def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], labels: list[str],
+                   cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict]:
+    """Token classification: windows of whole words, sub-token labels aligned with word_ids().
+
+    Returns one row per window (input_ids, labels, word_ids with -1 for special tokens, sentence,
+    first_word) and statistics.
+    """
+    from kftune.ner import align
+
+    rows, windowed = [], 0
+    for i, (words, tags) in enumerate(zip(sentences, tag_ids)):
+        spans = word_windows(tok, words, cfg.max_length)
+        windowed += len(spans) > 1
+        for a, b in spans:
+            enc = tok(words[a:b], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
+            word_ids = enc.word_ids()
+            rows.append({"input_ids": enc["input_ids"], "labels": align(word_ids, tags[a:b], cfg.label_all_subtokens,
+                                                                        labels),
+                         "word_ids": [-1 if w is None else w for w in word_ids], "sentence": i, "first_word": a})
+    lengths = np.array([len(r["input_ids"]) for r in rows] or [0])
+    return pd.DataFrame(rows, columns=["input_ids", "labels", "word_ids", "sentence", "first_word"]), {
+        "rows": len(sentences), "windows": len(rows), "windowed_sentences": windowed,
+        "truncation_rate": windowed / max(len(sentences), 1), "tokens_p50": float(np.percentile(lengths, 50)),
+        "tokens_p95": float(np.percentile(lengths, 95)), "tokens_max": int(lengths.max())}
+
+
 def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: TokenizeConfig) -> dict:
     """Tokenize every split with the base model's tokenizer; padding happens later, per batch.
 
@@ -39,10 +76,23 @@ def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: To
         Token-length and truncation statistics per split.
     """
     data_dir = Path(data_dir)
-    labels = read_json(data_dir / "data_card.json")["labels"]
+    card = read_json(data_dir / "data_card.json")
+    labels, task = card["labels"], card.get("task", "sequence-classification")
     label_id = {lbl: i for i, lbl in enumerate(labels)}
     tok = load_tokenizer(model_name)
-    stats = {"model": model_name, "max_length": cfg.max_length, "labels": labels, "splits": {}}
+    stats = {"model": model_name, "max_length": cfg.max_length, "labels": labels, "task": task, "splits": {}}
+    if task == "token-classification":
+        with atomic_dir(out_dir) as tmp:
+            for split in SPLITS:
+                df = pd.read_parquet(data_dir / f"{split}.parquet")
+                windows, split_stats = tokenize_words(tok, [list(t) for t in df["tokens"]],
+                                                      [[label_id[x] for x in t] for t in df["tags"]], labels, cfg)
+                windows.to_parquet(tmp / f"{split}.parquet", index=False)
+                stats["splits"][split] = split_stats
+            tok.save_pretrained(tmp / "tokenizer")
+            write_json(tmp / "tokenize_stats.json", stats)
+        log.info("tokenize: %s", {s: v["windowed_sentences"] for s, v in stats["splits"].items()})
+        return stats
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             df = pd.read_parquet(data_dir / f"{split}.parquet")

@@ -42,15 +42,15 @@ def test_champion_challenger_with_real_numbers(prepared, params, mlflow_store):
     name = params.register.model_name
     good, d1 = train_and_register(prepared, params, "good")
     assert d1.decision == PROMOTE and d1.version == "1" and d1.champion_version == ""
-    assert d1.reference_macro_f1 == pytest.approx(good["baselines"]["tfidf_logreg"]["macro_f1"])
+    assert d1.reference_score == pytest.approx(good["baselines"]["tfidf_logreg"]["macro_f1"])
     registry.promote(name, d1.version, "gate", expected_champion=d1.champion_version)
 
     bad, d2 = train_and_register(prepared, params, "bad", max_steps=2)
     assert d2.decision == HOLD and d2.champion_version == "1"
     # both sides measured now, on the same test split: the champion is re-scored, not compared with itself
-    assert d2.challenger_macro_f1 == pytest.approx(bad["model"]["macro_f1"])
-    assert d2.reference_macro_f1 == pytest.approx(good["model"]["macro_f1"])
-    assert d2.challenger_macro_f1 < d2.reference_macro_f1
+    assert d2.challenger_score == pytest.approx(bad["model"]["macro_f1"])
+    assert d2.reference_score == pytest.approx(good["model"]["macro_f1"])
+    assert d2.challenger_score < d2.reference_score
     assert f"champion {good['model']['macro_f1']:.4f}" in d2.reasons[1]
 
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"

@@ -1,0 +1,188 @@
+"""Token classification (NER) helpers: CoNLL/JSONL reading, BIO repair, sub-token alignment, windows, spans.
+
+All pure functions of lists, so each is tested on hand-made examples whose answer is known.
+A sentence is a list of words (`tokens`) with one IOB2 tag per word (`tags`): O, B-TYPE, I-TYPE.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+IGNORE = -100  # label id the loss and the metrics skip (special tokens, non-first sub-tokens)
+
+
+class NerDataError(ValueError):
+    """Malformed NER input; the message names the file and line."""
+
+
+@dataclass
+class Sentence:
+    tokens: list[str]
+    tags: list[str]
+    line: int  # where the sentence starts in its file, for error messages
+
+
+def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> list[Sentence]:
+    """One token per line, its tag in column `tag_column` (0-based; -1 is the last), blank lines between sentences.
+
+    `-DOCSTART-` lines are skipped. Every non-blank line must have as many columns as the first.
+    """
+    sentences, tokens, tags, start, width = [], [], [], 0, None
+    lines = Path(path).read_text(encoding=encoding).splitlines()
+    for number, raw in enumerate(lines + [""], start=1):
+        cols = raw.split("\t") if "\t" in raw else raw.split()
+        if not raw.strip():
+            if tokens:
+                sentences.append(Sentence(tokens, tags, start))
+            tokens, tags = [], []
+            continue
+        if cols[0] == "-DOCSTART-":
+            continue
+        width = width or len(cols)
+        if len(cols) != width or width < 2:
+            raise NerDataError(f"{path}:{number}: expected {max(width, 2)} columns (token ... tag), got {len(cols)}: "
+                               f"{raw!r}")
+        try:
+            tag = cols[tag_column]
+        except IndexError:
+            raise NerDataError(f"{path}:{number}: no column {tag_column} (ingest.conll_tag_column)") from None
+        if not tokens:
+            start = number
+        tokens.append(cols[0])
+        tags.append(tag.strip())
+    return sentences
+
+
+def read_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Sentence]:
+    """One {"tokens": [...], "tags": [...]} object per line."""
+    sentences = []
+    for number, raw in enumerate(Path(path).read_text(encoding=encoding).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+            tokens, tags = obj["tokens"], obj["tags"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise NerDataError(f"{path}:{number}: expected a JSON object with 'tokens' and 'tags': {exc}") from None
+        if len(tokens) != len(tags) or not tokens:
+            raise NerDataError(f"{path}:{number}: {len(tokens)} tokens but {len(tags)} tags")
+        sentences.append(Sentence([str(t) for t in tokens], [str(t) for t in tags], number))
+    return sentences
+
+
+def check_tags(sentence: Sentence, where: str, repair: bool, allowed: set[str] | None) -> int:
+    """Validate IOB2 tags in place; an I-X that does not continue an X entity becomes B-X (repair) or fails.
+
+    Returns the number of repairs.
+    """
+    repairs, previous = 0, "O"
+    for i, tag in enumerate(sentence.tags):
+        if tag != "O" and (len(tag) < 3 or tag[:2] not in ("B-", "I-")):
+            raise NerDataError(f"{where}: tag {tag!r} of token {sentence.tokens[i]!r} is not O, B-TYPE or I-TYPE")
+        if allowed is not None and tag not in allowed:
+            raise NerDataError(f"{where}: unknown tag {tag!r} (token {sentence.tokens[i]!r}); ingest.labels allows "
+                               f"{sorted(allowed)}")
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            if not repair:
+                raise NerDataError(f"{where}: {tag!r} on token {sentence.tokens[i]!r} follows {previous!r}, not "
+                                   f"B-{tag[2:]} or {tag}; set ingest.bio_repair=true to turn it into B-{tag[2:]}")
+            sentence.tags[i] = tag = "B-" + tag[2:]
+            repairs += 1
+        previous = tag
+    return repairs
+
+
+def tag_set(tags: list[str]) -> list[str]:
+    """O, then B-/I- for every entity type seen, types sorted: the model can predict I-X even if unseen."""
+    types = sorted({t[2:] for t in tags if t != "O"})
+    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+
+
+def spans(tags: list[str]) -> list[tuple[str, int, int]]:
+    """Entities as (type, first word, last word + 1); a stray I-X starts a new entity, as seqeval does."""
+    out, current = [], None
+    for i, tag in enumerate(tags + ["O"]):
+        if current and (tag == "O" or tag.startswith("B-") or tag[2:] != current[0]):
+            out.append((current[0], current[1], i))
+            current = None
+        if tag != "O" and current is None:
+            current = (tag[2:], i)
+    return out
+
+
+def entity_counts(sentences: list[Sentence]) -> dict[str, int]:
+    return dict(sorted(Counter(t for s in sentences for t, _, _ in spans(s.tags)).items()))
+
+
+def align(word_ids: list[int | None], word_labels: list[int], label_all: bool, tags: list[str]) -> list[int]:
+    """Label per sub-token: the word's label on its first sub-token; IGNORE (or, with label_all, the
+    word's label with B- turned into I-) on the rest; IGNORE on special tokens."""
+    to_inside = {i: tags.index("I-" + t[2:]) if t.startswith("B-") else i for i, t in enumerate(tags)}
+    out, previous = [], None
+    for w in word_ids:
+        if w is None:
+            out.append(IGNORE)
+        elif w != previous:
+            out.append(word_labels[w])
+        else:
+            out.append(to_inside[word_labels[w]] if label_all else IGNORE)
+        previous = w
+    return out
+
+
+def windows(subtokens_per_word: list[int], budget: int) -> list[tuple[int, int]]:
+    """Cut a sentence into consecutive word ranges of at most `budget` sub-tokens each (a single longer
+    word gets a window of its own and is truncated by the tokenizer)."""
+    out, start, used = [], 0, 0
+    for i, n in enumerate(subtokens_per_word):
+        if used and used + n > budget:
+            out.append((start, i))
+            start, used = i, 0
+        used += n
+    out.append((start, len(subtokens_per_word)))
+    return out
+
+
+def memorization_baseline(train: list[Sentence], tokens: list[list[str]]) -> list[list[str]]:
+    """Tag each word with its most frequent training tag (case-insensitive); unseen words get O."""
+    seen: dict[str, Counter] = {}
+    for s in train:
+        for tok, tag in zip(s.tokens, s.tags):
+            seen.setdefault(tok.lower(), Counter())[tag] += 1
+    pred = [[seen[t.lower()].most_common(1)[0][0] if t.lower() in seen else "O" for t in sent] for sent in tokens]
+    return [repaired(p) for p in pred]
+
+
+def repaired(tags: list[str]) -> list[str]:
+    """Predicted tags made valid IOB2 (a stray I-X becomes B-X)."""
+    s = Sentence(["?"] * len(tags), list(tags), 0)
+    check_tags(s, "prediction", repair=True, allowed=None)
+    return s.tags
+
+
+def entity_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    """Entity-level micro precision/recall/F1 and per type (seqeval, strict IOB2), and token accuracy."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    report = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    micro = report.pop("micro avg")
+    per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
+                    "support": int(v["support"])} for k, v in report.items() if "avg" not in k}
+    pairs = [(g, p) for gs, ps in zip(gold, pred) for g, p in zip(gs, ps)]
+    return {"entity_f1": float(micro["f1-score"]), "precision": float(micro["precision"]),
+            "recall": float(micro["recall"]), "token_accuracy": sum(g == p for g, p in pairs) / max(len(pairs), 1),
+            "per_type": per_type}
+
+
+def char_spans(text: str, word_offsets: list[tuple[int, int]], tags: list[str], scores: list[float]) -> list[dict]:
+    """Entities of a raw text: type, surface text, character start/end and the mean word score."""
+    out = []
+    for kind, a, b in spans(tags):
+        start, end = word_offsets[a][0], word_offsets[b - 1][1]
+        out.append({"type": kind, "text": text[start:end], "start": start, "end": end,
+                    "score": round(float(sum(scores[a:b]) / (b - a)), 4)})
+    return out

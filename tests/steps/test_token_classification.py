@@ -1,0 +1,58 @@
+"""The steps with task: token-classification, on small tagged data and the tiny model."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from kftune.steps.ingest import DataError, ingest
+from kftune.steps.tokenize import tokenize
+from tests.conftest import ner_sentences, with_changes, write_conll
+
+
+@pytest.fixture
+def ner_params(params):
+    return dataclasses.replace(params, task="token-classification")
+
+
+def test_ingest_conll_and_jsonl_with_repairs_and_a_data_card(tmp_path, ner_params):
+    (tmp_path / "in").mkdir()
+    write_conll(tmp_path / "in" / "a.conll", ner_sentences(300))
+    broken = [(["gainabc", "said"], ["I-per", "O"])]  # a stray I- tag: repaired to B-per
+    (tmp_path / "in" / "b.jsonl").write_text(pd.DataFrame({"tokens": [t for t, _ in broken],
+                                                           "tags": [g for _, g in broken]}).to_json(
+        orient="records", lines=True))
+    card = ingest(str(tmp_path / "in"), tmp_path / "out", ner_params.ingest, task=ner_params.task)
+    assert card["labels"] == ["O", "B-org", "I-org", "B-per", "I-per"]
+    assert sum(card["rows"].values()) == 301 and card["bio_repairs"] == 1
+    assert set(card["entities"]["train"]) == {"org", "per"}
+    test = pd.read_parquet(tmp_path / "out" / "test.parquet")
+    assert list(test.columns) == ["text", "tokens", "tags"] and all(len(a) == len(b) for a, b in
+                                                                     zip(test["tokens"], test["tags"]))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("gainabc\tB-per\nsaid\tO\textra\n", r"bad.conll:2: expected 2 columns"),
+    ("gainabc\tB-xyz\n", r"bad.conll:1: unknown tag 'B-xyz'"),
+    ("-DOCSTART-\tO\n\n\n", r"bad.conll: no sentences"),
+])
+def test_bad_ner_input_names_file_and_line(tmp_path, ner_params, content, message):
+    (tmp_path / "bad.conll").write_text(content)
+    cfg = with_changes(ner_params.ingest, labels=["O", "B-per", "I-per"])
+    with pytest.raises(DataError, match=message):
+        ingest(str(tmp_path / "bad.conll"), tmp_path / "out", cfg, task=ner_params.task)
+
+
+def test_long_sentences_become_windows_of_whole_words(tmp_path, ner_params):
+    path = write_conll(tmp_path / "ner.conll", ner_sentences(300))
+    ingest(str(path), tmp_path / "data", ner_params.ingest, task=ner_params.task)
+    short = with_changes(ner_params.tokenize, max_length=12)
+    stats = tokenize(tmp_path / "data", tmp_path / "short", ner_params.model.name, short)["splits"]["train"]
+    windows = pd.read_parquet(tmp_path / "short" / "train.parquet")
+    assert stats["windowed_sentences"] > 0 and stats["windows"] == len(windows) > stats["rows"]
+    assert windows["input_ids"].map(len).max() <= 12, "no window is cut inside the model's limit"
+    sentences = pd.read_parquet(tmp_path / "data" / "train.parquet")
+    for _, sentence in windows.groupby("sentence"):  # the windows of a sentence cover each word once, in order
+        words = [w + first for ids, first in zip(sentence["word_ids"], sentence["first_word"]) for w in
+                 dict.fromkeys(i for i in ids if i >= 0)]
+        assert words == list(range(len(sentences["tokens"][sentence["sentence"].iloc[0]])))

@@ -1,0 +1,80 @@
+"""NER helpers on hand-made examples whose answer is known."""
+
+import pytest
+
+from kftune import ner
+from kftune.ner import IGNORE, NerDataError, Sentence
+
+
+def test_read_conll_skips_docstart_and_reads_the_configured_column(tmp_path):
+    path = tmp_path / "a.conll"
+    path.write_text("-DOCSTART- -X- O O\n\nAnn NNP B-PER\nLee NNP I-PER\nsang VBD O\n\n\nParis NNP B-LOC\n")
+    sentences = ner.read_conll(path, tag_column=-1)
+    assert [(s.tokens, s.tags, s.line) for s in sentences] == [
+        (["Ann", "Lee", "sang"], ["B-PER", "I-PER", "O"], 3), (["Paris"], ["B-LOC"], 8)]
+    assert ner.read_conll(path, tag_column=1)[0].tags == ["NNP", "NNP", "VBD"]
+
+
+def test_a_malformed_conll_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.conll"
+    path.write_text("Ann\tB-PER\nLee\tI-PER\textra\n")
+    with pytest.raises(NerDataError, match=r"bad.conll:2: expected 2 columns .* got 3"):
+        ner.read_conll(path, -1)
+
+
+def test_read_jsonl_checks_lengths(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"tokens": ["Ann", "sang"], "tags": ["B-PER", "O"]}\n{"tokens": ["x"], "tags": []}\n')
+    with pytest.raises(NerDataError, match=r"a.jsonl:2: 1 tokens but 0 tags"):
+        ner.read_jsonl(path)
+
+
+def test_bio_repair_and_rejection():
+    s = Sentence(["a", "b", "c", "d"], ["I-PER", "I-PER", "B-LOC", "I-PER"], 1)
+    assert ner.check_tags(s, "f:1", repair=True, allowed=None) == 2
+    assert s.tags == ["B-PER", "I-PER", "B-LOC", "B-PER"]
+    with pytest.raises(NerDataError, match=r"f:1: 'I-PER' on token 'a' follows 'O'.*bio_repair"):
+        ner.check_tags(Sentence(["a"], ["I-PER"], 1), "f:1", repair=False, allowed=None)
+    with pytest.raises(NerDataError, match="unknown tag 'B-ORG'"):
+        ner.check_tags(Sentence(["a"], ["B-ORG"], 1), "f:1", True, allowed={"O", "B-PER", "I-PER"})
+    with pytest.raises(NerDataError, match="tag 'PER' of token 'a' is not O, B-TYPE or I-TYPE"):
+        ner.check_tags(Sentence(["a"], ["PER"], 1), "f:1", True, allowed=None)
+
+
+def test_tag_set_and_spans():
+    assert ner.tag_set(["O", "B-PER", "B-LOC", "I-LOC"]) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert ner.spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC", "I-PER"]) == [
+        ("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 6), ("PER", 6, 7)]
+
+
+def test_align_labels_first_subtoken_or_all():
+    tags = ["O", "B-PER", "I-PER"]
+    word_ids = [None, 0, 0, 0, 1, None]  # "Annabel" -> 3 sub-tokens, "sang" -> 1
+    assert ner.align(word_ids, [1, 0], label_all=False, tags=tags) == [IGNORE, 1, IGNORE, IGNORE, 0, IGNORE]
+    assert ner.align(word_ids, [1, 0], label_all=True, tags=tags) == [IGNORE, 1, 2, 2, 0, IGNORE]
+
+
+def test_windows_keep_words_whole():
+    assert ner.windows([3, 2, 4, 1], budget=5) == [(0, 2), (2, 4)]
+    assert ner.windows([2, 7, 1], budget=5) == [(0, 1), (1, 2), (2, 3)], "an over-long word gets its own window"
+    assert ner.windows([1, 1], budget=5) == [(0, 2)]
+
+
+def test_memorization_baseline_and_entity_metrics():
+    train = [Sentence(["Ann", "sang", "in", "Paris"], ["B-PER", "O", "O", "B-LOC"], 1),
+             Sentence(["ann", "left"], ["B-PER", "O"], 2)]
+    pred = ner.memorization_baseline(train, [["ann", "flew", "to", "Paris", "Lee"]])
+    assert pred == [["B-PER", "O", "O", "B-LOC", "O"]]
+    m = ner.entity_metrics([["B-PER", "O", "O", "B-LOC", "B-PER"]], pred)
+    assert (m["precision"], m["recall"]) == (1.0, pytest.approx(2 / 3))
+    assert m["entity_f1"] == pytest.approx(0.8) and m["token_accuracy"] == pytest.approx(0.8)
+    assert m["per_type"]["PER"]["recall"] == 0.5 and m["per_type"]["LOC"]["f1"] == 1.0
+
+
+def test_char_spans_from_word_offsets():
+    text = "Ann Lee flew to New York."
+    offsets = [(0, 3), (4, 7), (8, 12), (13, 15), (16, 19), (20, 24), (24, 25)]
+    tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"]
+    assert ner.char_spans(text, offsets, tags, [0.9, 0.7, 1, 1, 0.8, 0.6, 1]) == [
+        {"type": "PER", "text": "Ann Lee", "start": 0, "end": 7, "score": 0.8},
+        {"type": "LOC", "text": "New York", "start": 16, "end": 24, "score": 0.7}]
