@@ -45,13 +45,13 @@ def train(root, name, params, data, start):
 
 def test_sst2_champion_sees_finance_drift_and_retraining_adapts_without_forgetting(tmp_path, mlflow_store):
     params = load_params(ROOT / "params.yaml", [
-        "model.name=bert-tiny", "finetune.learning_rate=1e-3", "finetune.epochs=4", "finetune.batch_size=32",
+        "model.name=bert-tiny", "finetune.learning_rate=1e-3", "finetune.epochs=3", "finetune.batch_size=32",
         "tokenize.max_length=64", "register.model_name=sst2-sentiment", "retrain.cooldown_hours=0",
         "retrain.min_new_rows=100000"])
     name = params.register.model_name
     movies = tmp_path / "movies"
     movies.mkdir()
-    sst2("train", 6000, seed=0).to_csv(movies / "sst2.csv", index=False)
+    sst2("train", 4000, seed=0).to_csv(movies / "sst2.csv", index=False)
     resolve(str(movies), tmp_path / "r0", tmp_path / "c0", params)
     first = train(tmp_path, "v1", params, tmp_path / "r0", params.model.name)
     registry.promote(name, first.version, "first champion", expected_champion="")

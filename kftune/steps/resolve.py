@@ -142,6 +142,9 @@ def resolve(source: str, out_data: str | Path, out_champion: str | Path, params:
     Returns:
         The data card, whose `status` is first-training, nothing-new or new-data.
     """
+    if params.task != "sequence-classification":
+        raise DataError(f"task={params.task!r}: retraining (drift tests, replay) is built for sequence-classification; "
+                        f"retrain a {params.task} model with `kftune run`")
     lineage = {**(lineage or {"data_path": source}), **({"retrain_run_id": run_id} if run_id else {})}
     card = _resolve(source, Path(out_data), Path(out_champion), params, lineage)
     if run_id:

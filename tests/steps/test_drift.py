@@ -39,6 +39,15 @@ def test_cooldown_holds_retraining_unless_forced(tmp_path, params, champion):
     assert forced["decision"] == RETRAIN and forced["reason"] == "forced; drift detected"
 
 
+def test_without_a_champion_it_is_a_first_training(tmp_path, params, mlflow_store):
+    (tmp_path / "data").mkdir()
+    subword_texts(300).to_csv(tmp_path / "data" / "a.csv", index=False)
+    report = check(tmp_path, params, tmp_path / "data", "first")
+    assert (report["decision"], report["drift"], report["checks"]) == (RETRAIN, None, {})
+    assert report["reason"] == "no champion yet: this is the first training"
+    assert {f.name for f in (tmp_path / "d-first").iterdir()} == {"drift.json", "report.md"}
+
+
 @pytest.mark.parametrize("status, rows, split, drifted, force, hours, expected", [
     ("first-training", 500, None, None, False, None, (RETRAIN, "no champion yet")),
     ("nothing-new", 0, None, None, True, None, (SKIP, "nothing new")),
