@@ -22,46 +22,44 @@ def pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False,
-                   embeddings: bool = False):
-    """Logits for token-id sequences, in input order; sorts by length so batches carry little padding.
-
-    With embeddings=True, also return the mean-pooled last hidden states (the drift step's embeddings).
-    """
+def _forward(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool, **kwargs):
+    """Yield (indices, attention mask, model output) over batches of similar length: little padding."""
     import torch
 
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
-    pooled = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32) if embeddings else None
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(seqs), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-            res = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=embeddings)
-            out[idx] = res.logits.float().cpu().numpy()
-            if embeddings:
-                m = mask.to(device).unsqueeze(-1).float()
-                pooled[idx] = ((res.hidden_states[-1].float() * m).sum(1) / m.sum(1)).cpu().numpy()
+            mask = mask.to(device)
+            yield idx, mask, model(input_ids=ids.to(device), attention_mask=mask, **kwargs)
+
+
+def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False,
+                   embeddings: bool = False):
+    """Logits for token-id sequences, in input order.
+
+    With embeddings=True, also return the mean-pooled last hidden states (the drift step's embeddings).
+    """
+    out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
+    pooled = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32) if embeddings else None
+    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, output_hidden_states=embeddings):
+        out[idx] = res.logits.float().cpu().numpy()
+        if embeddings:
+            m = mask.unsqueeze(-1).float()
+            pooled[idx] = ((res.hidden_states[-1].float() * m).sum(1) / m.sum(1)).cpu().numpy()
     return (out, pooled) if embeddings else out
 
 
 def predict_token_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False) -> list:
     """Token classification: one (sequence length, labels) logits array per sequence, in input order."""
-    import torch
-
-    order = np.argsort([len(s) for s in seqs], kind="stable")
     out: list = [None] * len(seqs)
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, len(seqs), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu().numpy()
-            for row, i in enumerate(idx):
-                out[i] = logits[row, : len(seqs[i])]
+    for idx, _, res in _forward(model, seqs, pad_id, batch_size, bf16):
+        logits = res.logits.float().cpu().numpy()
+        for row, i in enumerate(idx):
+            out[i] = logits[row, : len(seqs[i])]
     return out
 
 

@@ -110,7 +110,7 @@ def _plot(sides: dict, checks: dict, path: Path) -> None:
     z = np.concatenate([ref["emb"], new["emb"]])
     z = z - z.mean(0)
     xy = z @ np.linalg.svd(z, full_matrices=False)[2][:2].T  # PCA to 2-D
-    for (name, s), part in zip(sides.items(), np.split(xy, [len(ref["emb"])])):
+    for name, part in zip(sides, np.split(xy, [len(ref["emb"])])):
         axes[0].scatter(part[:, 0], part[:, 1], s=4, alpha=0.4, label=name)
     e = checks["embedding"]
     axes[0].set(title=f"embeddings (PCA); MMD p={e.p_value:.3g}")
