@@ -178,6 +178,8 @@ class DriftConfig:
 @dataclass
 class RetrainConfig:
     min_new_rows: int = _doc("Retrain without drift once this many new rows have arrived.")
+    min_new_test_rows: int = _doc("Compare a challenger on new data only when the new rows give at least this many "
+                                  "test rows.")
     replay_fraction: float = _doc("Share of the historical training rows mixed into the challenger's training set.")
     warm_start: str = _doc("Start the challenger from the `champion`'s weights or from the `base` model.")
     cooldown_hours: float = _doc("No retraining within this many hours of the last promotion, unless forced.")
@@ -186,8 +188,9 @@ class RetrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.min_new_rows < 1:
-            out.append(f"retrain.min_new_rows={self.min_new_rows}: must be >= 1")
+        for k in ("min_new_rows", "min_new_test_rows"):
+            if getattr(self, k) < 1:
+                out.append(f"retrain.{k}={getattr(self, k)}: must be >= 1")
         if not 0 <= self.replay_fraction <= 1:
             out.append(f"retrain.replay_fraction={self.replay_fraction!r}: must be in [0, 1]")
         if self.warm_start not in ("champion", "base"):

@@ -65,8 +65,10 @@ def read_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Sentence]:
         try:
             obj = json.loads(raw)
             tokens, tags = obj["tokens"], obj["tags"]
+            if not isinstance(tokens, list) or not isinstance(tags, list):
+                raise TypeError("'tokens' and 'tags' must be lists")
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise NerDataError(f"{path}:{number}: expected a JSON object with 'tokens' and 'tags': {exc}") from None
+            raise NerDataError(f"{path}:{number}: expected a JSON object with 'tokens' and 'tags' lists: {exc}") from None
         if len(tokens) != len(tags) or not tokens:
             raise NerDataError(f"{path}:{number}: {len(tokens)} tokens but {len(tags)} tags")
         sentences.append(Sentence([str(t) for t in tokens], [str(t) for t in tags], number))
@@ -120,7 +122,8 @@ def entity_counts(sentences: list[Sentence]) -> dict[str, int]:
 def align(word_ids: list[int | None], word_labels: list[int], label_all: bool, tags: list[str]) -> list[int]:
     """Label per sub-token: the word's label on its first sub-token; IGNORE (or, with label_all, the
     word's label with B- turned into I-) on the rest; IGNORE on special tokens."""
-    to_inside = {i: tags.index("I-" + t[2:]) if t.startswith("B-") else i for i, t in enumerate(tags)}
+    to_inside = {i: tags.index("I-" + t[2:]) if t.startswith("B-") and "I-" + t[2:] in tags else i
+                 for i, t in enumerate(tags)}
     out, previous = [], None
     for w in word_ids:
         if w is None:

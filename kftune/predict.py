@@ -100,8 +100,20 @@ def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> l
     import re
 
     pre = tokenizer.backend_tokenizer.pre_tokenizer  # None: split on whitespace
-    split = [pre.pre_tokenize_str(t) if pre else [(m.group(), m.span()) for m in re.finditer(r"\S+", t)]
-             for t in texts]
+
+    def words(text: str) -> list[tuple[str, tuple[int, int]]]:
+        # the raw characters behind each pre-token, without surrounding spaces (byte-level pre-tokenizers
+        # rewrite words and attach the leading space)
+        pieces = pre.pre_tokenize_str(text) if pre else [(m.group(), m.span()) for m in re.finditer(r"\S+", text)]
+        out = []
+        for _, (a, b) in pieces:
+            raw = text[a:b]
+            a, b = a + len(raw) - len(raw.lstrip()), b - len(raw) + len(raw.rstrip())
+            if b > a:
+                out.append((text[a:b], (a, b)))
+        return out
+
+    split = [words(t) for t in texts]
     tags, scores = word_predictions(model, tokenizer, [[w for w, _ in ws] or [""] for ws in split], batch_size)
     return [char_spans(text, [o for _, o in ws], t, s) if ws else [] for text, ws, t, s in zip(texts, split, tags, scores)]
 
@@ -120,11 +132,3 @@ def predict_proba_with(model, tokenizer, texts: list[str], batch_size: int = 64)
     """Class probabilities for raw texts; the tokenizer's model_max_length is the training max_length."""
     seqs = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
     return softmax(predict_logits(model, seqs, tokenizer.pad_token_id, batch_size))
-
-
-def predict_proba(model_dir: str | Path, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """Class probabilities for raw texts from a folder written by the fine-tune step."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    return predict_proba_with(model, AutoTokenizer.from_pretrained(model_dir), texts, batch_size), labels_of(model)

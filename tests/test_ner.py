@@ -27,6 +27,9 @@ def test_read_jsonl_checks_lengths(tmp_path):
     path.write_text('{"tokens": ["Ann", "sang"], "tags": ["B-PER", "O"]}\n{"tokens": ["x"], "tags": []}\n')
     with pytest.raises(NerDataError, match=r"a.jsonl:2: 1 tokens but 0 tags"):
         ner.read_jsonl(path)
+    path.write_text('{"tokens": 5, "tags": 5}\n')
+    with pytest.raises(NerDataError, match=r"a.jsonl:1: expected a JSON object with 'tokens' and 'tags' lists"):
+        ner.read_jsonl(path)
 
 
 def test_bio_repair_and_rejection():
@@ -52,6 +55,8 @@ def test_align_labels_first_subtoken_or_all():
     word_ids = [None, 0, 0, 0, 1, None]  # "Annabel" -> 3 sub-tokens, "sang" -> 1
     assert ner.align(word_ids, [1, 0], label_all=False, tags=tags) == [IGNORE, 1, IGNORE, IGNORE, 0, IGNORE]
     assert ner.align(word_ids, [1, 0], label_all=True, tags=tags) == [IGNORE, 1, 2, 2, 0, IGNORE]
+    assert ner.align(word_ids, [1, 0], label_all=True, tags=["O", "B-PER"]) == [IGNORE, 1, 1, 1, 0, IGNORE], \
+        "a tag set without I-PER keeps B-PER"
 
 
 def test_windows_keep_words_whole():

@@ -78,9 +78,14 @@ def retrain_decision(card: dict, drifted: bool | None, cfg: RetrainConfig, force
     if card["status"] == NOTHING_NEW:
         return SKIP, "nothing new since the champion's data"
     n, split = card["new_rows"], card["new_rows_by_split"]
-    if not split["train"] or not split["test"]:
+    if not split["train"] or split["test"] < cfg.min_new_test_rows:
         return SKIP, (f"{n} new rows give {split['train']} training and {split['test']} test rows; a challenger "
-                      f"needs both to be trained and compared on new data: waiting for more")
+                      f"needs training rows and retrain.min_new_test_rows={cfg.min_new_test_rows} test rows to be "
+                      f"compared on new data: waiting for more")
+    train_labels = card["label_distribution"]["train"]
+    if len(train_labels) < 2:
+        return SKIP, (f"the challenger's training rows all have label {list(train_labels)}: waiting for more data "
+                      f"(or raise retrain.replay_fraction)")
     if not force and hours_since_promotion is not None and hours_since_promotion < cfg.cooldown_hours:
         return SKIP, (f"cooldown: the last promotion was {hours_since_promotion:.1f} h ago, "
                       f"< retrain.cooldown_hours={cfg.cooldown_hours:g} (force to override)")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from kftune.config import EvaluateConfig
 from kftune.fileio import atomic_dir, write_json
-from kftune.predict import predict_proba
+from kftune.predict import labels_of, predict_proba_with
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,11 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
     train, test = pd.read_parquet(data_dir / "train.parquet"), pd.read_parquet(data_dir / "test.parquet")
     if "tags" in test.columns:
         return evaluate_tokens(train, test, model_dir, Path(out_dir), cfg)
-    probs, labels = predict_proba(model_dir, test["text"].tolist(), cfg.batch_size)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, tok = AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    labels = labels_of(model)
+    probs = predict_proba_with(model, tok, test["text"].tolist(), cfg.batch_size)
     y = test["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
     metrics = {
         "labels": labels,
@@ -122,7 +126,7 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
     }
     historical = data_dir / "historical_test.parquet"  # retraining: the frozen test of forgetting
     if historical.exists() and len(hist := pd.read_parquet(historical)):
-        hist_probs, _ = predict_proba(model_dir, hist["text"].tolist(), cfg.batch_size)
+        hist_probs = predict_proba_with(model, tok, hist["text"].tolist(), cfg.batch_size)
         y_hist = hist["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
         metrics["historical"] = classification_metrics(y_hist, hist_probs, labels, cfg.ece_bins)
         metrics["historical_rows"] = len(hist)

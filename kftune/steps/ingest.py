@@ -115,6 +115,12 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
+def split_settings(cfg: IngestConfig) -> dict:
+    """What decides every row's split; a data version's splits are only comparable under the same settings."""
+    return {"split_salt": cfg.split_salt, "validation_fraction": cfg.validation_fraction,
+            "test_fraction": cfg.test_fraction}
+
+
 def split_of(text: str, salt: str, validation_fraction: float, test_fraction: float) -> str:
     """Stable split from the text alone, so a text keeps its split as the dataset grows."""
     digest = hashlib.sha256(f"{salt}\0{text}".encode()).digest()
@@ -171,7 +177,7 @@ def load_rows(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     labels = check_labels(df, cfg, source)
     df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
     return df, {"sources": sources, "rows_read": len(raw), "dropped": drops, "labels": labels,
-                "split_salt": cfg.split_salt}
+                "split_salt": cfg.split_salt, "split": split_settings(cfg)}
 
 
 def content_sha256(df: pd.DataFrame) -> str:

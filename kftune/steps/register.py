@@ -155,7 +155,7 @@ def _log_reference(data_dir: Path, card: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         reference_rows(data_dir).to_parquet(Path(tmp) / "rows.parquet")
-        write_json(Path(tmp) / "card.json", {k: card.get(k) for k in ("labels", "split_salt", "lineage", "sha256")})
+        write_json(Path(tmp) / "card.json", {k: card.get(k) for k in ("labels", "split_salt", "split", "lineage", "sha256")})
         mlflow.log_artifacts(tmp, REFERENCE)
 
 
@@ -245,7 +245,8 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         if hist:
             mlflow.log_metric(f"historical_test_{primary}", hist[primary])
             client.set_model_version_tag(cfg.model_name, version, f"kftune.historical_{primary}", f"{hist[primary]:.4f}")
-        champion = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
+        # retraining pins the champion in resolve (drift and warm start used it); promote refuses if it moved
+        champion = card.get("champion_version") or registry.version_by_alias(cfg.model_name, registry.CHAMPION)
         champion_error = None
         if champion:
             tests = {"test": test}

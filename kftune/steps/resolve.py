@@ -18,7 +18,7 @@ from kftune import registry
 from kftune.config import Params
 from kftune.fileio import read_json, write_json
 from kftune.predict import MODEL_INFO
-from kftune.steps.ingest import DataError, describe, load_rows, require_splits, write_dataset
+from kftune.steps.ingest import DataError, describe, load_rows, require_splits, split_settings, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,12 @@ def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, li
 
     with tempfile.TemporaryDirectory() as tmp:
         reference, ref_card = download_reference(name, champion, tmp)
-    if ref_card.get("split_salt") != params.ingest.split_salt:
-        raise DataError(f"ingest.split_salt={params.ingest.split_salt!r} differs from champion v{champion}'s "
-                        f"{ref_card.get('split_salt')!r}: every text would change split and the historical test "
-                        f"would leak into training; keep the salt, or start over with `kftune run`")
+    then, now = ref_card.get("split") or {"split_salt": ref_card.get("split_salt")}, split_settings(params.ingest)
+    changed = [f"ingest.{k}={now[k]!r} (champion v{champion}: {v!r})" for k, v in then.items() if now[k] != v]
+    if changed:
+        raise DataError(f"{', '.join(changed)}: rows would change split, and the champion's training rows would "
+                        f"leak into the historical test (or its test rows into training); keep the champion's split "
+                        f"settings, or start over with `kftune run`")
     new, history = split_new(latest, reference)
     labels = ref_card["labels"]
     unknown = sorted(set(new["label"]) - set(labels))

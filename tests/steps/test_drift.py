@@ -52,6 +52,8 @@ def test_without_a_champion_it_is_a_first_training(tmp_path, params, mlflow_stor
     ("first-training", 500, None, None, False, None, (RETRAIN, "no champion yet")),
     ("nothing-new", 0, None, None, True, None, (SKIP, "nothing new")),
     ("new-data", 5, (5, 0), True, True, None, (SKIP, "5 new rows give 5 training and 0 test rows")),
+    ("new-data", 200, (150, 20), True, True, None, (SKIP, "200 new rows give 150 training and 20 test rows")),
+    ("new-data", 900, (600, 150, ["positive"]), True, True, None, (SKIP, "the challenger's training rows all have")),
     ("new-data", 900, (600, 150), True, False, 2.0, (SKIP, "cooldown: the last promotion was 2.0 h ago")),
     ("new-data", 900, (600, 150), False, False, 30.0, (SKIP, "no drift, and 900 new rows < retrain.min_new_rows=1000")),
     ("new-data", 900, (600, 150), True, False, 30.0, (RETRAIN, "drift detected")),
@@ -59,10 +61,11 @@ def test_without_a_champion_it_is_a_first_training(tmp_path, params, mlflow_stor
     ("new-data", 900, (600, 150), False, True, 2.0, (RETRAIN, "forced")),
 ])
 def test_retrain_decision(status, rows, split, drifted, force, hours, expected):
-    cfg = RetrainConfig(min_new_rows=1000, replay_fraction=0.5, warm_start="champion", cooldown_hours=24,
-                        allow_label_change=False)
+    cfg = RetrainConfig(min_new_rows=1000, min_new_test_rows=50, replay_fraction=0.5, warm_start="champion",
+                        cooldown_hours=24, allow_label_change=False)
     card = {"status": status, "new_rows": rows}
     if split:
         card["new_rows_by_split"] = {"train": split[0], "test": split[1]}
+        card["label_distribution"] = {"train": dict.fromkeys(split[2] if len(split) > 2 else ["negative", "positive"], 9)}
     decision, reason = retrain_decision(card, drifted, cfg, force, hours)
     assert decision == expected[0] and reason.startswith(expected[1])

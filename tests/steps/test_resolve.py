@@ -63,7 +63,10 @@ def test_unreadable_reference_names_the_version_and_path(tmp_path, params, champ
         shutil.move(tmp_path / "moved", reference)
 
 
-def test_a_changed_split_salt_is_refused(tmp_path, params, champion):
+def test_changed_split_settings_are_refused(tmp_path, params, champion):
     salted = dataclasses.replace(params, ingest=with_changes(params.ingest, split_salt="other"))
-    with pytest.raises(DataError, match="split_salt='other' differs from champion v1's 'kftune-v1'"):
+    with pytest.raises(DataError, match=r"ingest.split_salt='other' \(champion v1: 'kftune-v1'\): rows would change"):
         resolve(str(champion), tmp_path / "r1", tmp_path / "c1", salted)
+    wider = dataclasses.replace(params, ingest=with_changes(params.ingest, test_fraction=0.3))
+    with pytest.raises(DataError, match=r"ingest.test_fraction=0.3 \(champion v1: 0.15\)"):
+        resolve(str(champion), tmp_path / "r1", tmp_path / "c1", wider)
