@@ -257,7 +257,7 @@ def _ingest_tokens(source: str, out_dir: str | Path, cfg: IngestConfig, lineage:
     from kftune import ner
 
     raw, info = read_sentences(source, cfg)
-    df, drops = clean(raw)  # tokens never hold whitespace, so normalising the joined text changes nothing
+    df, drops = clean(raw)  # on the joined text (the split and duplicate key); tokens and tags stay as read
     if df.empty:
         raise DataError(f"{source}: no usable sentences ({len(raw)} read; dropped {drops})")
     df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
@@ -266,7 +266,8 @@ def _ingest_tokens(source: str, out_dir: str | Path, cfg: IngestConfig, lineage:
     per_split = {s: [ner.Sentence(list(k), list(t), 0) for k, t in zip(part["tokens"], part["tags"])]
                  for s, part in df.groupby("split")}
     card = {**info, "task": "token-classification", "rows_read": len(raw), "dropped": drops, "labels": tags,
-            "split_salt": cfg.split_salt, "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
+            "split_salt": cfg.split_salt, "split": split_settings(cfg),
+            "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
             "tokens": {s: int(df[df["split"] == s]["tokens"].map(len).sum()) for s in SPLITS},
             "entities": {s: ner.entity_counts(per_split.get(s, [])) for s in SPLITS},
             "sentence_length_words": _quantiles(df["tokens"].map(len)), "sha256": content_sha256(df),
