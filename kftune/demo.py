@@ -35,23 +35,17 @@ def setup_project(workdir: Path) -> None:
     _git(workdir, "commit", "-qm", "dvc init")
 
 
-def champion_f1(params: Params, texts: list[str], labels: list[str]) -> float | None:
-    """Macro-F1 of the current champion on labelled texts, or None without a champion."""
-    import mlflow
-    import numpy as np
-
+def champion_f1(params: Params, rows) -> float | None:
+    """Macro-F1 of the current champion on labelled rows, or None without a champion."""
     from kftune import registry
-    from kftune.predict import labels_of, predict_proba_with
-    from kftune.steps.evaluate import classification_metrics
+    from kftune.demo_data import LABELS
+    from kftune.steps.register import score_version
 
     name = params.register.model_name
     version = registry.version_by_alias(name, registry.CHAMPION)
     if version is None:
         return None
-    parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
-    order = labels_of(parts["model"])
-    probs = predict_proba_with(parts["model"], parts["tokenizer"], texts, params.evaluate.batch_size)
-    return classification_metrics(np.array([order.index(lbl) for lbl in labels]), probs, order, 15)["macro_f1"]
+    return score_version(f"models:/{name}/{version}", {"batch": rows}, list(LABELS), params)["batch"]
 
 
 def held_out(path: Path, params: Params):
@@ -59,8 +53,7 @@ def held_out(path: Path, params: Params):
     from kftune.steps.ingest import load_rows
 
     df, _ = load_rows(str(path), params.ingest)
-    test = df[df["split"] == "test"]
-    return test["text"].tolist(), test["label"].tolist()
+    return df[df["split"] == "test"]
 
 
 def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print) -> list[dict]:
@@ -80,13 +73,13 @@ def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print) -
     for batch, drift in BATCHES:
         path = write_batch(workdir.parent / f"{workdir.name}-incoming", batch, rows, drift=drift)
         added = add_batches([str(path)], workdir, params.ingest, tag=f"batch-{batch}")
-        texts, labels = held_out(path, params)
-        before = champion_f1(params, texts, labels)
+        test = held_out(path, params)
+        before = champion_f1(params, test)
         echo(f"\n== batch {batch} (drift {drift}): {sum(added['rows'].values())} rows -> commit "
              f"{added['commit'][:8]}; retraining...")
         o = run_retraining_local(params, workdir)
-        after = champion_f1(params, texts, labels)
-        row = {"batch": batch, "shift": drift, **o, "batch_test_rows": len(texts), "champion_f1_before": before,
+        after = champion_f1(params, test)
+        row = {"batch": batch, "shift": drift, **o, "batch_test_rows": len(test), "champion_f1_before": before,
                "champion_f1_after": after}
         timeline.append(row)
         echo(f"batch {batch}: {describe_outcome(o)}; its macro-F1 on the batch {_f(before)} -> {_f(after)}")

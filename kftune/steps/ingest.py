@@ -83,18 +83,22 @@ def _download_s3(uri: str, dest: Path) -> Path:
     return dest
 
 
-def list_files(source: str | Path) -> list[Path]:
-    """The table files behind `source` (a file or a folder), sorted; fail if there are none."""
+def list_files(source: str | Path, suffixes=tuple(READERS), any_single_file: bool = False) -> list[Path]:
+    """The data files behind `source` (a file or a folder), sorted; fail if there are none.
+
+    A folder contributes its files with one of `suffixes`; a single file must have one too, unless
+    `any_single_file` (CoNLL files come as .txt, .annotated, ...).
+    """
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_file():
-        if path.suffix.lower() not in READERS:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
+        if not any_single_file and path.suffix.lower() not in suffixes:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(suffixes)})")
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READERS)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
-        raise DataError(f"{path}: folder has no {', '.join(READERS)} files")
+        raise DataError(f"{path}: folder has no {', '.join(suffixes)} files")
     return files
 
 
@@ -227,12 +231,7 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     (the tags joined, so that `clean` can drop duplicates and conflicts); bad lines fail with file:line."""
     from kftune import ner
 
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in NER_SUFFIXES)
-    if not files:
-        raise DataError(f"{path}: folder has no {', '.join(NER_SUFFIXES)} files")
+    files = list_files(source, NER_SUFFIXES, any_single_file=True)
     allowed = set(cfg.labels) or None
     rows, repairs, sources = [], 0, []
     for f in files:

@@ -74,8 +74,8 @@ def gate(s: Scores, min_delta: float, max_forgetting: float, smoke_error: str | 
     return all(ok for ok, _ in checks), [why for _, why in checks]
 
 
-def _score_champion(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], params: Params) -> dict[str, float]:
-    """The champion's primary score (macro-F1, or entity F1 for tagged sentences) on each named test set."""
+def score_version(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], params: Params) -> dict[str, float]:
+    """A registered version's primary score (macro-F1, or entity F1 for tagged sentences) on each named test set."""
     import mlflow
 
     from kftune.ner import entity_metrics
@@ -253,7 +253,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             if hist:
                 tests["historical"] = pd.read_parquet(data_dir / "historical_test.parquet")
             try:
-                measured = _score_champion(f"models:/{cfg.model_name}/{champion}", tests, labels, params)
+                measured = score_version(f"models:/{cfg.model_name}/{champion}", tests, labels, params)
                 scores.champion, scores.champion_historical = measured["test"], measured.get("historical")
                 mlflow.log_metrics({f"champion_{k}_{primary}": v for k, v in
                                     {"test": scores.champion, "historical_test": scores.champion_historical}.items()
