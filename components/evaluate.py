@@ -9,9 +9,11 @@ def evaluate_op(data: Input[Dataset], model: Input[Model], params: dict, evaluat
                 metrics: Output[Metrics]):
     """Test metrics of the model and of the majority and TF-IDF baselines."""
     from kftune.config import params_from_dict
+    from kftune.hardware import bf16_for
     from kftune.steps.evaluate import evaluate
 
-    m = evaluate(data.path, model.path, evaluation.path, params_from_dict(params).evaluate)
+    p = params_from_dict(params)
+    m = evaluate(data.path, model.path, evaluation.path, p.evaluate, bf16_for(p.finetune))
     key, baseline = m["primary"], m["baseline"]
     metrics.log_metric(f"test_{key}", m["model"][key])
     metrics.log_metric(f"baseline_{baseline}_{key}", m["baselines"][baseline][key])

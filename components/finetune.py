@@ -42,5 +42,7 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
                            on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
         best = {k: v for k, v in summary.items() if k.startswith("best_val_")}
         mlflow.log_metrics({**best, "train_examples_per_second": summary["examples_per_second"]})
+        mlflow.set_tags({f"kftune.{k}": summary[k] for k in ("precision", "precision_reason", "threads",
+                                                             "threads_reason")})
     model.metadata.update({**best, "mlflow_run_id": run_id})
     return run_id

@@ -160,9 +160,10 @@ def cmd_step(args) -> int:
                 write_json(Path(args.plots) / f"{key}.json", [
                     {"step": h["step"], key: h[key]} for h in history if key in h])
     elif args.name == "evaluate":
+        from kftune.hardware import bf16_for
         from kftune.steps.evaluate import evaluate
 
-        m = evaluate(args.data, args.model, args.out, params.evaluate)
+        m = evaluate(args.data, args.model, args.out, params.evaluate, bf16_for(params.finetune))
         key, base = m["primary"], m["baseline"]
         print(f"test {key} {m['model'][key]:.4f} ({base} baseline {m['baselines'][base][key]:.4f})")
     elif args.name == "register":

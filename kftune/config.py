@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from kftune.hardware import BF16_SETTINGS
+
 TASKS = ("sequence-classification", "token-classification")
 
 
@@ -89,8 +91,11 @@ class FinetuneConfig:
     freeze_embeddings: bool = _doc("Freeze the embedding layer.")
     freeze_layers: int = _doc("Freeze the bottom k encoder layers.")
     group_by_length: bool = _doc("Batch texts of similar length (batches are still shuffled).")
-    bf16: bool = _doc("bf16 autocast (faster on AVX512-BF16 / AMX CPUs and on GPUs).")
-    threads: int = _doc("torch intra-op threads; 0 keeps torch's default.")
+    bf16: str = _doc("bf16 autocast for training, evaluation and drift embeddings: auto (only where the hardware "
+                     "computes bf16 natively: a CUDA device with bf16, a CPU with AVX512_BF16 or AMX), true "
+                     "(force; warns where emulated, which is many times slower), false.")
+    threads: int = _doc("torch intra-op threads; 0 means the cores this process may use (CPU affinity and cgroup "
+                        "quota), not the host's count.")
     log_every_steps: int = _doc("Log loss and learning rate to MLflow every N optimizer steps.")
     checkpoint_every_steps: int = _doc("Save a resumable checkpoint every N optimizer steps; 0 disables.")
 
@@ -105,6 +110,8 @@ class FinetuneConfig:
             out.append(f"finetune.learning_rate={self.learning_rate!r}: must be in (0, 1)")
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"finetune.warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        if self.bf16 not in BF16_SETTINGS:
+            out.append(f"finetune.bf16={self.bf16!r}: must be one of {', '.join(BF16_SETTINGS)}")
         if self.epochs == 0 and self.max_steps == 0:
             out.append("finetune.epochs and finetune.max_steps are both 0: set one of them")
         return out
@@ -268,7 +275,9 @@ def _coerce(value, tp, key: str, problems: list[str]):
             pass
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)  # KFP passes dict parameters as protobuf Structs, where every number is a float
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is str and isinstance(value, bool):
+        return str(value).lower()  # bf16: true / false / auto
+    if tp is str and isinstance(value, (int, float)):
         return str(value)  # YAML reads a label like `1` as int; labels are strings
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         problems.append(f"{key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")

@@ -63,7 +63,7 @@ def predict_token_logits(model, seqs: list[list[int]], pad_id: int, batch_size: 
     return out
 
 
-def word_predictions(model, tokenizer, sentences: list[list[str]], batch_size: int = 64):
+def word_predictions(model, tokenizer, sentences: list[list[str]], batch_size: int = 64, bf16: bool = False):
     """Token classification: (tags, scores) per word of each sentence, read from each word's first sub-token.
 
     Long sentences are cut into windows of whole words as in training; predicted tags are made valid IOB2.
@@ -80,7 +80,7 @@ def word_predictions(model, tokenizer, sentences: list[list[str]], batch_size: i
             owners.append((i, a, enc.word_ids()))
     tags = [["O"] * len(words) for words in sentences]
     scores = [[0.0] * len(words) for words in sentences]
-    for (i, a, word_ids), logits in zip(owners, predict_token_logits(model, seqs, tokenizer.pad_token_id, batch_size)):
+    for (i, a, word_ids), logits in zip(owners, predict_token_logits(model, seqs, tokenizer.pad_token_id, batch_size, bf16)):
         probs, previous = softmax(logits), None
         for pos, w in enumerate(word_ids):
             if w is not None and w != previous:
@@ -128,7 +128,7 @@ def labels_of(model) -> list[str]:
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
-def predict_proba_with(model, tokenizer, texts: list[str], batch_size: int = 64) -> np.ndarray:
+def predict_proba_with(model, tokenizer, texts: list[str], batch_size: int = 64, bf16: bool = False) -> np.ndarray:
     """Class probabilities for raw texts; the tokenizer's model_max_length is the training max_length."""
     seqs = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
-    return softmax(predict_logits(model, seqs, tokenizer.pad_token_id, batch_size))
+    return softmax(predict_logits(model, seqs, tokenizer.pad_token_id, batch_size, bf16))

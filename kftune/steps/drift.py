@@ -19,6 +19,7 @@ from kftune import drift as tests
 from kftune import registry
 from kftune.config import DriftConfig, Params, RetrainConfig
 from kftune.fileio import atomic_dir, read_json, write_json
+from kftune.hardware import bf16_for
 from kftune.steps.resolve import FIRST_TRAINING, NOTHING_NEW
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def _unk_rate(tokenizer, seqs: list[list[int]]) -> float:
     return sum(i == tokenizer.unk_token_id for i in ids) / max(len(ids), 1)
 
 
-def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFrame, cfg: DriftConfig) -> tuple[dict, dict]:
+def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFrame, cfg: DriftConfig,
+               bf16: bool = False) -> tuple[dict, dict]:
     """Every drift test on the champion's reference rows versus the new rows.
 
     Returns (checks by method, plot data).
@@ -53,7 +55,7 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
     sides = {}
     for side, df in (("reference", held_out), ("new", new_s)):
         seqs = tok(df["text"].tolist(), truncation=True, max_length=tok.model_max_length)["input_ids"]
-        logits, emb = predict_logits(model, seqs, tok.pad_token_id, cfg.batch_size, embeddings=True)
+        logits, emb = predict_logits(model, seqs, tok.pad_token_id, cfg.batch_size, bf16, embeddings=True)
         probs = softmax(logits)
         sides[side] = {"emb": emb, "pred": [labels[i] for i in probs.argmax(1)], "conf": probs.max(1),
                        "unk": _unk_rate(tok, seqs)}
@@ -176,7 +178,7 @@ def drift(data_dir: str | Path, champion_dir: str | Path, out_dir: str | Path, p
             raise FileNotFoundError(f"{ref_path}: the reference rows of champion v{card['champion_version']} are "
                                     f"missing from the resolve step's output")
         checks, sides = run_checks(champion_dir, pd.read_parquet(ref_path), pd.read_parquet(data_dir / "new.parquet"),
-                                   params.drift)
+                                   params.drift, bf16_for(params.finetune))
     flags = [m for m in params.drift.methods if m in checks and checks[m].verdict]
     drifted = len(flags) >= params.drift.min_flags if checks else None
     hours = hours_since_last_promotion(params.register.model_name, now or time.time())

@@ -92,7 +92,8 @@ def render_report(metrics: dict) -> str:
     return "\n".join(lines) + "\n\n![confusion matrix](confusion_matrix.png)\n"
 
 
-def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig) -> dict:
+def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig,
+             bf16: bool = False) -> dict:
     """Score the fine-tuned model and the baselines on the test split.
 
     Args:
@@ -101,6 +102,7 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
         model_dir: fine-tune output.
         out_dir: folder for metrics.json, report.md, confusion_matrix.{json,png} and predictions.csv.
         cfg: the `evaluate` section of params.yaml.
+        bf16: predict under bf16 autocast (kftune.hardware.bf16_for decides it from finetune.bf16).
 
     Returns:
         The metrics written to metrics.json.
@@ -108,12 +110,12 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
     data_dir = Path(data_dir)
     train, test = pd.read_parquet(data_dir / "train.parquet"), pd.read_parquet(data_dir / "test.parquet")
     if "tags" in test.columns:
-        return evaluate_tokens(train, test, model_dir, Path(out_dir), cfg)
+        return evaluate_tokens(train, test, model_dir, Path(out_dir), cfg, bf16)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model, tok = AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     labels = labels_of(model)
-    probs = predict_proba_with(model, tok, test["text"].tolist(), cfg.batch_size)
+    probs = predict_proba_with(model, tok, test["text"].tolist(), cfg.batch_size, bf16)
     y = test["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
     metrics = {
         "labels": labels,
@@ -126,7 +128,7 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
     }
     historical = data_dir / "historical_test.parquet"  # retraining: the frozen test of forgetting
     if historical.exists() and len(hist := pd.read_parquet(historical)):
-        hist_probs = predict_proba_with(model, tok, hist["text"].tolist(), cfg.batch_size)
+        hist_probs = predict_proba_with(model, tok, hist["text"].tolist(), cfg.batch_size, bf16)
         y_hist = hist["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
         metrics["historical"] = classification_metrics(y_hist, hist_probs, labels, cfg.ece_bins)
         metrics["historical_rows"] = len(hist)
@@ -143,7 +145,7 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
 
 
 def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Path, out_dir: Path,
-                    cfg: EvaluateConfig) -> dict:
+                    cfg: EvaluateConfig, bf16: bool = False) -> dict:
     """Token classification: entity-level P/R/F1 (seqeval, strict IOB2) overall and per type, token
     accuracy, for the model and for the memorisation baseline (each word's most frequent training tag)."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -153,7 +155,7 @@ def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Pa
 
     model = AutoModelForTokenClassification.from_pretrained(model_dir)
     tokens, gold = [list(t) for t in test["tokens"]], [list(t) for t in test["tags"]]
-    pred, _ = word_predictions(model, AutoTokenizer.from_pretrained(model_dir), tokens, cfg.batch_size)
+    pred, _ = word_predictions(model, AutoTokenizer.from_pretrained(model_dir), tokens, cfg.batch_size, bf16)
     seen = [Sentence(list(k), list(t), 0) for k, t in zip(train["tokens"], train["tags"])]
     metrics = {"task": "token-classification", "labels": labels_of(model), "test_rows": len(test),
                "primary": "entity_f1", "baseline": "memorization", "model": entity_metrics(gold, pred),

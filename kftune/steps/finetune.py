@@ -153,14 +153,15 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
                               get_linear_schedule_with_warmup, set_seed)
 
+    from kftune.hardware import setup
     from kftune.models import load_pretrained, resolve_base_model
 
     tokenized_dir = Path(tokenized_dir)
     stats = read_json(tokenized_dir / "tokenize_stats.json")
     labels = stats["labels"]
     on_log = on_log or (lambda metrics, step: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    hw = setup(cfg.bf16, cfg.threads)
+    bf16 = hw["precision"] == "bf16"
     set_seed(cfg.seed)
 
     task = stats.get("task", "sequence-classification")
@@ -230,7 +231,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     def validate() -> bool:
         """Record a validation; return True when patience has run out."""
         nonlocal best_weights
-        metrics = validation_metrics(model, val_x, val_y, val_words, pad_id, labels, cfg.batch_size * 2, cfg.bf16)
+        metrics = validation_metrics(model, val_x, val_y, val_words, pad_id, labels, cfg.batch_size * 2, bf16)
         f1, loss = metrics[score_key], metrics["val_loss"]
         state["history"].append({"step": state["step"], **metrics})
         on_log(metrics, state["step"])
@@ -255,7 +256,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         while state["micro"] < len(batches):
             idx = batches[state["micro"]]
             ids, mask = pad_batch([train_x[i] for i in idx], pad_id)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = train_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    labels=_batch_labels(train_y, idx, ids.shape[1], ner).to(device)).loss
             group_start = state["micro"] - state["micro"] % cfg.grad_accum_steps
@@ -302,7 +303,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         f"best_{score_key}": state["best_f1"], "best_step": state["best_step"], "stopped_early": stopped_early,
         "resumed_from_step": resumed_from, "train_examples": len(train_x),
         "examples_per_second": seen / max(train_seconds, 1e-9), "train_seconds": train_seconds,
-        "processes": world,
+        "processes": world, **hw,
     }
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -17,6 +17,7 @@ import pandas as pd
 from kftune import registry
 from kftune.config import Params
 from kftune.fileio import read_json, write_json
+from kftune.hardware import bf16_for
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def score_version(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], p
     from kftune.predict import labels_of, predict_proba_with, word_predictions
     from kftune.steps.evaluate import classification_metrics
 
+    bf16 = bf16_for(params.finetune)
     parts = mlflow.transformers.load_model(uri, return_type="components")
     if labels_of(parts["model"]) != labels:
         raise registry.RegistryError(f"it predicts labels {labels_of(parts['model'])}, this data has {labels} "
@@ -90,10 +92,11 @@ def score_version(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], p
     for name, df in tests.items():
         if "tags" in df.columns:
             pred, _ = word_predictions(parts["model"], parts["tokenizer"], [list(t) for t in df["tokens"]],
-                                       params.evaluate.batch_size)
+                                       params.evaluate.batch_size, bf16)
             out[name] = entity_metrics([list(t) for t in df["tags"]], pred)["entity_f1"]
             continue
-        probs = predict_proba_with(parts["model"], parts["tokenizer"], df["text"].tolist(), params.evaluate.batch_size)
+        probs = predict_proba_with(parts["model"], parts["tokenizer"], df["text"].tolist(), params.evaluate.batch_size,
+                                   bf16)
         y = df["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
         out[name] = classification_metrics(y, probs, labels, params.evaluate.ece_bins)["macro_f1"]
     return out

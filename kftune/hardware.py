@@ -1,0 +1,119 @@
+"""What this machine computes fast: bf16 only where it is native, threads only as many as we may use.
+
+Both rules are pure functions of detected facts, so each branch is testable on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# CPU flags under which torch's bf16 kernels run natively (x86: AVX512_BF16 / AMX; Arm: FEAT_BF16)
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+BF16_SETTINGS = ("auto", "true", "false")
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: object
+    reason: str
+
+
+def cpu_flags(cpuinfo: str | Path | None = None) -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where /proc/cpuinfo does not exist.
+
+    KFTUNE_CPUINFO names another file to read, so a test can present any CPU to a whole run.
+    """
+    cpuinfo = cpuinfo or os.environ.get("KFTUNE_CPUINFO", "/proc/cpuinfo")
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def choose_bf16(setting: str, device: str, cuda_bf16: bool, flags: set[str]) -> Choice:
+    """The precision rule: bf16 only where the hardware computes it natively, unless forced.
+
+    Args:
+        setting: finetune.bf16 — auto, true (force, warn where emulated) or false.
+        device: "cuda" or "cpu", where the model runs.
+        cuda_bf16: whether the CUDA device supports bf16 (torch.cuda.is_bf16_supported()).
+        flags: the CPU's feature flags (cpu_flags()).
+    """
+    if device == "cuda":
+        native, where = cuda_bf16, "the CUDA device " + ("supports bf16" if cuda_bf16 else "has no bf16")
+    else:
+        found = sorted(set(NATIVE_BF16_FLAGS) & flags)
+        native = bool(found)
+        where = f"the CPU has {', '.join(found)}" if found else "the CPU has no native bf16 (no AVX512_BF16/AMX)"
+    if setting == "false":
+        return Choice(False, "finetune.bf16=false")
+    if setting == "true":
+        if not native:
+            log.warning("finetune.bf16=true but %s: bf16 is emulated there and much slower than fp32", where)
+        return Choice(True, f"finetune.bf16=true ({where})")
+    return Choice(native, f"finetune.bf16=auto: {where}")
+
+
+def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """CPUs allowed by the cgroup quota (a container's or pod's CPU limit), None when unlimited."""
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def choose_threads(setting: int, affinity: int, quota: float | None) -> Choice:
+    """The thread rule: finetune.threads if set, else the cores this process may use.
+
+    torch defaults to the host's core count, which oversubscribes a container limited by a quota
+    or a process pinned to fewer cores (and then runs slower than with fewer threads).
+    """
+    if setting:
+        return Choice(setting, f"finetune.threads={setting}")
+    if quota is not None and math.ceil(quota) < affinity:
+        n = max(1, math.ceil(quota))
+        return Choice(n, f"cgroup CPU quota {quota:g} of {affinity} usable cores")
+    return Choice(max(1, affinity), f"{affinity} usable cores (sched_getaffinity)")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def setup(setting_bf16: str, setting_threads: int) -> dict:
+    """Apply the thread rule to torch and decide the precision; return what was chosen and why."""
+    import torch
+
+    threads = choose_threads(setting_threads, usable_cores(), cgroup_cpu_limit())
+    torch.set_num_threads(int(threads.value))
+    cuda = torch.cuda.is_available()
+    bf16 = choose_bf16(setting_bf16, "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported(), cpu_flags())
+    choice = {"precision": "bf16" if bf16.value else "fp32", "precision_reason": bf16.reason,
+              "threads": int(threads.value), "threads_reason": threads.reason}
+    log.info("precision %s (%s); %d torch threads (%s)", choice["precision"], bf16.reason, threads.value,
+             threads.reason)
+    return choice
+
+
+def bf16_for(cfg) -> bool:
+    """Apply `finetune.threads` and decide `finetune.bf16` for a step that predicts (evaluate, drift, gate)."""
+    return setup(cfg.bf16, cfg.threads)["precision"] == "bf16"

@@ -1,0 +1,72 @@
+"""The precision and thread rules, both branches on any machine (the detected facts are inputs)."""
+
+import pytest
+
+from kftune.hardware import cgroup_cpu_limit, choose_bf16, choose_threads, cpu_flags
+from kftune.steps.finetune import finetune
+from tests.conftest import with_changes
+
+AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma"}
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("setting, flags, expected", [
+    ("auto", AVX2_ONLY, False), ("auto", AVX512_BF16, True), ("auto", AVX2_ONLY | {"amx_bf16"}, True),
+    ("auto", {"fp", "asimd", "bf16"}, True), ("auto", set(), False),
+    ("false", AVX512_BF16, False), ("true", AVX2_ONLY, True),
+])
+def test_bf16_only_where_the_cpu_computes_it_natively(setting, flags, expected):
+    choice = choose_bf16(setting, "cpu", cuda_bf16=False, flags=flags)
+    assert choice.value is expected
+    assert f"finetune.bf16={setting}" in choice.reason
+
+
+def test_bf16_on_cuda_follows_the_device_not_the_cpu():
+    assert choose_bf16("auto", "cuda", cuda_bf16=True, flags=set()).value is True
+    assert choose_bf16("auto", "cuda", cuda_bf16=False, flags=AVX512_BF16).value is False
+
+
+def test_forcing_bf16_where_it_is_emulated_warns(caplog):
+    choose_bf16("true", "cpu", cuda_bf16=False, flags=AVX2_ONLY)
+    assert "emulated" in caplog.text
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    (tmp_path / "x86").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(tmp_path / "x86") == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "arm") == {"fp", "asimd", "bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize("setting, affinity, quota, expected", [
+    (0, 2, None, 2), (0, 64, 2.0, 2), (0, 64, 1.5, 2), (0, 4, 0.5, 1), (0, 2, 8.0, 2), (3, 64, 2.0, 3),
+])
+def test_threads_default_to_the_cores_this_process_may_use(setting, affinity, quota, expected):
+    assert choose_threads(setting, affinity, quota).value == expected
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path / "v2") == 1.5
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path / "v2") is None
+    (tmp_path / "v1" / "cpu").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path / "v1") == 2.0
+    assert cgroup_cpu_limit(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("flags, precision", [(AVX2_ONLY, "fp32"), (AVX512_BF16, "bf16")])
+def test_a_default_run_trains_in_bf16_only_on_a_cpu_with_native_bf16(prepared, params, tmp_path, monkeypatch,
+                                                                       flags, precision):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {' '.join(sorted(flags))}\n")
+    monkeypatch.setenv("KFTUNE_CPUINFO", str(cpuinfo))
+    cfg = with_changes(params.finetune, bf16="auto", max_steps=20, eval_every_steps=0)
+    summary = finetune(prepared / "tokenized", prepared / "model", params.model.name, cfg)
+    assert summary["precision"] == precision
+    assert ("avx512_bf16" in summary["precision_reason"]) is (precision == "bf16")
+    assert summary["threads"] >= 1 and summary["threads_reason"]
