@@ -380,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=2000, help="rows per batch (default: %(default)s)")
     _add_params_args(p)
     p.set_defaults(func=cmd_demo_drift)
+    from kftune.serving.cli import add_commands
+    add_commands(sub)
     return parser
 
 

@@ -230,6 +230,44 @@ class ClusterConfig:
         return out
 
 
+SERVE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+@dataclass
+class ServeConfig:
+    poll_seconds: float = _doc("How often `kftune serve` checks which version the alias points at; a new one is "
+                               "loaded and warmed beside the old, then swapped in.")
+    max_batch: int = _doc("Most texts in one forward pass; concurrent requests are gathered up to this.")
+    max_wait_ms: float = _doc("Longest a request waits for others to share its batch.")
+    precision: str = _doc("auto (the fastest of fp32, bf16 where native, int8 whose agreement with fp32 on the "
+                          "version's held-out rows is >= min_agreement, measured at load), fp32, bf16 or int8.")
+    min_agreement: float = _doc("precision=auto: least share of held-out predictions equal to fp32's.")
+    agreement_rows: int = _doc("precision=auto: held-out rows (test, then validation) measured per precision.")
+    max_texts: int = _doc("Most texts in one request (more: 413).")
+    max_text_chars: int = _doc("Most characters in one text (more: 422).")
+    max_body_bytes: int = _doc("Largest request body in bytes (more: 413).")
+    threads: int = _doc("torch intra-op threads; 0 means the cores this process may use.")
+    log_dir: str = _doc("Request log: a local folder or s3://bucket/prefix of Parquet files; empty disables it.")
+    log_queue: int = _doc("Request log: predictions waiting to be written; beyond it they are dropped (and "
+                          "counted), never blocking a request.")
+    log_flush_seconds: float = _doc("Request log: write a new Parquet file at least this often while there is "
+                                    "traffic.")
+    log_file_rows: int = _doc("Request log: most predictions per Parquet file.")
+    drain_seconds: float = _doc("On SIGTERM/SIGINT: how long in-flight requests may take to finish.")
+
+    def problems(self) -> list[str]:
+        out = [f"serve.{k}={getattr(self, k)!r}: must be > 0" for k in
+               ("poll_seconds", "max_batch", "agreement_rows", "max_texts", "max_text_chars", "max_body_bytes",
+                "log_queue", "log_flush_seconds", "log_file_rows", "drain_seconds") if getattr(self, k) <= 0]
+        out += [f"serve.{k}={getattr(self, k)!r}: must be >= 0" for k in ("max_wait_ms", "threads")
+                if getattr(self, k) < 0]
+        if self.precision not in SERVE_PRECISIONS:
+            out.append(f"serve.precision={self.precision!r}: must be one of {', '.join(SERVE_PRECISIONS)}")
+        if not 0 < self.min_agreement <= 1:
+            out.append(f"serve.min_agreement={self.min_agreement!r}: must be in (0, 1]")
+        return out
+
+
 @dataclass
 class Params:
     task: str = _doc("sequence-classification (one label per text) or token-classification (one IOB2 tag per word).")
@@ -242,6 +280,7 @@ class Params:
     drift: DriftConfig = _doc("Drift tests of the retraining pipeline.")
     retrain: RetrainConfig = _doc("When and how the retraining pipeline trains a challenger.")
     cluster: ClusterConfig = _doc("Settings that only apply when the pipeline is compiled for a cluster.")
+    serve: ServeConfig = _doc("`kftune serve` and `kftune predict`: batching, precision, limits, request log.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,181 @@
+"""Batch prediction: a file of texts in, a file of predictions out, in input order, in bounded memory.
+
+The input is read in chunks of `chunk_rows` rows (CSV/TSV, JSONL, Parquet; local or s3://); each
+chunk is predicted in length-sorted, per-batch padded forward passes and written before the next
+is read. Output columns: the input's, then `label`, `probability`, `probabilities` (every class;
+a JSON object in CSV and Parquet) and `model_version`; for token classification `entities` (a JSON
+list of {type, text, start, end, score}) instead of the label columns. The output appears whole or
+not at all (written under a temp name, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from kftune.serving.model import ServedModel, ServingError
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def file_format(path: str, given: str = "") -> str:
+    if given:
+        if given not in FORMATS.values():
+            raise ServingError(f"format {given!r}: use one of {', '.join(sorted(set(FORMATS.values())))}")
+        return given
+    suffix = Path(path.split("?")[0]).suffix.lower()
+    if suffix not in FORMATS:
+        raise ServingError(f"{path}: cannot tell the format from {suffix or 'no extension'!r}; "
+                           f"use .csv, .tsv, .jsonl or .parquet")
+    return FORMATS[suffix]
+
+
+def _open(path: str, mode: str = "rb"):
+    import fsspec
+
+    return fsspec.open(path, mode)
+
+
+def count_rows(path: str, fmt: str) -> int | None:
+    """Rows in the input, for the progress bar's ETA: exact for Parquet and JSONL, lines for local CSV."""
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        with _open(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    if "://" in path:
+        return None
+    with open(path, "rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return max(0, lines - (fmt in ("csv", "tsv")))
+
+
+def read_chunks(path: str, fmt: str, chunk_rows: int):
+    """DataFrames of at most `chunk_rows` rows, in file order."""
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            with _open(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
+                    yield batch.to_pandas()
+            return
+        if fmt in ("csv", "tsv"):
+            reader = pd.read_csv(path, sep="," if fmt == "csv" else "\t", chunksize=chunk_rows, dtype=str,
+                                 keep_default_na=False)
+        else:
+            reader = pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
+        with reader:
+            yield from reader
+    except FileNotFoundError:
+        raise ServingError(f"{path}: no such file") from None
+    except pd.errors.EmptyDataError:
+        raise ServingError(f"{path}: the file is empty (expected a header row and texts)") from None
+    except (ValueError, pd.errors.ParserError, OSError) as exc:
+        if isinstance(exc, ServingError):
+            raise
+        raise ServingError(f"{path}: cannot read it as {fmt}: {exc}") from None
+
+
+def answer_columns(served: ServedModel, answers: list[dict], fmt: str) -> dict[str, list]:
+    as_text = fmt != "jsonl"  # CSV and Parquet get JSON strings: one column type whatever the content
+    enc = (lambda v: json.dumps(v, ensure_ascii=False)) if as_text else (lambda v: v)  # noqa: E731
+    if served.task == "token-classification":
+        cols = {"entities": [enc(a["entities"]) for a in answers]}
+    else:
+        cols = {"label": [a["label"] for a in answers], "probability": [a["probability"] for a in answers],
+                "probabilities": [enc(a["probabilities"]) for a in answers]}
+    cols["model_version"] = [served.version] * len(answers)
+    return cols
+
+
+class _Writer:
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt, self.parquet, self.rows = path, fmt, None, 0
+
+    def write(self, df: pd.DataFrame) -> None:
+        if self.fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if self.parquet is None:
+                self.parquet = pq.ParquetWriter(str(self.path), table.schema)
+            self.parquet.write_table(table.cast(self.parquet.schema))
+        elif self.fmt == "jsonl":
+            with open(self.path, "a", encoding="utf-8") as f:
+                for row in df.to_dict(orient="records"):
+                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        else:
+            df.to_csv(self.path, mode="a", header=self.rows == 0, index=False, sep="," if self.fmt == "csv" else "\t")
+        self.rows += len(df)
+
+    def close(self) -> None:
+        if self.parquet is not None:
+            self.parquet.close()
+            self.parquet = None
+
+
+def predict_file(served: ServedModel, source: str, output: str, text_column: str = "text", chunk_rows: int = 10000,
+                 batch_size: int = 32, input_format: str = "", output_format: str = "", progress: bool = True) -> dict:
+    """Predict every row of `source` and write `output`; return counts and speed.
+
+    Args:
+        served: the loaded model version.
+        source: CSV/TSV/JSONL/Parquet file, local or s3://.
+        output: the predictions file (.csv, .tsv, .jsonl or .parquet; local or s3://).
+        text_column: the column holding the texts.
+        chunk_rows: rows held in memory at once.
+        batch_size: texts per forward pass.
+        input_format, output_format: override the format read from the file extensions.
+    """
+    from tqdm import tqdm
+
+    in_fmt, out_fmt = file_format(source, input_format), file_format(output, output_format)
+    total = count_rows(source, in_fmt) if progress else None
+    remote = "://" in output
+    out_dir = Path(tempfile.mkdtemp()) if remote else Path(output).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{Path(output).name}.tmp"
+    tmp.unlink(missing_ok=True)
+    writer, start = _Writer(tmp, out_fmt), time.perf_counter()
+    bar = tqdm(total=total, unit="texts", desc=f"{served.name} v{served.version}", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    try:
+        for chunk in read_chunks(source, in_fmt, chunk_rows):
+            if text_column not in chunk.columns:
+                raise ServingError(f"{source}: no column {text_column!r} (columns: {', '.join(map(str, chunk.columns))});"
+                                   f" pass --text-column")
+            texts = chunk[text_column].tolist()
+            bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+            if bad is not None:
+                raise ServingError(f"{source}: row {writer.rows + bad + 1}: {text_column!r} is "
+                                   f"{type(texts[bad]).__name__} {texts[bad]!r}, not a text")
+            answers = served.predict(texts, batch_size)
+            writer.write(chunk.reset_index(drop=True).assign(**answer_columns(served, answers, out_fmt)))
+            bar.update(len(texts))
+        writer.close()
+        if writer.rows == 0:
+            raise ServingError(f"{source}: no rows to predict")
+        if remote:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(output)
+            fs.put_file(str(tmp), path)
+        else:
+            os.replace(tmp, output)
+    finally:
+        bar.close()
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    return {"rows": writer.rows, "seconds": round(seconds, 2), "texts_per_s": round(writer.rows / max(seconds, 1e-9), 1),
+            "version": served.version, "precision": served.precision, "output": output}

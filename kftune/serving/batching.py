@@ -1,0 +1,96 @@
+"""Micro-batching: concurrent requests share forward passes.
+
+A request is queued with the model version it arrived on. One worker takes the first waiting
+request, gathers more until `max_batch` texts or `max_wait_ms`, and runs each version's texts on
+that version (sorted by length and padded per batch, in `ServedModel.predict`). A request that
+started on the old version during a hot swap therefore finishes on it, and forward passes never run
+concurrently with each other (torch already uses every core for one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    served: object
+    texts: list[str]
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    def __init__(self, max_batch: int, max_wait_ms: float, on_batch=None):
+        """on_batch(n_texts) is called after each forward batch group (for metrics)."""
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+        self.on_batch = on_batch or (lambda n: None)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kftune-predict")
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="kftune-batcher")
+
+    async def predict(self, served, texts: list[str]) -> list[dict]:
+        """The answers for `texts` from `served`, computed in a batch shared with concurrent requests."""
+        if self._worker is None or self._worker.done():
+            raise RuntimeError("the batcher is not running")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(served, texts, future))
+        return await future
+
+    async def close(self) -> None:
+        """Finish every queued request, then stop."""
+        if self._worker is not None and not self._worker.done():
+            await self._queue.put(None)
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    async def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        jobs, n = [first], len(first.texts)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while n < self.max_batch:
+            try:
+                job = self._queue.get_nowait() if loop.time() >= deadline else \
+                    await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            n += len(job.texts)
+        return jobs, False
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            jobs, stop = await self._gather(first)
+            by_model: dict[int, list[_Job]] = {}
+            for job in jobs:
+                by_model.setdefault(id(job.served), []).append(job)
+            for group in by_model.values():
+                texts = [t for job in group for t in job.texts]
+                try:
+                    answers = await loop.run_in_executor(self._executor, group[0].served.predict, texts, self.max_batch)
+                except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                    log.exception("prediction failed for a batch of %d texts", len(texts))
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                self.on_batch(len(texts))
+                at = 0
+                for job in group:
+                    if not job.future.done():  # a client that went away cancelled its future
+                        job.future.set_result(answers[at : at + len(job.texts)])
+                    at += len(job.texts)

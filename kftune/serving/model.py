@@ -1,0 +1,185 @@
+"""A registered model version, loaded at its serving precision, warmed up, predicting raw texts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kftune.config import ConfigError, ServeConfig
+from kftune.serving import precision as prec
+
+log = logging.getLogger(__name__)
+
+TAG = "kftune.serve."
+HELD_OUT = ("test", "validation")
+
+
+class ServingError(ConfigError):
+    """A model cannot be served as asked (no such version or alias, unreadable artifacts)."""
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: str
+    task: str
+    labels: list[str]
+    model: object = field(repr=False)
+    tokenizer: object = field(repr=False)
+    precision: str = "fp32"
+    precision_reason: str = ""
+    measured: dict = field(default_factory=dict)
+
+    def predict(self, texts: list[str], batch_size: int) -> list[dict]:
+        """One answer per text, in order; `batch_size` texts of similar length share a padded forward pass.
+
+        Sequence classification: label, probability, probabilities (every class). Token classification:
+        entities (type, text, start, end, score, with character offsets into the text).
+        """
+        from kftune.predict import predict_logits, predict_spans, softmax
+
+        if not texts:
+            return []
+        if self.task == "token-classification":
+            return [{"entities": spans} for spans in predict_spans(self.model, self.tokenizer, texts, batch_size)]
+        seqs = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length)["input_ids"]
+        probs = softmax(predict_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size))
+        best = probs.argmax(axis=1)
+        return [{"label": self.labels[b], "probability": float(p[b]),
+                 "probabilities": {lbl: float(x) for lbl, x in zip(self.labels, p)}} for b, p in zip(best, probs)]
+
+
+def parse_model_ref(ref: str, default_alias: str = "champion") -> tuple[str, str | None, str | None]:
+    """NAME, NAME@alias or NAME/version -> (name, alias, version)."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias, None
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        if not version.isdigit():
+            raise ServingError(f"--model {ref!r}: after '/' comes a version number (or use NAME@alias)")
+        return name, None, version
+    return ref, default_alias, None
+
+
+def resolve_version(name: str, alias: str | None, version: str | None) -> str:
+    from kftune.registry import version_by_alias
+
+    if version:
+        return version
+    found = version_by_alias(name, alias)
+    if found is None:
+        import mlflow
+
+        raise ServingError(f"{name}@{alias}: no such alias (or no model {name!r}) in {mlflow.get_tracking_uri()}; "
+                           f"`kftune models list --name {name}` shows the versions")
+    return found
+
+
+def held_out_texts(name: str, version: str, limit: int) -> list[str]:
+    """The version's own test rows, then validation rows, up to `limit` (from its `reference/` artifact)."""
+    from kftune.steps.resolve import download_reference
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, _ = download_reference(name, version, tmp)
+    rows = rows[rows["split"].isin(HELD_OUT)]
+    rows = rows.assign(order=rows["split"].map({s: i for i, s in enumerate(HELD_OUT)})).sort_values("order", kind="stable")
+    return rows["text"].astype(str).head(limit).tolist()
+
+
+def machine() -> str:
+    """Where a measurement was taken: CPU model and its bf16/AVX-512 flags."""
+    from kftune.hardware import NATIVE_BF16_FLAGS, cpu_flags
+
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or model
+    flags = sorted(f for f in cpu_flags() if f in NATIVE_BF16_FLAGS or f in ("avx512f", "avx512_vnni", "avx2"))
+    return f"{model} ({', '.join(flags) or 'no AVX-512/bf16 flags'}), {len(os.sched_getaffinity(0))} cores"
+
+
+def _record(name: str, version: str, served: ServedModel, skipped: list[str]) -> None:
+    """Tag the version with what was measured and chosen; a read-only registry only costs a warning."""
+    import mlflow
+
+    tags = {f"{TAG}precision": served.precision, f"{TAG}precision_reason": served.precision_reason,
+            f"{TAG}measured_on": machine()}
+    for p, m in served.measured.items():
+        tags[f"{TAG}agreement_{p}"] = f"{m['agreement']:.4f}"
+        tags[f"{TAG}texts_per_s_{p}"] = f"{m['texts_per_s']:g}"
+    if skipped:
+        tags[f"{TAG}not_measured"] = "; ".join(skipped)
+    try:
+        client = mlflow.MlflowClient()
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v[:5000])
+    except Exception as exc:  # noqa: BLE001 - serving must not fail because tags cannot be written
+        log.warning("could not tag %s v%s with its serving precision: %s", name, version, exc)
+
+
+def load_version(name: str, version: str, cfg: ServeConfig, precision: str | None = None) -> ServedModel:
+    """Load `name` v`version` from the registry, pick its precision (measuring it for auto), warm it up.
+
+    Args:
+        precision: overrides cfg.precision (auto | fp32 | bf16 | int8).
+    """
+    import mlflow
+    import torch
+
+    setting = precision or cfg.precision
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+    except Exception as exc:
+        raise ServingError(f"cannot load {name} v{version} from {mlflow.get_tracking_uri()}: "
+                           f"{type(exc).__name__}: {exc}") from None
+    model, tokenizer = parts["model"], parts["tokenizer"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    task = "token-classification" if type(model).__name__.endswith("ForTokenClassification") else \
+        "sequence-classification"
+    from kftune.predict import labels_of
+
+    try:
+        texts = held_out_texts(name, version, cfg.agreement_rows)
+    except Exception as exc:  # noqa: BLE001 - an older version without reference rows can still be served
+        log.warning("%s v%s: no held-out rows to measure precision on (%s)", name, version, exc)
+        texts = []
+    measured, skipped = {}, []
+    if setting == "auto" and texts:
+        todo, skipped = prec.candidates(device)
+        measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch)
+        choice = prec.choose_precision("auto", measured, cfg.min_agreement)
+        if skipped:
+            choice = prec.Choice(choice.value, f"{choice.reason}; not measured: {'; '.join(skipped)}")
+    elif setting == "auto":
+        choice = prec.Choice("fp32", "serve.precision=auto, but the version has no held-out rows to measure "
+                                     "agreement on: fp32")
+    else:
+        if setting == "bf16" and not prec.bf16_native(device).value:
+            log.warning("serve.precision=bf16 but %s: expect it to be much slower than fp32",
+                        prec.bf16_native(device).reason)
+        choice = prec.choose_precision(setting, {}, cfg.min_agreement)
+    served = ServedModel(name, str(version), task, labels_of(model), prec.convert(model, choice.value), tokenizer,
+                         choice.value, choice.reason, measured)
+    warm = (texts or ["warm up"])[: cfg.max_batch]
+    served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
+    served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)
+    log.info("%s v%s ready: %s at %s (%s)", name, version, task, served.precision, served.precision_reason)
+    if setting == "auto":
+        _record(name, str(version), served, skipped)
+    return served
+
+
+def probabilities_matrix(answers: list[dict], labels: list[str]) -> np.ndarray:
+    return np.array([[a["probabilities"][lbl] for lbl in labels] for a in answers], dtype=np.float64)

@@ -1,0 +1,119 @@
+"""Which numeric precision to serve: fp32, bf16 (only where native) or int8, chosen by measurement.
+
+`measure_precisions` runs each candidate on the same texts and reports its agreement with fp32 and its
+speed; `choose_precision` is the rule. Both are plain functions, so the register step can call the
+first at registration time and a test can check the second on made-up numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+
+from kftune.hardware import Choice, choose_bf16, cpu_flags
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def bf16_native(device: str) -> Choice:
+    """Whether bf16 is computed natively here (a CPU without AVX512_BF16/AMX emulates it, many times slower)."""
+    import torch
+
+    cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return choose_bf16("auto", device, cuda_bf16, cpu_flags())
+
+
+def candidates(device: str) -> tuple[list[str], list[str]]:
+    """(precisions worth measuring here, why each other one is not)."""
+    out, skipped = ["fp32"], []
+    native = bf16_native(device)
+    (out if native.value else skipped).append("bf16" if native.value else f"bf16: {native.reason.split(': ', 1)[-1]}")
+    if device == "cpu":
+        out.append("int8")
+    else:
+        skipped.append("int8: torch dynamic quantisation runs on CPU only")
+    return out, skipped
+
+
+def convert(model, precision: str):
+    """A copy of `model` at `precision` (fp32 returns the model itself).
+
+    int8 is torch's dynamic quantisation of every Linear layer (weights int8, activations quantised per
+    batch). torch 2.13 still ships it in torch.ao.quantization, deprecated in favour of torchao.
+    """
+    import torch
+
+    if precision == "fp32":
+        return model
+    if precision == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16)
+    if precision == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation notice, once per load
+            return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+
+
+def outputs(model, tokenizer, task: str, texts: list[str], batch_size: int) -> list:
+    """What agreement compares: the label id per text, or the entity spans (type, start, end) per text."""
+    from kftune.predict import predict_logits, predict_spans
+
+    if task == "token-classification":
+        return [tuple((s["type"], s["start"], s["end"]) for s in spans)
+                for spans in predict_spans(model, tokenizer, texts, batch_size)]
+    seqs = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    return predict_logits(model, seqs, tokenizer.pad_token_id, batch_size).argmax(axis=1).tolist()
+
+
+def measure_precisions(model, tokenizer, texts: list[str], task: str = "sequence-classification",
+                       precisions: list[str] = PRECISIONS, batch_size: int = 32) -> dict[str, dict]:
+    """Agreement with fp32 and texts/s of each precision on `texts`, on this machine.
+
+    Args:
+        model: the fp32 model (left unchanged).
+        tokenizer: its fast tokenizer.
+        texts: held-out texts (the version's own test/validation rows).
+        task: sequence-classification (agreement: same label) or token-classification (same entity spans).
+        precisions: which to measure; fp32 is always measured, as the reference.
+        batch_size: texts per forward pass, as served.
+
+    Returns:
+        {precision: {"agreement": share of texts with fp32's prediction, "texts_per_s": float}}.
+    """
+    if not texts:
+        raise ValueError("measure_precisions needs at least one text")
+    out, reference = {}, None
+    for precision in ["fp32", *[p for p in precisions if p != "fp32"]]:
+        m = convert(model, precision)
+        outputs(m, tokenizer, task, texts[:batch_size], batch_size)  # warm-up: first-call allocations, kernels
+        start = time.perf_counter()
+        got = outputs(m, tokenizer, task, texts, batch_size)
+        seconds = time.perf_counter() - start
+        reference = got if reference is None else reference
+        agree = sum(a == b for a, b in zip(got, reference)) / len(texts)
+        out[precision] = {"agreement": round(agree, 6), "texts_per_s": round(len(texts) / seconds, 1)}
+        log.info("precision %s: agreement %.4f with fp32, %.1f texts/s on %d texts", precision, agree,
+                 len(texts) / seconds, len(texts))
+    return out
+
+
+def choose_precision(setting: str, measured: dict[str, dict], min_agreement: float) -> Choice:
+    """The rule: a fixed setting is served as set; auto serves the fastest measured precision whose
+    agreement with fp32 is >= min_agreement (fp32 itself always qualifies)."""
+    if setting != "auto":
+        return Choice(setting, f"serve.precision={setting}")
+    ok = {p: m for p, m in measured.items() if m["agreement"] >= min_agreement}
+    best = max(ok, key=lambda p: ok[p]["texts_per_s"])
+    fp32 = measured["fp32"]["texts_per_s"]
+    numbers = "; ".join(f"{p} {m['texts_per_s']:g} texts/s, agreement {m['agreement']:.4f}" for p, m in measured.items())
+    failed = [p for p in measured if p not in ok]
+    why = f"fastest with agreement >= {min_agreement:g}: {best} ({ok[best]['texts_per_s'] / fp32:.2f}x fp32)"
+    if failed:
+        why += f"; below the agreement bar: {', '.join(failed)}"
+    return Choice(best, f"serve.precision=auto, {why} [{numbers}]")

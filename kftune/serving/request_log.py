@@ -1,0 +1,164 @@
+"""The request log: every served prediction, appended to rotating Parquet files, for monitoring.
+
+Layout: `<log_dir>/date=YYYY-MM-DD/part-<UTC time>-<pid>-<n>.parquet`, a local folder or
+s3://bucket/prefix. A file appears whole (local: written under a hidden temp name, then renamed;
+S3: an object exists only once its upload completes). A new file starts every `log_flush_seconds`
+of traffic or `log_file_rows` predictions, so readers can take finished files at any time.
+
+One row per text (SCHEMA):
+
+| column | type | meaning |
+|---|---|---|
+| request_id | string | the request's id (X-Request-ID or V2 `id` if given, else a UUID) |
+| index | int32 | position of the text in its request |
+| time | timestamp[ms, UTC] | when the answer was computed |
+| model | string | registered model name |
+| version | string | model version that answered |
+| precision | string | fp32, bf16 or int8 |
+| task | string | sequence-classification or token-classification |
+| text | string | the input text |
+| label | string | predicted label (null for token classification) |
+| probability | float64 | the predicted label's probability (null for token classification) |
+| labels | list<string> | every class, in the model's order |
+| probabilities | list<float64> | every class's probability, in `labels` order (empty for token classification) |
+| entities | string | token classification: JSON list of {type, text, start, end, score}; else null |
+
+Writes go through a bounded queue drained by one thread: a full queue drops the prediction and
+counts it (`dropped`), it never blocks a request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([
+    ("request_id", pa.string()), ("index", pa.int32()), ("time", pa.timestamp("ms", tz="UTC")),
+    ("model", pa.string()), ("version", pa.string()), ("precision", pa.string()), ("task", pa.string()),
+    ("text", pa.string()), ("label", pa.string()), ("probability", pa.float64()),
+    ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float64())), ("entities", pa.string()),
+])
+
+
+def records(request_id: str, served, texts: list[str], answers: list[dict], at: float | None = None) -> list[dict]:
+    """Request-log rows for one request's answers."""
+    at = datetime.fromtimestamp(at or time.time(), tz=timezone.utc)
+    out = []
+    for i, (text, a) in enumerate(zip(texts, answers)):
+        ner = "entities" in a
+        out.append({"request_id": request_id, "index": i, "time": at, "model": served.name, "version": served.version,
+                    "precision": served.precision, "task": served.task, "text": text,
+                    "label": None if ner else a["label"], "probability": None if ner else a["probability"],
+                    "labels": served.labels, "probabilities": [] if ner else [a["probabilities"][lbl] for lbl in served.labels],
+                    "entities": json.dumps(a["entities"], ensure_ascii=False) if ner else None})
+    return out
+
+
+def _fs(log_dir: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(log_dir)
+    return fs, root.rstrip("/")
+
+
+class RequestLog:
+    """Append predictions to Parquet files off the request path; `close()` writes what is left."""
+
+    def __init__(self, log_dir: str, max_queue: int, flush_seconds: float, file_rows: int):
+        self.log_dir, self.flush_seconds, self.file_rows = log_dir, flush_seconds, file_rows
+        self.fs, self.root = _fs(log_dir)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.dropped = 0
+        self.written = 0
+        self._parts = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="kftune-request-log", daemon=True)
+        self._thread.start()
+
+    def append(self, rows: list[dict]) -> int:
+        """Queue rows without waiting; return how many were dropped because the queue was full."""
+        dropped = 0
+        for row in rows:
+            try:
+                self._queue.put_nowait(row)
+            except queue.Full:
+                dropped += 1
+        self.dropped += dropped
+        return dropped
+
+    def close(self, timeout: float = 30) -> None:
+        self._queue.put(None)  # blocks only while the writer makes room: shutdown, not a request
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        buffer, since = [], None
+        while True:
+            wait = self.flush_seconds if since is None else max(0.0, since + self.flush_seconds - time.monotonic())
+            try:
+                row = self._queue.get(timeout=wait)
+            except queue.Empty:
+                row = ...
+            if row is None:
+                self._write(buffer)
+                return
+            if row is not ...:
+                buffer.append(row)
+                since = since or time.monotonic()
+            if buffer and (len(buffer) >= self.file_rows or time.monotonic() - since >= self.flush_seconds):
+                self._write(buffer)
+                buffer, since = [], None
+
+    def _write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        now = datetime.now(timezone.utc)
+        folder = f"{self.root}/date={now:%Y-%m-%d}"
+        name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(self._parts):05d}.parquet"
+        try:
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pylist(rows, schema=SCHEMA)
+            self.fs.makedirs(folder, exist_ok=True)
+            if self.fs.protocol in ("file", "local") or "file" in self.fs.protocol:
+                tmp = f"{folder}/.{name}.tmp"
+                pq.write_table(table, tmp)
+                os.replace(tmp, f"{folder}/{name}")
+            else:
+                with self.fs.open(f"{folder}/{name}", "wb") as f:
+                    pq.write_table(table, f)
+            self.written += len(rows)
+        except Exception:  # noqa: BLE001 - a failed write loses these rows, not the server
+            self.dropped += len(rows)
+            log.exception("request log: could not write %d predictions to %s", len(rows), folder)
+
+
+def read_request_log(log_dir: str, since: datetime | None = None):
+    """Every logged prediction (a DataFrame with SCHEMA's columns), oldest first; `since` keeps time >= since.
+
+    Only finished files are read (a file being written has a hidden temp name).
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    fs, root = _fs(log_dir)
+    files = sorted(f for f in fs.glob(f"{root}/date=*/part-*.parquet"))
+    if since is not None:
+        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        files = [f for f in files if f.rsplit("date=", 1)[1][:10] >= f"{since:%Y-%m-%d}"]
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh, schema=SCHEMA))
+    df = pa.concat_tables(tables).to_pandas() if tables else SCHEMA.empty_table().to_pandas()
+    if since is not None:
+        df = df[df["time"] >= pd.Timestamp(since)]
+    return df.sort_values(["time", "request_id", "index"], kind="stable").reset_index(drop=True)

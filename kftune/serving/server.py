@@ -1,0 +1,444 @@
+"""The HTTP model server: KServe V1 and Open Inference Protocol V2 (REST) for one registered model.
+
+Routes (NAME is the registered model's name):
+
+- `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2/models/NAME/ready`, `GET /v1/models/NAME`: open
+- `GET /v2/models/NAME` (metadata), `POST /v2/models/NAME/infer`, `POST /v1/models/NAME:predict`: need
+  `Authorization: Bearer <token>` when tokens are configured
+- `GET /metrics`: Prometheus
+
+The server follows an alias: every `serve.poll_seconds` it asks the registry where the alias points;
+a new version is loaded, measured and warmed beside the serving one, then swapped in with one
+assignment. A request keeps the version it arrived on (see batching.py). Ready only once a version
+is warm; not ready again once draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
+
+from kftune.config import ConfigError, ServeConfig
+from kftune.serving.batching import MicroBatcher
+from kftune.serving.model import ServedModel, load_version
+from kftune.serving.request_log import RequestLog, records
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("kftune.serving.access")
+
+TOKEN_ENV, TOKEN_FILE_ENV = "KFTUNE_SERVE_TOKEN", "KFTUNE_SERVE_TOKEN_FILE"
+RETRY_POLLS = 10  # a version that failed to load is tried again after this many polls
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def load_tokens(env: dict | None = None) -> list[str]:
+    """Bearer tokens from KFTUNE_SERVE_TOKEN and/or KFTUNE_SERVE_TOKEN_FILE (one per line, # comments)."""
+    env = os.environ if env is None else env
+    tokens = [env[TOKEN_ENV].strip()] if env.get(TOKEN_ENV, "").strip() else []
+    if env.get(TOKEN_FILE_ENV):
+        path = Path(env[TOKEN_FILE_ENV])
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{TOKEN_FILE_ENV}={path}: cannot read the token file ({exc.strerror})") from None
+        tokens += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not tokens:
+            raise ConfigError(f"{TOKEN_FILE_ENV}={path}: the file has no tokens; refusing to serve without auth "
+                              f"by accident (unset the variable to serve openly)")
+    return tokens
+
+
+def authorized(header: str | None, tokens: list[str]) -> bool:
+    """Constant-time check of `Authorization: Bearer <token>` against every configured token."""
+    if not tokens:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return False
+    ok = False
+    for token in tokens:  # no early exit: the time taken does not tell which token nearly matched
+        ok |= hmac.compare_digest(given.strip().encode(), token.encode())
+    return ok
+
+
+def texts_from_v1(body) -> list:
+    if not isinstance(body, dict) or "instances" not in body:
+        raise HTTPError(422, 'expected {"instances": [text, ...]} (each a string or {"text": string})')
+    items = body["instances"]
+    if not isinstance(items, list):
+        raise HTTPError(422, '"instances" must be a list')
+    return [i["text"] if isinstance(i, dict) and "text" in i else i for i in items]
+
+
+def texts_from_v2(body) -> list:
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
+        raise HTTPError(422, 'expected {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [N], '
+                             '"data": [text, ...]}]} with exactly one input')
+    tensor = body["inputs"][0]
+    if not isinstance(tensor, dict) or tensor.get("datatype") != "BYTES" or not isinstance(tensor.get("data"), list):
+        raise HTTPError(422, 'inputs[0] must have "datatype": "BYTES" and a "data" list of texts')
+    data = tensor["data"]
+    if data and all(isinstance(d, list) and len(d) == 1 for d in data):  # shape [N, 1]
+        data = [d[0] for d in data]
+    shape = tensor.get("shape")
+    if shape is not None and (not isinstance(shape, list) or not shape or shape[0] != len(data)):
+        raise HTTPError(422, f"inputs[0].shape={shape!r} does not match {len(data)} texts in data")
+    return data
+
+
+def check_texts(texts: list, cfg: ServeConfig) -> list[str]:
+    """Every text a string within the limits; the error names the limit and the offending index."""
+    if not texts:
+        raise HTTPError(422, "no texts to predict")
+    if len(texts) > cfg.max_texts:
+        raise HTTPError(413, f"{len(texts)} texts in one request; the limit is serve.max_texts={cfg.max_texts}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise HTTPError(422, f"text {i} is a {type(t).__name__}, expected a string")
+        if len(t) > cfg.max_text_chars:
+            raise HTTPError(422, f"text {i} has {len(t)} characters; the limit is "
+                                 f"serve.max_text_chars={cfg.max_text_chars}")
+    return texts
+
+
+def v1_response(served: ServedModel, answers: list[dict]) -> dict:
+    return {"predictions": [{**a, "model_version": served.version} for a in answers],
+            "model_name": served.name, "model_version": served.version}
+
+
+def v2_response(served: ServedModel, answers: list[dict], request_id: str) -> dict:
+    n = len(answers)
+    if served.task == "token-classification":
+        outputs = [{"name": "entities", "datatype": "BYTES", "shape": [n],
+                    "data": [json.dumps(a["entities"], ensure_ascii=False) for a in answers]}]
+    else:
+        outputs = [
+            {"name": "label", "datatype": "BYTES", "shape": [n], "data": [a["label"] for a in answers]},
+            {"name": "probability", "datatype": "FP32", "shape": [n], "data": [a["probability"] for a in answers]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [n, len(served.labels)],
+             "data": [a["probabilities"][lbl] for a in answers for lbl in served.labels]},
+        ]
+    return {"model_name": served.name, "model_version": served.version, "id": request_id, "outputs": outputs,
+            "parameters": {"labels": served.labels, "precision": served.precision}}
+
+
+def v2_metadata(served: ServedModel) -> dict:
+    outputs = ([{"name": "entities", "datatype": "BYTES", "shape": [-1]}] if served.task == "token-classification" else
+               [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probability", "datatype": "FP32", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(served.labels)]}])
+    return {"name": served.name, "versions": [served.version], "platform": "pytorch_transformers",
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs,
+            "parameters": {"task": served.task, "labels": served.labels, "precision": served.precision,
+                           "precision_reason": served.precision_reason}}
+
+
+class Metrics:
+    """Prometheus series of one server (own registry, so tests can run several apps in one process)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("kftune_serve_requests", "HTTP requests by route and status code",
+                                ["route", "code"], registry=r)
+        self.errors = Counter("kftune_serve_request_errors", "HTTP requests answered with a 4xx or 5xx code",
+                              ["route", "code"], registry=r)
+        self.latency = Histogram("kftune_serve_request_duration_seconds", "Request latency", ["route"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.batch = Histogram("kftune_serve_batch_texts", "Texts per micro-batch sent to the model", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.predictions = Counter("kftune_serve_predictions", "Predicted labels (token classification: entities "
+                                   "by type)", ["label"], registry=r)
+        self.model = Gauge("kftune_serve_model_info", "1 for the version and precision being served", 
+                           ["model", "version", "precision"], registry=r)
+        self.ready = Gauge("kftune_serve_ready", "1 when a warm version is serving", registry=r)
+        self.swaps = Counter("kftune_serve_model_swaps", "Versions swapped in after the alias moved", registry=r)
+        self.load_failures = Counter("kftune_serve_model_load_failures", "Versions that failed to load", registry=r)
+        self.log_dropped = Counter("kftune_serve_request_log_dropped", "Predictions not written to the request log",
+                                   registry=r)
+
+    def serving(self, old: ServedModel | None, new: ServedModel) -> None:
+        if old is not None:
+            with contextlib.suppress(KeyError):
+                self.model.remove(old.name, old.version, old.precision)
+        self.model.labels(new.name, new.version, new.precision).set(1)
+        self.ready.set(1)
+
+
+@dataclass
+class State:
+    name: str
+    alias: str | None
+    cfg: ServeConfig
+    tokens: list[str]
+    pinned_version: str | None = None
+    precision: str | None = None
+    current: ServedModel | None = None
+    draining: bool = False
+    metrics: Metrics = field(default_factory=Metrics)
+    batcher: MicroBatcher | None = None
+    request_log: RequestLog | None = None
+    failed: dict = field(default_factory=dict)  # version -> when to try loading it again
+
+    @property
+    def ready(self) -> bool:
+        return self.current is not None and not self.draining
+
+
+async def follow_alias(state: State) -> None:
+    """Load the alias's version, then keep checking; swap in each new version once it is warm."""
+    from kftune.registry import version_by_alias
+
+    warned = False
+    while True:
+        try:
+            want = state.pinned_version or await asyncio.to_thread(version_by_alias, state.name, state.alias)
+            have = state.current.version if state.current else None
+            retry_at = state.failed.get(want, 0)
+            if want is None and have is None and not warned:
+                warned = True
+                log.warning("%s has no alias %r yet; not ready until it has", state.name, state.alias)
+            elif want is not None and want != have and time.monotonic() >= retry_at:
+                log.info("%s@%s -> v%s (serving %s): loading beside it", state.name, state.alias, want,
+                         f"v{have}" if have else "nothing")
+                try:
+                    new = await asyncio.to_thread(load_version, state.name, want, state.cfg, state.precision)
+                except Exception as exc:  # noqa: BLE001 - keep serving the old version
+                    state.failed[want] = time.monotonic() + RETRY_POLLS * state.cfg.poll_seconds
+                    state.metrics.load_failures.inc()
+                    log.error("could not load %s v%s, still serving %s: %s", state.name, want, have, exc)
+                else:
+                    old, state.current = state.current, new  # the swap: one reference assignment
+                    state.metrics.serving(old, new)
+                    if old is not None:
+                        state.metrics.swaps.inc()
+                    log.info("now serving %s v%s at %s", new.name, new.version, new.precision)
+        except Exception:  # noqa: BLE001 - registry unreachable for a while: keep serving, try again
+            log.exception("checking %s@%s failed; trying again in %gs", state.name, state.alias, state.cfg.poll_seconds)
+        if state.pinned_version and state.current:
+            return
+        await asyncio.sleep(state.cfg.poll_seconds)
+
+
+def create_app(state: State):
+    """The FastAPI app; its lifespan starts the batcher, the request log and the alias follower."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    cfg, metrics = state.cfg, state.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_ms, metrics.batch.observe)
+        state.batcher.start()
+        if cfg.log_dir:
+            state.request_log = RequestLog(cfg.log_dir, cfg.log_queue, cfg.log_flush_seconds, cfg.log_file_rows)
+        follower = asyncio.create_task(follow_alias(state), name="kftune-follow-alias")
+        try:
+            yield
+        finally:
+            state.draining = True
+            metrics.ready.set(0)
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await state.batcher.close()
+            if state.request_log is not None:
+                await asyncio.to_thread(state.request_log.close)
+                log.info("request log flushed: %d predictions written, %d dropped", state.request_log.written,
+                         state.request_log.dropped)
+
+    app = FastAPI(title="kftune model server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(status: int, message: str, headers: dict | None = None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        rid = request.headers.get("x-request-id", "")
+        request.state.request_id = rid if re.fullmatch(r"[\w.:-]{1,64}", rid) else uuid.uuid4().hex
+        request.state.n_texts, request.state.version = 0, None
+        try:
+            response = await call_next(request)
+        except HTTPError as exc:
+            response = error(exc.status, exc.message, exc.headers)
+        except Exception:  # noqa: BLE001 - a bug answers 500 for this request, the server stays up
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            response = error(500, "internal error (logged on the server)")
+        route = request.scope.get("route")
+        route = getattr(route, "path", "unmatched")
+        seconds = time.perf_counter() - start
+        code = str(response.status_code)
+        metrics.requests.labels(route, code).inc()
+        if response.status_code >= 400:
+            metrics.errors.labels(route, code).inc()
+        metrics.latency.labels(route).observe(seconds)
+        response.headers["x-request-id"] = request.state.request_id
+        if route != "/metrics" and not route.startswith("/v2/health"):
+            access_log.info(json.dumps({"request_id": request.state.request_id, "method": request.method,
+                                        "route": route, "status": response.status_code,
+                                        "ms": round(seconds * 1000, 2), "texts": request.state.n_texts,
+                                        "version": request.state.version,
+                                        "client": request.client.host if request.client else None}))
+        return response
+
+    def guard(request: Request, name: str, auth: bool = True) -> ServedModel:
+        if auth and not authorized(request.headers.get("authorization"), state.tokens):
+            raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                            {"WWW-Authenticate": "Bearer"})
+        if name != state.name:
+            raise HTTPError(404, f"unknown model {name[:100]!r}; this server serves {state.name!r}")
+        served = state.current
+        if served is None or state.draining:
+            raise HTTPError(503, "draining" if state.draining else "no model version is warm yet; retry shortly")
+        return served
+
+    async def read_json(request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise HTTPError(413, f"request body of {declared} bytes; the limit is serve.max_body_bytes="
+                                 f"{cfg.max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cfg.max_body_bytes:
+                raise HTTPError(413, f"request body over serve.max_body_bytes={cfg.max_body_bytes} bytes")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+
+    async def predict(request: Request, served: ServedModel, texts: list[str]) -> list[dict]:
+        request.state.n_texts, request.state.version = len(texts), served.version
+        answers = await state.batcher.predict(served, texts)
+        for a in answers:
+            if "label" in a:
+                metrics.predictions.labels(a["label"]).inc()
+            for span in a.get("entities", ()):
+                metrics.predictions.labels(span["type"]).inc()
+        if state.request_log is not None:
+            dropped = state.request_log.append(records(request.state.request_id, served, texts, answers))
+            if dropped:
+                metrics.log_dropped.inc(dropped)
+        return answers
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str):
+        if name != state.name:
+            return error(404, f"unknown model {name[:100]!r}; this server serves {state.name!r}")
+        return JSONResponse({"name": name, "ready": state.ready}, status_code=200 if state.ready else 503)
+
+    @app.get("/v1/models/{name}")
+    async def v1_status(name: str):
+        return await model_ready(name)
+
+    @app.get("/v2/models/{name}")
+    async def metadata(request: Request, name: str):
+        return v2_metadata(guard(request, name))
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(request: Request, name: str):
+        served = guard(request, name)
+        body = await read_json(request)
+        texts = check_texts(texts_from_v2(body), cfg)
+        rid = body.get("id")
+        if isinstance(rid, str) and rid:
+            request.state.request_id = rid[:64]
+        answers = await predict(request, served, texts)
+        return v2_response(served, answers, request.state.request_id)
+
+    @app.post("/v1/models/{name}:predict")
+    async def v1_predict(request: Request, name: str):
+        served = guard(request, name)
+        texts = check_texts(texts_from_v1(await read_json(request)), cfg)
+        return v1_response(served, await predict(request, served, texts))
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(HTTPError)
+    async def on_http_error(request, exc: HTTPError):
+        return error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_starlette(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request, exc):
+        return error(422, str(exc.errors())[:500])
+
+    return app
+
+
+def run(name: str, alias: str | None, cfg: ServeConfig, host: str, port: int, version: str | None = None,
+        precision: str | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests and flush the log."""
+    import uvicorn
+
+    from kftune.hardware import cgroup_cpu_limit, choose_threads, usable_cores
+
+    import torch
+
+    threads = choose_threads(cfg.threads, usable_cores(), cgroup_cpu_limit())
+    torch.set_num_threads(int(threads.value))
+    state = State(name, alias, cfg, load_tokens(), pinned_version=version, precision=precision)
+    log.info("serving %s%s on http://%s:%d with %d torch threads (%s); auth %s", name,
+             f"@{alias}" if not version else f" v{version}", host, port, threads.value, threads.reason,
+             f"on ({len(state.tokens)} token(s))" if state.tokens else "off")
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # Install handlers explicitly: a process started from a background shell inherits SIGINT as
+            # ignored, and uvicorn's own handler re-raises the signal after shutdown (exit status -15).
+            def on_signal(sig, frame):
+                log.info("%s: draining (no new connections; in-flight requests finish)", signal.Signals(sig).name)
+                state.draining = True
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                self.should_exit = True
+
+            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    config = uvicorn.Config(create_app(state), host=host, port=port, access_log=False, log_config=None,
+                            timeout_graceful_shutdown=cfg.drain_seconds, lifespan="on")
+    Server(config).run()
+    return 0
