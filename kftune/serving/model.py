@@ -8,8 +8,6 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from kftune.config import ConfigError, ServeConfig
 from kftune.serving import precision as prec
 
@@ -180,6 +178,3 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
         _record(name, str(version), served, skipped)
     return served
 
-
-def probabilities_matrix(answers: list[dict], labels: list[str]) -> np.ndarray:
-    return np.array([[a["probabilities"][lbl] for lbl in labels] for a in answers], dtype=np.float64)

@@ -77,6 +77,7 @@ class RequestLog:
     def __init__(self, log_dir: str, max_queue: int, flush_seconds: float, file_rows: int):
         self.log_dir, self.flush_seconds, self.file_rows = log_dir, flush_seconds, file_rows
         self.fs, self.root = _fs(log_dir)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.dropped = 0
         self.written = 0
@@ -128,7 +129,7 @@ class RequestLog:
 
             table = pa.Table.from_pylist(rows, schema=SCHEMA)
             self.fs.makedirs(folder, exist_ok=True)
-            if self.fs.protocol in ("file", "local") or "file" in self.fs.protocol:
+            if self.local:
                 tmp = f"{folder}/.{name}.tmp"
                 pq.write_table(table, tmp)
                 os.replace(tmp, f"{folder}/{name}")

@@ -1,0 +1,50 @@
+"""Micro-batching: concurrent requests share forward passes, keep their order and their version."""
+
+import asyncio
+import threading
+
+from kftune.serving.batching import MicroBatcher
+
+
+class Recorder:
+    """A stand-in model version: records every forward batch it is given, answers with the text's length."""
+
+    def __init__(self, version):
+        self.version, self.batches = version, []
+        self.lock = threading.Lock()
+
+    def predict(self, texts, batch_size):
+        with self.lock:
+            self.batches.append(list(texts))
+        return [{"n": len(t), "version": self.version} for t in texts]
+
+
+def test_concurrent_requests_are_gathered_up_to_max_batch():
+    async def main():
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50)
+        batcher.start()
+        v1 = Recorder("1")
+        results = await asyncio.gather(*[batcher.predict(v1, ["x" * i, "y" * (i + 1)]) for i in range(10)])
+        await batcher.close()
+        return v1, results
+
+    v1, results = asyncio.run(main())
+    assert [[a["n"] for a in r] for r in results] == [[i, i + 1] for i in range(10)], "answers in request order"
+    assert len(v1.batches) < 10, "requests shared forward passes"
+    assert sum(len(b) for b in v1.batches) == 20 and max(len(b) for b in v1.batches) <= 8 + 1
+
+
+def test_requests_stay_on_the_version_they_arrived_on_and_close_drains():
+    async def main():
+        batcher = MicroBatcher(max_batch=64, max_wait_ms=30)
+        batcher.start()
+        old, new = Recorder("1"), Recorder("2")
+        pending = [asyncio.ensure_future(batcher.predict(old if i % 2 else new, [f"t{i}"])) for i in range(6)]
+        await asyncio.sleep(0)
+        await batcher.close()  # queued requests still finish
+        return old, new, [p.result() for p in pending]
+
+    old, new, results = asyncio.run(main())
+    assert [r[0]["version"] for r in results] == ["2", "1", "2", "1", "2", "1"]
+    assert all(t in ("t1", "t3", "t5") for b in old.batches for t in b)
+    assert all(t in ("t0", "t2", "t4") for b in new.batches for t in b)
