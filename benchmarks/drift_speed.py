@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from kftune.config import load_params
-from kftune.demo_data import generate
-from kftune.drift import mmd_test
+from kftune.demo.data import generate
+from kftune.drift_tests import mmd_test
 from kftune.steps.drift import run_checks
-from kftune.steps.ingest import split_of
+from kftune.tables import split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kftune.models import resolve_base_model
+    from kftune.base_models import resolve_base_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from kftune.config import load_params
-from kftune.demo_data import write_batch
+from kftune.demo.data import write_batch
 from kftune.steps.evaluate import evaluate
 from kftune.steps.finetune import finetune
 from kftune.steps.ingest import ingest

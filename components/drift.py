@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def drift_op(data: Input[Dataset], champion: Input[Model], params: dict, force: bool, report: Output[Dataset]) -> str:
     """Drift tests of the new rows against the champion's held-out rows; returns retrain or skip."""
     import json

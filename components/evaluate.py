@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def evaluate_op(data: Input[Dataset], model: Input[Model], params: dict, evaluation: Output[Dataset],
                 metrics: Output[Metrics]):
     """Test metrics of the model and of the majority and TF-IDF baselines."""

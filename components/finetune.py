@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
                 run_name: str, model: Output[Model], init_model: Input[Model] = None) -> str:
     """Fine-tune the base model, logging to a new MLflow run; returns that run's id.
@@ -22,8 +22,7 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
 
     from kftune.config import params_from_dict
     from kftune.fileio import read_json
-    from kftune.runner import torchrun_finetune
-    from kftune.steps.finetune import finetune, tokenized_digest
+    from kftune.steps.finetune import finetune, launch, tokenized_digest
     from kftune.tracking import start_run
 
     p = params_from_dict(params)
@@ -34,7 +33,7 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
     ckpt = os.path.join(checkpoint_root, f"{tokenized_digest(tokenized.path)[:16]}-{p.digest()}") if checkpoint_root else None
     run_id = start_run(p, run_name)
     if p.cluster.finetune_gpus > 1:
-        torchrun_finetune(tokenized.path, model.path, p, p.cluster.finetune_gpus, run_id, ckpt, start)
+        launch(tokenized.path, model.path, start, p.finetune, p.cluster.finetune_gpus, run_id, ckpt)
         model.metadata.update({"mlflow_run_id": run_id, "processes": p.cluster.finetune_gpus})
         return run_id
     with mlflow.start_run(run_id=run_id):

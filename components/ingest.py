@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def ingest_op(data_path: str, data_repo: str, data_rev: str, data_hash: str, params: dict,
               data: Output[Dataset]) -> str:
     """Read, clean and split the labelled data; returns the content SHA-256 of the cleaned dataset.

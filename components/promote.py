@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
     """Move `champion` to the gated version (the old champion becomes previous-champion); returns it.
 
@@ -13,8 +13,8 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
     import json
     import os
 
-    from kftune import registry
     from kftune.config import params_from_dict
+    from kftune.gate import promote
     from kftune.tracking import configure
 
     with open(os.path.join(gate.path, "decision.json"), encoding="utf-8") as f:
@@ -22,7 +22,7 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
     if decision["decision"] != "promote":
         raise RuntimeError(f"promote ran for a {decision['decision']!r} decision: {decision}")
     configure()
-    registry.promote(params_from_dict(params).register.model_name, decision["version"],
-                     reason="passed the gate: " + " | ".join(decision["reasons"]), who=f"pipeline:{run_name}",
-                     expected_champion=decision["champion_version"])
+    promote(params_from_dict(params).register.model_name, decision["version"],
+            reason="passed the gate: " + " | ".join(decision["reasons"]), who=f"pipeline:{run_name}",
+            expected_champion=decision["champion_version"])
     return decision["version"]

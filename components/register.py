@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def register_op(data: Input[Dataset], model: Input[Model], evaluation: Input[Dataset], params: dict,
                 run_id: str, git_commit: str, gate: Output[Artifact]) -> str:
     """Register a model version (alias challenger) and run the gate against the current champion.

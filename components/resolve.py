@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Model, Output
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def resolve_op(data_path: str, data_repo: str, data_rev: str, params: dict, run_name: str, data: Output[Dataset],
                champion: Output[Model]) -> str:
     """Read the latest data version, compare it with the champion's rows, write the challenger's dataset.

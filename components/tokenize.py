@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components import IMAGE
+from components import BASE_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def tokenize_op(data: Input[Dataset], params: dict, tokenized: Output[Dataset]):
     """Tokenize every split with the base model's fast tokenizer (no padding stored)."""
     from kftune.config import params_from_dict

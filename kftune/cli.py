@@ -1,16 +1,22 @@
-"""The `kftune` command: run and compile the pipeline, run single steps, manage the registry."""
+"""The `kftune` command: run and compile the pipelines, run single steps, manage the registry.
+
+Parsing only: each subcommand maps onto functions in the package, imported when it runs, so
+`kftune --help` starts without torch, mlflow or pandas.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kftune.config import ConfigError, load_params, params_help
-from kftune.data import DATASET
+from kftune.config import KftuneError, load_params, params_help
+
+DATASET = "data/dataset"  # kftune.data.DATASET, repeated so that --help imports nothing heavy
 
 
 def _params(args):
@@ -18,69 +24,67 @@ def _params(args):
 
 
 def _cluster_arguments(args) -> dict[str, str]:
-    """Apply --image (read when the component modules are first imported) and parse -p NAME=VALUE."""
-    if args.image:
-        os.environ["KFTUNE_IMAGE"] = args.image
     return dict(kv.split("=", 1) for kv in getattr(args, "param", None) or [])
 
 
-def _add_params_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", help="settings file (default: %(default)s)")
-    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
-                   help="override one setting, e.g. -S finetune.learning_rate=3e-5 (repeatable)")
-
-
-# --- run / compile -------------------------------------------------------------------------
+# --- run / retrain / cluster ---------------------------------------------------------------
 
 def cmd_run(args) -> int:
     from kftune import registry
-    from kftune.runner import run_local
+    from kftune.console import plain
+    from kftune.local import breakdown, run_local
     from kftune.tracking import configure
 
     params = _params(args)
-    data = args.data or DATASET
-    decision = run_local(data, params, args.project_dir, data_repo=args.data_repo or "", data_rev=args.data_rev or "")
+    d = run_local(args.data or DATASET, params, args.project_dir, data_repo=args.data_repo or "",
+                  data_rev=args.data_rev or "", verbose=args.verbose)
     uri = configure(args.project_dir)
     name = params.register.model_name
-    print(f"\nregistered {name} v{decision['version']}: {decision['decision']}")
-    print("  " + "\n  ".join(decision["reasons"]))
+    print(f"\nregistered {name} v{d['version']}: {d['decision']}")
+    print("  " + "\n  ".join(plain(r) for r in d["reasons"]))
     champion = registry.version_by_alias(name, registry.CHAMPION)
     print(f"champion: v{champion}\n" if champion else "champion: none\n")
     _print_versions(name)
-    reports = sorted(Path(args.project_dir, "local_outputs").glob("*/evaluate-op/evaluation/report.md"),
-                     key=lambda p: p.stat().st_mtime)
-    if reports:
-        print(f"\n{reports[-1].read_text(encoding='utf-8').split('![')[0].strip()}\n(full report: {reports[-1]})")
-    print(f"\nbrowse runs and the registry: mlflow ui --backend-store-uri {uri}")
+    report = Path(d["report"]["run_dir"]) / "evaluate-op" / "evaluation" / "report.md"
+    if report.exists():
+        print(f"\n{plain(report.read_text(encoding='utf-8')).split('![')[0].strip()}\n(full report: {report})")
+    print(f"\ntime per step:\n{breakdown(d['report'])}")
+    print(f"\nbrowse runs and the registry: mlflow ui --backend-store-uri {uri} --workers 1 --port 5000")
     return 0
 
 
 def cmd_retrain(args) -> int:
-    from kftune.runner import describe_outcome, run_retraining_local
+    from kftune.local import describe_outcome, run_retraining_local
 
-    o = run_retraining_local(_params(args), args.project_dir, args.data or "", args.data_repo or "",
-                             args.data_rev or "", force=args.force)
-    print(f"\n{describe_outcome(o)}\n(MLflow run {o['run_id']} in experiment {_params(args).register.experiment}"
-          f"-retraining)")
+    params = _params(args)
+    o = run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "", args.data_rev or "",
+                             force=args.force, verbose=args.verbose)
+    print(f"\n{describe_outcome(o)}\n(MLflow run {o['run_id']} in experiment {params.register.experiment}-retraining)")
     return 0
 
 
 def cmd_submit(args) -> int:
-    arguments = _cluster_arguments(args)
-    from kftune.runner import submit
+    from kftune.cluster import submit
 
-    print(f"submitted: {submit(args.host, _params(args), arguments, args.experiment, args.pipeline)}")
+    print(f"submitted: {submit(args.host, _params(args), _cluster_arguments(args), args.experiment, args.pipeline, args.image or '')}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from kftune.cluster import compile_pipeline
+
+    print(f"wrote {compile_pipeline(_params(args), args.output, args.pipeline, args.image or '')}")
     return 0
 
 
 def cmd_schedule(args) -> int:
-    from kftune import schedule
+    from kftune import cluster, schedule
 
     if args.action != "start":
         if not args.host:
             raise schedule.ScheduleError(f"schedule {args.action} manages KFP recurring runs: pass --host URL "
-                                         f"(a local scheduler is stopped with Ctrl-C)")
-        for row in schedule.manage_on_cluster(args.host, args.action, args.id or ""):
+                                         f"(a local scheduler is stopped with Ctrl-C or SIGTERM)")
+        for row in cluster.manage_on_cluster(args.host, args.action, args.id or ""):
             print("  ".join(f"{k}={v}" for k, v in row.items()))
         return 0
     if not args.cron:
@@ -88,10 +92,11 @@ def cmd_schedule(args) -> int:
     schedule.check_cron(args.cron)
     params = _params(args)
     if args.host:
-        job = schedule.schedule_on_cluster(args.host, params, args.cron, _cluster_arguments(args), args.experiment)
+        job = cluster.schedule_on_cluster(args.host, params, args.cron, _cluster_arguments(args), args.experiment,
+                                          args.image or "")
         print(f"recurring run {job}: {args.cron!r}, max_concurrency=1, no catch-up")
         return 0
-    from kftune.runner import describe_outcome, run_retraining_local
+    from kftune.local import describe_outcome, run_retraining_local
 
     def job():
         return describe_outcome(run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "",
@@ -100,7 +105,7 @@ def cmd_schedule(args) -> int:
     try:
         schedule.run_schedule(args.cron, job, Path(args.project_dir) / ".kftune" / "schedule.lock")
     except KeyboardInterrupt:
-        print("\nscheduler stopped")
+        print("\nscheduler stopped", flush=True)
     return 0
 
 
@@ -115,19 +120,9 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_compile(args) -> int:
-    _cluster_arguments(args)
-    from kftune.runner import compile_pipeline
-
-    print(f"wrote {compile_pipeline(_params(args), args.output, args.pipeline)}")
-    return 0
-
-
 # --- step (one step from files, for DVC and debugging) -------------------------------------
 
 def cmd_step(args) -> int:
-    from kftune.fileio import read_json, write_json
-
     params = _params(args)
     if args.name == "ingest":
         from kftune.steps.ingest import ingest
@@ -139,26 +134,12 @@ def cmd_step(args) -> int:
 
         tokenize(args.data, args.out, params.model.name, params.tokenize)
     elif args.name == "finetune":
-        from kftune.steps.finetune import finetune
+        from kftune.steps.finetune import finetune, write_plots
 
-        on_log = None
-        if args.mlflow_run_id:  # torchrun from the pipeline's fine-tune task: log into its run
-            import mlflow
-
-            from kftune.tracking import configure
-
-            configure(args.project_dir)
-            client = mlflow.MlflowClient()
-            on_log = lambda metrics, step: [client.log_metric(args.mlflow_run_id, k, v, step=step)  # noqa: E731
-                                            for k, v in metrics.items()]
-        finetune(args.data, args.out, params.model.name, params.finetune, checkpoint_dir=args.checkpoint_dir,
-                 on_log=on_log)
-        if args.plots and os.environ.get("RANK", "0") == "0":  # DVC plots: one record per step, one file per curve
-            history = read_json(Path(args.out) / "training_history.json")
-            Path(args.plots).mkdir(parents=True, exist_ok=True)
-            for key in [k for k in ("train_loss", "val_macro_f1", "val_entity_f1") if any(k in h for h in history)]:
-                write_json(Path(args.plots) / f"{key}.json", [
-                    {"step": h["step"], key: h[key]} for h in history if key in h])
+        summary = finetune(args.data, args.out, params.model.name, params.finetune, checkpoint_dir=args.checkpoint_dir)
+        if args.plots:
+            write_plots(Path(args.out) / "training_history.json", args.plots)
+        print(f"{summary['steps']} steps, {summary['precision']}, {summary['examples_per_second']:.1f} examples/s")
     elif args.name == "evaluate":
         from kftune.hardware import bf16_for
         from kftune.steps.evaluate import evaluate
@@ -167,34 +148,33 @@ def cmd_step(args) -> int:
         key, base = m["primary"], m["baseline"]
         print(f"test {key} {m['model'][key]:.4f} ({base} baseline {m['baselines'][base][key]:.4f})")
     elif args.name == "register":
-        from kftune import registry
-        from kftune.steps.register import PROMOTE, register
+        from kftune import gate
+        from kftune.steps.register import register
         from kftune.tracking import configure, git_commit
 
         configure(args.project_dir)
-        d = register(args.data, args.model, args.evaluation, args.out, params, git_commit=git_commit())
-        if d.decision == PROMOTE:
-            registry.promote(params.register.model_name, d.version, "passed the gate (kftune step register)",
-                             expected_champion=d.champion_version)
-        print(f"v{d.version}: {d.decision}\n  " + "\n  ".join(d.reasons))
+        v = register(args.data, args.model, args.evaluation, args.out, params, git_commit=git_commit())
+        if v.decision == gate.PROMOTE:
+            gate.promote(params.register.model_name, v.version, "passed the gate (kftune step register)",
+                         expected_champion=v.champion_version)
+        print(f"v{v.version}: {v.decision}\n  " + "\n  ".join(v.reasons))
     return 0
 
 
 # --- models --------------------------------------------------------------------------------
 
-def _print_versions(name: str, only: str | None = None) -> None:
+def _print_versions(name: str) -> None:
     from kftune import registry
 
-    rows = [r for r in registry.list_versions(name) if only is None or str(r["version"]) == str(only)]
     print(f"{'version':>7}  {'aliases':<30} {'decision':<18} {'test F1':>8}  created")
-    for r in rows:
+    for r in registry.list_versions(name):
         created = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
         print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<30} {r['decision'] or '-':<18} "
               f"{r['score'] or '-':>8}  {created}")
 
 
 def cmd_models(args) -> int:
-    from kftune import registry
+    from kftune import gate, registry
     from kftune.tracking import configure
 
     configure(args.project_dir)
@@ -202,22 +182,13 @@ def cmd_models(args) -> int:
     if args.action == "list":
         _print_versions(name)
     elif args.action == "promote":
-        from mlflow import MlflowClient
-
-        tags = MlflowClient().get_model_version(name, args.version).tags
-        expected = "any"
-        if tags.get("kftune.decision") == "awaiting-approval" and not args.force:
-            # approve what was gated: against the champion of that moment, or none
-            expected = tags.get("kftune.compared_with", "").removeprefix("v")
-            expected = "" if expected.endswith(" baseline") else expected
-        event = registry.promote(name, args.version, args.reason, expected_champion=expected)
-        MlflowClient().set_model_version_tag(name, args.version, "kftune.approved_by", event.actor)
+        event = gate.approve(name, args.version, args.reason, force=args.force)
         print(f"{name}: champion v{event.from_version or '-'} -> v{event.to_version}")
     elif args.action == "rollback":
         event = registry.rollback(name, args.reason)
         print(f"{name}: champion v{event.from_version} -> v{event.to_version} (rolled back)")
     elif args.action == "show":
-        _show_version(name, args.version)
+        print(registry.describe_version(name, args.version))
     elif args.action == "history":
         events = registry.history(name)
         if not events:
@@ -229,34 +200,6 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _show_version(name: str, version: str) -> None:
-    """A version's decision, metrics and lineage, and the commands that reproduce it."""
-    from mlflow import MlflowClient
-
-    mv = MlflowClient().get_model_version(name, version)
-    t = {k.removeprefix("kftune."): v for k, v in mv.tags.items() if k.startswith("kftune.")}
-    print(f"{name} v{version}  (run {mv.run_id})")
-    for key in ("decision", "test_macro_f1", "test_entity_f1", "compared_with", "reference_score", "reasons",
-                "historical_macro_f1", "warm_start", "retrain_run_id", "git_commit",
-                "params_hash", "data_sha256", "data_repo", "data_rev", "data_commit", "data_path", "dvc_md5"):
-        if key in t:
-            print(f"  {key:<19} {t[key]}")
-    print("\nreproduce:")
-    commit = t.get("git_commit", "unknown").removesuffix("-dirty")
-    if commit != "unknown":
-        print(f"  git checkout {commit}")
-    if t.get("data_commit"):
-        print(f"  dvc pull {t['data_path']}.dvc   # optional: fetches the data for local inspection")
-    print(f"  mlflow artifacts download --run-id {mv.run_id} --artifact-path params.yaml --dst-path .")
-    data = f"--data {t.get('data_path', '?')}"
-    if t.get("data_commit"):
-        repo = f" --data-repo {t['data_repo']}" if t.get("data_repo") else ""
-        data += f" --data-rev {t['data_commit']}{repo}"
-    print(f"  kftune run {data} --params params.yaml")
-    if t.get("git_commit", "").endswith("-dirty"):
-        print("  (warning: the code had uncommitted changes when this version was trained)")
-
-
 def cmd_params(args) -> int:
     for key, text in params_help().items():
         print(f"{key:<36} {text}")
@@ -264,38 +207,47 @@ def cmd_params(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from kftune.demo_data import write_batch
+    from kftune.demo.data import write_batch
 
-    path = write_batch(args.out, args.batch, args.rows, drift=args.drift, seed=args.seed)
-    print(f"wrote {path}")
+    print(f"wrote {write_batch(args.out, args.batch, args.rows, drift=args.drift, seed=args.seed)}")
     return 0
 
 
 def cmd_demo_drift(args) -> int:
-    from kftune.demo import OVERRIDES, run_drift_demo
+    from kftune.demo.drift import OVERRIDES, run_drift_demo
 
     run_drift_demo(args.workdir, load_params(args.params, OVERRIDES + (args.set or [])), args.rows)
     return 0
 
 
+# --- parser --------------------------------------------------------------------------------
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="settings file (default: %(default)s)")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. -S finetune.learning_rate=3e-5 (repeatable)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--data", help=what)
+    p.add_argument("--data-rev", help="read --data at this git revision (tag, branch, commit) through DVC")
+    p.add_argument("--data-repo", help="git repo (path or URL) holding the DVC-tracked data (default: this project)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kftune", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="kftune", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; the full pipeline log on screen")
     parser.add_argument("--project-dir", default=".", help="where mlflow.db, mlartifacts and local_outputs live")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the training pipeline locally with kfp.local")
-    p.add_argument("--data", help="CSV/TSV/JSONL/Parquet file, folder of them, or s3://bucket/prefix "
-                                   f"(default with --data-rev: {DATASET})")
-    p.add_argument("--data-rev", help="read --data at this git revision (tag, branch, commit) through DVC")
-    p.add_argument("--data-repo", help="git repo (path or URL) holding the DVC-tracked data (default: this project)")
+    _add_data_args(p, "CSV/TSV/JSONL/Parquet file, folder of them, CoNLL (token classification), or "
+                      f"s3://bucket/prefix (default with --data-rev: {DATASET})")
     _add_params_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("retrain", help="run the retraining pipeline once locally: new data -> drift -> challenger -> gate")
-    p.add_argument("--data", help=f"the latest data (default: {DATASET} at the newest commit, through DVC)")
-    p.add_argument("--data-rev", help="read the data at this git revision instead of the newest")
-    p.add_argument("--data-repo", help="git repo (path or URL) holding the DVC-tracked data (default: this project)")
+    _add_data_args(p, f"the latest data (default: {DATASET} at the newest commit, through DVC)")
     p.add_argument("--force", action="store_true", help="train a challenger even without drift, enough new rows, "
                                                         "or during the cooldown")
     _add_params_args(p)
@@ -306,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="pipeline argument, e.g. -p data_path=s3://kftune-data/batches (repeatable)")
     p.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing")
-    p.add_argument("--image", help="component image (default: $KFTUNE_IMAGE)")
+    p.add_argument("--image", help="component image (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     p.add_argument("--pipeline", choices=["training", "retraining"], default="training", help="default: %(default)s")
     _add_params_args(p)
     p.set_defaults(func=cmd_submit)
@@ -316,12 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", help="recurring run id (pause, resume, delete)")
     p.add_argument("--cron", help="5-field cron, e.g. '0 3 * * *' (03:00 daily); missed runs are not caught up")
     p.add_argument("--host", help="KFP endpoint: create/manage a recurring run there instead of running locally")
-    p.add_argument("--data", help=f"local runs: the latest data (default: {DATASET} at the newest commit)")
-    p.add_argument("--data-rev", help="local runs: data revision (default: the newest)")
-    p.add_argument("--data-repo", help="local runs: git repo holding the data (default: this project)")
+    _add_data_args(p, f"local runs: the latest data (default: {DATASET} at the newest commit)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="--host: pipeline argument")
     p.add_argument("--experiment", default="kftune", help="--host: KFP experiment")
-    p.add_argument("--image", help="--host: component image (default: $KFTUNE_IMAGE)")
+    p.add_argument("--image", help="--host: component image (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     _add_params_args(p)
     p.set_defaults(func=cmd_schedule)
 
@@ -348,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", help="evaluate output (register)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint-dir", help="finetune: resumable checkpoints (resumed if present)")
-    p.add_argument("--plots", help="finetune: folder for train_loss.json and val_macro_f1.json (DVC plots)")
-    p.add_argument("--mlflow-run-id", help="finetune: log training metrics into this MLflow run")
+    p.add_argument("--plots", help="finetune: folder for train_loss.json and the validation score (DVC plots)")
     _add_params_args(p)
     p.set_defaults(func=cmd_step)
 
@@ -380,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=2000, help="rows per batch (default: %(default)s)")
     _add_params_args(p)
     p.set_defaults(func=cmd_demo_drift)
+
     from kftune.serving.cli import add_commands
     add_commands(sub)
     return parser
@@ -401,27 +351,37 @@ def _check_args(parser, args) -> None:
             parser.error(f"step {args.name} needs {' '.join(missing)}")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kftune.data import DataVersionError
-    from kftune.models import ModelNotFound
-    from kftune.registry import RegistryError
-    from kftune.runner import PipelineFailed
-    from kftune.schedule import ScheduleError
-    from kftune.steps.ingest import DataError
-
-    from mlflow.exceptions import MlflowException
-
+    # Our own handlers: a process started from a background shell inherits SIGINT as ignored, and
+    # pods, `docker stop` and systemd stop a process with SIGTERM.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         return args.func(args)
-    except (ConfigError, DataError, DataVersionError, ModelNotFound, RegistryError, PipelineFailed,
-            ScheduleError, MlflowException) as exc:
+    except KftuneError as exc:
         print(f"kftune: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"\nkftune: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `kftune params | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        mlflow_errors = sys.modules.get("mlflow.exceptions")
+        if mlflow_errors and isinstance(exc, mlflow_errors.MlflowException):
+            print(f"kftune: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

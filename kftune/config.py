@@ -21,7 +21,11 @@ from kftune.hardware import BF16_SETTINGS
 TASKS = ("sequence-classification", "token-classification")
 
 
-class ConfigError(ValueError):
+class KftuneError(Exception):
+    """An error a person can fix from its message alone; the CLI prints it without a traceback (exit 2)."""
+
+
+class ConfigError(KftuneError, ValueError):
     """One or more settings are invalid; the message lists every problem."""
 
 

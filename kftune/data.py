@@ -11,14 +11,14 @@ from pathlib import Path
 
 import yaml
 
-from kftune.config import IngestConfig
+from kftune.config import IngestConfig, KftuneError
 
 log = logging.getLogger(__name__)
 
 DATASET = "data/dataset"  # the versioned dataset: one file per batch, tracked by data/dataset.dvc
 
 
-class DataVersionError(RuntimeError):
+class DataVersionError(KftuneError):
     """git or DVC refused; the message says which command and why."""
 
 
@@ -46,7 +46,7 @@ def _dvc(root: Path, *args: str) -> str:
 
 def check_batch(path: str | Path, cfg: IngestConfig) -> int:
     """Run ingest's schema checks on one batch file; return its usable rows or raise DataError."""
-    from kftune.steps.ingest import DataError, check_labels, clean, read_tables
+    from kftune.tables import DataError, check_labels, clean, read_tables
 
     df, drops = clean(read_tables(str(path), cfg)[0])
     if df.empty:
@@ -131,7 +131,7 @@ def materialize(data_path: str, data_repo: str, data_rev: str, dest: str | Path)
         return data_path, {"data_path": data_path}
     from dvc.api import DVCFileSystem
 
-    from kftune.steps.ingest import READERS, DataError
+    from kftune.tables import READERS, DataError
 
     repo = data_repo or "."
     try:

@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kftune.config import KftuneError
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
@@ -34,3 +36,31 @@ def write_json(path: str | Path, obj) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class Busy(KftuneError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def single_instance(lock_path: str | Path, what: str = "scheduler"):
+    """Hold an exclusive lock while the block runs; a second holder refuses to start (Busy)."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise Busy(f"another kftune {what} is running (lock {lock_path}, pid {f.read().strip() or '?'}); "
+                       f"wait for it or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -166,21 +166,6 @@ def repaired(tags: list[str]) -> list[str]:
     return s.tags
 
 
-def entity_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    """Entity-level micro precision/recall/F1 and per type (seqeval, strict IOB2), and token accuracy."""
-    from seqeval.metrics import classification_report
-    from seqeval.scheme import IOB2
-
-    report = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
-    micro = report.pop("micro avg")
-    per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
-                    "support": int(v["support"])} for k, v in report.items() if "avg" not in k}
-    pairs = [(g, p) for gs, ps in zip(gold, pred) for g, p in zip(gs, ps)]
-    return {"entity_f1": float(micro["f1-score"]), "precision": float(micro["precision"]),
-            "recall": float(micro["recall"]), "token_accuracy": sum(g == p for g, p in pairs) / max(len(pairs), 1),
-            "per_type": per_type}
-
-
 def char_spans(text: str, word_offsets: list[tuple[int, int]], tags: list[str], scores: list[float]) -> list[dict]:
     """Entities of a raw text: type, surface text, character start/end and the mean word score."""
     out = []

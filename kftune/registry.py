@@ -12,11 +12,13 @@ import socket
 import time
 from dataclasses import dataclass
 
+from kftune.config import KftuneError
+
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
 TAG = "kftune."
 
 
-class RegistryError(RuntimeError):
+class RegistryError(KftuneError):
     pass
 
 
@@ -137,3 +139,30 @@ def list_versions(name: str) -> list[dict]:
                     "score": mv.tags.get(f"{TAG}test_macro_f1") or mv.tags.get(f"{TAG}test_entity_f1", ""),
                     "created": mv.creation_timestamp, "run_id": mv.run_id})
     return out
+
+
+def describe_version(name: str, version: str) -> str:
+    """A version's decision, metrics and lineage, and the commands that reproduce it."""
+    mv = _client().get_model_version(name, version)
+    t = {k.removeprefix(TAG): v for k, v in mv.tags.items() if k.startswith(TAG)}
+    lines = [f"{name} v{version}  (run {mv.run_id})"]
+    for key in ("decision", "test_macro_f1", "test_entity_f1", "compared_with", "reference_score", "reasons",
+                "held_by", "historical_macro_f1", "warm_start", "retrain_run_id", "git_commit",
+                "params_hash", "data_sha256", "data_repo", "data_rev", "data_commit", "data_path", "dvc_md5"):
+        if t.get(key):
+            lines.append(f"  {key:<19} {t[key]}")
+    lines += ["", "reproduce:"]
+    commit = t.get("git_commit", "unknown").removesuffix("-dirty")
+    if commit != "unknown":
+        lines.append(f"  git checkout {commit}")
+    if t.get("data_commit"):
+        lines.append(f"  dvc pull {t['data_path']}.dvc   # optional: fetches the data for local inspection")
+    lines.append(f"  mlflow artifacts download --run-id {mv.run_id} --artifact-path params.yaml --dst-path .")
+    data = f"--data {t.get('data_path', '?')}"
+    if t.get("data_commit"):
+        repo = f" --data-repo {t['data_repo']}" if t.get("data_repo") else ""
+        data += f" --data-rev {t['data_commit']}{repo}"
+    lines.append(f"  kftune run {data} --params params.yaml")
+    if t.get("git_commit", "").endswith("-dirty"):
+        lines.append("  (warning: the code had uncommitted changes when this version was trained)")
+    return "\n".join(lines)

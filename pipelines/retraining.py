@@ -3,16 +3,18 @@
 from kfp import dsl
 from kfp.dsl import Dataset
 
+from components import BASE_IMAGE
 from components.drift import drift_op
 from components.resolve import resolve_op
 from kftune.data import DATASET
-from pipelines.training import for_cluster, train_and_gate
+from pipelines.tasks import for_cluster, train_and_gate, use_image
 
 NAME = "kftune-retraining"
 
 
-def create_pipeline(defaults: dict, cluster: bool = False):
-    """Return the retraining pipeline with `defaults` (a resolved params.yaml) as its default params."""
+def create_pipeline(defaults: dict, image: str = BASE_IMAGE, cluster: bool = False):
+    """Return the retraining pipeline with `defaults` (a resolved params.yaml) as its default params,
+    every task in `image`."""
 
     @dsl.pipeline(name=NAME, description="Detect drift and retrain, compare and promote a challenger.")
     def retraining_pipeline(data_path: str = DATASET, data_repo: str = "", data_rev: str = "", params: dict = defaults,
@@ -44,8 +46,9 @@ def create_pipeline(defaults: dict, cluster: bool = False):
             with dsl.If(drift.outputs["Output"] == "retrain", name="retrain"):
                 t = train_and_gate(resolve.outputs["data"], params, checkpoint_root, git_commit, first=3,
                                    init_model=resolve.outputs["champion"])
+        tasks += [drift, *t.values()]
+        use_image(tasks, image)
         if cluster:
-            tasks += [drift, *t.values()]
             for_cluster(tasks, [resolve, drift, t["tokenize"], t["finetune"], t["evaluate"]], t["finetune"],
                         defaults["cluster"])
         return resolve.outputs["data"]

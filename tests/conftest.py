@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from kftune.config import load_params
 
@@ -172,3 +176,70 @@ def prepared(tmp_path, params, subword_csv) -> Path:
 def with_changes(cfg, **changes):
     """A copy of a config section with some fields changed."""
     return dataclasses.replace(cfg, **changes)
+
+
+def train_and_register(root, params, name, **finetune_changes):
+    """fine-tune -> evaluate -> register on a `prepared` folder; returns (test metrics, the gate's verdict)."""
+    from kftune.steps.evaluate import evaluate
+    from kftune.steps.finetune import finetune
+    from kftune.steps.register import register
+
+    finetune(root / "tokenized", root / name, params.model.name, with_changes(params.finetune, **finetune_changes))
+    metrics = evaluate(root / "data", root / name, root / f"{name}-eval", params.evaluate)
+    decision = register(root / "data", root / name, root / f"{name}-eval", root / f"{name}-gate", params)
+    return metrics, decision
+
+
+def train_champion(root, params, data_dir) -> str:
+    """tokenize -> fine-tune -> evaluate -> register -> promote on a resolve output; returns the version."""
+    from kftune import registry
+    from kftune.gate import PROMOTE
+    from kftune.steps.evaluate import evaluate
+    from kftune.steps.finetune import finetune
+    from kftune.steps.register import register
+    from kftune.steps.tokenize import tokenize
+
+    tokenize(data_dir, root / "tok", params.model.name, params.tokenize)
+    finetune(root / "tok", root / "model", params.model.name, params.finetune)
+    evaluate(data_dir, root / "model", root / "eval", params.evaluate)
+    d = register(data_dir, root / "model", root / "eval", root / "gate", params)
+    assert d.decision == PROMOTE
+    registry.promote(params.register.model_name, d.version, "test", expected_champion=d.champion_version)
+    return d.version
+
+
+BIN = str(Path(sys.executable).parent)
+
+
+def sh(cwd, *cmd) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture
+def project(tmp_path, params, monkeypatch, mlflow_store) -> Path:
+    """A copy of this repository (code, dvc.yaml, .dvc/) in its own git repo, set up for the tiny model."""
+    proj = tmp_path / "proj"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (proj / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, proj / f)
+    data = yaml.safe_load((proj / "params.yaml").read_text())
+    data["model"]["name"] = params.model.name
+    data["tokenize"]["max_length"] = 32
+    data["finetune"].update(max_steps=200, batch_size=16, learning_rate=2e-3, eval_every_steps=100, bf16=False)
+    data["register"]["model_name"] = params.register.model_name
+    (proj / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(proj)
+    sh(proj, "git", "init", "-q", "-b", "main")
+    sh(proj, "git", "config", "user.email", "ci@kftune.test")
+    sh(proj, "git", "config", "user.name", "kftune tests")
+    sh(proj, "git", "add", "-A")
+    sh(proj, "git", "commit", "-qm", "kftune")
+    for i in (0, 1):
+        subword_texts(600, seed=10 + i).to_csv(tmp_path / f"batch{i}.csv", index=False)
+    return proj

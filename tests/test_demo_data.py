@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from kftune.demo_data import LABELS, generate, write_batch
+from kftune.demo.data import LABELS, generate, write_batch
 
 
 def test_batches_are_deterministic_and_distinct():

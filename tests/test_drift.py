@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kftune.drift import confidence_test, distribution_test, mmd_test, psi, vocabulary_test
+from kftune.drift_tests import confidence_test, distribution_test, mmd_test, psi, vocabulary_test
 
 
 def gaussian(n, shift=0.0, seed=0, dim=8):

@@ -3,9 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import boto3
 import pytest
@@ -16,48 +13,11 @@ from kftune import registry
 from kftune.cli import main
 from kftune.config import load_params
 from kftune.data import DataVersionError, add_batches
-from kftune.runner import preflight
-from kftune.steps.ingest import DataError
-from tests.conftest import ROOT, subword_texts
+from kftune.local import preflight
+from kftune.tables import DataError
+from tests.conftest import sh
 
 pytestmark = pytest.mark.slow
-BIN = str(Path(sys.executable).parent)
-
-
-def sh(cwd, *cmd) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-@pytest.fixture
-def project(tmp_path, params, monkeypatch, mlflow_store) -> Path:
-    """A copy of this repository (code, dvc.yaml, .dvc/) in its own git repo, set up for the tiny model."""
-    proj = tmp_path / "proj"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (proj / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, proj / f)
-    data = yaml.safe_load((proj / "params.yaml").read_text())
-    data["model"]["name"] = params.model.name
-    data["tokenize"]["max_length"] = 32
-    data["finetune"].update(max_steps=200, batch_size=16, learning_rate=2e-3, eval_every_steps=100, bf16=False)
-    data["register"]["model_name"] = params.register.model_name
-    (proj / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.chdir(proj)
-    sh(proj, "git", "init", "-q", "-b", "main")
-    sh(proj, "git", "config", "user.email", "ci@kftune.test")
-    sh(proj, "git", "config", "user.name", "kftune tests")
-    sh(proj, "git", "add", "-A")
-    sh(proj, "git", "commit", "-qm", "kftune")
-    for i in (0, 1):
-        subword_texts(600, seed=10 + i).to_csv(tmp_path / f"batch{i}.csv", index=False)
-    return proj
-
-
 def test_data_add_versions_the_dataset_and_old_revisions_stay_readable(project, params):
     first = add_batches([str(project.parent / "batch0.csv")], project, params.ingest, tag="data-v1")
     second = add_batches([str(project.parent / "batch1.csv")], project, params.ingest)

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from kftune import registry
-from kftune.runner import run_local
+from kftune.local import run_local
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from kftune.models import ModelNotFound, load_pretrained, resolve_base_model
+from kftune.base_models import ModelNotFound, load_pretrained, resolve_base_model
 
 
 @pytest.mark.parametrize("name, hidden", [("minilm-l6", 384), ("bert-tiny", 128)])

@@ -3,6 +3,7 @@
 import pytest
 
 from kftune import ner
+from kftune.metrics import entity_metrics
 from kftune.ner import IGNORE, NerDataError, Sentence
 
 
@@ -70,7 +71,7 @@ def test_memorization_baseline_and_entity_metrics():
              Sentence(["ann", "left"], ["B-PER", "O"], 2)]
     pred = ner.memorization_baseline(train, [["ann", "flew", "to", "Paris", "Lee"]])
     assert pred == [["B-PER", "O", "O", "B-LOC", "O"]]
-    m = ner.entity_metrics([["B-PER", "O", "O", "B-LOC", "B-PER"]], pred)
+    m = entity_metrics([["B-PER", "O", "O", "B-LOC", "B-PER"]], pred)
     assert (m["precision"], m["recall"]) == (1.0, pytest.approx(2 / 3))
     assert m["entity_f1"] == pytest.approx(0.8) and m["token_accuracy"] == pytest.approx(0.8)
     assert m["per_type"]["PER"]["recall"] == 0.5 and m["per_type"]["LOC"]["f1"] == 1.0

@@ -11,10 +11,10 @@ from mlflow import MlflowClient
 
 from kftune import registry
 from kftune.config import ModelConfig, load_params
-from kftune.runner import PipelineFailed, compile_pipeline, run_local
-from kftune.steps.ingest import DataError
-from tests.conftest import ROOT, ner_sentences, write_conll
-from tests.steps.test_register import train_and_register
+from kftune.cluster import compile_pipeline
+from kftune.local import PipelineFailed, run_local
+from kftune.tables import DataError
+from tests.conftest import ROOT, ner_sentences, train_and_register, write_conll
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_a_failing_step_leaves_the_champion_alone(prepared, params, subword_csv,
     broken = prepared / "broken-model"
     shutil.copytree(params.model.name, broken)
     (broken / "model.safetensors").unlink()
-    with pytest.raises(PipelineFailed, match="failing step.s log is printed above"):
+    with pytest.raises(PipelineFailed, match="step fine-tune failed: .*model.safetensors"):
         run_local(str(subword_csv), dataclasses.replace(params, model=ModelConfig(str(broken))), prepared)
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"
     assert [v["version"] for v in registry.list_versions(name)] == ["1"]

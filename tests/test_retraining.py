@@ -12,12 +12,10 @@ from mlflow import MlflowClient
 from kftune import registry
 from kftune.config import load_params
 from kftune.data import DATASET, add_batches
-from kftune.runner import run_retraining_local
-from kftune.schedule import ScheduleError
+from kftune.local import run_retraining_local
+from kftune.fileio import Busy
 from kftune.steps.resolve import resolve
-from tests.conftest import subword_texts
-from tests.steps.conftest import train_champion
-from tests.test_dvc import project  # noqa: F401 - the fixture: a git + DVC copy of this repository
+from tests.conftest import subword_texts, train_champion
 
 pytestmark = pytest.mark.slow
 NO_COOLDOWN = ["retrain.cooldown_hours=0"]
@@ -57,7 +55,7 @@ def test_retraining_follows_the_data_and_survives_a_kill(project):  # noqa: F811
         while training_runs(params) < 2 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, "the retraining finished before it could be killed"
-        with pytest.raises(ScheduleError, match="another kftune retraining run is running"):
+        with pytest.raises(Busy, match="another kftune retraining run is running"):
             run_retraining_local(params, project)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -11,7 +11,9 @@ from datetime import datetime
 import pytest
 
 from kftune.cli import main
-from kftune.schedule import ScheduleError, kfp_cron, run_schedule, single_instance
+from kftune.cluster import kfp_cron
+from kftune.fileio import Busy, single_instance
+from kftune.schedule import run_schedule
 from tests.conftest import ROOT
 
 
@@ -59,7 +61,7 @@ def test_a_failing_run_does_not_stop_the_schedule(tmp_path, caplog):
 
 def test_one_scheduler_at_a_time(tmp_path):
     with single_instance(tmp_path / "lock"):
-        with pytest.raises(ScheduleError, match=f"another kftune scheduler is running .*pid {os.getpid()}"):
+        with pytest.raises(Busy, match=f"another kftune scheduler is running .*pid {os.getpid()}"):
             with single_instance(tmp_path / "lock"):
                 pass
     with single_instance(tmp_path / "lock"):  # released on exit
@@ -72,10 +74,16 @@ def test_cron_is_checked_and_converted_for_kfp(capsys):
     assert "not a 5-field cron expression" in capsys.readouterr().err
 
 
-def test_the_real_command_holds_the_lock_and_stops_cleanly_on_ctrl_c(tmp_path):
+def _as_from_a_background_shell():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `cmd &` in a non-interactive shell hands its children
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_real_command_holds_the_lock_and_stops_cleanly_on_ctrl_c_or_sigterm(tmp_path, stop):
     cmd = [sys.executable, "-m", "kftune.cli", "--project-dir", str(tmp_path), "schedule", "--cron", "0 3 * * *",
            "--data", str(tmp_path / "data.csv"), "--params", str(ROOT / "params.yaml")]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_as_from_a_background_shell)
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / ".kftune" / "schedule.lock").exists() or not (
@@ -85,7 +93,7 @@ def test_the_real_command_holds_the_lock_and_stops_cleanly_on_ctrl_c(tmp_path):
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "another kftune scheduler is running" in second.stderr
     finally:
-        first.send_signal(signal.SIGINT)
+        first.send_signal(stop)
         out, err = first.communicate(timeout=30)
     assert first.returncode == 0 and "scheduler stopped" in out
     assert "next run at" in err

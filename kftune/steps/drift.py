@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kftune import drift as tests
+from kftune import drift_tests as tests
 from kftune import registry
 from kftune.config import DriftConfig, Params, RetrainConfig
 from kftune.fileio import atomic_dir, read_json, write_json

@@ -10,37 +10,10 @@ import pandas as pd
 
 from kftune.config import EvaluateConfig
 from kftune.fileio import atomic_dir, write_json
+from kftune.metrics import classification_metrics, entity_metrics
 from kftune.predict import labels_of, predict_proba_with
 
 log = logging.getLogger(__name__)
-
-
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int) -> float:
-    """Bin-weighted gap between confidence and accuracy of the top prediction."""
-    conf, pred = probs.max(1), probs.argmax(1)
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.any():
-            ece += in_bin.mean() * abs((pred[in_bin] == y_true[in_bin]).mean() - conf[in_bin].mean())
-    return float(ece)
-
-
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], ece_bins: int) -> dict:
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    pred = probs.argmax(1)
-    ids = list(range(len(labels)))
-    p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=ids, zero_division=0)
-    return {
-        "accuracy": float((pred == y_true).mean()),
-        "macro_f1": float(f.mean()),
-        "ece": expected_calibration_error(probs, y_true, ece_bins),
-        "per_class": {lbl: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i, lbl in enumerate(labels)},
-        "confusion_matrix": confusion_matrix(y_true, pred, labels=ids).tolist(),
-    }
 
 
 def baseline_probs(train: pd.DataFrame, test: pd.DataFrame, labels: list[str], cfg: EvaluateConfig) -> dict:
@@ -150,7 +123,7 @@ def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Pa
     accuracy, for the model and for the memorisation baseline (each word's most frequent training tag)."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from kftune.ner import Sentence, entity_metrics, memorization_baseline
+    from kftune.ner import Sentence, memorization_baseline
     from kftune.predict import labels_of, word_predictions
 
     model = AutoModelForTokenClassification.from_pretrained(model_dir)

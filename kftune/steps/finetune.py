@@ -1,4 +1,4 @@
-"""fine-tune: the training loop for sequence classification.
+"""fine-tune: the training loop, for sequence and token classification, and its torchrun launcher.
 
 A plain PyTorch loop rather than HF Trainer: on CPU its length-grouped sampler sorts each
 mega-batch long-to-short without shuffling, which cost most of the accuracy here. Ours groups
@@ -8,18 +8,22 @@ checkpoints at optimizer-step boundaries so a killed run resumes exactly where i
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import logging
 import math
 import os
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from kftune.config import FinetuneConfig
+from kftune.config import FinetuneConfig, KftuneError
 from kftune.fileio import atomic_dir, read_json, write_json
 from kftune.predict import MODEL_INFO, pad_batch, predict_logits
 
@@ -46,12 +50,6 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, g
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def macro_f1(y_true, y_pred, n_labels: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y_true, y_pred, average="macro", labels=list(range(n_labels)), zero_division=0))
 
 
 def _freeze(model, cfg: FinetuneConfig) -> None:
@@ -106,7 +104,8 @@ def validation_metrics(model, x, y, word_ids, pad_id: int, labels: list[str], ba
     """Validation loss and score: macro-F1 for texts, entity F1 (seqeval) for tags on each word's first sub-token."""
     import torch
 
-    from kftune.ner import IGNORE, entity_metrics, repaired
+    from kftune.metrics import entity_metrics, macro_f1
+    from kftune.ner import IGNORE, repaired
     from kftune.predict import predict_token_logits
 
     if word_ids is None:
@@ -133,49 +132,56 @@ def tokenized_digest(tokenized_dir: str | Path) -> str:
                                    for s in ("train", "validation"))).hexdigest()
 
 
-def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cfg: FinetuneConfig,
-             checkpoint_dir: str | Path | None = None, on_log: LogFn | None = None) -> dict:
-    """Fine-tune the base model on the tokenized train split, early-stopping on validation macro-F1 (entity F1).
+@dataclass
+class Job:
+    """Everything one training run holds: data, model, optimizer, and where it reports."""
 
-    Args:
-        tokenized_dir: tokenize output ({split}.parquet, tokenizer/, tokenize_stats.json).
-        out_dir: where the fine-tuned model, its tokenizer, kftune.json and training_history.json go.
-        model_name: base model (see kftune.models).
-        cfg: the `finetune` section of params.yaml.
-        checkpoint_dir: where resumable checkpoints live; a checkpoint found there is resumed.
-        on_log: called with (metrics, step) every log_every_steps and after every validation.
+    cfg: FinetuneConfig
+    labels: list[str]
+    ner: bool
+    train: tuple
+    val: tuple
+    tokenizer: object
+    model: object
+    train_model: object  # the model, or its DDP wrapper
+    optimizer: object
+    scheduler: object
+    device: object
+    bf16: bool
+    total_steps: int
+    eval_every: int
+    hardware: dict
+    world: int = 1
+    rank: int = 0
+    on_log: LogFn = lambda metrics, step: None
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "group": 0, "best_f1": -1.0, "best_step": 0,
+                                                 "bad_evals": 0, "history": []})
+    best_weights: dict | None = None
 
-    Returns:
-        A summary: steps, epochs, best validation macro-F1, examples/s, whether it resumed or stopped early.
-    """
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def score_key(self) -> str:
+        return "val_entity_f1" if self.ner else "val_macro_f1"
+
+
+def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfig, on_log: LogFn | None) -> Job:
+    """Read the splits, load the base model, wrap it for DDP under torchrun, make optimizer and schedule."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
                               get_linear_schedule_with_warmup, set_seed)
 
+    from kftune.base_models import load_pretrained, resolve_base_model
     from kftune.hardware import setup
-    from kftune.models import load_pretrained, resolve_base_model
 
-    tokenized_dir = Path(tokenized_dir)
-    stats = read_json(tokenized_dir / "tokenize_stats.json")
-    labels = stats["labels"]
-    on_log = on_log or (lambda metrics, step: None)
+    labels, ner = stats["labels"], stats.get("task") == "token-classification"
     hw = setup(cfg.bf16, cfg.threads)
-    bf16 = hw["precision"] == "bf16"
     set_seed(cfg.seed)
-
-    task = stats.get("task", "sequence-classification")
-    ner = task == "token-classification"
-    score_key = "val_entity_f1" if ner else "val_macro_f1"
-    train_x, train_y, _ = _read_split(tokenized_dir, "train", ner)
-    val_x, val_y, val_words = _read_split(tokenized_dir, "validation", ner)
-    lengths = np.array([len(x) for x in train_x])
-    tokenizer = AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer")
-    pad_id = tokenizer.pad_token_id
-
+    train, val = _read_split(tokenized_dir, "train", ner), _read_split(tokenized_dir, "validation", ner)
     model = load_pretrained(AutoModelForTokenClassification if ner else AutoModelForSequenceClassification,
-                            resolve_base_model(model_name),
-                            num_labels=len(labels), id2label=dict(enumerate(labels)),
+                            resolve_base_model(model_name), num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={lbl: i for i, lbl in enumerate(labels)})
     _freeze(model, cfg)
     # Under torchrun there is one process per GPU (or per CPU worker, with gloo); each trains on
@@ -189,135 +195,263 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
         torch.manual_seed(cfg.seed + rank)  # the same weights everywhere (DDP broadcasts them), other dropout
-        if rank:
-            on_log = lambda metrics, step: None  # noqa: E731 - rank 0 reports for everyone
     optimizer = _optimizer(model, cfg)
-    micro_per_epoch = math.ceil(len(train_x) / cfg.batch_size) // world
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
+    steps_per_epoch = math.ceil(math.ceil(len(train[0]) / cfg.batch_size) // world / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    eval_every = cfg.eval_every_steps or steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    job = Job(cfg, labels, ner, train, val, AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer"), model,
+              train_model, optimizer, scheduler, device, hw["precision"] == "bf16", total_steps,
+              cfg.eval_every_steps or steps_per_epoch, hw, world, rank)
+    if on_log and rank == 0:  # rank 0 reports for everyone
+        job.on_log = on_log
+    return job
 
-    state = {"step": 0, "epoch": 0, "micro": 0, "best_f1": -1.0, "best_step": 0, "bad_evals": 0, "history": []}
-    best_weights = None
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+
+def _fingerprint(tokenized_dir: Path, model_name: str, job: Job) -> dict:
+    """What a checkpoint must match to be resumed: start weights, settings, data and labels."""
     exported = Path(model_name) / MODEL_INFO  # a champion exported by resolve: a new folder in every pipeline run
     version = read_json(exported).get("version") if exported.exists() else None
-    start = f"registry version {version}" if version else model_name
-    fingerprint = {"model": start, "cfg": vars(cfg), "data": tokenized_digest(tokenized_dir), "labels": labels}
-    resumed_from = 0
-    if ckpt_path and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
-        if ckpt["fingerprint"] == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["torch_rng"].cpu())
-            state, best_weights = ckpt["state"], ckpt["best_weights"]
-            resumed_from = state["step"]
-            log.info("fine-tune: resuming from %s at step %d", ckpt_path, resumed_from)
-        else:
-            log.warning("fine-tune: ignoring %s, it was made with other data or settings", ckpt_path)
+    return {"model": f"registry version {version}" if version else model_name, "cfg": vars(job.cfg),
+            "data": tokenized_digest(tokenized_dir), "labels": job.labels}
 
-    def save_checkpoint():
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
-                    "best_weights": best_weights}, tmp)
-        os.replace(tmp, ckpt_path)
 
-    def validate() -> bool:
-        """Record a validation; return True when patience has run out."""
-        nonlocal best_weights
-        metrics = validation_metrics(model, val_x, val_y, val_words, pad_id, labels, cfg.batch_size * 2, bf16)
-        f1, loss = metrics[score_key], metrics["val_loss"]
-        state["history"].append({"step": state["step"], **metrics})
-        on_log(metrics, state["step"])
-        log.info("fine-tune step %d: %s %.4f, loss %.4f", state["step"], score_key, f1, loss)
-        if f1 > state["best_f1"]:
-            state.update(best_f1=f1, best_step=state["step"], bad_evals=0)
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            state["bad_evals"] += 1
-        model.train()
-        return bool(cfg.early_stopping_patience) and state["bad_evals"] >= cfg.early_stopping_patience
+def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
+    """Load a matching checkpoint (tensors and plain data only: weights_only); return the step it resumes at."""
+    import torch
 
-    model.train()
-    seen, train_seconds, running_loss = 0, 0.0, []
-    stopped_early = bool(cfg.early_stopping_patience) and state["bad_evals"] >= cfg.early_stopping_patience
-    bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tune", unit="step", mininterval=2,
-               disable=None if rank == 0 else True)
-    while state["epoch"] < epochs and state["step"] < total_steps and not stopped_early:
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state["epoch"], cfg.group_by_length)
-        batches = batches[: len(batches) // world * world][rank::world]  # every process the same count
-        t0 = time.perf_counter()
-        while state["micro"] < len(batches):
-            idx = batches[state["micro"]]
-            ids, mask = pad_batch([train_x[i] for i in idx], pad_id)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = train_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   labels=_batch_labels(train_y, idx, ids.shape[1], ner).to(device)).loss
-            group_start = state["micro"] - state["micro"] % cfg.grad_accum_steps
-            (loss / min(cfg.grad_accum_steps, len(batches) - group_start)).backward()  # a short last group too
-            running_loss.append(loss.item())
-            seen += len(idx) * world
-            state["micro"] += 1
-            if state["micro"] % cfg.grad_accum_steps and state["micro"] < len(batches):
-                continue
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+    if not (ckpt_path and ckpt_path.exists()):
+        return 0
+    ckpt = torch.load(ckpt_path, weights_only=True, map_location=job.device)
+    if ckpt["fingerprint"] != json.loads(json.dumps(fingerprint)):
+        log.warning("fine-tune: ignoring %s, it was made with other data or settings", ckpt_path)
+        return 0
+    job.model.load_state_dict(ckpt["model"])
+    job.optimizer.load_state_dict(ckpt["optimizer"])
+    job.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    job.state, job.best_weights = ckpt["state"], ckpt["best_weights"]
+    log.info("fine-tune: resuming from %s at step %d", ckpt_path, job.state["step"])
+    return job.state["step"]
+
+
+def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict) -> None:
+    import torch
+
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_path.with_suffix(".tmp")
+    torch.save({"fingerprint": json.loads(json.dumps(fingerprint)), "model": job.model.state_dict(),
+                "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "state": job.state, "best_weights": job.best_weights}, tmp)
+    os.replace(tmp, ckpt_path)
+
+
+def _validate(job: Job) -> bool:
+    """Record a validation, keep the best weights; return True when patience has run out."""
+    x, y, words = job.val
+    metrics = validation_metrics(job.model, x, y, words, job.pad_id, job.labels, job.cfg.batch_size * 2, job.bf16)
+    state, f1 = job.state, metrics[job.score_key]
+    state["history"].append({"step": state["step"], **metrics})
+    job.on_log(metrics, state["step"])
+    log.info("fine-tune step %d: %s %.4f, loss %.4f", state["step"], job.score_key, f1, metrics["val_loss"])
+    if f1 > state["best_f1"]:
+        state.update(best_f1=f1, best_step=state["step"], bad_evals=0)
+        job.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in job.model.state_dict().items()}
+    else:
+        state["bad_evals"] += 1
+    job.model.train()
+    return _patience_out(job)
+
+
+def _patience_out(job: Job) -> bool:
+    return bool(job.cfg.early_stopping_patience) and job.state["bad_evals"] >= job.cfg.early_stopping_patience
+
+
+def _groups(job: Job) -> list[list]:
+    """This epoch's batches for this process, cut into groups of grad_accum_steps (the last may be shorter)."""
+    x = job.train[0]
+    batches = epoch_batches(np.array([len(s) for s in x]), job.cfg.batch_size, job.cfg.seed, job.state["epoch"],
+                            job.cfg.group_by_length)
+    batches = batches[: len(batches) // job.world * job.world][job.rank :: job.world]  # every process the same count
+    k = job.cfg.grad_accum_steps
+    return [batches[i : i + k] for i in range(0, len(batches), k)]
+
+
+def _train_step(job: Job, group: list) -> float:
+    """One optimizer step over a group of batches (gradient accumulation); returns the mean loss."""
+    import torch
+
+    x, y, _ = job.train
+    losses = []
+    for idx in group:
+        ids, mask = pad_batch([x[i] for i in idx], job.pad_id)
+        with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=job.bf16):
+            loss = job.train_model(input_ids=ids.to(job.device), attention_mask=mask.to(job.device),
+                                   labels=_batch_labels(y, idx, ids.shape[1], job.ner).to(job.device)).loss
+        (loss / len(group)).backward()
+        losses.append(loss.item())
+    if job.cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.cfg.max_grad_norm)
+    job.optimizer.step()
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return float(np.mean(losses))
+
+
+def _report(job: Job, losses: list[float], rate: float, started: float, resumed_from: int) -> None:
+    step, total = job.state["step"], job.total_steps
+    metrics = {"train_loss": float(np.mean(losses)), "learning_rate": job.scheduler.get_last_lr()[0],
+               "examples_per_second": rate}
+    job.state["history"].append({"step": step, **metrics})
+    job.on_log(metrics, step)
+    elapsed = time.monotonic() - started
+    eta = elapsed / max(step - resumed_from, 1) * (total - step)
+    log.info("fine-tune step %d/%d: loss %.4f, %.1f examples/s, %s elapsed, ETA %s", step, total,
+             metrics["train_loss"], rate, _clock(elapsed), _clock(eta))
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cfg: FinetuneConfig,
+             checkpoint_dir: str | Path | None = None, on_log: LogFn | None = None) -> dict:
+    """Fine-tune the base model on the tokenized train split, early-stopping on validation macro-F1 (entity F1).
+
+    Args:
+        tokenized_dir: tokenize output ({split}.parquet, tokenizer/, tokenize_stats.json).
+        out_dir: where the fine-tuned model, its tokenizer, kftune.json and training_history.json go.
+        model_name: base model (see kftune.base_models), or a folder of weights to start from.
+        cfg: the `finetune` section of params.yaml.
+        checkpoint_dir: where resumable checkpoints live; a checkpoint found there is resumed.
+        on_log: called with (metrics, step) every log_every_steps and after every validation.
+
+    Returns:
+        A summary: steps, epochs, best validation score, examples/s, precision and threads chosen, resume.
+    """
+    from tqdm.auto import tqdm
+
+    tokenized_dir = Path(tokenized_dir)
+    stats = read_json(tokenized_dir / "tokenize_stats.json")
+    job = _build(tokenized_dir, stats, model_name, cfg, on_log)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    fingerprint = _fingerprint(tokenized_dir, model_name, job)
+    resumed_from = _resume(job, ckpt_path, fingerprint)
+    state, started = job.state, time.monotonic()
+    seen, train_seconds, losses = 0, 0.0, []
+    stopped_early = _patience_out(job)
+    bar = tqdm(total=job.total_steps, initial=state["step"], desc="fine-tune", unit="step", mininterval=2,
+               disable=None if job.rank == 0 else True)
+    job.model.train()
+    while state["step"] < job.total_steps and not stopped_early:
+        groups = _groups(job)
+        for group in groups[state["group"] :]:
+            t0 = time.perf_counter()
+            losses.append(_train_step(job, group))
             train_seconds += time.perf_counter() - t0
+            seen += sum(len(b) for b in group) * job.world
+            state["step"] += 1
+            state["group"] += 1
+            if state["group"] == len(groups):
+                state.update(epoch=state["epoch"] + 1, group=0)
             rate = seen / max(train_seconds, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(running_loss[-20:]):.4f}", ex_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", ex_s=f"{rate:.1f}")
             if state["step"] % cfg.log_every_steps == 0:
-                metrics = {"train_loss": float(np.mean(running_loss)), "learning_rate": scheduler.get_last_lr()[0],
-                           "examples_per_second": rate}
-                state["history"].append({"step": state["step"], **metrics})
-                running_loss = []
-                on_log(metrics, state["step"])
-                if bar.disable:  # no terminal (a pipeline pod): progress goes to the log instead
-                    log.info("fine-tune step %d/%d: loss %.4f, %.1f examples/s", state["step"], total_steps,
-                             metrics["train_loss"], rate)
-            if state["step"] % eval_every == 0 or state["step"] >= total_steps:
-                stopped_early = validate() or stopped_early
-            if state["micro"] >= len(batches):
-                state.update(epoch=state["epoch"] + 1, micro=0)
-            every = cfg.checkpoint_every_steps
-            if rank == 0 and ckpt_path and every and state["step"] % every == 0:
-                save_checkpoint()
-            t0 = time.perf_counter()
-            if stopped_early or state["step"] >= total_steps or state["micro"] == 0:  # micro 0: epoch done
+                _report(job, losses, rate, started, resumed_from)
+                losses = []
+            if state["step"] % job.eval_every == 0 or state["step"] >= job.total_steps:
+                stopped_early = _validate(job) or stopped_early
+            if job.rank == 0 and ckpt_path and cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0:
+                _save_checkpoint(job, ckpt_path, fingerprint)
+            if stopped_early or state["step"] >= job.total_steps:
                 break
     bar.close()
+    summary = {"steps": state["step"], "epochs_completed": state["epoch"], "total_steps_planned": job.total_steps,
+               f"best_{job.score_key}": state["best_f1"], "best_step": state["best_step"],
+               "stopped_early": stopped_early and state["step"] < job.total_steps, "resumed_from_step": resumed_from,
+               "train_examples": len(job.train[0]), "examples_per_second": seen / max(train_seconds, 1e-9),
+               "train_seconds": train_seconds, "processes": job.world, **job.hardware}
+    if job.world > 1:
+        import torch
 
-    model.load_state_dict(best_weights)  # restore the best validation checkpoint
-    summary = {
-        "steps": state["step"], "epochs_completed": state["epoch"], "total_steps_planned": total_steps,
-        f"best_{score_key}": state["best_f1"], "best_step": state["best_step"], "stopped_early": stopped_early,
-        "resumed_from_step": resumed_from, "train_examples": len(train_x),
-        "examples_per_second": seen / max(train_seconds, 1e-9), "train_seconds": train_seconds,
-        "processes": world, **hw,
-    }
-    if world > 1:
         torch.distributed.destroy_process_group()
-        if rank:
+        if job.rank:
             return summary  # rank 0 writes the model
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.model_max_length = stats["max_length"]  # so every later user truncates as training did
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / MODEL_INFO, {"labels": labels, "max_length": stats["max_length"], "base_model": model_name,
-                                      "task": task})
-        write_json(tmp / "training_history.json", state["history"])
-        write_json(tmp / "train_summary.json", summary)
+    _save_model(job, out_dir, stats, model_name, summary)
     if ckpt_path and ckpt_path.exists():
         ckpt_path.unlink()  # finished: a later run with the same key must start fresh
-    log.info("fine-tune: %s", summary)
+    log.info("fine-tune: %d steps, best %s %.4f at step %d, %.1f examples/s, %s, %d threads", state["step"],
+             job.score_key, state["best_f1"], state["best_step"], summary["examples_per_second"],
+             summary["precision"], summary["threads"])
     return summary
+
+
+def _save_model(job: Job, out_dir: str | Path, stats: dict, model_name: str, summary: dict) -> None:
+    """Write the best validation weights, the tokenizer (truncating as in training) and the records."""
+    job.model.load_state_dict(job.best_weights)
+    with atomic_dir(out_dir) as tmp:
+        job.model.save_pretrained(tmp)
+        job.tokenizer.model_max_length = stats["max_length"]  # so every later user truncates as training did
+        job.tokenizer.save_pretrained(tmp)
+        write_json(tmp / MODEL_INFO, {"labels": job.labels, "max_length": stats["max_length"],
+                                      "base_model": model_name, "task": stats.get("task", "sequence-classification")})
+        write_json(tmp / "training_history.json", job.state["history"])
+        write_json(tmp / "train_summary.json", summary)
+
+
+def write_plots(history_file: str | Path, folder: str | Path) -> None:
+    """DVC plots: one file per curve (train_loss, the validation score), one record per step."""
+    history = read_json(history_file)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for key in [k for k in ("train_loss", "val_macro_f1", "val_entity_f1") if any(k in h for h in history)]:
+        write_json(Path(folder) / f"{key}.json", [{"step": h["step"], key: h[key]} for h in history if key in h])
+
+
+class DistributedFailed(KftuneError):
+    pass
+
+
+def launch(tokenized_dir: str, out_dir: str, model_name: str, cfg: FinetuneConfig, processes: int,
+           run_id: str = "", checkpoint_dir: str | None = None) -> None:
+    """Run `finetune` under torchrun: one process per GPU (gloo workers on a CPU-only host).
+
+    Each worker runs this module's main(); rank 0 logs to the MLflow run `run_id` and writes the model.
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "kftune.steps.finetune", "--tokenized", str(tokenized_dir), "--out", str(out_dir),
+           "--model", model_name, "--config", json.dumps(vars(cfg))]
+    cmd += ["--mlflow-run-id", run_id] if run_id else []
+    cmd += ["--checkpoint-dir", str(checkpoint_dir)] if checkpoint_dir else []
+    if subprocess.run(cmd).returncode:
+        raise DistributedFailed(f"distributed fine-tune ({processes} processes) failed; see its log above")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One torchrun worker (see `launch`)."""
+    ap = argparse.ArgumentParser(prog="python -m kftune.steps.finetune")
+    ap.add_argument("--tokenized", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--config", required=True, help="the finetune section as JSON")
+    ap.add_argument("--mlflow-run-id", default="")
+    ap.add_argument("--checkpoint-dir")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    on_log = None
+    if args.mlflow_run_id and os.environ.get("RANK", "0") == "0":
+        import mlflow
+
+        from kftune.tracking import configure
+
+        configure()
+        client = mlflow.MlflowClient()
+        on_log = lambda metrics, step: [client.log_metric(args.mlflow_run_id, k, v, step=step)  # noqa: E731
+                                        for k, v in metrics.items()]
+    finetune(args.tokenized, args.out, args.model, FinetuneConfig(**json.loads(args.config)),
+             checkpoint_dir=args.checkpoint_dir, on_log=on_log)
+
+
+if __name__ == "__main__":
+    main()

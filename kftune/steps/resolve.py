@@ -18,7 +18,7 @@ from kftune import registry
 from kftune.config import Params
 from kftune.fileio import read_json, write_json
 from kftune.predict import MODEL_INFO
-from kftune.steps.ingest import DataError, describe, load_rows, require_splits, split_settings, write_dataset
+from kftune.tables import DataError, describe, load_rows, require_splits, split_settings, write_dataset
 
 log = logging.getLogger(__name__)
 

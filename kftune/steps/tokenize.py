@@ -10,7 +10,7 @@ import pandas as pd
 
 from kftune.config import TokenizeConfig
 from kftune.fileio import atomic_dir, read_json, write_json
-from kftune.steps.ingest import SPLITS
+from kftune.tables import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def load_tokenizer(model_name: str):
     from transformers import AutoTokenizer
 
-    from kftune.models import load_pretrained, resolve_base_model
+    from kftune.base_models import load_pretrained, resolve_base_model
 
     tok = load_pretrained(AutoTokenizer, resolve_base_model(model_name))
     if not tok.is_fast:
@@ -69,7 +69,7 @@ def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: To
     Args:
         data_dir: ingest output (train/validation/test.parquet and data_card.json).
         out_dir: folder for {split}.parquet (input_ids, label), the tokenizer and tokenize_stats.json.
-        model_name: base model whose tokenizer to use (see kftune.models).
+        model_name: base model whose tokenizer to use (see kftune.base_models).
         cfg: the `tokenize` section of params.yaml.
 
     Returns:

@@ -4,24 +4,8 @@ import shutil
 
 import pytest
 
-from kftune import registry
-from kftune.steps.evaluate import evaluate
-from kftune.steps.finetune import finetune
-from kftune.steps.register import PROMOTE, register
 from kftune.steps.resolve import FIRST_TRAINING, resolve
-from kftune.steps.tokenize import tokenize
-from tests.conftest import subword_texts, tiny_params, use_mlflow_store
-
-
-def train_champion(root, params, data_dir) -> str:
-    """tokenize -> fine-tune -> evaluate -> register -> promote on a resolve output; returns the version."""
-    tokenize(data_dir, root / "tok", params.model.name, params.tokenize)
-    finetune(root / "tok", root / "model", params.model.name, params.finetune)
-    evaluate(data_dir, root / "model", root / "eval", params.evaluate)
-    d = register(data_dir, root / "model", root / "eval", root / "gate", params)
-    assert d.decision == PROMOTE
-    registry.promote(params.register.model_name, d.version, "test", expected_champion=d.champion_version)
-    return d.version
+from tests.conftest import subword_texts, tiny_params, train_champion, use_mlflow_store
 
 
 @pytest.fixture(scope="package")

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from kftune.fileio import read_json
-from kftune.steps.evaluate import classification_metrics, evaluate, expected_calibration_error
+from kftune.metrics import classification_metrics, expected_calibration_error
+from kftune.steps.evaluate import evaluate
 from kftune.steps.finetune import finetune
 
 

@@ -49,7 +49,7 @@ def test_the_saved_model_is_the_best_validation_checkpoint_not_the_last(prepared
     import pandas as pd
 
     from kftune.predict import predict_logits
-    from kftune.steps.finetune import macro_f1
+    from kftune.metrics import macro_f1
 
     # warm up to a learning rate far too high: the model learns early, then training blows up
     cfg = with_changes(params.finetune, learning_rate=3e-2, warmup_ratio=0.95, eval_every_steps=10, max_steps=300,
@@ -69,7 +69,7 @@ def _weights(path):
 
 
 def test_frozen_layers_do_not_change(prepared, params):
-    from kftune.models import resolve_base_model
+    from kftune.base_models import resolve_base_model
 
     cfg = with_changes(params.finetune, freeze_embeddings=True, freeze_layers=1, max_steps=30)
     finetune(prepared / "tokenized", prepared / "model", params.model.name, cfg)
@@ -115,9 +115,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(prepared, 
 
 def test_two_processes_under_torchrun_train_one_model(prepared, params):
     """DDP as on a multi-GPU node, here with two gloo workers on the CPU."""
-    from kftune.runner import torchrun_finetune
+    from kftune.steps.finetune import launch
 
-    torchrun_finetune(str(prepared / "tokenized"), str(prepared / "ddp"), params, processes=2)
+    launch(str(prepared / "tokenized"), str(prepared / "ddp"), params.model.name, params.finetune, processes=2)
     summary = read_json(prepared / "ddp" / "train_summary.json")
     assert summary["processes"] == 2 and summary["best_val_macro_f1"] > 0.9
     assert summary["steps"] == params.finetune.max_steps

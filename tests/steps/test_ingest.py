@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from kftune.fileio import read_json
-from kftune.steps.ingest import DataError, ingest, split_of
+from kftune.steps.ingest import ingest
+from kftune.tables import DataError, split_of
 
 ROWS = [("Profit  rose \u00a0sharply ", "positive"), ("Profit rose sharply", "positive"),  # same text after cleaning
         ("Costs fell", "positive"), ("Costs fell", "negative"),  # conflicting labels

@@ -4,38 +4,8 @@ import pytest
 from mlflow import MlflowClient
 
 from kftune import registry
-from kftune.steps.evaluate import evaluate
-from kftune.steps.finetune import finetune
-from kftune.steps.register import AWAITING, HOLD, PROMOTE, Scores, gate, register
-from tests.conftest import with_changes
-
-
-def test_gate_rule():
-    ok, why = gate(Scores(0.80, 0.75), 0.0, 0.02, None)
-    assert ok and "no champion yet: test macro-F1 0.8000 > TF-IDF baseline 0.7500" in why[0]
-    assert not gate(Scores(0.75, 0.75), 0.0, 0.02, None)[0], "must beat the baseline, not tie it"
-    ok, why = gate(Scores(0.805, 0.5, champion=0.80), 0.005, 0.02, None)
-    assert ok and "0.8050 >= champion 0.8000 + min_delta 0.0050" in why[1]
-    assert not gate(Scores(0.804, 0.5, champion=0.80), 0.005, 0.02, None)[0]
-    assert not gate(Scores(0.90, 0.95, champion=0.80), 0.005, 0.02, None)[0], "a champion is no excuse below baseline"
-    ok, why = gate(Scores(0.99, 0.5), 0.0, 0.02, "OSError: no weights")
-    assert not ok and "smoke test through the registry failed: OSError: no weights" in why[-1]
-
-
-def test_gate_forgetting_rule():
-    remembers = Scores(0.90, 0.6, champion=0.70, challenger_historical=0.885, champion_historical=0.90)
-    ok, why = gate(remembers, 0.005, 0.02, None)
-    assert ok and "historical test macro-F1 0.8850 vs champion 0.9000: drop 0.0150 <= max_forgetting 0.0200" in why[2]
-    forgets = Scores(0.90, 0.6, champion=0.70, challenger_historical=0.87, champion_historical=0.90)
-    ok, why = gate(forgets, 0.005, 0.02, None)
-    assert not ok and "drop 0.0300 > max_forgetting" in why[2], "better on new data, but forgot the old"
-
-
-def train_and_register(root, params, name, **finetune_changes):
-    finetune(root / "tokenized", root / name, params.model.name, with_changes(params.finetune, **finetune_changes))
-    metrics = evaluate(root / "data", root / name, root / f"{name}-eval", params.evaluate)
-    decision = register(root / "data", root / name, root / f"{name}-eval", root / f"{name}-gate", params)
-    return metrics, decision
+from kftune.gate import AWAITING, HOLD, PROMOTE
+from tests.conftest import train_and_register, with_changes
 
 
 def test_champion_challenger_with_real_numbers(prepared, params, mlflow_store):

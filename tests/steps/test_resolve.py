@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from kftune.fileio import read_json
-from kftune.steps.ingest import DataError
+from kftune.tables import DataError
 from kftune.steps.resolve import NEW_DATA, NOTHING_NEW, resolve
 from tests.conftest import subword_texts, with_changes
 

@@ -5,7 +5,8 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from kftune.steps.ingest import DataError, ingest
+from kftune.steps.ingest import ingest
+from kftune.tables import DataError
 from kftune.steps.tokenize import tokenize
 from tests.conftest import ner_sentences, with_changes, write_conll
 

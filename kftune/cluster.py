@@ -1,0 +1,100 @@
+"""Kubeflow Pipelines on a cluster: compile, submit, recurring runs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from kftune.config import ConfigError, KftuneError, Params
+
+PIPELINES = ("training", "retraining")
+DEFAULT_IMAGE = "kftune:0.1.0"
+
+
+class ClusterError(KftuneError):
+    pass
+
+
+def image() -> str:
+    """The component image: KFTUNE_IMAGE (your registry's tag), else the name `make image` builds."""
+    return os.environ.get("KFTUNE_IMAGE") or DEFAULT_IMAGE
+
+
+def pipeline_factory(which: str):
+    if which not in PIPELINES:
+        raise ConfigError(f"pipeline {which!r}: choose one of {', '.join(PIPELINES)}")
+    from pipelines import retraining, training
+
+    return {"training": training, "retraining": retraining}[which].create_pipeline
+
+
+def compile_pipeline(params: Params, out: str | Path, which: str = "training", image_tag: str = "") -> Path:
+    """Write the cluster flavour of a pipeline as KFP IR YAML, every task on `image_tag` (default: image())."""
+    from kfp import compiler
+
+    pipeline = pipeline_factory(which)(params.to_dict(), image=image_tag or image(), cluster=True)
+    compiler.Compiler().compile(pipeline, str(out))
+    return Path(out)
+
+
+def kfp_client(host: str):
+    """A KFP API client; auth from a bearer token in KFTUNE_KFP_TOKEN, if set."""
+    import kfp
+
+    try:
+        return kfp.Client(host=host, existing_token=os.environ.get("KFTUNE_KFP_TOKEN") or None)
+    except Exception as exc:  # kfp checks /healthz on construction; urllib3 raises its own errors
+        raise ClusterError(f"cannot reach Kubeflow Pipelines at {host}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def submit(host: str, params: Params, arguments: dict[str, str], experiment: str = "kftune",
+           which: str = "training", image_tag: str = "") -> str:
+    """Compile a cluster pipeline and start a run on a KFP endpoint (the experiment is created if
+    needed); return the run's URL."""
+    from kftune.tracking import git_commit
+
+    client = kfp_client(host)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", which, image_tag)
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments={"git_commit": git_commit(), **arguments}, experiment_name=experiment,
+            run_name=f"kftune-{which}-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
+
+
+def kfp_cron(cron: str) -> str:
+    """KFP's recurring runs take a 6-field cron with seconds first."""
+    from kftune.schedule import check_cron
+
+    return f"0 {check_cron(cron)}"
+
+
+def schedule_on_cluster(host: str, params: Params, cron: str, arguments: dict[str, str],
+                        experiment: str = "kftune", image_tag: str = "") -> str:
+    """Create a KFP recurring run of the retraining pipeline: max_concurrency=1, no catch-up. Returns its id."""
+    client = kfp_client(host)
+    exp = client.create_experiment(experiment)  # returns the existing one if there is one
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", "retraining", image_tag)
+        job = client.create_recurring_run(
+            experiment_id=exp.experiment_id, job_name=f"kftune-retraining-{params.register.model_name}",
+            cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True, params=arguments,
+            pipeline_package_path=str(package))
+    return job.recurring_run_id
+
+
+def manage_on_cluster(host: str, action: str, recurring_run_id: str = "") -> list[dict]:
+    """list | pause | resume | delete KFP recurring runs."""
+    client = kfp_client(host)
+    if action == "list":
+        runs = client.list_recurring_runs(page_size=100).recurring_runs or []
+        return [{"id": r.recurring_run_id, "name": r.display_name, "status": r.status,
+                 "cron": r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else ""} for r in runs]
+    if not recurring_run_id:
+        raise ClusterError(f"schedule {action} needs the recurring run's id (see `kftune schedule list --host ...`)")
+    {"pause": client.disable_recurring_run, "resume": client.enable_recurring_run,
+     "delete": client.delete_recurring_run}[action](recurring_run_id)
+    return [{"id": recurring_run_id, "action": action}]

@@ -1,0 +1,1 @@
+"""The demo corpus (data) and the drift demo (drift)."""

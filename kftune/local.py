@@ -1,0 +1,166 @@
+"""Local runs: a pre-flight check in-process, then a pipeline through kfp.local in this environment."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from kftune.config import ConfigError, KftuneError, Params
+from kftune.fileio import read_json, single_instance
+
+log = logging.getLogger(__name__)
+
+
+class PipelineFailed(KftuneError):
+    """A pipeline step failed; the message names the step and its root cause, the log file has the rest."""
+
+
+def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str = "") -> dict:
+    """Everything that can fail on bad input, checked in-process before any pipeline step starts.
+
+    Returns the data card the ingest step will produce.
+    """
+    from transformers import AutoConfig
+
+    from kftune.base_models import load_pretrained, resolve_base_model
+    from kftune.data import materialize
+    from kftune.steps.ingest import ingest
+
+    config = load_pretrained(AutoConfig, resolve_base_model(params.model.name))
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and params.finetune.freeze_layers > layers:
+        raise ConfigError(f"finetune.freeze_layers={params.finetune.freeze_layers}: {params.model.name} has only "
+                          f"{layers} layers")
+    with tempfile.TemporaryDirectory() as tmp:
+        local, lineage = materialize(data_path, data_repo, data_rev, tmp)
+        return ingest(local, Path(tmp) / "data", params.ingest, lineage, params.task)
+
+
+def _data_location(data_path: str, project_dir: Path, data_repo: str, data_rev: str) -> tuple[str, str]:
+    """(data_path, data_repo) as the pipeline needs them: a revision reads the project's own git history."""
+    if data_rev and not data_repo:
+        return data_path, str(project_dir)
+    if not data_repo and not str(data_path).startswith("s3://"):
+        return str(Path(data_path).resolve()), data_repo
+    return data_path, data_repo
+
+
+def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = False, **arguments):
+    """Run one pipeline with kfp.local (SubprocessRunner, this Python environment); return (task, report).
+
+    The terminal gets one line per step; kfp.local's full output goes to
+    <project_dir>/local_outputs/<pipeline>-<time>.log. report: per-step wall time and status.
+    """
+    from kfp import local
+
+    from kftune.cluster import pipeline_factory
+    from kftune.console import StepConsole
+    from kftune.tracking import configure, git_commit
+
+    configure(project_dir)
+    outputs = project_dir / "local_outputs"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(outputs), raise_on_error=True)
+    console = StepConsole(outputs / f"{which}-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose)
+    print(f"{which} pipeline (full log: {console.log_path})", flush=True)
+    arguments.update(checkpoint_root=str(project_dir / ".kftune" / "checkpoints"), git_commit=git_commit(project_dir))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(console):
+            warnings.filterwarnings("ignore", message=".*(no effect in the current local runner|non-Python base image)")
+            task = pipeline_factory(which)(params.to_dict())(**arguments)
+    except RuntimeError as exc:
+        raise PipelineFailed(f"step {console.failed_step() or '?'} failed: {console.root_cause() or exc}\n"
+                             f"(full log: {console.log_path})") from None
+    finally:
+        console.close()
+    return task, {"steps": console.steps, "log": str(console.log_path)}
+
+
+def _training_seconds(run_dir: Path) -> float:
+    summary = next(iter(run_dir.glob("finetune-op/model/train_summary.json")), None)
+    return read_json(summary)["train_seconds"] if summary else 0.0
+
+
+def breakdown(report: dict) -> str:
+    """Per step: wall time, and how much of it was training; the share of the run outside training."""
+    rows = [(s["step"], s["seconds"], s["status"]) for s in report["steps"]]
+    total = sum(r[1] for r in rows)
+    train = report.get("train_seconds", 0.0)
+    lines = [f"  {'step':<12}{'wall s':>8}  status"]
+    lines += [f"  {name:<12}{sec:>8.1f}  {status}" + (f" (training {train:.1f} s)" if name == "fine-tune" else "")
+              for name, sec, status in rows]
+    if total:
+        lines.append(f"  {'total':<12}{total:>8.1f}  outside training {total - train:.1f} s "
+                     f"({(total - train) / total:.0%})")
+    return "\n".join(lines)
+
+
+def run_local(data_path: str, params: Params, project_dir: str | Path = ".", data_repo: str = "",
+              data_rev: str = "", verbose: bool = False) -> dict:
+    """Run the training pipeline locally; return the gate's decision (with the step timings as `report`).
+
+    Outputs land in <project_dir>/local_outputs, MLflow in <project_dir>/mlflow.db + mlartifacts
+    unless MLFLOW_TRACKING_URI is set, checkpoints in <project_dir>/.kftune/checkpoints.
+    """
+    project_dir = Path(project_dir).resolve()
+    data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
+    t0 = time.monotonic()
+    card = preflight(data_path, params, data_repo, data_rev)
+    pre = {"step": "pre-flight", "status": "ok", "seconds": time.monotonic() - t0, "summary": ""}
+    task, report = run_pipeline("training", params, project_dir, verbose, data_path=data_path, data_repo=data_repo,
+                                data_rev=data_rev, data_hash=card["sha256"])
+    report["steps"].insert(0, pre)
+    report["run_dir"] = str(Path(task.output.path).parents[1])
+    report["train_seconds"] = _training_seconds(Path(report["run_dir"]))
+    return {**read_json(Path(task.output.path) / "decision.json"), "report": report}
+
+
+def run_retraining_local(params: Params, project_dir: str | Path = ".", data_path: str = "", data_repo: str = "",
+                         data_rev: str = "", force: bool = False, verbose: bool = False) -> dict:
+    """Run the retraining pipeline locally; return what it decided (see `retraining_outcome`).
+
+    Without data_path it reads the project's versioned dataset (kftune.data.DATASET) through DVC.
+    One retraining at a time per project: a second one (manual or scheduled) refuses to start.
+    """
+    from kftune.data import DATASET
+
+    if params.task != "sequence-classification":
+        raise ConfigError(f"task={params.task!r}: the retraining pipeline (drift tests, replay) is built for "
+                          f"sequence-classification; retrain a {params.task} model with `kftune run`")
+    project_dir = Path(project_dir).resolve()
+    with single_instance(project_dir / ".kftune" / "retrain.lock", "retraining run"):
+        if not data_path:
+            data_path, data_repo = DATASET, data_repo or str(project_dir)
+        data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
+        preflight(data_path, params, data_repo, data_rev)
+        task, report = run_pipeline("retraining", params, project_dir, verbose, data_path=data_path,
+                                    data_repo=data_repo, data_rev=data_rev, force=force)
+        card = read_json(Path(task.output.path) / "data_card.json")
+        return {**retraining_outcome(card, params.register.model_name), "report": report}
+
+
+def retraining_outcome(card: dict, model_name: str) -> dict:
+    """One retraining run's record, read back from its MLflow run and the registry."""
+    import mlflow
+
+    from kftune import registry
+
+    run = mlflow.MlflowClient().get_run(card["lineage"]["retrain_run_id"])
+    t = {k.removeprefix("kftune."): v for k, v in run.data.tags.items() if k.startswith("kftune.")}
+    return {"run_id": run.info.run_id, "status": card["status"], "new_rows": card["new_rows"],
+            "drift": t.get("drift", ""), "retrain": t.get("retrain_decision", "skip"),
+            "reason": t.get("retrain_reason", "nothing new since the champion's data"),
+            "challenger_version": t.get("challenger_version", ""), "decision": t.get("decision", ""),
+            "champion": registry.version_by_alias(model_name, registry.CHAMPION) or "",
+            "drift_scores": {k.removeprefix("drift_"): v for k, v in run.data.metrics.items() if k.startswith("drift_")}}
+
+
+def describe_outcome(o: dict) -> str:
+    """One retraining run in one line, as the CLI, the scheduler's log and the demo show it."""
+    challenger = f", challenger v{o['challenger_version']} {o['decision']}" if o["challenger_version"] else ""
+    return (f"{o['status']} ({o['new_rows']} new rows), drift {o['drift'] or '-'}, {o['retrain']}: {o['reason']}"
+            f"{challenger}; champion v{o['champion'] or '-'}")

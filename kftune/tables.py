@@ -1,0 +1,252 @@
+"""Labelled tables: readers (CSV/TSV/JSONL/Parquet, CoNLL, S3), cleaning, the stable hash split, data cards."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from kftune.config import IngestConfig, KftuneError
+from kftune.fileio import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(KftuneError, ValueError):
+    """The input data cannot be used; the message names the file, column or label."""
+
+
+def _bad_byte_line(path: Path, encoding: str) -> int:
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        return raw[: exc.start].count(b"\n") + 1
+    return 0
+
+
+def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
+    kind = READERS[path.suffix.lower()]
+    try:
+        if kind == "parquet":
+            df = pd.read_parquet(path)
+        elif kind == "jsonl":
+            df = pd.read_json(path, lines=True, dtype=False, encoding=cfg.encoding)
+        else:
+            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=cfg.encoding, dtype=str,
+                             keep_default_na=False, quoting=3 if kind == "tsv" else 0)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{_bad_byte_line(path, cfg.encoding)}: not valid {cfg.encoding}; set ingest.encoding "
+                        f"to the file's encoding (e.g. latin-1)") from None
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot be read as {kind}: {exc}") from None
+    for role, col in (("text", cfg.text_column), ("label", cfg.label_column)):
+        if col not in df.columns:
+            raise DataError(f"{path}: no {role} column {col!r} (columns: {', '.join(map(str, df.columns))}); "
+                            f"set ingest.{role}_column")
+    out = df[[cfg.text_column, cfg.label_column]].copy()
+    out.columns = ["text", "label"]
+    labels = out["label"]
+    if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
+        out["label"] = labels.astype("Int64")  # a gap in an int column turns 1 into 1.0; labels stay "1"
+    return out.astype(object).fillna("").astype(str)
+
+
+def _download_s3(uri: str, dest: Path) -> Path:
+    import boto3  # the endpoint comes from AWS_ENDPOINT_URL, credentials from the environment
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    try:
+        s3 = boto3.client("s3")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in READERS]
+        if not keys:
+            raise DataError(f"{uri}: no {'/'.join(READERS)} objects under this prefix")
+        for key in keys:
+            target = dest / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(target))
+    except (BotoCoreError, ClientError) as exc:
+        raise DataError(f"{uri}: cannot read from S3 (endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}): "
+                        f"{exc}") from None
+    return dest
+
+
+def list_files(source: str | Path, suffixes=tuple(READERS), any_single_file: bool = False) -> list[Path]:
+    """The data files behind `source` (a file or a folder), sorted; fail if there are none.
+
+    A folder contributes its files with one of `suffixes`; a single file must have one too, unless
+    `any_single_file` (CoNLL files come as .txt, .annotated, ...).
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file():
+        if not any_single_file and path.suffix.lower() not in suffixes:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(suffixes)})")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise DataError(f"{path}: folder has no {', '.join(suffixes)} files")
+    return files
+
+
+def read_tables(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, list[dict]]:
+    """Read every table under `source` (local path or s3://bucket/prefix) into text/label columns."""
+    remote = str(source).startswith("s3://")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = list_files(_download_s3(source, Path(tmp)) if remote else source)
+        frames = [_read_one(f, cfg) for f in files]
+        bucket = str(source).removeprefix("s3://").partition("/")[0]
+        sources = [{"file": f"s3://{bucket}/{f.relative_to(tmp)}" if remote else str(f),
+                    "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "rows": len(df)}
+                   for f, df in zip(files, frames)]
+    return pd.concat(frames, ignore_index=True), sources
+
+
+def normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def split_settings(cfg: IngestConfig) -> dict:
+    """What decides every row's split; a data version's splits are only comparable under the same settings."""
+    return {"split_salt": cfg.split_salt, "validation_fraction": cfg.validation_fraction,
+            "test_fraction": cfg.test_fraction}
+
+
+def split_of(text: str, salt: str, validation_fraction: float, test_fraction: float) -> str:
+    """Stable split from the text alone, so a text keeps its split as the dataset grows."""
+    digest = hashlib.sha256(f"{salt}\0{text}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + validation_fraction else "train"
+
+
+def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise whitespace; drop empty rows, exact duplicates and texts with conflicting labels."""
+    drops: dict[str, int] = {}
+    df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())
+    empty = (df["text"] == "") | (df["label"] == "")
+    drops["empty"] = int(empty.sum())
+    df = df[~empty]
+    dup = df.duplicated(["text", "label"])
+    drops["duplicate"] = int(dup.sum())
+    df = df[~dup]
+    conflicting = df["text"].duplicated(keep=False)
+    drops["conflicting_labels"] = int(conflicting.sum())
+    return df[~conflicting].reset_index(drop=True), drops
+
+
+def quantiles(values: pd.Series) -> dict[str, float]:
+    q = values.quantile([0.5, 0.9, 0.99])
+    return {"min": int(values.min()), "p50": float(q[0.5]), "p90": float(q[0.9]), "p99": float(q[0.99]),
+            "max": int(values.max())}
+
+
+def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str) -> list[str]:
+    """The label set: ingest.labels if configured (every row must use one), else the sorted labels seen."""
+    if cfg.labels:
+        unknown = Counter(lbl for lbl in df["label"] if lbl not in cfg.labels)
+        if unknown:
+            listed = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
+            raise DataError(f"{source}: column {cfg.label_column!r} has labels outside ingest.labels "
+                            f"{cfg.labels}: {listed}")
+    present = df["label"].nunique()
+    if present < 2:
+        raise DataError(f"{source}: column {cfg.label_column!r} has {present} distinct label(s); need at least 2")
+    return list(cfg.labels) if cfg.labels else sorted(df["label"].unique())
+
+
+def load_rows(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
+    """Read, clean and validate every row under `source`; add each row's split.
+
+    Returns the rows (text, label, split) and what the data card says about reading them.
+    """
+    raw, sources = read_tables(source, cfg)
+    df, drops = clean(raw)
+    if df.empty:
+        raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
+    labels = check_labels(df, cfg, source)
+    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
+    return df, {"sources": sources, "rows_read": len(raw), "dropped": drops, "labels": labels,
+                "split_salt": cfg.split_salt, "split": split_settings(cfg)}
+
+
+def content_sha256(df: pd.DataFrame) -> str:
+    """SHA-256 of the (text, label) pairs, independent of row and file order."""
+    content = hashlib.sha256()
+    for text, label in sorted(zip(df["text"], df["label"])):
+        content.update(f"{text}\t{label}\n".encode())
+    return content.hexdigest()
+
+
+def describe(df: pd.DataFrame) -> dict:
+    """Rows, label distribution and text lengths per split, for the data card."""
+    return {
+        "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "label_distribution": {s: {lbl: int(n) for lbl, n in df[df["split"] == s]["label"].value_counts().items()}
+                               for s in SPLITS},
+        "text_length_chars": quantiles(df["text"].str.len()),
+        "text_length_words": quantiles(df["text"].str.split().str.len()),
+        "sha256": content_sha256(df),
+    }
+
+
+def require_splits(df: pd.DataFrame, source: str) -> None:
+    for name in SPLITS:
+        if not (df["split"] == name).any():
+            hint = ("lower ingest.validation_fraction and ingest.test_fraction" if name == "train"
+                    else f"raise ingest.{name}_fraction")
+            raise DataError(f"{source}: the {name} split is empty with {len(df)} rows; add data or {hint}")
+
+
+def write_dataset(out_dir: str | Path, df: pd.DataFrame, card: dict, extra: dict[str, pd.DataFrame] = {},
+                  columns: tuple[str, ...] = ("text", "label")) -> None:
+    """{split}.parquet from df's split column, any extra tables as {name}.parquet, and data_card.json."""
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            df[df["split"] == name][list(columns)].reset_index(drop=True).to_parquet(tmp / f"{name}.parquet")
+        for name, part in extra.items():
+            part.reset_index(drop=True).to_parquet(tmp / f"{name}.parquet")
+        write_json(tmp / "data_card.json", card)
+
+
+NER_SUFFIXES = (".conll", ".iob", ".iob2", ".bio", ".jsonl", ".json")
+
+
+def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
+    """Token classification: every sentence under `source` (CoNLL or JSONL) as text, tokens, tags and label
+    (the tags joined, so that `clean` can drop duplicates and conflicts); bad lines fail with file:line."""
+    from kftune import ner
+
+    files = list_files(source, NER_SUFFIXES, any_single_file=True)
+    allowed = set(cfg.labels) or None
+    rows, repairs, sources = [], 0, []
+    for f in files:
+        try:
+            sentences = (ner.read_jsonl(f, cfg.encoding) if f.suffix.lower() in (".jsonl", ".json")
+                         else ner.read_conll(f, cfg.conll_tag_column, cfg.encoding))
+            for s in sentences:
+                repairs += ner.check_tags(s, f"{f}:{s.line}", cfg.bio_repair, allowed)
+        except ner.NerDataError as exc:
+            raise DataError(str(exc)) from None
+        except UnicodeDecodeError:
+            raise DataError(f"{f}:{_bad_byte_line(f, cfg.encoding)}: not valid {cfg.encoding}; set ingest.encoding") from None
+        if not sentences:
+            raise DataError(f"{f}: no sentences (expected one token per line, blank lines between sentences)")
+        sources.append({"file": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "rows": len(sentences)})
+        rows += [(" ".join(s.tokens), " ".join(s.tags), s.tokens, s.tags) for s in sentences]
+    df = pd.DataFrame(rows, columns=["text", "label", "tokens", "tags"])
+    return df, {"sources": sources, "bio_repairs": repairs}

@@ -1,0 +1,51 @@
+"""The gate's rule on known numbers: every branch, every reason, and which rule held."""
+
+from kftune.gate import Verdict, rule
+
+
+def v(challenger, baseline, champion=None, challenger_hist=None, champion_hist=None, metric="macro_f1"):
+    return Verdict("hold", "2", metric, challenger, baseline, "1" if champion is not None else "", champion,
+                   challenger_hist, champion_hist)
+
+
+def test_a_first_model_must_beat_the_baseline():
+    ok, why, held = rule(v(0.80, 0.75), 0.0, 0.02)
+    assert ok and not held and "no champion yet: test macro-F1 0.8000 > TF-IDF baseline 0.7500" in why[0]
+    ok, _, held = rule(v(0.75, 0.75), 0.0, 0.02)
+    assert not ok and held == ["baseline"], "must beat the baseline, not tie it"
+
+
+def test_a_challenger_must_beat_the_champion_by_min_delta():
+    ok, why, _ = rule(v(0.805, 0.5, champion=0.80), 0.005, 0.02)
+    assert ok and "0.8050 >= champion 0.8000 + min_delta 0.0050" in why[1]
+    ok, _, held = rule(v(0.804, 0.5, champion=0.80), 0.005, 0.02)
+    assert not ok and held == ["champion"]
+
+
+def test_a_champion_below_the_baseline_is_no_reason_to_keep_it():
+    # the challenger is below the baseline, but the champion it would replace is further below
+    ok, why, held = rule(v(0.776, 0.818, champion=0.692), 0.005, 0.02)
+    assert ok and not held and "the champion (0.6920) is below it too" in why[0]
+    ok, _, held = rule(v(0.80, 0.818, champion=0.83), 0.005, 0.02)
+    assert not ok and held == ["baseline", "champion"], "a champion above the baseline keeps the baseline rule"
+    ok, _, held = rule(v(0.695, 0.818, champion=0.692), 0.005, 0.02)
+    assert not ok and held == ["champion"], "it must still beat the failing champion by min_delta"
+
+
+def test_the_smoke_test_and_an_unscorable_champion_hold():
+    ok, why, held = rule(v(0.99, 0.5), 0.0, 0.02, "OSError: no weights")
+    assert not ok and held == ["smoke-test"] and "smoke test through the registry failed: OSError" in why[-1]
+    ok, why, held = rule(v(0.99, 0.5), 0.0, 0.02, None, champion_error="v1: OSError: gone")
+    assert not ok and held == ["champion-unscorable"] and "could not be scored" in why[0]
+
+
+def test_forgetting_rule():
+    ok, why, _ = rule(v(0.90, 0.6, champion=0.70, challenger_hist=0.885, champion_hist=0.90), 0.005, 0.02)
+    assert ok and "historical test macro-F1 0.8850 vs champion 0.9000: drop 0.0150 <= max_forgetting 0.0200" in why[2]
+    ok, why, held = rule(v(0.90, 0.6, champion=0.70, challenger_hist=0.87, champion_hist=0.90), 0.005, 0.02)
+    assert not ok and held == ["forgetting"] and "drop 0.0300 > max_forgetting" in why[2]
+
+
+def test_entity_f1_names_the_memorization_baseline():
+    _, why, _ = rule(v(0.7, 0.2, metric="entity_f1"), 0.0, 0.02)
+    assert "test entity F1 0.7000 > memorization baseline 0.2000" in why[0]
