@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ROWS ?= 3000
+MODEL ?= kftune-demo
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run demo-drift test test-fast compile clean image image-cuda test-postgres infra-check
+.PHONY: help install dev run demo-drift test test-fast compile clean image image-cuda test-postgres infra-check serve serve-manifest
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +40,12 @@ test: dev ## run the whole test suite
 
 test-fast: dev ## the suite without the slow real-data and pipeline tests
 	$(BIN)/pytest -q -m "not slow and not realdata"
+
+serve: install ## serve the champion of MODEL (default kftune-demo) on 127.0.0.1:8080: KServe V1 + V2 REST, /metrics
+	$(BIN)/kftune serve --model $(MODEL)
+
+serve-manifest: ## render the KServe InferenceService (infra/k8s/serving) with this project's params.yaml
+	kubectl kustomize --load-restrictor LoadRestrictionsNone infra/k8s/serving
 
 compile: install ## compile both pipelines to *.yaml (set KFTUNE_IMAGE for your registry)
 	$(BIN)/kftune compile --pipeline training -o pipeline.yaml

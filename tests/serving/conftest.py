@@ -69,7 +69,8 @@ def free_port() -> int:
 class Server:
     """`kftune serve` in a subprocess on a free loopback port; always stopped by the fixture."""
 
-    def __init__(self, store: Path, model: str, overrides: list[str], env: dict | None = None, log_dir: Path | None = None):
+    def __init__(self, store: Path, model: str, overrides: list[str], env: dict | None = None, log_dir: Path | None = None,
+                 sigint_ignored: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = log_dir or store / f"request-log-{self.port}"
@@ -82,7 +83,9 @@ class Server:
             [sys.executable, "-m", "kftune.serving", "--project-dir", str(store), "serve", "--model", model,
              "--port", str(self.port), "--params", str(ROOT / "params.yaml"), *sets],
             cwd=store, env=full_env, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
-            start_new_session=True)
+            start_new_session=True,
+            # as from a background shell: the server must install its own SIGINT handler
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
 
     def log(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -114,8 +117,8 @@ def start_server(serve_store):
     servers = []
 
     def start(model: str = CLASSIFIER, overrides: list[str] = (), env: dict | None = None, ready: bool = True,
-              log_dir: Path | None = None) -> Server:
-        server = Server(serve_store, model, list(overrides), env, log_dir)
+              log_dir: Path | None = None, sigint_ignored: bool = False) -> Server:
+        server = Server(serve_store, model, list(overrides), env, log_dir, sigint_ignored)
         servers.append(server)
         if ready:
             server.wait_ready()

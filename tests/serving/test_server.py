@@ -2,6 +2,7 @@
 rollback, SIGTERM drain and the request log."""
 
 import json
+import signal
 import threading
 import time
 
@@ -142,8 +143,8 @@ def test_metrics_count_requests_errors_batches_and_predictions(guarded):
         "no request text in the access log"
 
 
-def test_token_classification_spans_with_character_offsets(start_server):
-    server = start_server(TAGGER, ["serve.precision=fp32"])
+def test_token_classification_spans_with_character_offsets_and_sigint_stops_cleanly(start_server):
+    server = start_server(TAGGER, ["serve.precision=fp32"], sigint_ignored=True)
     texts = ["the board said gainoku and lossira dropmek today", ""]
     v1 = requests.post(f"{server.url}/v1/models/{TAGGER}:predict", json={"instances": texts})
     assert v1.status_code == 200, v1.text
@@ -155,6 +156,10 @@ def test_token_classification_spans_with_character_offsets(start_server):
     v2 = requests.post(f"{server.url}/v2/models/{TAGGER}/infer", json=v2_body(texts)).json()
     assert [json.loads(d) for d in v2["outputs"][0]["data"]] == [p["entities"] for p in preds]
     assert requests.get(f"{server.url}/v2/models/{TAGGER}").json()["parameters"]["task"] == "token-classification"
+    assert server.stop(signal.SIGINT) == 0, "SIGINT handled although the process started with it ignored"
+    logged = read_request_log(str(server.log_dir))
+    assert logged["text"].tolist() == texts * 2 and logged["label"].isna().all()
+    assert [json.loads(e) for e in logged["entities"][:2]] == [p["entities"] for p in preds]
 
 
 def _hammer(url: str, stop: threading.Event, results: list, n_threads: int = 4, prefix: str = "c"):
@@ -186,6 +191,7 @@ def _until(predicate, timeout=60, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_hot_swap_and_rollback_under_load_then_sigterm_drains_and_logs_everything(start_server, serve_store):
     server = start_server(CLASSIFIER, ["serve.precision=auto", "serve.agreement_rows=40"])
     url = f"{server.url}/v1/models/{CLASSIFIER}:predict"
