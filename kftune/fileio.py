@@ -34,6 +34,19 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe (OWASP)."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def write_csv(df, path: str | Path) -> None:
+    """A CSV for people and spreadsheets: every text cell made spreadsheet_safe."""
+    df.map(spreadsheet_safe).to_csv(path, index=False)
+
+
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

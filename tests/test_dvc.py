@@ -15,7 +15,7 @@ from kftune.config import load_params
 from kftune.data import DataVersionError, add_batches
 from kftune.local import preflight
 from kftune.tables import DataError
-from tests.conftest import sh
+from tests.conftest import ner_sentences, sh, write_conll
 
 pytestmark = pytest.mark.slow
 def test_data_add_versions_the_dataset_and_old_revisions_stay_readable(project, params):
@@ -97,7 +97,13 @@ def test_dvc_repro_metrics_and_only_affected_stages_rerun(project, params):
     p["evaluate"]["ece_bins"] = 10
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     stale = set(json.loads(sh(project, "dvc", "status", "--json")))
-    assert stale == {"evaluate"}, "changing evaluate.* must not re-run ingest, tokenize or fine-tune"
+    assert stale == {"evaluate", "register"}, "changing evaluate.* must not re-run ingest, tokenize or fine-tune"
+
+    ner_code = (project / "kftune" / "ner.py").read_text()
+    (project / "kftune" / "ner.py").write_text(ner_code + "\n# changed\n")
+    stale = set(json.loads(sh(project, "dvc", "status", "--json")))
+    assert stale == {"ingest", "tokenize", "finetune", "evaluate", "register"}, "every stage that runs ner.py"
+    (project / "kftune" / "ner.py").write_text(ner_code)
 
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
@@ -105,6 +111,22 @@ def test_dvc_repro_metrics_and_only_affected_stages_rerun(project, params):
     diff = sh(project, "dvc", "metrics", "diff", "--all", "--json")
     assert "model.macro_f1" in diff
     sh(project, "dvc", "plots", "diff", "--json")
+
+
+def test_dvc_repro_for_token_classification(project, params):
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["task"] = "token-classification"
+    p["register"]["model_name"] = "tiny-ner"
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (project / "data" / "dataset").mkdir(parents=True)
+    write_conll(project / "data" / "dataset" / "ner.conll", ner_sentences(800))
+    sh(project, "dvc", "repro")
+    metrics = json.loads((project / "work" / "eval" / "metrics.json").read_text())
+    assert metrics["primary"] == "entity_f1" and metrics["model"]["entity_f1"] > 0.6
+    assert {"sentence", "word", "label", "predicted"} <= set(
+        (project / "work" / "eval" / "predictions.csv").read_text().splitlines()[0].split(","))
+    assert json.loads((project / "work" / "gate" / "decision.json").read_text())["metric"] == "entity_f1"
+    assert json.loads(sh(project, "dvc", "status", "--json")) == {}
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kftune.config import EvaluateConfig
-from kftune.fileio import atomic_dir, write_json
+from kftune.fileio import atomic_dir, write_csv, write_json
 from kftune.metrics import classification_metrics, entity_metrics
 from kftune.predict import labels_of, predict_proba_with
 
@@ -110,8 +110,8 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
         write_json(tmp / "confusion_matrix.json", {"labels": labels, "matrix": metrics["model"]["confusion_matrix"]})
         _plot_confusion(metrics["model"]["confusion_matrix"], labels, tmp / "confusion_matrix.png")
         (tmp / "report.md").write_text(render_report(metrics), encoding="utf-8")
-        test.assign(predicted=[labels[i] for i in probs.argmax(1)], confidence=probs.max(1).round(4)).to_csv(
-            tmp / "predictions.csv", index=False)
+        write_csv(test.assign(predicted=[labels[i] for i in probs.argmax(1)], confidence=probs.max(1).round(4)),
+                  tmp / "predictions.csv")
     log.info("evaluate: macro-F1 model %.4f, tfidf %.4f, majority %.4f", metrics["model"]["macro_f1"],
              metrics["baselines"]["tfidf_logreg"]["macro_f1"], metrics["baselines"]["majority"]["macro_f1"])
     return metrics
@@ -121,6 +121,7 @@ def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Pa
                     cfg: EvaluateConfig, bf16: bool = False) -> dict:
     """Token classification: entity-level P/R/F1 (seqeval, strict IOB2) overall and per type, token
     accuracy, for the model and for the memorisation baseline (each word's most frequent training tag)."""
+    from sklearn.metrics import confusion_matrix
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     from kftune.ner import Sentence, memorization_baseline
@@ -141,11 +142,18 @@ def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Pa
     lines += ["", "| type | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {t} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for t, c in metrics["model"]["per_type"].items()]
+    words = pd.DataFrame([(i, w, g, p) for i, (ws, gs, ps) in enumerate(zip(tokens, gold, pred))
+                          for w, g, p in zip(ws, gs, ps)], columns=["sentence", "word", "label", "predicted"])
+    tags = metrics["labels"]
+    matrix = confusion_matrix(words["label"], words["predicted"], labels=tags).tolist()
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
         (tmp / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         pd.DataFrame({"tokens": tokens, "tags": gold, "predicted": pred}).to_json(
             tmp / "predictions.jsonl", orient="records", lines=True)
+        write_csv(words, tmp / "predictions.csv")  # one row per word, for `dvc plots` as for texts
+        write_json(tmp / "confusion_matrix.json", {"labels": tags, "matrix": matrix})
+        _plot_confusion(matrix, tags, tmp / "confusion_matrix.png")
     log.info("evaluate: entity F1 model %.4f, memorization %.4f", metrics["model"]["entity_f1"],
              metrics["baselines"]["memorization"]["entity_f1"])
     return metrics

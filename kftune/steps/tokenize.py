@@ -37,6 +37,22 @@ def word_windows(tok, words: list[str], max_length: int) -> list[tuple[int, int]
     return windows([max(n, 1) for n in per_word], max_length - tok.num_special_tokens_to_add())
 
 
+def truncate(tok, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids truncated to max_length (special tokens included) and every text's untruncated length,
+    from one pass of the tokenizer (the Rust backend: encode once, then truncate and add specials)."""
+    backend = tok.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    specials = tok.num_special_tokens_to_add()
+    full = np.array([len(e.ids) for e in encodings], dtype=int) + specials
+    ids = []
+    for e in encodings:
+        e.truncate(max_length - specials)
+        ids.append(backend.post_processor.process(e).ids if backend.post_processor else e.ids)
+    return ids, full
+
+
 def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], labels: list[str],
                    cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict]:
     """Token classification: windows of whole words, sub-token labels aligned with word_ids().
@@ -97,8 +113,7 @@ def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: To
         for split in SPLITS:
             df = pd.read_parquet(data_dir / f"{split}.parquet")
             texts = df["text"].tolist()
-            full = np.array([len(ids) for ids in tok(texts, truncation=False, verbose=False)["input_ids"]])
-            ids = tok(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+            ids, full = truncate(tok, texts, cfg.max_length)
             pd.DataFrame({"input_ids": ids, "label": df["label"].map(label_id).astype("int64")}).to_parquet(
                 tmp / f"{split}.parquet", index=False)
             truncated = int((full > cfg.max_length).sum())

@@ -23,3 +23,14 @@ def test_truncation_is_applied_and_counted(prepared, params):
     s = stats["splits"]["train"]
     assert s["truncated"] == (full > 8).sum() > 0
     assert s["truncation_rate"] == s["truncated"] / len(full) and s["tokens_max"] == full.max()
+
+
+def test_one_tokenizer_pass_gives_the_ids_and_lengths_of_two(params):
+    from kftune.steps.tokenize import load_tokenizer, truncate
+
+    tok = load_tokenizer(params.model.name)
+    texts = ["the group said gainoku today", "", "word " * 100, "Hé, l'unité — 3.5%!"]
+    ids, full = truncate(tok, texts, 16)
+    assert ids == tok(texts, truncation=True, max_length=16)["input_ids"]
+    assert list(full) == [len(x) for x in tok(texts, truncation=False, verbose=False)["input_ids"]]
+    assert max(len(x) for x in ids) == 16 and full[2] > 100
