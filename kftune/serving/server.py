@@ -32,7 +32,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' s
 
 from kftune.config import ConfigError, ServeConfig
 from kftune.serving.batching import MicroBatcher
-from kftune.serving.model import ServedModel, load_version
+from kftune.serving.model import ServedModel, ServingError, load_version
 from kftune.serving.request_log import RequestLog, records
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,8 @@ def create_app(state: State):
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "request body is JSON nested too deeply") from None
 
     async def predict(request: Request, served: ServedModel, texts: list[str]) -> list[dict]:
         request.state.n_texts, request.state.version = len(texts), served.version
@@ -403,6 +405,18 @@ def create_app(state: State):
     return app
 
 
+def _require_model(name: str) -> None:
+    """Fail before serving when the model name is wrong; a missing alias only delays readiness."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_registered_model(name)
+    except MlflowException as exc:
+        raise ServingError(f"no registered model {name!r} in {mlflow.get_tracking_uri()} ({exc.message[:200]}); "
+                           f"`kftune models list --name NAME` shows what there is") from None
+
+
 def run(name: str, alias: str | None, cfg: ServeConfig, host: str, port: int, version: str | None = None,
         precision: str | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests and flush the log."""
@@ -412,6 +426,7 @@ def run(name: str, alias: str | None, cfg: ServeConfig, host: str, port: int, ve
 
     import torch
 
+    _require_model(name)
     threads = choose_threads(cfg.threads, usable_cores(), cgroup_cpu_limit())
     torch.set_num_threads(int(threads.value))
     state = State(name, alias, cfg, load_tokens(), pinned_version=version, precision=precision)

@@ -100,6 +100,7 @@ def test_malformed_input_never_causes_a_500(guarded):
     url = f"{guarded.url}/v2/models/{CLASSIFIER}/infer"
     cases = [
         (b"{not json", 400), (b"\xff\xfe", 400), (b"", 400), (b"null", 422), (b'"text"', 422),
+        (b"[" * 1000 + b"]" * 1000, 400),  # nested past the recursion limit, within the body limit
         (json.dumps({"inputs": [{"name": "text", "datatype": "FP32", "data": [1.0]}]}).encode(), 422),
         (json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a"]}]}).encode(), 422),
         (json.dumps({"inputs": []}).encode(), 422),
@@ -236,3 +237,13 @@ def test_hot_swap_and_rollback_under_load_then_sigterm_drains_and_logs_everythin
         ("negative", "positive")}
     assert log["probabilities"].map(len).eq(2).all() and log["time"].is_monotonic_increasing
     assert "Traceback" not in server.log()
+
+
+def test_an_unknown_model_fails_at_once_with_a_message(serve_store, monkeypatch, capsys):
+    from kftune.serving.__main__ import main
+    from tests.conftest import ROOT, use_mlflow_store
+
+    use_mlflow_store(serve_store, monkeypatch)
+    assert main(["--project-dir", str(serve_store), "serve", "--model", "no-such-model", "--params",
+                 str(ROOT / "params.yaml")]) == 2
+    assert "no registered model 'no-such-model'" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""S3 (moto's server on 127.0.0.1, the endpoint-URL code path MinIO uses): the request log and batch prediction."""
+
+import pandas as pd
+import pytest
+
+from kftune.config import load_params
+from kftune.serving.batch import predict_file
+from kftune.serving.model import load_version
+from kftune.serving.request_log import RequestLog, read_request_log, records
+from tests.conftest import ROOT, subword_texts, use_mlflow_store
+from tests.serving.conftest import CLASSIFIER
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    import boto3
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    fsspec.filesystem("s3").clear_instance_cache()  # no client for another endpoint left from earlier
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="logs")
+    yield client
+    server.stop()
+
+
+def test_request_log_and_batch_prediction_on_s3(s3, serve_store, monkeypatch):
+    log = RequestLog("s3://logs/serve", max_queue=100, flush_seconds=60, file_rows=2)
+    from kftune.serving.model import ServedModel
+
+    served = ServedModel("m", "1", "sequence-classification", ["neg", "pos"], None, None)
+    answer = {"label": "pos", "probability": 0.7, "probabilities": {"neg": 0.3, "pos": 0.7}}
+    log.append(records("r1", served, ["a", "b", "c"], [answer] * 3))
+    log.close()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="serve/")["Contents"]]
+    assert len(keys) == 2 and all(k.startswith("serve/date=") and k.endswith(".parquet") for k in keys)
+    assert read_request_log("s3://logs/serve")["text"].tolist() == ["a", "b", "c"]
+
+    use_mlflow_store(serve_store, monkeypatch)
+    model = load_version(CLASSIFIER, "1", load_params(ROOT / "params.yaml", ["serve.precision=fp32"]).serve)
+    s3.put_object(Bucket="logs", Key="in/texts.jsonl",
+                  Body=subword_texts(12, seed=4).to_json(orient="records", lines=True).encode())
+    out = predict_file(model, "s3://logs/in/texts.jsonl", "s3://logs/out/predictions.parquet", chunk_rows=5,
+                       progress=False)
+    assert out["rows"] == 12
+    body = s3.get_object(Bucket="logs", Key="out/predictions.parquet")["Body"].read()
+    import io
+
+    got = pd.read_parquet(io.BytesIO(body))
+    assert got["text"].tolist() == subword_texts(12, seed=4)["text"].tolist() and got["model_version"].eq("1").all()
