@@ -152,8 +152,8 @@ def predict_file(served: ServedModel, source: str, output: str, text_column: str
     try:
         for chunk in read_chunks(source, in_fmt, chunk_rows):
             if text_column not in chunk.columns:
-                raise ServingError(f"{source}: no column {text_column!r} (columns: {', '.join(map(str, chunk.columns))});"
-                                   f" pass --text-column")
+                columns = ", ".join(map(str, chunk.columns))
+                raise ServingError(f"{source}: no column {text_column!r} (columns: {columns}); pass --text-column")
             texts = chunk[text_column].tolist()
             bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
             if bad is not None:
@@ -177,5 +177,6 @@ def predict_file(served: ServedModel, source: str, output: str, text_column: str
         writer.close()
         tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    return {"rows": writer.rows, "seconds": round(seconds, 2), "texts_per_s": round(writer.rows / max(seconds, 1e-9), 1),
+    return {"rows": writer.rows, "seconds": round(seconds, 2),
+            "texts_per_s": round(writer.rows / max(seconds, 1e-9), 1),
             "version": served.version, "precision": served.precision, "output": output}

@@ -86,7 +86,8 @@ def held_out_texts(name: str, version: str, limit: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         rows, _ = download_reference(name, version, tmp)
     rows = rows[rows["split"].isin(HELD_OUT)]
-    rows = rows.assign(order=rows["split"].map({s: i for i, s in enumerate(HELD_OUT)})).sort_values("order", kind="stable")
+    order = rows["split"].map({s: i for i, s in enumerate(HELD_OUT)})
+    rows = rows.assign(order=order).sort_values("order", kind="stable")
     return rows["text"].astype(str).head(limit).tolist()
 
 

@@ -111,7 +111,8 @@ def choose_precision(setting: str, measured: dict[str, dict], min_agreement: flo
     ok = {p: m for p, m in measured.items() if m["agreement"] >= min_agreement}
     best = max(ok, key=lambda p: ok[p]["texts_per_s"])
     fp32 = measured["fp32"]["texts_per_s"]
-    numbers = "; ".join(f"{p} {m['texts_per_s']:g} texts/s, agreement {m['agreement']:.4f}" for p, m in measured.items())
+    numbers = "; ".join(f"{p} {m['texts_per_s']:g} texts/s, agreement {m['agreement']:.4f}"
+                        for p, m in measured.items())
     failed = [p for p in measured if p not in ok]
     why = f"fastest with agreement >= {min_agreement:g}: {best} ({ok[best]['texts_per_s'] / fp32:.2f}x fp32)"
     if failed:

@@ -59,7 +59,8 @@ def records(request_id: str, served, texts: list[str], answers: list[dict], at: 
         out.append({"request_id": request_id, "index": i, "time": at, "model": served.name, "version": served.version,
                     "precision": served.precision, "task": served.task, "text": text,
                     "label": None if ner else a["label"], "probability": None if ner else a["probability"],
-                    "labels": served.labels, "probabilities": [] if ner else [a["probabilities"][lbl] for lbl in served.labels],
+                    "labels": served.labels,
+                    "probabilities": [] if ner else [a["probabilities"][lbl] for lbl in served.labels],
                     "entities": json.dumps(a["entities"], ensure_ascii=False) if ner else None})
     return out
 

@@ -32,7 +32,10 @@ from fastapi import Request  # at module level: FastAPI resolves the handlers' s
 
 from kftune.config import ConfigError, ServeConfig
 from kftune.serving.batching import MicroBatcher
+from kftune.serving.metrics import Metrics
 from kftune.serving.model import ServedModel, ServingError, load_version
+from kftune.serving.protocol import (HTTPError, check_texts, texts_from_v1, texts_from_v2, v1_response, v2_metadata,
+                                     v2_response)
 from kftune.serving.request_log import RequestLog, records
 
 log = logging.getLogger(__name__)
@@ -40,12 +43,6 @@ access_log = logging.getLogger("kftune.serving.access")
 
 TOKEN_ENV, TOKEN_FILE_ENV = "KFTUNE_SERVE_TOKEN", "KFTUNE_SERVE_TOKEN_FILE"
 RETRY_POLLS = 10  # a version that failed to load is tried again after this many polls
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def load_tokens(env: dict | None = None) -> list[str]:
@@ -76,111 +73,6 @@ def authorized(header: str | None, tokens: list[str]) -> bool:
     for token in tokens:  # no early exit: the time taken does not tell which token nearly matched
         ok |= hmac.compare_digest(given.strip().encode(), token.encode())
     return ok
-
-
-def texts_from_v1(body) -> list:
-    if not isinstance(body, dict) or "instances" not in body:
-        raise HTTPError(422, 'expected {"instances": [text, ...]} (each a string or {"text": string})')
-    items = body["instances"]
-    if not isinstance(items, list):
-        raise HTTPError(422, '"instances" must be a list')
-    return [i["text"] if isinstance(i, dict) and "text" in i else i for i in items]
-
-
-def texts_from_v2(body) -> list:
-    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
-        raise HTTPError(422, 'expected {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [N], '
-                             '"data": [text, ...]}]} with exactly one input')
-    tensor = body["inputs"][0]
-    if not isinstance(tensor, dict) or tensor.get("datatype") != "BYTES" or not isinstance(tensor.get("data"), list):
-        raise HTTPError(422, 'inputs[0] must have "datatype": "BYTES" and a "data" list of texts')
-    data = tensor["data"]
-    if data and all(isinstance(d, list) and len(d) == 1 for d in data):  # shape [N, 1]
-        data = [d[0] for d in data]
-    shape = tensor.get("shape")
-    if shape is not None and (not isinstance(shape, list) or not shape or shape[0] != len(data)):
-        raise HTTPError(422, f"inputs[0].shape={shape!r} does not match {len(data)} texts in data")
-    return data
-
-
-def check_texts(texts: list, cfg: ServeConfig) -> list[str]:
-    """Every text a string within the limits; the error names the limit and the offending index."""
-    if not texts:
-        raise HTTPError(422, "no texts to predict")
-    if len(texts) > cfg.max_texts:
-        raise HTTPError(413, f"{len(texts)} texts in one request; the limit is serve.max_texts={cfg.max_texts}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise HTTPError(422, f"text {i} is a {type(t).__name__}, expected a string")
-        if len(t) > cfg.max_text_chars:
-            raise HTTPError(422, f"text {i} has {len(t)} characters; the limit is "
-                                 f"serve.max_text_chars={cfg.max_text_chars}")
-    return texts
-
-
-def v1_response(served: ServedModel, answers: list[dict]) -> dict:
-    return {"predictions": [{**a, "model_version": served.version} for a in answers],
-            "model_name": served.name, "model_version": served.version}
-
-
-def v2_response(served: ServedModel, answers: list[dict], request_id: str) -> dict:
-    n = len(answers)
-    if served.task == "token-classification":
-        outputs = [{"name": "entities", "datatype": "BYTES", "shape": [n],
-                    "data": [json.dumps(a["entities"], ensure_ascii=False) for a in answers]}]
-    else:
-        outputs = [
-            {"name": "label", "datatype": "BYTES", "shape": [n], "data": [a["label"] for a in answers]},
-            {"name": "probability", "datatype": "FP32", "shape": [n], "data": [a["probability"] for a in answers]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [n, len(served.labels)],
-             "data": [a["probabilities"][lbl] for a in answers for lbl in served.labels]},
-        ]
-    return {"model_name": served.name, "model_version": served.version, "id": request_id, "outputs": outputs,
-            "parameters": {"labels": served.labels, "precision": served.precision}}
-
-
-def v2_metadata(served: ServedModel) -> dict:
-    outputs = ([{"name": "entities", "datatype": "BYTES", "shape": [-1]}] if served.task == "token-classification" else
-               [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                {"name": "probability", "datatype": "FP32", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(served.labels)]}])
-    return {"name": served.name, "versions": [served.version], "platform": "pytorch_transformers",
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs,
-            "parameters": {"task": served.task, "labels": served.labels, "precision": served.precision,
-                           "precision_reason": served.precision_reason}}
-
-
-class Metrics:
-    """Prometheus series of one server (own registry, so tests can run several apps in one process)."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("kftune_serve_requests", "HTTP requests by route and status code",
-                                ["route", "code"], registry=r)
-        self.errors = Counter("kftune_serve_request_errors", "HTTP requests answered with a 4xx or 5xx code",
-                              ["route", "code"], registry=r)
-        self.latency = Histogram("kftune_serve_request_duration_seconds", "Request latency", ["route"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.batch = Histogram("kftune_serve_batch_texts", "Texts per micro-batch sent to the model", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.predictions = Counter("kftune_serve_predictions", "Predicted labels (token classification: entities "
-                                   "by type)", ["label"], registry=r)
-        self.model = Gauge("kftune_serve_model_info", "1 for the version and precision being served", 
-                           ["model", "version", "precision"], registry=r)
-        self.ready = Gauge("kftune_serve_ready", "1 when a warm version is serving", registry=r)
-        self.swaps = Counter("kftune_serve_model_swaps", "Versions swapped in after the alias moved", registry=r)
-        self.load_failures = Counter("kftune_serve_model_load_failures", "Versions that failed to load", registry=r)
-        self.log_dropped = Counter("kftune_serve_request_log_dropped", "Predictions not written to the request log",
-                                   registry=r)
-
-    def serving(self, old: ServedModel | None, new: ServedModel) -> None:
-        if old is not None:
-            with contextlib.suppress(KeyError):
-                self.model.remove(old.name, old.version, old.precision)
-        self.model.labels(new.name, new.version, new.precision).set(1)
-        self.ready.set(1)
 
 
 @dataclass

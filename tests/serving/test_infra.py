@@ -38,8 +38,7 @@ def test_inference_service_renders_and_its_pod_validates(docs):
 
 
 def test_the_container_runs_kftune_serve_with_the_projects_params(docs):
-    from kftune.serving.__main__ import main  # noqa: F401 - the module the command runs
-    from kftune.cli import build_parser
+    from kftune.serving.__main__ import build_parser  # what `python -m kftune.serving` parses
 
     predictor = docs["InferenceService"]["spec"]["predictor"]
     (c,) = predictor["containers"]
