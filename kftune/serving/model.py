@@ -107,13 +107,16 @@ def machine() -> str:
     return f"{model} ({', '.join(flags) or 'no AVX-512/bf16 flags'}), {len(os.sched_getaffinity(0))} cores"
 
 
-def _record(name: str, version: str, served: ServedModel, skipped: list[str]) -> None:
-    """Tag the version with what was measured and chosen; a read-only registry only costs a warning."""
+def record_precisions(name: str, version: str, precision: str, reason: str, measured: dict,
+                      skipped: list[str] = ()) -> None:
+    """Tag a version with each measured precision's agreement and texts/s and the choice with its reason.
+
+    Best effort: a read-only registry costs a warning, not the caller's work (serving or registering).
+    """
     import mlflow
 
-    tags = {f"{TAG}precision": served.precision, f"{TAG}precision_reason": served.precision_reason,
-            f"{TAG}measured_on": machine()}
-    for p, m in served.measured.items():
+    tags = {f"{TAG}precision": precision, f"{TAG}precision_reason": reason, f"{TAG}measured_on": machine()}
+    for p, m in measured.items():
         tags[f"{TAG}agreement_{p}"] = f"{m['agreement']:.4f}"
         tags[f"{TAG}texts_per_s_{p}"] = f"{m['texts_per_s']:g}"
     if skipped:
@@ -176,6 +179,6 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)
     log.info("%s v%s ready: %s at %s (%s)", name, version, task, served.precision, served.precision_reason)
     if setting == "auto":
-        _record(name, str(version), served, skipped)
+        record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped)
     return served
 
