@@ -39,7 +39,7 @@ def champion_f1(params: Params, rows) -> float | None:
     """Macro-F1 of the current champion on labelled rows, or None without a champion."""
     from kftune import registry
     from kftune.demo.data import LABELS
-    from kftune.steps.register import score_version
+    from kftune.gate import score_version
 
     name = params.register.model_name
     version = registry.version_by_alias(name, registry.CHAMPION)
@@ -56,8 +56,9 @@ def held_out(path: Path, params: Params):
     return df[df["split"] == "test"]
 
 
-def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print) -> list[dict]:
-    """Feed BATCHES through `kftune data add` + the retraining pipeline; return (and print) the timeline."""
+def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print, batches=BATCHES) -> list[dict]:
+    """Feed `batches` ((number, drift) pairs) through `kftune data add` + the retraining pipeline; return (and
+    print) the timeline."""
     from kftune.data import add_batches
     from kftune.demo.data import write_batch
     from kftune.local import describe_outcome, run_retraining_local
@@ -70,7 +71,7 @@ def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print) -
     configure(workdir)
     echo(f"demo project: {workdir} (git + DVC, MLflow in mlflow.db); settings: {' '.join(OVERRIDES)}")
     timeline = []
-    for batch, drift in BATCHES:
+    for batch, drift in batches:
         path = write_batch(workdir.parent / f"{workdir.name}-incoming", batch, rows, drift=drift)
         added = add_batches([str(path)], workdir, params.ingest, tag=f"batch-{batch}")
         test = held_out(path, params)
