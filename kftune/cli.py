@@ -179,6 +179,19 @@ def cmd_models(args) -> int:
 
     configure(args.project_dir)
     name = args.name or _params(args).register.model_name
+    if args.action == "check":
+        problems = registry.check(name)
+        for p in problems:
+            print(f"{name}: {p}")
+        if problems and args.repair:
+            for done in registry.reconcile(name):
+                print(f"{name}: repaired: {done}")
+            problems = registry.check(name)
+        print(f"{name}: consistent" if not problems else f"{name}: {len(problems)} problem(s); "
+              f"`kftune models check --repair` fixes what can be fixed")
+        return 1 if problems else 0
+    for done in registry.reconcile(name):  # a move a killed process left half done, or one made outside kftune
+        print(f"{name}: {done}", file=sys.stderr)
     if args.action == "list":
         _print_versions(name)
     elif args.action == "promote":
@@ -302,13 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_step)
 
-    p = sub.add_parser("models", help="the MLflow registry: list, show, promote, rollback, history")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history"])
+    p = sub.add_parser("models", help="the MLflow registry: list, show, promote, rollback, history, check")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history", "check"])
     p.add_argument("version", nargs="?", help="version to show or promote")
     p.add_argument("--name", help="registered model (default: register.model_name in params)")
     p.add_argument("--reason", help="why (required for promote and rollback; recorded in the history)")
     p.add_argument("--force", action="store_true",
                    help="promote: approve even if the champion moved since this version was gated")
+    p.add_argument("--repair", action="store_true", help="check: finish interrupted moves, record outside moves")
     _add_params_args(p)
     p.set_defaults(func=cmd_models)
 

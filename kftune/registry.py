@@ -6,10 +6,14 @@ registry lives (sqlite locally, PostgreSQL on a cluster) and concurrent writers 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import json
 import os
+import random
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 from kftune.config import KftuneError
@@ -59,27 +63,196 @@ class Event:
     time: float
 
 
-def record(action: str, name: str, from_version, to_version, reason: str, who: str | None = None) -> Event:
+def record(action: str, name: str, from_version, to_version, reason: str, who: str | None = None,
+           intent_id: str = "") -> Event:
     event = Event(action, name, str(from_version) if from_version else None,
                   str(to_version) if to_version else None, reason, who or actor(), time.time())
+    tags = {f"{TAG}{k}": str(v)[:5000] for k, v in vars(event).items() if v is not None}
+    if intent_id:
+        tags[f"{TAG}intent_id"] = intent_id
     client = _client()
-    run = client.create_run(history_experiment(name), run_name=f"{action} {event.to_version or ''}".strip(),
-                            tags={f"{TAG}{k}": str(v)[:5000] for k, v in vars(event).items() if v is not None})
+    run = client.create_run(history_experiment(name), run_name=f"{action} {event.to_version or ''}".strip(), tags=tags)
     client.set_terminated(run.info.run_id)
     return event
 
 
 def history(name: str) -> list[Event]:
+    return [e for e, _ in _history_runs(name)]
+
+
+def _history_runs(name: str) -> list[tuple[Event, str]]:
     from mlflow.entities import ViewType
 
     runs = _client().search_runs([history_experiment(name)], run_view_type=ViewType.ACTIVE_ONLY,
                                  order_by=["attributes.start_time ASC"], max_results=10000)
-    events = []
+    out = []
     for run in runs:
         t = {k.removeprefix(TAG): v for k, v in run.data.tags.items() if k.startswith(TAG)}
-        events.append(Event(t["action"], t["model"], t.get("from_version"), t.get("to_version"), t["reason"],
-                            t["actor"], float(t["time"])))
-    return sorted(events, key=lambda e: e.time)
+        out.append((Event(t["action"], t["model"], t.get("from_version"), t.get("to_version"), t["reason"],
+                          t["actor"], float(t["time"])), t.get("intent_id", "")))
+    return sorted(out, key=lambda pair: pair[0].time)
+
+
+# --- serialised, crash-consistent alias moves ---------------------------------------------------
+#
+# Every move of `champion` (promote, approve, rollback) runs under a lease and between an intent
+# and its completion. The lease is a registered model `kftune-lease.<name>`: a registered model
+# name can exist only once in every MLflow store (sqlite, PostgreSQL, through a tracking server),
+# so creating it is an atomic test-and-set that needs nothing but the registry itself. The intent
+# (a tag on the registered model) says what the move is; every command that touches the registry
+# first finishes an intent left by a killed process, so aliases, tags and history always agree.
+
+LEASE_PREFIX, INTENT = "kftune-lease.", f"{TAG}intent"
+LEASE_WAIT_S, LEASE_STALE_S = 30.0, 120.0
+
+
+def _fault(point: str) -> None:
+    """Tests kill the process between two registry writes: KFTUNE_FAULT=<point>."""
+    if os.environ.get("KFTUNE_FAULT") == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _holder_gone(tags: dict) -> bool:
+    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+        try:
+            os.kill(int(tags["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return time.time() - float(tags.get("since", "0")) > LEASE_STALE_S
+
+
+@contextlib.contextmanager
+def lease(name: str):
+    """Hold the registry lease of `name` while the block runs (waits up to LEASE_WAIT_S)."""
+    from mlflow.exceptions import MlflowException
+
+    client, lock = _client(), f"{LEASE_PREFIX}{name}"
+    deadline = time.monotonic() + LEASE_WAIT_S
+    while True:
+        try:
+            client.create_registered_model(lock, description=f"kftune: held while {name}'s champion moves",
+                                           tags={"host": socket.gethostname(), "pid": str(os.getpid()),
+                                                 "actor": actor(), "since": str(time.time())})
+            break
+        except MlflowException:
+            try:
+                holder = client.get_registered_model(lock).tags
+            except MlflowException:
+                continue  # released in between: try again
+            if _holder_gone(holder):
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise RegistryError(f"{name}: another promotion holds the registry lease ({holder.get('actor')}, "
+                                    f"pid {holder.get('pid')} on {holder.get('host')}); try again") from None
+            time.sleep(0.05 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+def _intent(name: str) -> dict | None:
+    tags = _client().get_registered_model(name).tags
+    return json.loads(tags[INTENT]) if INTENT in tags else None
+
+
+def _apply(name: str, intent: dict) -> Event:
+    """Carry out an intent; every write is idempotent, so a half-done one is simply done again."""
+    client, to, old = _client(), intent["to"], intent["from"]
+    client.set_registered_model_alias(name, CHAMPION, to)
+    _fault("champion")
+    if intent["action"] == "promote":
+        if old:
+            client.set_registered_model_alias(name, PREVIOUS, old)
+        _fault("previous")
+        client.set_model_version_tag(name, to, f"{TAG}decision", "promoted")
+        client.set_model_version_tag(name, to, f"{TAG}promoted_by", intent["actor"])
+    else:  # rollback
+        with contextlib.suppress(Exception):
+            client.delete_registered_model_alias(name, PREVIOUS)
+        _fault("previous")
+        if old:
+            client.set_model_version_tag(name, old, f"{TAG}decision", "rolled-back")
+    _fault("tags")
+    done = [e for e, iid in _history_runs(name) if iid == intent["id"]]
+    event = done[0] if done else record(intent["action"], name, old, to, intent["reason"], intent["actor"],
+                                        intent["id"])
+    _fault("history")
+    client.delete_registered_model_tag(name, INTENT)
+    return event
+
+
+def _move(name: str, action: str, to: str, old: str, reason: str, who: str | None) -> Event:
+    intent = {"id": uuid.uuid4().hex, "action": action, "to": str(to), "from": str(old or ""), "reason": reason,
+              "actor": who or actor(), "time": time.time()}
+    _client().set_registered_model_tag(name, INTENT, json.dumps(intent))
+    _fault("intent")
+    return _apply(name, intent)
+
+
+def reconcile(name: str) -> list[str]:
+    """Finish a move a killed process left half done, and adopt an alias moved outside kftune (recording
+    it in the history). Returns what was done; nothing to do for a model not registered yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().get_registered_model(name)
+    except MlflowException:
+        return []
+    with lease(name):
+        return _reconcile(name)
+
+
+def _reconcile(name: str) -> list[str]:
+    done = []
+    if intent := _intent(name):
+        event = _apply(name, dict(intent, reason=intent["reason"] + " (completed after an interruption)"))
+        done.append(f"finished an interrupted {event.action}: v{event.from_version or '-'} -> v{event.to_version}")
+    if moved := _outside_move(name):
+        if moved[1]:
+            _client().set_model_version_tag(name, moved[1], f"{TAG}decision", "promoted")
+            _client().set_model_version_tag(name, moved[1], f"{TAG}promoted_by", "outside kftune")
+        record("moved-outside-kftune", name, moved[0], moved[1], "the champion alias was moved outside kftune "
+               "(MLflow UI or API); adopted as it is", "unknown (outside kftune)")
+        done.append(f"champion moved outside kftune: v{moved[0] or '-'} -> v{moved[1] or '-'}; recorded")
+    return done
+
+
+def _outside_move(name: str) -> tuple[str, str] | None:
+    """(expected, actual) champion when the alias disagrees with the history's last move."""
+    moves = [e for e in history(name) if e.action in ("promote", "rollback", "moved-outside-kftune")]
+    expected = moves[-1].to_version or "" if moves else ""
+    actual = version_by_alias(name, CHAMPION) or ""
+    return (expected, actual) if expected != actual else None
+
+
+def check(name: str) -> list[str]:
+    """Every disagreement between aliases, version tags and the history (empty: consistent)."""
+    problems = []
+    if intent := _intent(name):
+        problems.append(f"an unfinished {intent['action']} v{intent['from'] or '-'} -> v{intent['to']} "
+                        f"by {intent['actor']}")
+    if moved := _outside_move(name):
+        problems.append(f"champion is v{moved[1] or '-'} but the history's last move is to v{moved[0] or '-'} "
+                        f"(moved outside kftune?)")
+    champion = version_by_alias(name, CHAMPION)
+    if champion and not intent:
+        decision = _client().get_model_version(name, champion).tags.get(f"{TAG}decision")
+        if decision != "promoted":
+            problems.append(f"champion v{champion} is tagged decision={decision!r}, not 'promoted'")
+        last = [e for e in history(name) if e.action in ("promote", "rollback")]
+        previous = version_by_alias(name, PREVIOUS) or ""
+        if last and last[-1].action == "promote" and (last[-1].from_version or "") != previous:
+            problems.append(f"previous-champion is v{previous or '-'} but the last promotion came from "
+                            f"v{last[-1].from_version or '-'}")
+    return problems
 
 
 def promote(name: str, version: str, reason: str, who: str | None = None, expected_champion: str | None = "any"):
@@ -91,35 +264,27 @@ def promote(name: str, version: str, reason: str, who: str | None = None, expect
     """
     client = _client()
     client.get_model_version(name, str(version))  # raises with MLflow's message if it does not exist
-    current_v = version_by_alias(name, CHAMPION) or ""
-    if expected_champion != "any" and str(expected_champion or "") != str(current_v):
-        why = (f"champion moved from v{expected_champion or 'none'} to v{current_v} since the gate ran; "
-               f"re-run the gate against the new champion")
-        record("refuse", name, current_v, version, why, who)
-        raise RegistryError(why)
-    if str(current_v) == str(version):
-        raise RegistryError(f"{name} v{version} is already the champion")
-    # champion first: if anything after it fails, users still get the promoted model.
-    # Two promotions racing between the check above and this line are not prevented.
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    if current_v:
-        client.set_registered_model_alias(name, PREVIOUS, current_v)
-    client.set_model_version_tag(name, str(version), f"{TAG}decision", "promoted")
-    client.set_model_version_tag(name, str(version), f"{TAG}promoted_by", who or actor())
-    return record("promote", name, current_v, version, reason, who)
+    with lease(name):
+        _reconcile(name)
+        current = version_by_alias(name, CHAMPION) or ""
+        if expected_champion != "any" and str(expected_champion or "") != current:
+            why = (f"champion moved: was v{expected_champion or 'none'} when the gate ran, now v{current or 'none'}; "
+                   f"re-run the gate against the new champion")
+            record("refuse", name, current, version, why, who)
+            raise RegistryError(why)
+        if current == str(version):
+            raise RegistryError(f"{name} v{version} is already the champion")
+        return _move(name, "promote", str(version), current, reason, who)
 
 
 def rollback(name: str, reason: str, who: str | None = None) -> Event:
     """Point champion back at previous-champion; the demoted version is tagged rolled-back."""
-    client = _client()
-    current, previous = version_by_alias(name, CHAMPION), version_by_alias(name, PREVIOUS)
-    if previous is None:
-        raise RegistryError(f"{name} has no {PREVIOUS} to roll back to; use `kftune models promote VERSION`")
-    client.set_registered_model_alias(name, CHAMPION, previous)
-    client.delete_registered_model_alias(name, PREVIOUS)
-    if current:
-        client.set_model_version_tag(name, current, f"{TAG}decision", "rolled-back")
-    return record("rollback", name, current, previous, reason, who)
+    with lease(name):
+        _reconcile(name)
+        current, previous = version_by_alias(name, CHAMPION), version_by_alias(name, PREVIOUS)
+        if previous is None:
+            raise RegistryError(f"{name} has no {PREVIOUS} to roll back to; use `kftune models promote VERSION`")
+        return _move(name, "rollback", previous, current or "", reason, who)
 
 
 def list_versions(name: str) -> list[dict]:

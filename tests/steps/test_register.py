@@ -63,6 +63,6 @@ def test_promotion_refuses_when_the_champion_moved_since_the_gate(prepared, para
     name = params.register.model_name
     _, d1 = train_and_register(prepared, params, "first")
     registry.promote(name, d1.version, "gate", expected_champion="")
-    with pytest.raises(registry.RegistryError, match="champion moved from vnone to v1"):
+    with pytest.raises(registry.RegistryError, match="champion moved: was vnone when the gate ran, now v1"):
         registry.promote(name, d1.version, "stale gate", expected_champion="")
     assert registry.history(name)[-1].action == "refuse"

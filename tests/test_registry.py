@@ -1,0 +1,118 @@
+"""The registry never tells a lie: racing promotions, kills between registry writes, moves outside kftune.
+
+Real processes on a real sqlite store; model versions without weights (the registry does not load them).
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from kftune import registry
+
+pytestmark = pytest.mark.slow  # real processes: about a minute on 2 idle cores
+
+NAME = "race-test"
+
+
+@pytest.fixture
+def store(mlflow_store):
+    client = MlflowClient()
+    client.create_registered_model(NAME)
+    for _ in range(6):
+        client.create_model_version(NAME, source="file:///nonexistent", run_id=None)
+    registry.promote(NAME, "1", "first champion", expected_champion="")
+    return mlflow_store
+
+
+def _in_subprocess(code: str, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"from kftune import registry\n{code}"],
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _consistent() -> None:
+    assert registry.check(NAME) == []
+    moves = [e for e in registry.history(NAME) if e.action in ("promote", "rollback")]
+    assert moves[-1].to_version == registry.version_by_alias(NAME, registry.CHAMPION)
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_racing_promotions_one_wins_the_others_are_refused(store, tmp_path, trial):
+    champion = registry.version_by_alias(NAME, registry.CHAMPION)
+    go = tmp_path / f"go-{trial}"
+    code = ("import pathlib, sys, time\n"
+            f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            "try:\n"
+            f"    registry.promote({NAME!r}, sys.argv[1], 'race', expected_champion={champion!r})\n"
+            "    print('won')\n"
+            "except registry.RegistryError as e:\n"
+            "    print('refused:', e)\n")
+    versions = [v for v in ("2", "3", "4", "5") if v != champion][:4]
+    procs = [subprocess.Popen([sys.executable, "-c", f"from kftune import registry\n{code}", v], env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in versions]
+    time.sleep(3)  # every process imported mlflow and waits
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    won = [v for v, (out, _) in zip(versions, outs) if out.startswith("won")]
+    assert len(won) == 1, outs
+    refused = [out for out, _ in outs if out.startswith("refused")]
+    assert len(refused) == len(versions) - 1
+    assert all(f"champion moved: was v{champion} when the gate ran, now v{won[0]}" in r for r in refused)
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == won[0]
+    assert registry.version_by_alias(NAME, registry.PREVIOUS) == champion
+    events = registry.history(NAME)
+    assert [e.to_version for e in events if e.action == "promote"][-1] == won[0]
+    assert sum(e.action == "refuse" for e in events) == len(versions) - 1
+    _consistent()
+
+
+@pytest.mark.parametrize("point", ["intent", "champion", "previous", "tags", "history"])
+def test_a_kill_between_registry_writes_is_reconciled_by_the_next_command(store, point):
+    p = _in_subprocess(f"registry.promote({NAME!r}, '2', 'killed midway', expected_champion='1')", KFTUNE_FAULT=point)
+    p.communicate(timeout=120)
+    assert p.returncode == -9, "the fault point killed the process"
+    assert registry.check(NAME), "a half-done promotion is reported"
+    done = registry.reconcile(NAME)
+    assert done and "finished an interrupted promote: v1 -> v2" in done[0]
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "2"
+    assert registry.version_by_alias(NAME, registry.PREVIOUS) == "1"
+    assert [e.to_version for e in registry.history(NAME) if e.action == "promote"] == ["1", "2"], "one event each"
+    _consistent()
+    registry.rollback(NAME, "and back")  # the next move works as usual
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "1"
+    _consistent()
+
+
+def test_a_dead_lease_holder_does_not_block(store):
+    p = _in_subprocess(f"registry.promote({NAME!r}, '2', 'dies holding the lease')", KFTUNE_FAULT="champion")
+    p.communicate(timeout=120)
+    assert MlflowClient().get_registered_model(f"{registry.LEASE_PREFIX}{NAME}"), "the lease was left behind"
+    registry.promote(NAME, "3", "next one")
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "3"
+    assert registry.version_by_alias(NAME, registry.PREVIOUS) == "2", "the interrupted promotion was finished first"
+    _consistent()
+
+
+def test_an_alias_moved_outside_kftune_is_detected_and_recorded(store):
+    MlflowClient().set_registered_model_alias(NAME, registry.CHAMPION, "4")  # MLflow UI's alias editor
+    assert any("moved outside kftune" in p for p in registry.check(NAME))
+    assert "champion moved outside kftune: v1 -> v4; recorded" in registry.reconcile(NAME)
+    assert registry.history(NAME)[-1].action == "moved-outside-kftune"
+    assert registry.check(NAME) == []
+    assert MlflowClient().get_model_version(NAME, "4").tags["kftune.promoted_by"] == "outside kftune"
+
+
+def test_models_check_reports_and_repairs(store, capsys):
+    from kftune.cli import main
+
+    p = _in_subprocess(f"registry.promote({NAME!r}, '2', 'killed')", KFTUNE_FAULT="previous")
+    p.communicate(timeout=120)
+    assert main(["models", "check", "--name", NAME]) == 1
+    assert "an unfinished promote v1 -> v2" in capsys.readouterr().out
+    assert main(["models", "check", "--name", NAME, "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "repaired: finished an interrupted promote: v1 -> v2" in out and f"{NAME}: consistent" in out
