@@ -51,6 +51,8 @@ class IngestConfig:
     conll_tag_column: int = _doc("Token classification, CoNLL files: 0-based column holding the tag (-1: the last).")
     bio_repair: bool = _doc("Token classification: turn an I-X that does not continue an X entity into B-X (and "
                             "count it) instead of failing.")
+    mask_pii: bool = _doc("Replace e-mail addresses, phone numbers, payment cards, IBANs, IP addresses and URLs in "
+                          "the texts with typed placeholders (<EMAIL>, ...) as they are read (kftune/pii.py).")
 
     def problems(self) -> list[str]:
         out = []
@@ -258,6 +260,11 @@ class ServeConfig:
                                     "traffic.")
     log_file_rows: int = _doc("Request log: most predictions per Parquet file.")
     drain_seconds: float = _doc("On SIGTERM/SIGINT: how long in-flight requests may take to finish.")
+    log_mask_pii: bool = _doc("Request log: mask PII in the texts (typed placeholders, kftune/pii.py) before they "
+                              "are written; the model still sees the original text.")
+    trust_client_time: bool = _doc("Record a request's X-Kftune-Time header (Unix seconds) as its time in the request "
+                                   "log instead of the clock: for replaying traffic (make demo-loop), never for "
+                                   "clients you do not control.")
 
     def problems(self) -> list[str]:
         out = [f"serve.{k}={getattr(self, k)!r}: must be > 0" for k in
@@ -269,6 +276,114 @@ class ServeConfig:
             out.append(f"serve.precision={self.precision!r}: must be one of {', '.join(SERVE_PRECISIONS)}")
         if not 0 < self.min_agreement <= 1:
             out.append(f"serve.min_agreement={self.min_agreement!r}: must be in (0, 1]")
+        return out
+
+
+ALERT_KINDS = {  # kind -> the keys a rule of that kind needs besides name, kind, window, min_requests
+    "label_share": ("label", "max_share"), "label_shift": ("max_points",), "confidence": ("max_drop",),
+    "volume": (), "drift": (), "live_quality": ("max_gap",)}
+ALERT_SINKS = ("log", "webhook", "mlflow")
+_WINDOW = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
+
+
+def window_seconds(text: str) -> float | None:
+    """"90s", "30m", "1h", "2d" -> seconds (None if not such a duration)."""
+    m = _WINDOW.fullmatch(str(text).strip())
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)] if m else None
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """One parsed `monitor.rules` entry; a rule fails (fires) when its condition holds over its window."""
+
+    name: str
+    kind: str
+    window: float  # seconds
+    min_requests: int  # fewer predictions in the window: the rule cannot be judged and keeps its state
+    label: str = ""
+    max_share: float = 0.0
+    max_points: float = 0.0
+    max_drop: float = 0.0
+    max_gap: float = 0.0
+
+
+def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
+    out, problems = [], []
+    for i, r in enumerate(rules):
+        key = f"monitor.rules[{i}]"
+        kind = r.get("kind")
+        if kind not in ALERT_KINDS:
+            problems.append(f"{key}.kind={kind!r}: must be one of {', '.join(ALERT_KINDS)}")
+            continue
+        needed = ("name", "kind", "window", "min_requests", *ALERT_KINDS[kind])
+        missing = [k for k in needed if k not in r]
+        extra = sorted(set(r) - set(needed))
+        problems += [f"{key}.{k}: missing (a {kind} rule needs {', '.join(needed)})" for k in missing]
+        problems += [f"{key}.{k}: unknown key for a {kind} rule (keys: {', '.join(needed)})" for k in extra]
+        if missing or extra:
+            continue
+        seconds = window_seconds(r["window"])
+        if seconds is None or seconds <= 0:
+            problems.append(f"{key}.window={r['window']!r}: not a duration like 90s, 30m, 1h or 2d")
+        bad = [k for k in ("min_requests", *ALERT_KINDS[kind]) if k != "label" and
+               (isinstance(r[k], bool) or not isinstance(r[k], (int, float)) or r[k] < 0)]
+        problems += [f"{key}.{k}={r[k]!r}: must be a number >= 0" for k in bad]
+        if kind == "label_share" and not bad and not 0 < r["max_share"] < 1:
+            problems.append(f"{key}.max_share={r['max_share']!r}: must be in (0, 1)")
+        if seconds and not bad:
+            out.append(AlertRule(str(r["name"]), kind, seconds, int(r["min_requests"]),
+                                 **{k: (str(r[k]) if k == "label" else float(r[k])) for k in ALERT_KINDS[kind]}))
+    names = [r.get("name") for r in rules]
+    problems += [f"monitor.rules: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    return out, problems
+
+
+@dataclass
+class MonitorConfig:
+    experiment: str = _doc("MLflow experiment where every `kftune monitor` check is one run (metrics over time, "
+                           "report, alerts).")
+    min_requests: int = _doc("Predictions of the champion since the last watermark needed before the drift tests "
+                             "run on them; fewer wait for the next check.")
+    rules: list[dict] = _doc("Alert rules, each {name, kind, window, min_requests, ...}: kind label_share (label, "
+                             "max_share), label_shift (max_points), confidence (max_drop), volume, drift, "
+                             "live_quality (max_gap). See README, Monitoring and feedback.")
+    sinks: list[str] = _doc(f"Where an alert goes when it fires and when it resolves: {', '.join(ALERT_SINKS)}.")
+    webhook_url: str = _doc("Webhook sink: URL that receives each alert as a JSON POST (empty: no webhook).")
+    webhook_retries: int = _doc("Webhook sink: attempts after the first before an alert is logged as undelivered.")
+    webhook_backoff_seconds: float = _doc("Webhook sink: wait before the first retry; doubled after each.")
+    webhook_timeout_seconds: float = _doc("Webhook sink: timeout of one POST.")
+    queue_random_share: float = _doc("`kftune label queue`: share drawn uniformly at random from the traffic, the "
+                                     "only part that estimates live accuracy without bias.")
+    queue_drift_share: float = _doc("`kftune label queue`: share drawn from the region the drift tests point at "
+                                    "(texts with the most words unseen in the champion's training data); the rest "
+                                    "are the least confident predictions.")
+    queue_seed: int = _doc("Seed of the labelling queue's random sample.")
+    confidence_level: float = _doc("Confidence level of the live accuracy and macro-F1 intervals.")
+    history: int = _doc("Checks kept in the monitor's state file for the report's time series.")
+
+    def parsed_rules(self) -> list[AlertRule]:
+        return parse_rules(self.rules)[0]
+
+    def problems(self) -> list[str]:
+        out = parse_rules(self.rules)[1]
+        out += [f"monitor.sinks: unknown sink {s!r} (known: {', '.join(ALERT_SINKS)})" for s in self.sinks
+                if s not in ALERT_SINKS]
+        if "webhook" in self.sinks and not self.webhook_url.startswith(("http://", "https://")):
+            out.append(f"monitor.webhook_url={self.webhook_url!r}: the webhook sink needs an http(s) URL")
+        out += [f"monitor.{k}={getattr(self, k)!r}: must be > 0" for k in
+                ("min_requests", "webhook_timeout_seconds", "history") if getattr(self, k) <= 0]
+        out += [f"monitor.{k}={getattr(self, k)!r}: must be >= 0" for k in ("webhook_retries", "webhook_backoff_seconds")
+                if getattr(self, k) < 0]
+        for k in ("queue_random_share", "queue_drift_share"):
+            if not 0 <= getattr(self, k) <= 1:
+                out.append(f"monitor.{k}={getattr(self, k)!r}: must be in [0, 1]")
+        if self.queue_random_share + self.queue_drift_share > 1:
+            out.append(f"monitor.queue_random_share + monitor.queue_drift_share = "
+                       f"{self.queue_random_share + self.queue_drift_share:g}: must be <= 1")
+        if not 0.5 <= self.confidence_level < 1:
+            out.append(f"monitor.confidence_level={self.confidence_level!r}: must be in [0.5, 1)")
+        if not self.experiment.strip():
+            out.append("monitor.experiment is empty")
         return out
 
 
@@ -285,6 +400,7 @@ class Params:
     retrain: RetrainConfig = _doc("When and how the retraining pipeline trains a challenger.")
     cluster: ClusterConfig = _doc("Settings that only apply when the pipeline is compiled for a cluster.")
     serve: ServeConfig = _doc("`kftune serve` and `kftune predict`: batching, precision, limits, request log.")
+    monitor: MonitorConfig = _doc("`kftune monitor`, alerts, feedback and the labelling queue.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,6 +5,8 @@ Routes (NAME is the registered model's name):
 - `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2/models/NAME/ready`, `GET /v1/models/NAME`: open
 - `GET /v2/models/NAME` (metadata), `POST /v2/models/NAME/infer`, `POST /v1/models/NAME:predict`: need
   `Authorization: Bearer <token>` when tokens are configured
+- `POST /v2/models/NAME/feedback`: the correct label of a logged prediction ({request_id, index, label,
+  labeller} or {"feedback": [...]}), same auth as predictions; stored beside the request log
 - `GET /metrics`: Prometheus
 
 The server follows an alias: every `serve.poll_seconds` it asks the registry where the alias points;
@@ -36,6 +38,8 @@ from kftune.serving.metrics import Metrics
 from kftune.serving.model import ServedModel, ServingError, load_version
 from kftune.serving.protocol import (HTTPError, check_texts, texts_from_v1, texts_from_v2, v1_response, v2_metadata,
                                      v2_response)
+from kftune.monitor.feedback import write_feedback
+from kftune.pii import mask as mask_pii
 from kftune.serving.request_log import RequestLog, records
 
 log = logging.getLogger(__name__)
@@ -231,10 +235,54 @@ def create_app(state: State):
             for span in a.get("entities", ()):
                 metrics.predictions.labels(span["type"]).inc()
         if state.request_log is not None:
-            dropped = state.request_log.append(records(request.state.request_id, served, texts, answers))
+            logged = [mask_pii(t) for t in texts] if cfg.log_mask_pii else texts
+            dropped = state.request_log.append(records(request.state.request_id, served, logged, answers,
+                                                       at=client_time(request)))
             if dropped:
                 metrics.log_dropped.inc(dropped)
         return answers
+
+    def client_time(request: Request) -> float | None:
+        """The X-Kftune-Time header when serve.trust_client_time (replayed traffic), else None: the clock."""
+        if not cfg.trust_client_time:
+            return None
+        try:
+            at = float(request.headers.get("x-kftune-time", ""))
+        except ValueError:
+            return None
+        return at if 0 < at < 1e11 else None
+
+    @app.post("/v2/models/{name}/feedback")
+    async def feedback(request: Request, name: str):
+        served = guard(request, name)
+        if not cfg.log_dir:
+            raise HTTPError(409, "feedback is stored beside the request log: this server has no serve.log_dir")
+        if served.task != "sequence-classification":
+            raise HTTPError(422, f"feedback takes a label per text; {served.name} is a {served.task} model")
+        body = await read_json(request)
+        items = body.get("feedback", [body]) if isinstance(body, dict) else None
+        if not isinstance(items, list) or not items or len(items) > cfg.max_texts:
+            raise HTTPError(422, f"expected {{request_id, label, index?, labeller?}} or {{\"feedback\": [...]}} with "
+                                 f"1 to serve.max_texts={cfg.max_texts} items")
+        rows = []
+        for i, it in enumerate(items):
+            where = f"feedback[{i}]" if "feedback" in body else "body"
+            if not isinstance(it, dict):
+                raise HTTPError(422, f"{where}: expected an object")
+            rid, label, index = it.get("request_id"), it.get("label"), it.get("index", 0)
+            if not isinstance(rid, str) or not re.fullmatch(r"[\w.:-]{1,64}", rid):
+                raise HTTPError(422, f"{where}.request_id: expected the id a prediction answered with "
+                                     f"(1-64 of letters, digits, _ . : -)")
+            if label not in served.labels:
+                raise HTTPError(422, f"{where}.label={str(label)[:50]!r}: not one of v{served.version}'s labels "
+                                     f"{served.labels}")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < cfg.max_texts:
+                raise HTTPError(422, f"{where}.index={str(index)[:20]!r}: expected the text's position in its request")
+            labeller = it.get("labeller", "")
+            rows.append({"request_id": rid, "index": index, "label": label, "source": "api",
+                         "labeller": labeller[:100] if isinstance(labeller, str) else ""})
+        await asyncio.to_thread(write_feedback, cfg.log_dir, rows)
+        return {"accepted": len(rows), "model_name": served.name, "model_version": served.version}
 
     @app.get("/v2/health/live")
     async def live():

@@ -41,6 +41,7 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
                bf16: bool = False) -> tuple[dict, dict]:
     """Every drift test on the champion's reference rows versus the new rows.
 
+    `new` without a label column (live traffic) skips the true-label test.
     Returns (checks by method, plot data).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -66,9 +67,10 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
         tests.confidence_test(ref["conf"], nw["conf"], cfg.alpha),
         tests.vocabulary_test(reference[reference["split"] == "train"]["text"].tolist(), held_out["text"].tolist(),
                               new_s["text"].tolist(), cfg.oov_increase, (ref["unk"], nw["unk"])),
-        tests.distribution_test("label", reference["label"].tolist(), new["label"].tolist(),
-                                sorted(set(labels) | set(new["label"])), cfg.psi_threshold),
     ]
+    if "label" in new.columns:
+        checks.append(tests.distribution_test("label", reference["label"].tolist(), new["label"].tolist(),
+                                              sorted(set(labels) | set(new["label"])), cfg.psi_threshold))
     return {c.method: c for c in checks}, sides
 
 
@@ -194,6 +196,10 @@ def drift(data_dir: str | Path, champion_dir: str | Path, out_dir: str | Path, p
             _plot(sides, checks, tmp / "drift.png")
     if run_id:
         _log(run_id, report, Path(out_dir))
+        if decision != "retrain":  # the last step of this retraining run
+            from kftune.tracking import finish_run
+
+            finish_run(run_id)
     log.info("drift: %s (%s); flags %s", decision, reason, flags)
     return report
 

@@ -1,0 +1,213 @@
+"""One monitoring check: the request log since the watermark against the champion's held-out reference.
+
+State (`<log_dir>/_monitor/state.json`, written whole): the watermark (the newest prediction the drift
+tests have consumed), each alert rule's state, the champion's reference statistics per version, and
+the history of checks the report draws. The drift tests run only once `monitor.min_requests`
+predictions of the champion have arrived since the watermark; until then the watermark stays and
+the rows accumulate. Alert rules are judged on every check, each over its own window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from kftune.config import Params
+from kftune.monitor import rules as R
+from kftune.serving.request_log import _fs, read_request_log
+
+log = logging.getLogger(__name__)
+
+STATE = "_monitor/state.json"
+
+
+def load_state(log_dir: str) -> dict:
+    fs, root = _fs(log_dir)
+    path = f"{root}/{STATE}"
+    if not fs.exists(path):
+        return {"watermark": None, "checks": 0, "alerts": {}, "reference": {}, "history": []}
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def save_state(log_dir: str, state: dict) -> None:
+    import os
+
+    fs, root = _fs(log_dir)
+    fs.makedirs(f"{root}/_monitor", exist_ok=True)
+    text = json.dumps(state, indent=1, default=str)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{root}/_monitor/.state.json.tmp"
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.replace(tmp, f"{root}/{STATE}")
+    else:
+        with fs.open(f"{root}/{STATE}", "w") as f:
+            f.write(text)
+
+
+def champion_files(name: str, version: str, cache: Path) -> tuple[Path, pd.DataFrame, dict]:
+    """The champion's model folder and reference rows, exported once per version into `cache`."""
+    from kftune.steps.resolve import download_reference, export_champion
+
+    folder = cache / f"{name}-v{version}"
+    if not (folder / "reference.parquet").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".export-"))
+        export_champion(name, version, tmp / "model")
+        rows, card = download_reference(name, version, tmp / "ref")
+        rows.to_parquet(tmp / "model" / "reference.parquet")
+        (tmp / "model" / "card.json").write_text(json.dumps(card, default=str), encoding="utf-8")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        (tmp / "model").rename(folder)
+    return folder, pd.read_parquet(folder / "reference.parquet"), json.loads((folder / "card.json").read_text())
+
+
+def test_scores(name: str, version: str) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    m = client.get_run(client.get_model_version(name, version).run_id).data.metrics
+    return {k.removeprefix("test_"): v for k, v in m.items() if k in ("test_accuracy", "test_macro_f1")}
+
+
+def run_drift(folder: Path, reference: pd.DataFrame, new: pd.DataFrame, params: Params) -> tuple[dict, bool, str]:
+    """The drift step's label-free tests with its seeds, thresholds and vote."""
+    from kftune.hardware import bf16_for
+    from kftune.steps.drift import run_checks
+
+    checks, _ = run_checks(folder, reference, new[["text"]], params.drift, bf16_for(params.finetune))
+    voting = [m for m in params.drift.methods if m in checks]
+    flags = [m for m in voting if checks[m].verdict]
+    need = min(params.drift.min_flags, len(voting))
+    why = (f"drift tests on {len(new)} predictions: {len(flags)} of {voting} flagged ({', '.join(flags) or 'none'}), "
+           f"{need} needed")
+    return {m: c.to_dict() for m, c in checks.items()}, len(flags) >= need, why
+
+
+def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_dir: str | Path = ".kftune/monitor",
+                 out_dir: str | Path | None = None, sleep=time.sleep) -> dict:
+    """One check. Args:
+        log_dir: the server's request log (serve.log_dir).
+        params: all settings (monitor, drift, register.model_name).
+        now: the check's time in Unix seconds (default: the clock; a replay passes its simulated time).
+        cache_dir: where champion exports are kept between checks.
+        out_dir: where report.md and monitor.png are written (default: a temp folder, logged to MLflow).
+    Returns the check's record (also logged as one MLflow run).
+    """
+    import mlflow
+
+    from kftune import registry
+    from kftune.monitor.feedback import joined, live_quality, read_feedback
+    from kftune.monitor.sinks import deliver
+    from kftune.tracking import experiment_id
+
+    cfg, name = params.monitor, params.register.model_name
+    now_ts = pd.Timestamp(now if now is not None else time.time(), unit="s", tz="UTC")
+    state = load_state(log_dir)
+    version = registry.version_by_alias(name, registry.CHAMPION)
+    watermark = pd.Timestamp(state["watermark"]) if state["watermark"] else None
+    rules = cfg.parsed_rules()
+    horizon = now_ts - pd.Timedelta(seconds=max([r.window for r in rules] + [3600]))
+    since = min(horizon, watermark) if watermark is not None else None
+    logged = read_request_log(log_dir, since=since.to_pydatetime() if since is not None else None)
+    logged = logged[(logged["model"] == name) & (logged["time"] <= now_ts) & logged["label"].notna()]
+    served = logged[logged["version"] == version] if version else logged.iloc[:0]
+    new = served if watermark is None else served[served["time"] > watermark]
+    previous = pd.Timestamp(state["history"][-1]["now"]) if state["history"] else None
+    interval = logged if previous is None else logged[logged["time"] > previous]
+
+    drift, drifted, why, test = {}, None, f"{len(new)} new predictions of the champion, drift tests need " \
+                                          f"monitor.min_requests={cfg.min_requests}", {}
+    ref_stats = state["reference"].get(version or "", {})
+    if version:
+        folder, reference, card = champion_files(name, version, Path(cache_dir))
+        test = test_scores(name, version)
+        held = reference[reference["split"] != "train"]
+        ref_stats.setdefault("shares", held["label"].value_counts(normalize=True).to_dict())
+        if len(new) >= cfg.min_requests:
+            drift, drifted, why = run_drift(folder, reference, new, params)
+            ref_stats["shares"] = drift["prediction"]["details"]["reference"]
+            ref_stats["confidence"] = drift["confidence"]["details"]["reference_mean"]
+            state["watermark"] = str(new["time"].max())
+        state["reference"][version] = ref_stats
+
+    feedback = read_feedback(log_dir)
+    live_window = max([r.window for r in rules if r.kind == "live_quality"] + [0])
+    labelled = joined(R.window(served, now_ts, live_window) if live_window else served, feedback)
+    labels = list(served["labels"].iloc[0]) if len(served) else []
+    live = live_quality(labelled, labels, cfg.confidence_level) if len(labelled) else {"n": 0}
+    ctx = R.Context(ref_stats.get("shares", {}), ref_stats.get("confidence"), drifted, why, live,
+                    test.get("accuracy"), ever_traffic=bool(len(logged)) or bool(state["history"]))
+    verdicts = [R.judge(r, served, now_ts, ctx) for r in rules]
+    state["alerts"], events = R.transitions(verdicts, state["alerts"], str(now_ts))
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id(cfg.experiment), run_name=f"check {now_ts:%Y-%m-%d %H:%M}",
+                            tags={"kftune.model_name": name, "kftune.champion_version": version or "",
+                                  "kftune.check_time": str(now_ts)})
+    run_id = run.info.run_id
+    events = deliver(events, cfg, run_id if "mlflow" in cfg.sinks else "", sleep)
+    state["checks"] += 1
+    point = {"now": str(now_ts), "version": version, "requests": len(interval), "new_requests": len(new),
+             "shares": interval["label"].value_counts(normalize=True).to_dict() if len(interval) else {},
+             "confidence": float(interval["probability"].mean()) if len(interval) else None,
+             "embedding_p": drift.get("embedding", {}).get("p_value"),
+             "confidence_p": drift.get("confidence", {}).get("p_value"), "drifted": drifted,
+             "live_accuracy": live.get("accuracy"), "live_accuracy_low": live.get("accuracy_low"),
+             "live_accuracy_high": live.get("accuracy_high"), "live_n": live.get("n", 0),
+             "alerts": {v.rule.name: state["alerts"].get(v.rule.name, {}).get("status", R.OK) for v in verdicts},
+             "events": [f"{e['alert']} {e['status']}" for e in events]}
+    state["history"] = (state["history"] + [point])[-cfg.history:]
+    check = {"model": name, "version": version, "now": str(now_ts), "run_id": run_id, "check": state["checks"],
+             "watermark_before": str(watermark) if watermark is not None else None, "watermark": state["watermark"],
+             "new_requests": len(new), "requests": len(interval), "drift": drift, "drifted": drifted, "drift_why": why,
+             "rules": [{"name": v.rule.name, "kind": v.rule.kind, "status": v.status, "value": v.value,
+                        "requests": v.requests, "why": v.why} for v in verdicts],
+             "events": events, "live": live, "test_accuracy": test.get("accuracy"), "point": point}
+    _log_run(client, run_id, check, state["history"], out_dir, int(now_ts.timestamp() * 1000))
+    save_state(log_dir, state)
+    return check
+
+
+def _log_run(client, run_id: str, check: dict, history: list[dict], out_dir, ts: int) -> None:
+    from mlflow.entities import Metric
+
+    from kftune.monitor.report import plot, render
+
+    p = check["point"]
+    metrics = {"requests": p["requests"], "new_requests": p["new_requests"], "alerts_failing":
+               sum(s == R.FAILING for s in p["alerts"].values())}
+    metrics.update({f"share_{k}": v for k, v in p["shares"].items()})
+    if p["confidence"] is not None:
+        metrics["mean_confidence"] = p["confidence"]
+    for m, c in check["drift"].items():
+        metrics[f"drift_{m}_score"] = c["score"]
+        metrics[f"drift_{m}_flag"] = float(c["verdict"])
+        if c["p_value"] is not None:
+            metrics[f"drift_{m}_p_value"] = c["p_value"]
+    if check["drifted"] is not None:
+        metrics["drift"] = float(check["drifted"])
+    for k in ("accuracy", "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low", "macro_f1_high", "n"):
+        if k in check["live"]:
+            metrics[f"live_{k}"] = check["live"][k]
+    metrics.update({f"alert_{v['name']}_failing": float(v["status"] == R.FAILING) for v in check["rules"]
+                    if v["status"] != R.UNKNOWN})
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, check["check"]) for k, v in metrics.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(out_dir) if out_dir else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(render(check), encoding="utf-8")
+        plot(history, out / "monitor.png")
+        (out / "check.json").write_text(json.dumps({k: v for k, v in check.items() if k != "point"}, indent=1,
+                                                   default=str), encoding="utf-8")
+        for f in ("report.md", "monitor.png", "check.json"):
+            client.log_artifact(run_id, str(out / f), "monitor")
+    client.set_terminated(run_id)

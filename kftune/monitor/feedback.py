@@ -1,0 +1,148 @@
+"""Feedback: correct labels for logged predictions, stored beside the request log, and live quality from them.
+
+Layout: `<log_dir>/_feedback/part-<UTC time>-<pid>-<n>.parquet` (outside the request log's
+`date=*` folders, so its readers never see it), each file written whole. One row per correction:
+request_id, index (the text's position in its request), label, labeller, source (api, import,
+label-import), sample (random, uncertain, drift, or empty when the text was not drawn by the
+labelling queue), time received. The latest correction of a (request_id, index) wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from kftune.config import KftuneError
+from kftune.serving.request_log import _fs
+
+FEEDBACK = "_feedback"
+SCHEMA = pa.schema([("request_id", pa.string()), ("index", pa.int32()), ("label", pa.string()),
+                    ("labeller", pa.string()), ("source", pa.string()), ("sample", pa.string()),
+                    ("time", pa.timestamp("ms", tz="UTC"))])
+RANDOM = "random"  # the labelling queue's uniform sample: the only feedback that estimates live accuracy
+_parts = itertools.count()
+
+
+class FeedbackError(KftuneError):
+    pass
+
+
+def write_feedback(log_dir: str, rows: list[dict]) -> int:
+    """Append corrections (dicts with request_id, index, label and optionally labeller, source, sample)."""
+    if not rows:
+        return 0
+    import pyarrow.parquet as pq
+
+    now = datetime.now(timezone.utc)
+    full = [{"request_id": str(r["request_id"]), "index": int(r.get("index") or 0), "label": str(r["label"]),
+             "labeller": str(r.get("labeller") or ""), "source": str(r.get("source") or "api"),
+             "sample": str(r.get("sample") or ""), "time": r.get("time") or now} for r in rows]
+    fs, root = _fs(log_dir)
+    folder = f"{root}/{FEEDBACK}"
+    fs.makedirs(folder, exist_ok=True)
+    name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(_parts):05d}.parquet"
+    table = pa.Table.from_pylist(full, schema=SCHEMA)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{folder}/.{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, f"{folder}/{name}")
+    else:
+        with fs.open(f"{folder}/{name}", "wb") as f:
+            pq.write_table(table, f)
+    return len(full)
+
+
+def read_feedback(log_dir: str):
+    """Every correction, the latest per (request_id, index), as a DataFrame with SCHEMA's columns."""
+    import pyarrow.parquet as pq
+
+    fs, root = _fs(log_dir)
+    tables = []
+    for f in sorted(fs.glob(f"{root}/{FEEDBACK}/part-*.parquet")):
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh, schema=SCHEMA))
+    df = pa.concat_tables(tables).to_pandas() if tables else SCHEMA.empty_table().to_pandas()
+    df = df.sort_values("time", kind="stable").drop_duplicates(["request_id", "index"], keep="last")
+    return df.reset_index(drop=True)
+
+
+def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, labeller: str = "") -> int:
+    """Bulk corrections from a CSV/JSONL file with columns request_id, label and optionally index, labeller.
+
+    Every row is checked first (the error names the file and row); nothing is written unless all are good.
+    """
+    import pandas as pd
+
+    try:
+        df = pd.read_json(path, lines=True, dtype=False) if str(path).endswith((".jsonl", ".json")) else \
+            pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise FeedbackError(f"{path}: cannot be read ({exc})") from None
+    missing = [c for c in ("request_id", "label") if c not in df.columns]
+    if missing:
+        raise FeedbackError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(map(str, df.columns))})")
+    problems = []
+    for i, r in enumerate(df.to_dict("records"), start=2):
+        if not str(r["request_id"]).strip():
+            problems.append(f"{path}:{i}: empty request_id")
+        if labels is not None and str(r["label"]) not in labels:
+            problems.append(f"{path}:{i}: label {str(r['label'])[:50]!r} is not one of the model's labels {labels}")
+        if "index" in r and str(r["index"]).strip() and not str(r["index"]).strip().isdigit():
+            problems.append(f"{path}:{i}: index {str(r['index'])[:20]!r} is not a whole number")
+    if problems:
+        raise FeedbackError("feedback not imported:\n  " + "\n  ".join(problems[:20]) +
+                            (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    rows = [{"request_id": str(r["request_id"]).strip(), "index": int(str(r.get("index") or 0).strip() or 0),
+             "label": str(r["label"]), "labeller": str(r.get("labeller") or labeller), "source": "import",
+             "sample": str(r.get("sample") or "")} for r in df.to_dict("records")]
+    return write_feedback(log_dir, rows)
+
+
+def joined(requests, feedback):
+    """Logged predictions that have a correction: the request log's columns plus `true_label`, `sample`."""
+    fb = feedback.rename(columns={"label": "true_label", "time": "feedback_time"})
+    return requests.merge(fb[["request_id", "index", "true_label", "sample", "labeller"]], on=["request_id", "index"])
+
+
+def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    from scipy.stats import norm
+
+    if n == 0:
+        return (0.0, 1.0)
+    z = norm.ppf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def macro_f1(y_true: list[str], y_pred: list[str], labels: list[str]) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+
+
+def live_quality(rows, labels: list[str], level: float, seed: int = 0, resamples: int = 1000) -> dict:
+    """Accuracy (Wilson interval) and macro-F1 (bootstrap percentile interval) of the served predictions on
+    the random-sample feedback only: the other samples were chosen for being hard or drifted."""
+    rnd = rows[rows["sample"] == RANDOM]
+    n = len(rnd)
+    if n == 0:
+        return {"n": 0}
+    correct = int((rnd["label"] == rnd["true_label"]).sum())
+    y, p = rnd["true_label"].tolist(), rnd["label"].tolist()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))
+    ya, pa_ = np.array(y), np.array(p)
+    boot = np.sort([macro_f1(ya[i].tolist(), pa_[i].tolist(), labels) for i in idx])
+    lo, hi = wilson(correct, n, level)
+    tail = (1 - level) / 2
+    return {"n": n, "accuracy": correct / n, "accuracy_low": lo, "accuracy_high": hi,
+            "macro_f1": macro_f1(y, p, labels), "macro_f1_low": float(np.quantile(boot, tail)),
+            "macro_f1_high": float(np.quantile(boot, 1 - tail)), "level": level}

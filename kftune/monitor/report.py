@@ -1,0 +1,104 @@
+"""The monitoring report: Markdown (every value escaped) and one PNG of the checks over time."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~-])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def md(value) -> str:
+    """Text safe inside Markdown (and the HTML it renders to): control characters dropped, specials escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", _CONTROL.sub(" ", str(value)))
+
+
+def render(check: dict) -> str:
+    lines = [f"# Monitoring check: {md(check['model'])} v{md(check['version'] or '-')}", "",
+             f"At {md(check['now'])}: {check['new_requests']} new predictions since the watermark "
+             f"{md(check['watermark_before'] or 'start')}; {md(check['drift_why'])}.", ""]
+    if check["drift"]:
+        lines += ["| test | score | p-value | drift |", "|---|---|---|---|"]
+        for m, c in check["drift"].items():
+            p = "" if c["p_value"] is None else f"{c['p_value']:.4g}"
+            lines.append(f"| {md(m)} | {c['score']:.4g} | {p} | {'yes' if c['verdict'] else 'no'} |")
+        lines.append("")
+    lines += ["| alert rule | state | value | requests | why |", "|---|---|---|---|---|"]
+    for v in check["rules"]:
+        value = "" if v["value"] is None else f"{v['value']:.4g}"
+        lines.append(f"| {md(v['name'])} | {v['status']} | {value} | {v['requests']} | {md(v['why'])} |")
+    if check["events"]:
+        lines += ["", "Alerts this check:", ""]
+        lines += [f"- **{md(e['alert'])}** {e['status']}: {md(e['why'])}" for e in check["events"]]
+    live = check["live"]
+    if live.get("n"):
+        lines += ["", f"Live quality on {live['n']} random-sample labels: accuracy {live['accuracy']:.3f} "
+                      f"[{live['accuracy_low']:.3f}, {live['accuracy_high']:.3f}], macro-F1 {live['macro_f1']:.3f} "
+                      f"[{live['macro_f1_low']:.3f}, {live['macro_f1_high']:.3f}] ({live['level']:.0%} intervals); "
+                      f"test accuracy {check['test_accuracy'] if check['test_accuracy'] is not None else '-'}."]
+    lines += ["", "![monitoring](monitor.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def alert_spans(history: list[dict]) -> dict[str, list[tuple]]:
+    """alert name -> [(start, end)] of the stretches it was failing (end None: still failing)."""
+    spans: dict[str, list] = {}
+    for h in history:
+        t = pd.Timestamp(h["now"])
+        for name, status in h["alerts"].items():
+            runs = spans.setdefault(name, [])
+            if status == "failing" and (not runs or runs[-1][1] is not None):
+                runs.append([t, None])
+            elif status != "failing" and runs and runs[-1][1] is None:
+                runs[-1][1] = t
+    return {k: [tuple(r) for r in v] for k, v in spans.items()}
+
+
+def plot(history: list[dict], path: str | Path, extra: dict | None = None) -> None:
+    """Label shares, mean confidence, drift p-values (and live accuracy when known) per check; failing
+    alert stretches shaded. `extra` adds marks: {"versions": [(time, version)]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(history)
+    t = pd.to_datetime(df["now"])
+    fig, axes = plt.subplots(4, 1, figsize=(11, 10), sharex=True)
+    shares = pd.DataFrame(list(df["shares"])).fillna(0)
+    for lbl in shares.columns:
+        axes[0].plot(t, shares[lbl], marker=".", label=str(lbl))
+    axes[0].set(ylabel="predicted share", title="traffic: predicted label shares per check")
+    axes[0].legend(loc="upper left", fontsize=8)
+    axes[1].plot(t, df["confidence"], marker=".", color="tab:purple", label="mean confidence")
+    if "live_accuracy" in df and df["live_accuracy"].notna().any():
+        axes[1].plot(t, df["live_accuracy"], marker="o", color="tab:green", label="live accuracy (random sample)")
+        axes[1].fill_between(t, df["live_accuracy_low"], df["live_accuracy_high"], color="tab:green", alpha=0.15)
+    axes[1].set(ylabel="confidence / accuracy")
+    axes[1].legend(loc="lower left", fontsize=8)
+    for key, style in (("embedding_p", "o-"), ("confidence_p", "s-")):
+        if key in df:
+            axes[2].plot(t, df[key], style, label=key.replace("_p", " p-value"))
+    axes[2].set(yscale="log", ylabel="p-value", title="drift tests (checks where they ran)")
+    axes[2].axhline(0.05, color="grey", lw=0.8, ls="--")
+    axes[2].legend(loc="lower left", fontsize=8)
+    axes[3].bar(t, df["requests"], width=0.6 * (t.diff().median() if len(t) > 1 else pd.Timedelta(hours=1)),
+                color="tab:grey")
+    axes[3].set(ylabel="predictions", title="predictions per check (bar) and the version served")
+    ax = axes[3].twinx()
+    ax.step(t, pd.to_numeric(df["version"], errors="coerce"), where="post", color="tab:red")
+    ax.set_ylabel("version", color="tab:red")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    end = t.max()
+    for i, (name, runs) in enumerate(alert_spans(history).items()):
+        for start, stop in runs:
+            for a in axes:
+                a.axvspan(start, stop or end, color=colours[i % len(colours)], alpha=0.12,
+                          label=f"alert: {name}" if a is axes[0] and start == runs[0][0] else None)
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+"""Alert rules: pure functions of a window of traffic, and the state machine that makes an alert fire once.
+
+A rule is judged `failing`, `ok` or `unknown` (too little traffic to say); `unknown` keeps the rule's
+previous state. An alert event is emitted only on a change: ok -> failing fires, failing -> ok resolves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from kftune.config import AlertRule
+
+FAILING, OK, UNKNOWN = "failing", "ok", "unknown"
+FIRING, RESOLVED = "firing", "resolved"
+
+
+@dataclass
+class Verdict:
+    rule: AlertRule
+    status: str  # failing, ok, unknown
+    value: float | None  # the measured quantity (a share, points, a drop, a count, a gap)
+    requests: int  # predictions in the rule's window
+    why: str
+
+
+@dataclass
+class Context:
+    """What rules are judged against, besides the traffic."""
+
+    reference_shares: dict  # label -> share of the champion's predictions on its held-out rows
+    reference_confidence: float | None  # the champion's mean top-class probability on its held-out rows
+    drifted: bool | None  # this check's drift vote (None: the drift tests did not run)
+    drift_why: str
+    live: dict  # live_quality() on the window's random-sample feedback
+    test_accuracy: float | None  # the champion's accuracy on its test split
+    ever_traffic: bool  # whether the log has any prediction at all before now
+
+
+def window(rows: pd.DataFrame, now: pd.Timestamp, seconds: float) -> pd.DataFrame:
+    return rows[(rows["time"] > now - pd.Timedelta(seconds=seconds)) & (rows["time"] <= now)]
+
+
+def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) -> Verdict:
+    """One rule on the traffic of its window (rows: the champion's logged predictions)."""
+    w = window(rows, now, rule.window)
+    n = len(w)
+
+    def verdict(failing: bool, value: float | None, why: str) -> Verdict:
+        return Verdict(rule, FAILING if failing else OK, value, n, why)
+
+    if rule.kind == "volume":
+        if not ctx.ever_traffic:
+            return Verdict(rule, UNKNOWN, n, n, "no prediction logged yet")
+        return verdict(n < rule.min_requests, n, f"{n} predictions in the last {_dur(rule.window)} "
+                                                  f"(at least {rule.min_requests} expected)")
+    if rule.kind == "live_quality":
+        live = ctx.live
+        if live.get("n", 0) < rule.min_requests or ctx.test_accuracy is None:
+            return Verdict(rule, UNKNOWN, None, n, f"{live.get('n', 0)} random-sample labels, "
+                                                   f"{rule.min_requests} needed")
+        gap = ctx.test_accuracy - live["accuracy"]
+        return verdict(live["accuracy_high"] < ctx.test_accuracy - rule.max_gap, gap,
+                       f"live accuracy {live['accuracy']:.3f} [{live['accuracy_low']:.3f}, {live['accuracy_high']:.3f}] "
+                       f"on {live['n']} random-sample labels vs test {ctx.test_accuracy:.3f}; alert when the interval "
+                       f"lies more than {rule.max_gap:g} below the test score")
+    if n < rule.min_requests:
+        return Verdict(rule, UNKNOWN, None, n, f"{n} predictions in the last {_dur(rule.window)}, "
+                                               f"{rule.min_requests} needed")
+    if rule.kind == "label_share":
+        share = float((w["label"] == rule.label).mean())
+        return verdict(share > rule.max_share, share, f"{rule.label} {share:.1%} of {n} predictions in the last "
+                                                      f"{_dur(rule.window)} (max {rule.max_share:.0%})")
+    if rule.kind == "label_shift":
+        shares = w["label"].value_counts(normalize=True)
+        moves = {lbl: 100 * (float(shares.get(lbl, 0.0)) - ref) for lbl, ref in ctx.reference_shares.items()}
+        if not moves:
+            return Verdict(rule, UNKNOWN, None, n, "no reference label shares")
+        lbl = max(moves, key=lambda k: abs(moves[k]))
+        return verdict(abs(moves[lbl]) > rule.max_points, abs(moves[lbl]),
+                       f"{lbl} moved {moves[lbl]:+.1f} points from the reference (max {rule.max_points:g})")
+    if rule.kind == "confidence":
+        if ctx.reference_confidence is None:
+            return Verdict(rule, UNKNOWN, None, n, "no reference confidence yet (the drift tests have not run)")
+        drop = ctx.reference_confidence - float(w["probability"].mean())
+        return verdict(drop > rule.max_drop, drop, f"mean confidence {float(w['probability'].mean()):.3f}, "
+                                                   f"{drop:+.3f} below the reference {ctx.reference_confidence:.3f} "
+                                                   f"(max drop {rule.max_drop:g})")
+    if rule.kind == "drift":
+        if ctx.drifted is None:
+            return Verdict(rule, UNKNOWN, None, n, ctx.drift_why)
+        return verdict(ctx.drifted, float(ctx.drifted), ctx.drift_why)
+    raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
+def transitions(verdicts: list[Verdict], previous: dict, now: str) -> tuple[dict, list[dict]]:
+    """(the rules' new state, the alert events): an event only where a rule starts or stops failing."""
+    state, events = dict(previous), []
+    for v in verdicts:
+        was = previous.get(v.rule.name, {}).get("status", OK)
+        if v.status == UNKNOWN:
+            continue
+        state[v.rule.name] = {"status": v.status, "since": now if v.status != was else
+                              previous.get(v.rule.name, {}).get("since", now), "value": v.value}
+        if v.status != was:
+            events.append({"alert": v.rule.name, "kind": v.rule.kind, "status": FIRING if v.status == FAILING
+                           else RESOLVED, "value": v.value, "why": v.why, "requests": v.requests, "at": now})
+    return state, events
+
+
+def _dur(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

@@ -1,0 +1,61 @@
+"""Where alert events go: the log, a webhook (JSON POST, retried with back-off), the check's MLflow run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from kftune.config import MonitorConfig
+from kftune.console import plain
+
+log = logging.getLogger("kftune.monitor.alerts")
+
+
+def post_webhook(url: str, document: dict, retries: int, backoff: float, timeout: float,
+                 sleep=time.sleep) -> tuple[bool, str]:
+    """POST `document` as JSON; retry on connection errors and 5xx/429 with doubling waits. (delivered, detail)."""
+    import requests
+
+    wait, last = backoff, ""
+    for attempt in range(retries + 1):
+        try:
+            r = requests.post(url, json=document, timeout=timeout)
+            if r.status_code < 300:
+                return True, f"HTTP {r.status_code} after {attempt + 1} attempt(s)"
+            last = f"HTTP {r.status_code}"
+            if r.status_code < 500 and r.status_code != 429:
+                return False, f"{last}: not retried (the receiver refused the document)"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        if attempt < retries:
+            sleep(wait)
+            wait *= 2
+    return False, f"{last} after {retries + 1} attempts"
+
+
+def deliver(events: list[dict], cfg: MonitorConfig, run_id: str = "", sleep=time.sleep) -> list[dict]:
+    """Send every event to every configured sink; returns the events with a `delivery` record each."""
+    out = []
+    for e in events:
+        delivery = {}
+        if "log" in cfg.sinks:
+            (log.warning if e["status"] == "firing" else log.info)(
+                "ALERT %s %s: %s", plain(e["alert"]), e["status"].upper(), plain(e["why"]))
+            delivery["log"] = "logged"
+        if "webhook" in cfg.sinks and cfg.webhook_url:
+            ok, detail = post_webhook(cfg.webhook_url, {**e, "check_run_id": run_id}, cfg.webhook_retries,
+                                      cfg.webhook_backoff_seconds, cfg.webhook_timeout_seconds, sleep)
+            delivery["webhook"] = detail
+            if not ok:
+                log.error("alert %s %s: webhook %s undelivered: %s", plain(e["alert"]), e["status"],
+                          cfg.webhook_url, detail)
+        if "mlflow" in cfg.sinks and run_id:
+            import mlflow
+
+            client = mlflow.MlflowClient()
+            client.set_tag(run_id, f"kftune.alert.{e['alert']}", e["status"])
+            client.log_text(run_id, json.dumps(e, indent=2, default=str), f"alerts/{e['alert']}-{e['status']}.json")
+            delivery["mlflow"] = run_id
+        out.append({**e, "delivery": delivery})
+    return out

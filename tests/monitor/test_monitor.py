@@ -1,0 +1,64 @@
+"""The monitor on a synthetic request log with a known negative surge: it fires once and resolves once."""
+
+import json
+
+import mlflow
+
+from kftune.monitor.check import load_state, monitor_once
+from tests.monitor.conftest import monitor_params, write_traffic
+
+START = 1_700_000_000.0  # a fixed simulated clock
+SURGE = '[{name: negative-surge, kind: label_share, label: negative, max_share: 0.5, window: 1h, min_requests: 50}, ' \
+        '{name: no-traffic, kind: volume, window: 1h, min_requests: 1}]'
+
+
+def test_a_surge_fires_once_and_resolves_once_and_the_webhook_gets_both(store, tiny_model, tmp_path, receiver):
+    hook = receiver(fail_first=1)  # the first POST fails: the sink must retry
+    params = monitor_params(tiny_model, f"monitor.rules={SURGE}", "monitor.sinks=[log, webhook, mlflow]",
+                            f"monitor.webhook_url={hook.url}", "monitor.webhook_backoff_seconds=0.01")
+    log_dir = tmp_path / "log"
+    shares = [0.3, 0.3, 0.3, 0.8, 0.8, 0.8, 0.3, 0.3, 0.3]  # hours 3-5 are the surge
+    write_traffic(log_dir, START, shares, per_hour=60)
+    checks = [monitor_once(str(log_dir), params, now=START + (h + 1) * 3600) for h in range(len(shares))]
+    events = [(c["check"], e["alert"], e["status"]) for c in checks for e in c["events"]]
+    assert events == [(4, "negative-surge", "firing"), (7, "negative-surge", "resolved")]
+    assert [d["status"] for d in hook.documents] == ["firing", "resolved"]
+    assert hook.attempts == 3 and hook.documents[0]["alert"] == "negative-surge"
+    assert 0.6 < hook.documents[0]["value"] <= 1 and hook.documents[0]["check_run_id"] == checks[3]["run_id"]
+    # the drift tests ran on every hour (60 >= monitor.min_requests=50): the watermark follows the traffic
+    assert all(c["drifted"] is not None for c in checks)
+    state = load_state(str(log_dir))
+    assert state["checks"] == 9 and state["alerts"]["negative-surge"]["status"] == "ok"
+    assert state["watermark"].startswith(str(checks[-1]["point"]["now"])[:13])
+    # every check is an MLflow run with the metrics, the report and the picture
+    run = mlflow.MlflowClient().get_run(checks[3]["run_id"])
+    assert run.data.metrics["alert_negative-surge_failing"] == 1.0 and run.data.tags["kftune.alert.negative-surge"] == "firing"
+    assert 0.6 < run.data.metrics["share_negative"] < 1
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "monitor")}
+    assert names == {"monitor/report.md", "monitor/monitor.png", "monitor/check.json"}
+
+
+def test_a_second_check_without_new_traffic_keeps_the_watermark_and_fires_no_traffic(store, tiny_model, tmp_path):
+    params = monitor_params(tiny_model, f"monitor.rules={SURGE}")
+    log_dir = tmp_path / "log"
+    write_traffic(log_dir, START, [0.3], per_hour=60)
+    first = monitor_once(str(log_dir), params, now=START + 3600)
+    assert first["events"] == [] and first["new_requests"] == 60
+    second = monitor_once(str(log_dir), params, now=START + 3 * 3600)  # two quiet hours
+    assert second["new_requests"] == 0 and second["drifted"] is None
+    assert [(e["alert"], e["status"]) for e in second["events"]] == [("no-traffic", "firing")]
+    assert second["watermark"] == first["watermark"]
+
+
+def test_report_escapes_markdown_in_labels_and_reasons(store, tiny_model, tmp_path):
+    from kftune.monitor.report import md
+
+    assert md("a|b <script>*x*") == "a\\|b \\<script\\>\\*x\\*"
+    assert "\x1b" not in md("\x1b[31mred")
+    params = monitor_params(tiny_model, f"monitor.rules={SURGE}")
+    log_dir = tmp_path / "log"
+    write_traffic(log_dir, START, [0.3], per_hour=60)
+    check = monitor_once(str(log_dir), params, now=START + 3600, out_dir=tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "negative\\-surge" in report and (tmp_path / "out" / "monitor.png").stat().st_size > 10000
+    assert json.loads((tmp_path / "out" / "check.json").read_text())["run_id"] == check["run_id"]
