@@ -37,7 +37,7 @@ def cmd_run(args) -> int:
 
     params = _params(args)
     d = run_local(args.data or DATASET, params, args.project_dir, data_repo=args.data_repo or "",
-                  data_rev=args.data_rev or "", verbose=args.verbose)
+                  data_rev=args.data_rev or "", verbose=args.verbose, runner=args.runner, image=args.image or "")
     uri = configure(args.project_dir)
     name = params.register.model_name
     print(f"\nregistered {name} v{d['version']}: {d['decision']}")
@@ -58,7 +58,7 @@ def cmd_retrain(args) -> int:
 
     params = _params(args)
     o = run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "", args.data_rev or "",
-                             force=args.force, verbose=args.verbose)
+                             force=args.force, verbose=args.verbose, runner=args.runner, image=args.image or "")
     print(f"\n{describe_outcome(o)}\n(MLflow run {o['run_id']} in experiment {params.register.experiment}-retraining)")
     return 0
 
@@ -190,6 +190,9 @@ def cmd_models(args) -> int:
         print(f"{name}: consistent" if not problems else f"{name}: {len(problems)} problem(s); "
               f"`kftune models check --repair` fixes what can be fixed")
         return 1 if problems else 0
+    from kftune.tracking import sweep_dead_runs
+
+    sweep_dead_runs()  # runs left RUNNING by a kftune command that was killed
     for done in registry.reconcile(name):  # a move a killed process left half done, or one made outside kftune
         print(f"{name}: {done}", file=sys.stderr)
     if args.action == "list":
@@ -257,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, "CSV/TSV/JSONL/Parquet file, folder of them, CoNLL (token classification), or "
                       f"s3://bucket/prefix (default with --data-rev: {DATASET})")
     _add_params_args(p)
+    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="subprocess: each step in this Python environment (default); docker: each step in a "
+                        "container of --image, against the tracking server in MLFLOW_TRACKING_URI")
+    p.add_argument("--image", help="--runner docker: component image (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("retrain", help="run the retraining pipeline once locally: new data -> drift -> challenger -> gate")
@@ -264,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="train a challenger even without drift, enough new rows, "
                                                         "or during the cooldown")
     _add_params_args(p)
+    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="subprocess: each step in this Python environment (default); docker: each step in a "
+                        "container of --image, against the tracking server in MLFLOW_TRACKING_URI")
+    p.add_argument("--image", help="--runner docker: component image (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("submit", help="compile and start a run on a Kubeflow Pipelines endpoint")
@@ -346,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kftune.serving.cli import add_commands
     add_commands(sub)
+    from kftune.monitor.cli import add_commands as add_monitor_commands
+    add_monitor_commands(sub)
     return parser
 
 

@@ -58,7 +58,12 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
     labels = out["label"]
     if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
         out["label"] = labels.astype("Int64")  # a gap in an int column turns 1 into 1.0; labels stay "1"
-    return out.astype(object).fillna("").astype(str)
+    out = out.astype(object).fillna("").astype(str)
+    if cfg.mask_pii:
+        from kftune.pii import mask
+
+        out["text"] = out["text"].map(mask)
+    return out
 
 
 def _download_s3(uri: str, dest: Path) -> Path:

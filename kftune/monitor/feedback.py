@@ -122,10 +122,14 @@ def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def macro_f1(y_true: list[str], y_pred: list[str], labels: list[str]) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+def macro_f1(y_true, y_pred, labels: list[str]) -> float:
+    """Mean over `labels` of 2TP / (2TP + FP + FN), 0 where a label is in neither (sklearn's zero_division=0)."""
+    y, p = np.asarray(y_true), np.asarray(y_pred)
+    scores = []
+    for lbl in labels:
+        tp, fp, fn = np.sum((y == lbl) & (p == lbl)), np.sum((y != lbl) & (p == lbl)), np.sum((y == lbl) & (p != lbl))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
 
 
 def live_quality(rows, labels: list[str], level: float, seed: int = 0, resamples: int = 1000) -> dict:
@@ -140,7 +144,7 @@ def live_quality(rows, labels: list[str], level: float, seed: int = 0, resamples
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))
     ya, pa_ = np.array(y), np.array(p)
-    boot = np.sort([macro_f1(ya[i].tolist(), pa_[i].tolist(), labels) for i in idx])
+    boot = np.sort([macro_f1(ya[i], pa_[i], labels) for i in idx])
     lo, hi = wilson(correct, n, level)
     tail = (1 - level) / 2
     return {"n": n, "accuracy": correct / n, "accuracy_low": lo, "accuracy_high": hi,

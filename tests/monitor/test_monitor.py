@@ -62,3 +62,19 @@ def test_report_escapes_markdown_in_labels_and_reasons(store, tiny_model, tmp_pa
     report = (tmp_path / "out" / "report.md").read_text()
     assert "negative\\-surge" in report and (tmp_path / "out" / "monitor.png").stat().st_size > 10000
     assert json.loads((tmp_path / "out" / "check.json").read_text())["run_id"] == check["run_id"]
+
+
+def test_the_monitoring_pipeline_compiles_with_its_defaults_from_params(tmp_path):
+    import yaml
+    from kfp import compiler
+
+    from kftune.config import load_params
+    from pipelines.monitoring import create_pipeline
+    from tests.conftest import ROOT
+
+    params = load_params(ROOT / "params.yaml")
+    compiler.Compiler().compile(create_pipeline(params.to_dict(), cluster=True), str(tmp_path / "m.yaml"))
+    spec = yaml.safe_load((tmp_path / "m.yaml").read_text())
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["log_dir"]["defaultValue"] == "request-log"
+    assert inputs["params"]["defaultValue"]["monitor"]["rules"][0]["name"] == "negative-surge"

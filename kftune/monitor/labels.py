@@ -1,0 +1,233 @@
+"""The labelling queue, and labels back in as a new data version.
+
+`queue`: from the champion's logged traffic (texts without feedback yet, one per distinct text):
+- `random`: a uniform sample without replacement (`monitor.queue_random_share`), the only part whose
+  labels estimate live accuracy without bias; flagged as such in the files;
+- `drift`: the texts with the largest share of words never seen in the champion's training rows (the
+  region the vocabulary drift test points at; `monitor.queue_drift_share`);
+- `uncertain`: the least confident of the rest.
+It writes queue.csv (fill in `label`), a Label Studio import file and its labelling config.
+
+`import_labels`: a filled CSV or a Label Studio export; labels checked against the champion's label
+set, texts already in the dataset dropped, the rest added through `kftune.data.add_batches` as a new
+batch with provenance columns (source, request_id, index, sample, labeller, labelled_at), and every
+label also stored as feedback (so live quality sees the random sample).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kftune.config import KftuneError, Params
+from kftune.drift_tests import words
+
+log = logging.getLogger(__name__)
+
+RANDOM, DRIFT, UNCERTAIN = "random", "drift", "uncertain"
+QUEUE_COLUMNS = ["request_id", "index", "time", "version", "sample", "unbiased", "predicted", "probability", "text",
+                 "label", "labeller"]
+
+
+class LabelError(KftuneError):
+    pass
+
+
+def _champion(params: Params, cache_dir) -> tuple[str, Path, pd.DataFrame, dict]:
+    from kftune import registry
+    from kftune.monitor.check import champion_files
+
+    name = params.register.model_name
+    version = registry.version_by_alias(name, registry.CHAMPION)
+    if version is None:
+        raise LabelError(f"{name} has no champion: the queue and the label import work on the champion's traffic "
+                         f"and label set")
+    folder, reference, card = champion_files(name, version, Path(cache_dir))
+    return version, folder, reference, card
+
+
+def oov_share(texts: pd.Series, vocabulary: set[str]) -> np.ndarray:
+    def share(t):
+        ws = words(t)
+        return sum(w not in vocabulary for w in ws) / max(len(ws), 1)
+    return np.array([share(t) for t in texts])
+
+
+def select(candidates: pd.DataFrame, n: int, random_share: float, drift_share: float, vocabulary: set[str],
+           seed: int) -> pd.DataFrame:
+    """Pure selection: `candidates` (one row per distinct text: text, probability, ...) -> the queue with `sample`."""
+    n = min(n, len(candidates))
+    n_random = round(n * random_share)
+    n_drift = min(round(n * drift_share), n - n_random)
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(candidates), size=n_random, replace=False)
+    rest = candidates.drop(candidates.index[picked])
+    parts = [candidates.iloc[picked].assign(sample=RANDOM)]
+    oov = pd.Series(oov_share(rest["text"], vocabulary), index=rest.index)
+    drifted = rest.assign(_oov=oov)[oov > 0].sort_values(["_oov", "probability"], ascending=[False, True])
+    parts.append(drifted.head(n_drift).drop(columns="_oov").assign(sample=DRIFT))
+    rest = rest.drop(parts[-1].index)
+    parts.append(rest.sort_values("probability").head(n - n_random - len(parts[-1])).assign(sample=UNCERTAIN))
+    return pd.concat(parts)
+
+
+def queue(log_dir: str, params: Params, n: int, out_dir: str | Path, since: datetime | None = None,
+          cache_dir: str | Path = ".kftune/monitor") -> dict:
+    """Write queue.csv, queue-labelstudio.json and label-config.xml into out_dir; return what was picked."""
+    from kftune.fileio import atomic_dir, write_csv
+    from kftune.monitor.feedback import read_feedback
+    from kftune.pii import mask
+    from kftune.serving.request_log import read_request_log
+
+    cfg = params.monitor
+    version, _, reference, card = _champion(params, cache_dir)
+    rows = read_request_log(log_dir, since=since)
+    rows = rows[(rows["model"] == params.register.model_name) & (rows["version"] == version) & rows["label"].notna()]
+    fb = read_feedback(log_dir)
+    done = set(zip(fb["request_id"], fb["index"]))
+    rows = rows[[k not in done for k in zip(rows["request_id"], rows["index"])]]
+    rows = rows.drop_duplicates("text").reset_index(drop=True)
+    if rows.empty:
+        raise LabelError(f"no unlabelled predictions of {params.register.model_name} v{version} in {log_dir}"
+                         f"{' since ' + str(since) if since else ''}")
+    vocabulary = {w for t in reference[reference["split"] == "train"]["text"] for w in words(t)}
+    picked = select(rows, n, cfg.queue_random_share, cfg.queue_drift_share, vocabulary, cfg.queue_seed)
+    out = pd.DataFrame({"request_id": picked["request_id"], "index": picked["index"],
+                        "time": picked["time"].astype(str), "version": picked["version"], "sample": picked["sample"],
+                        "unbiased": picked["sample"] == RANDOM, "predicted": picked["label"],
+                        "probability": picked["probability"].round(4), "text": picked["text"].map(mask),
+                        "label": "", "labeller": ""})
+    labels = card["labels"]
+    tasks = [{"data": {"text": r.text, "request_id": r.request_id, "index": int(r.index), "sample": r.sample,
+                       "unbiased": bool(r.unbiased)},
+              "predictions": [{"model_version": str(version), "score": float(r.probability),
+                               "result": [{"from_name": "label", "to_name": "text", "type": "choices",
+                                           "value": {"choices": [r.predicted]}}]}]}
+             for r in out.itertuples()]
+    config = "<View>\n  <Text name=\"text\" value=\"$text\"/>\n  <Choices name=\"label\" toName=\"text\" " \
+             "choice=\"single\">\n" + "".join(f"    <Choice value=\"{_xml(lbl)}\"/>\n" for lbl in labels) + \
+             "  </Choices>\n</View>\n"
+    with atomic_dir(out_dir) as tmp:
+        write_csv(out[QUEUE_COLUMNS], tmp / "queue.csv")
+        (tmp / "queue-labelstudio.json").write_text(json.dumps(tasks, indent=1, ensure_ascii=False), encoding="utf-8")
+        (tmp / "label-config.xml").write_text(config, encoding="utf-8")
+    counts = out["sample"].value_counts().to_dict()
+    return {"version": version, "rows": len(out), "by_sample": counts, "candidates": len(rows), "labels": labels,
+            "out_dir": str(out_dir)}
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def read_labelled(path: str | Path, labeller: str = "") -> pd.DataFrame:
+    """A filled queue.csv or a Label Studio JSON export -> request_id, index, text, label, sample, labeller, row."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: no such file")
+    if path.suffix.lower() == ".json":
+        try:
+            tasks = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LabelError(f"{path}: not a Label Studio JSON export ({exc})") from None
+        if not isinstance(tasks, list):
+            raise LabelError(f"{path}: a Label Studio export is a JSON list of tasks")
+        rows = []
+        for i, t in enumerate(tasks):
+            data = t.get("data", {}) if isinstance(t, dict) else {}
+            done = [a for a in t.get("annotations", []) if not a.get("was_cancelled")] if isinstance(t, dict) else []
+            choice, who = "", labeller
+            if done:
+                for res in done[-1].get("result", []):
+                    choice = (res.get("value", {}).get("choices") or [""])[0]
+                by = done[-1].get("completed_by")
+                who = labeller or str(by.get("email", by.get("id", "")) if isinstance(by, dict) else by or "")
+            rows.append({"request_id": str(data.get("request_id", "")), "index": int(data.get("index", 0) or 0),
+                         "text": str(data.get("text", "")), "label": str(choice), "sample": str(data.get("sample", "")),
+                         "labeller": who, "row": f"task {i}"})
+        return pd.DataFrame(rows, columns=["request_id", "index", "text", "label", "sample", "labeller", "row"])
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
+        raise LabelError(f"{path}: cannot be read as CSV ({exc})") from None
+    missing = [c for c in ("text", "label") if c not in df.columns]
+    if missing:
+        raise LabelError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(df.columns)})")
+    for c in ("request_id", "index", "sample", "labeller"):
+        if c not in df.columns:
+            df[c] = ""
+    df["text"] = df["text"].map(lambda t: t[1:] if t.startswith("'") and t[1:2] in "=+-@\t\r" else t)
+    df["index"] = [int(x) if str(x).isdigit() else 0 for x in df["index"]]
+    df["labeller"] = [x or labeller for x in df["labeller"]]
+    df["row"] = [f"line {i}" for i in range(2, len(df) + 2)]
+    return df[["request_id", "index", "text", "label", "sample", "labeller", "row"]]
+
+
+def _dataset_texts(project_dir: Path, params: Params) -> set[str]:
+    from kftune.data import DATASET
+    from kftune.tables import normalise, read_tables
+
+    folder = project_dir / DATASET
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return set()
+    return {normalise(t) for t in read_tables(str(folder), params.ingest)[0]["text"]}
+
+
+def import_labels(path: str | Path, params: Params, project_dir: str | Path, log_dir: str = "", labeller: str = "",
+                  tag: str | None = None, push: bool = True, cache_dir: str | Path = ".kftune/monitor",
+                  now: datetime | None = None) -> dict:
+    """Check the labels, drop texts the dataset has, add the rest as a new data version; see the module doc."""
+    from kftune.data import add_batches
+    from kftune.monitor.feedback import write_feedback
+    from kftune.pii import mask
+    from kftune.tables import normalise
+
+    project_dir = Path(project_dir)
+    version, _, _, card = _champion(params, cache_dir)
+    labels = card["labels"]
+    df = read_labelled(path, labeller)
+    unlabelled = df["label"].str.strip() == ""
+    df = df[~unlabelled].assign(label=lambda d: d["label"].str.strip(), text=lambda d: d["text"].map(normalise))
+    if df.empty:
+        raise LabelError(f"{path}: no labelled rows ({int(unlabelled.sum())} rows have an empty label)")
+    unknown = df[~df["label"].isin(labels)]
+    if len(unknown):
+        listed = "; ".join(f"{r.row}: {r.label[:40]!r}" for r in unknown.head(10).itertuples())
+        raise LabelError(f"{path}: {len(unknown)} label(s) not in champion v{version}'s label set {labels}: {listed}"
+                         f"{' ...' if len(unknown) > 10 else ''}. Fix them (or retrain with the new label set first)")
+    conflicts = df[df.duplicated("text", keep=False)].groupby("text")["label"].nunique()
+    conflicts = conflicts[conflicts > 1]
+    if len(conflicts):
+        text = conflicts.index[0]
+        rows = ", ".join(df[df["text"] == text]["row"])
+        raise LabelError(f"{path}: the same text has different labels ({rows}): {text[:80]!r}; settle on one")
+    df = df.drop_duplicates("text")
+    existing = _dataset_texts(project_dir, params)
+    already = df["text"].isin(existing)
+    new = df[~already]
+    when = now or datetime.now(timezone.utc)
+    if new.empty:
+        raise LabelError(f"{path}: all {len(df)} labelled texts are already in the dataset "
+                         f"({project_dir / 'data/dataset'}): nothing to add")
+    batch = pd.DataFrame({"text": new["text"].map(mask), "label": new["label"], "source": "label-import",
+                          "request_id": new["request_id"], "index": new["index"], "sample": new["sample"],
+                          "labeller": new["labeller"], "labelled_at": when.isoformat(timespec="seconds"),
+                          "champion_version": version})
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / f"labels-{when:%Y%m%dT%H%M%S}.csv"
+        batch.to_csv(file, index=False)
+        added = add_batches([str(file)], project_dir, params.ingest, tag=tag, push=push)
+    if log_dir:
+        with_ids = df[df["request_id"] != ""]
+        write_feedback(log_dir, [{"request_id": r.request_id, "index": r.index, "label": r.label,
+                                  "labeller": r.labeller, "source": "label-import", "sample": r.sample}
+                                 for r in with_ids.itertuples()])
+    return {"added": len(new), "dropped_existing": int(already.sum()), "unlabelled": int(unlabelled.sum()),
+            "commit": added["commit"], "files": added["files"], "champion_version": version,
+            "by_sample": new["sample"].value_counts().to_dict()}

@@ -1,0 +1,102 @@
+"""The labelling queue and the label import, on a real DVC project, a real request log and a real store."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import chisquare, ks_2samp
+
+from kftune.data import add_batches
+from kftune.demo.drift import setup_project
+from kftune.monitor.feedback import read_feedback
+from kftune.monitor.labels import DRIFT, RANDOM, UNCERTAIN, LabelError, import_labels, queue, select
+from tests.conftest import subword_texts
+from tests.monitor.conftest import monitor_params, write_traffic
+
+START = 1_700_000_000.0
+
+
+def test_the_random_share_is_uniform_over_the_traffic_and_blind_to_confidence():
+    rng = np.random.default_rng(1)
+    n = 400
+    cands = pd.DataFrame({"text": [f"t{i} word{i % 7}" for i in range(n)], "probability": rng.uniform(0.3, 1, n)})
+    counts = np.zeros(n)
+    picked_probs = []
+    for seed in range(300):
+        q = select(cands, 40, 0.5, 0.25, {"t", "word1"}, seed)
+        r = q[q["sample"] == RANDOM]
+        assert len(r) == 20 and r.index.is_unique and len(q) == 40 and q.index.is_unique
+        counts[r.index] += 1
+        picked_probs += r["probability"].tolist()
+    assert chisquare(counts).pvalue > 0.01  # every text equally likely
+    assert ks_2samp(picked_probs, cands["probability"]).pvalue > 0.01  # not skewed towards (un)confident ones
+    q = select(cands, 40, 0.5, 0.25, {"t"}, 0)
+    assert q[q["sample"] == UNCERTAIN]["probability"].max() <= q[q["sample"] != RANDOM]["probability"].quantile(1)
+    rest = cands.drop(q.index)
+    assert q[q["sample"] == UNCERTAIN]["probability"].max() <= rest["probability"].min() or \
+        len(q[q["sample"] == DRIFT]) < 10
+
+
+@pytest.fixture
+def dvc_project(tmp_path, params):
+    root = tmp_path / "proj"
+    setup_project(root)
+    first = tmp_path / "first.csv"
+    subword_texts(200, seed=3).to_csv(first, index=False)
+    add_batches([str(first)], root, params.ingest, push=False)
+    return root
+
+
+def test_queue_then_import_refuses_unknown_labels_and_known_texts_and_adds_a_version(store, tiny_model, tmp_path,
+                                                                                       dvc_project):
+    params = monitor_params(tiny_model)
+    log_dir = tmp_path / "log"
+    rows = write_traffic(log_dir, START, [0.3, 0.5], per_hour=100)
+    picked = queue(str(log_dir), params, 60, tmp_path / "queue")
+    assert picked["rows"] == 60 and picked["by_sample"][RANDOM] == 30 and picked["labels"] == ["negative", "positive"]
+    q = pd.read_csv(tmp_path / "queue" / "queue.csv", dtype=str, keep_default_na=False)
+    assert set(q["sample"]) <= {RANDOM, DRIFT, UNCERTAIN} and (q["unbiased"] == "True").sum() == 30
+    tasks = json.loads((tmp_path / "queue" / "queue-labelstudio.json").read_text())
+    assert len(tasks) == 60 and tasks[0]["data"]["request_id"] == q["request_id"][0]
+    assert 'Choice value="negative"' in (tmp_path / "queue" / "label-config.xml").read_text()
+
+    truth = {r["request_id"]: r["label"] for r in rows}
+    q["label"] = [truth[r] for r in q["request_id"]]
+    q.loc[3, "label"] = "bullish"
+    q.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(LabelError, match=r"1 label\(s\) not in champion v1's label set \['negative', 'positive'\]: "
+                                         r"line 5: 'bullish'"):
+        import_labels(tmp_path / "bad.csv", params, dvc_project, str(log_dir), labeller="ann")
+
+    q.loc[3, "label"] = "negative"
+    known = subword_texts(200, seed=3)["text"][0]  # a text the dataset already has
+    q.loc[4, "text"] = known
+    q.to_csv(tmp_path / "good.csv", index=False)
+    out = import_labels(tmp_path / "good.csv", params, dvc_project, str(log_dir), labeller="ann", push=False)
+    assert out["added"] == 59 and out["dropped_existing"] == 1 and len(out["commit"]) == 40
+    batch = pd.read_csv(dvc_project / out["files"][0], dtype=str, keep_default_na=False)
+    assert len(batch) == 59 and set(batch["source"]) == {"label-import"} and set(batch["labeller"]) == {"ann"}
+    assert known not in set(batch["text"]) and set(batch["request_id"]) <= set(q["request_id"])
+    fb = read_feedback(str(log_dir))
+    assert len(fb) == 60 and (fb["sample"] == RANDOM).sum() == 30
+
+    with pytest.raises(LabelError, match="all 60 labelled texts are already in the dataset"):
+        import_labels(tmp_path / "good.csv", params, dvc_project, str(log_dir), push=False)
+    # the feedback removed the labelled requests from the next queue
+    assert queue(str(log_dir), params, 500, tmp_path / "queue2")["candidates"] == 200 - 60
+
+
+def test_label_studio_export_is_read_with_its_annotator(store, tiny_model, tmp_path, dvc_project):
+    params = monitor_params(tiny_model)
+    export = [{"data": {"text": "the group said gainoku today", "request_id": "a1", "index": 0, "sample": "random"},
+               "annotations": [{"result": [{"value": {"choices": ["positive"]}}],
+                                "completed_by": {"email": "ann@example.com"}}]},
+              {"data": {"text": "the unit dropmek", "request_id": "a2"}, "annotations": [
+                  {"result": [{"value": {"choices": ["negative"]}}], "completed_by": 7}]},
+              {"data": {"text": "the board lossumi", "request_id": "a3"}, "annotations": []}]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    out = import_labels(tmp_path / "export.json", params, dvc_project, str(tmp_path / "log"), push=False)
+    assert out["added"] == 2 and out["unlabelled"] == 1
+    batch = pd.read_csv(dvc_project / out["files"][0], dtype=str)
+    assert batch["labeller"].tolist() == ["ann@example.com", "7"] and batch["text"][0] == "the group said gainoku today"
