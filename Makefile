@@ -35,6 +35,9 @@ run: install ## generate a demo batch and run the training pipeline end to end (
 demo-drift: install ## watch drift detection and retraining on 4 synthetic batches (the last one shifted)
 	$(BIN)/kftune demo-drift
 
+demo-loop: install ## the closed loop on replayed traffic: serve, monitor alerts, labels, retraining, v2 swapped in
+	$(BIN)/kftune demo-loop
+
 test: dev ## run the whole test suite
 	$(BIN)/pytest -q
 
