@@ -112,7 +112,9 @@ def cmd_schedule(args) -> int:
 def cmd_data(args) -> int:
     from kftune.data import add_batches
 
-    result = add_batches(args.files, args.project_dir, _params(args).ingest, tag=args.tag, push=not args.no_push)
+    params = _params(args)
+    result = add_batches(args.files, args.project_dir, params.ingest, tag=args.tag, push=not args.no_push,
+                         task=params.task)
     print(f"added {', '.join(result['files'])} -> commit {result['commit'][:10]}"
           f"{' tag ' + result['tag'] if result['tag'] else ''}, dataset md5 {result['md5']}, "
           f"{'pushed to the DVC remote' if result['pushed'] else 'not pushed'}")
@@ -197,6 +199,10 @@ def cmd_models(args) -> int:
         print(f"{name}: {done}", file=sys.stderr)
     if args.action == "list":
         _print_versions(name)
+    elif args.action == "prune":
+        gone = registry.prune(name, args.keep)
+        print(f"{name}: deleted {', '.join('v' + v for v in gone) or 'nothing'} (kept the newest {args.keep} and "
+              f"every version behind an alias or awaiting approval)")
     elif args.action == "promote":
         event = gate.approve(name, args.version, args.reason, force=args.force)
         print(f"{name}: champion v{event.from_version or '-'} -> v{event.to_version}")
@@ -326,14 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_step)
 
-    p = sub.add_parser("models", help="the MLflow registry: list, show, promote, rollback, history, check")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history", "check"])
+    p = sub.add_parser("models", help="the MLflow registry: list, show, promote, rollback, history, check, prune")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history", "check", "prune"])
     p.add_argument("version", nargs="?", help="version to show or promote")
     p.add_argument("--name", help="registered model (default: register.model_name in params)")
     p.add_argument("--reason", help="why (required for promote and rollback; recorded in the history)")
     p.add_argument("--force", action="store_true",
                    help="promote: approve even if the champion moved since this version was gated")
     p.add_argument("--repair", action="store_true", help="check: finish interrupted moves, record outside moves")
+    p.add_argument("--keep", type=int, default=5, help="prune: versions to keep besides protected ones (default: 5)")
     _add_params_args(p)
     p.set_defaults(func=cmd_models)
 

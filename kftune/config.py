@@ -483,7 +483,11 @@ def _apply_override(data: dict, assignment: str, problems: list[str]) -> None:
     if leaf not in node:
         problems.append(f"override {key}: unknown key")
         return
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        problems.append(f"override {key}={raw!r}: not a YAML value ({str(exc).splitlines()[0]}); quote text, "
+                        f"e.g. -S '{key}=[a, b]'")
 
 
 def params_from_dict(data: dict, overrides: list[str] = (), source: str = "params") -> Params:

@@ -26,6 +26,13 @@ def plain(text: str) -> str:
     return CONTROL.sub("", ANSI.sub("", text))
 
 
+def markdown_cell(text) -> str:
+    """Data (a label name, a text) as inert Markdown: no HTML, no table breaks, no control characters."""
+    import html
+
+    return html.escape(plain(str(text)).replace("\n", " ")).replace("|", "\\|")
+
+
 def step_name(task: str) -> str:
     return task.removesuffix("-op").replace("finetune", "fine-tune")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -28,7 +29,8 @@ def _tool(name: str) -> str:
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    # DVC's usage analytics would phone home from every repository (the demo's too), not only this one
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     if proc.returncode:
         shown = " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))
         said = (proc.stderr or proc.stdout).strip() or f"exit code {proc.returncode}"
@@ -44,10 +46,16 @@ def _dvc(root: Path, *args: str) -> str:
     return _run([_tool("dvc"), *args], root)
 
 
-def check_batch(path: str | Path, cfg: IngestConfig) -> int:
-    """Run ingest's schema checks on one batch file; return its usable rows or raise DataError."""
-    from kftune.tables import DataError, check_labels, clean, read_tables
+def check_batch(path: str | Path, cfg: IngestConfig, task: str = "sequence-classification") -> int:
+    """Run ingest's checks on one batch file (tagged sentences: CoNLL or JSONL with IOB2 checks); return its
+    usable rows or raise DataError."""
+    from kftune.tables import DataError, check_labels, clean, read_sentences, read_tables
 
+    if task == "token-classification":
+        df, drops = clean(read_sentences(str(path), cfg)[0])
+        if df.empty:
+            raise DataError(f"{path}: no usable sentences after cleaning (dropped {drops})")
+        return len(df)
     df, drops = clean(read_tables(str(path), cfg)[0])
     if df.empty:
         raise DataError(f"{path}: no usable rows after cleaning (dropped {drops})")
@@ -55,12 +63,26 @@ def check_batch(path: str | Path, cfg: IngestConfig) -> int:
     return len(df)
 
 
+def _refuse_duplicates(files: list[str], target: Path) -> None:
+    """The same file added twice would be a new data version with nothing new in it."""
+    import hashlib
+
+    from kftune.tables import DataError
+
+    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    known = {digest(p): p.name for p in target.iterdir() if p.is_file()} if target.is_dir() else {}
+    for f in files:
+        if (d := digest(f)) in known:
+            raise DataError(f"{f}: the same bytes are already in the dataset as {known[d]}; nothing to add")
+        known[d] = str(f)
+
+
 def has_remote(root: Path) -> bool:
     return bool(_dvc(root, "remote", "list").strip())
 
 
 def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: str = DATASET,
-                tag: str | None = None, push: bool = True) -> dict:
+                tag: str | None = None, push: bool = True, task: str = "sequence-classification") -> dict:
     """Add labelled batches to the versioned dataset and record the new version.
 
     Every file is checked before anything changes; then each is copied in as the next
@@ -74,7 +96,8 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
     root = Path(root).resolve()
     if not (root / ".dvc").is_dir():
         raise DataVersionError(f"{root}: not a DVC repository (run `dvc init` there)")
-    rows = {str(f): check_batch(f, cfg) for f in files}
+    rows = {str(f): check_batch(f, cfg, task) for f in files}
+    _refuse_duplicates(files, root / dataset)
     if tag and _run(["git", "tag", "--list", tag], root):
         raise DataVersionError(f"git tag {tag!r} already exists in {root}; choose another --tag")
     target = root / dataset

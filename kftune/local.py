@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -50,7 +51,8 @@ def _data_location(data_path: str, project_dir: Path, data_repo: str, data_rev: 
     return data_path, data_repo
 
 
-def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = False, **arguments):
+def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = False, runner: str = "subprocess",
+                 image: str = "", **arguments):
     """Run one pipeline with kfp.local (SubprocessRunner, this Python environment); return (task, report).
 
     The terminal gets one line per step; kfp.local's full output goes to
@@ -60,24 +62,76 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
 
     from kftune.cluster import pipeline_factory
     from kftune.console import StepConsole
-    from kftune.tracking import configure, git_commit
+    from kftune.tracking import close_runs, configure, git_commit
 
     configure(project_dir)
     outputs = project_dir / "local_outputs"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(outputs), raise_on_error=True)
+    run_id = f"{which}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if runner == "docker":  # every task in the component image (kftune.containers), against a tracking server
+        from kftune.cluster import image as default_image
+        from kftune.containers import docker_runner
+
+        image = image or default_image()
+        arguments.setdefault("checkpoint_root", str(project_dir / ".kftune" / "checkpoints"))
+        task_runner = docker_runner(image, outputs, project_dir, arguments, run_id)
+    else:
+        task_runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=task_runner, pipeline_root=str(outputs), raise_on_error=True)
     console = StepConsole(outputs / f"{which}-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose)
     print(f"{which} pipeline (full log: {console.log_path})", flush=True)
     arguments.update(checkpoint_root=str(project_dir / ".kftune" / "checkpoints"), git_commit=git_commit(project_dir))
+    os.environ["KFTUNE_OWNER_PID"] = str(os.getpid())  # every step's MLflow run names this command as its owner
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(console):
             warnings.filterwarnings("ignore", message=".*(no effect in the current local runner|non-Python base image)")
-            task = pipeline_factory(which)(params.to_dict())(**arguments)
+            task = pipeline_factory(which)(params.to_dict(), **({"image": image} if image else {}))(**arguments)
     except RuntimeError as exc:
-        raise PipelineFailed(f"step {console.failed_step() or '?'} failed: {console.root_cause() or exc}\n"
-                             f"(full log: {console.log_path})") from None
+        cause = f"step {console.failed_step() or '?'} failed: {console.root_cause() or exc}"
+        close_runs("FAILED", cause)
+        raise PipelineFailed(f"{cause}\n(full log: {console.log_path})") from None
+    except KeyboardInterrupt as exc:
+        stop_children()
+        close_runs("KILLED", f"interrupted ({exc or 'SIGINT'}) during step {console.failed_step() or '?'}")
+        raise
     finally:
         console.close()
     return task, {"steps": console.steps, "log": str(console.log_path)}
+
+
+def stop_children(grace: float = 3.0) -> None:
+    """Terminate the pipeline steps this process started (kfp.local waits for them otherwise), then kill
+    what is still there after `grace` seconds."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def check_dependencies(project_dir: Path, params: Params) -> None:
+    """In seconds, before any step: the tracking store answers, runs left by dead commands are closed, and
+    the disk has room for what the run writes (the model about 3x: checkpoint, output, registry copy)."""
+    import shutil
+
+    from kftune.base_models import resolve_base_model
+    from kftune.tracking import check_reachable, configure, sweep_dead_runs
+
+    from kftune.registry import reconcile
+
+    check_reachable(configure(project_dir))
+    sweep_dead_runs()
+    reconcile(params.register.model_name)
+    base = Path(resolve_base_model(params.model.name))
+    model_bytes = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) if base.is_dir() else 0
+    need, free = 3 * model_bytes + 200 * 2**20, shutil.disk_usage(project_dir).free
+    if free < need:
+        raise KftuneError(f"{project_dir}: {free / 2**20:.0f} MiB free, the run needs about {need / 2**20:.0f} MiB "
+                          f"(model {model_bytes / 2**20:.0f} MiB x 3 + 200 MiB); free some space")
 
 
 def _training_seconds(run_dir: Path) -> float:
@@ -100,7 +154,7 @@ def breakdown(report: dict) -> str:
 
 
 def run_local(data_path: str, params: Params, project_dir: str | Path = ".", data_repo: str = "",
-              data_rev: str = "", verbose: bool = False) -> dict:
+              data_rev: str = "", verbose: bool = False, runner: str = "subprocess", image: str = "") -> dict:
     """Run the training pipeline locally; return the gate's decision (with the step timings as `report`).
 
     Outputs land in <project_dir>/local_outputs, MLflow in <project_dir>/mlflow.db + mlartifacts
@@ -109,10 +163,11 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".", dat
     project_dir = Path(project_dir).resolve()
     data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
     t0 = time.monotonic()
+    check_dependencies(project_dir, params)
     card = preflight(data_path, params, data_repo, data_rev)
     pre = {"step": "pre-flight", "status": "ok", "seconds": time.monotonic() - t0, "summary": ""}
-    task, report = run_pipeline("training", params, project_dir, verbose, data_path=data_path, data_repo=data_repo,
-                                data_rev=data_rev, data_hash=card["sha256"])
+    task, report = run_pipeline("training", params, project_dir, verbose, runner, image, data_path=data_path,
+                                data_repo=data_repo, data_rev=data_rev, data_hash=card["sha256"])
     report["steps"].insert(0, pre)
     report["run_dir"] = str(Path(task.output.path).parents[1])
     report["train_seconds"] = _training_seconds(Path(report["run_dir"]))
@@ -120,7 +175,8 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".", dat
 
 
 def run_retraining_local(params: Params, project_dir: str | Path = ".", data_path: str = "", data_repo: str = "",
-                         data_rev: str = "", force: bool = False, verbose: bool = False) -> dict:
+                         data_rev: str = "", force: bool = False, verbose: bool = False, runner: str = "subprocess",
+                         image: str = "") -> dict:
     """Run the retraining pipeline locally; return what it decided (see `retraining_outcome`).
 
     Without data_path it reads the project's versioned dataset (kftune.data.DATASET) through DVC.
@@ -136,8 +192,9 @@ def run_retraining_local(params: Params, project_dir: str | Path = ".", data_pat
         if not data_path:
             data_path, data_repo = DATASET, data_repo or str(project_dir)
         data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
+        check_dependencies(project_dir, params)
         preflight(data_path, params, data_repo, data_rev)
-        task, report = run_pipeline("retraining", params, project_dir, verbose, data_path=data_path,
+        task, report = run_pipeline("retraining", params, project_dir, verbose, runner, image, data_path=data_path,
                                     data_repo=data_repo, data_rev=data_rev, force=force)
         card = read_json(Path(task.output.path) / "data_card.json")
         return {**retraining_outcome(card, params.register.model_name), "report": report}

@@ -23,6 +23,7 @@ class Sentence:
     tokens: list[str]
     tags: list[str]
     line: int  # where the sentence starts in its file, for error messages
+    lines: tuple = ()  # CoNLL: the line of every token, so an error names the token's own line
 
 
 def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> list[Sentence]:
@@ -30,14 +31,14 @@ def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> li
 
     `-DOCSTART-` lines are skipped. Every non-blank line must have as many columns as the first.
     """
-    sentences, tokens, tags, start, width = [], [], [], 0, None
+    sentences, tokens, tags, numbers, start, width = [], [], [], [], 0, None
     lines = Path(path).read_text(encoding=encoding).splitlines()
     for number, raw in enumerate(lines + [""], start=1):
         cols = raw.split("\t") if "\t" in raw else raw.split()
         if not raw.strip():
             if tokens:
-                sentences.append(Sentence(tokens, tags, start))
-            tokens, tags = [], []
+                sentences.append(Sentence(tokens, tags, start, tuple(numbers)))
+            tokens, tags, numbers = [], [], []
             continue
         if cols[0] == "-DOCSTART-":
             continue
@@ -53,6 +54,7 @@ def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> li
             start = number
         tokens.append(cols[0])
         tags.append(tag.strip())
+        numbers.append(number)
     return sentences
 
 
@@ -82,6 +84,8 @@ def check_tags(sentence: Sentence, where: str, repair: bool, allowed: set[str] |
     """
     repairs, previous = 0, "O"
     for i, tag in enumerate(sentence.tags):
+        if sentence.lines:  # "file:line" of the token itself
+            where = f"{where.rsplit(':', 1)[0]}:{sentence.lines[i]}"
         if tag != "O" and (len(tag) < 3 or tag[:2] not in ("B-", "I-")):
             raise NerDataError(f"{where}: tag {tag!r} of token {sentence.tokens[i]!r} is not O, B-TYPE or I-TYPE")
         if allowed is not None and tag not in allowed:

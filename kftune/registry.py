@@ -331,3 +331,34 @@ def describe_version(name: str, version: str) -> str:
     if t.get("git_commit", "").endswith("-dirty"):
         lines.append("  (warning: the code had uncommitted changes when this version was trained)")
     return "\n".join(lines)
+
+
+def logged_model_id(mv) -> str | None:
+    """The MLflow 3 logged model behind a version (its `source` is models:/m-..., model_id may be unset)."""
+    if mv.model_id:
+        return mv.model_id
+    return mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None
+
+
+def prune(name: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions, with their weights; never a version behind an alias
+    (champion, previous-champion, challenger) nor one awaiting approval. Returns the versions deleted."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = _client()
+    if keep < 1:
+        raise RegistryError(f"--keep {keep}: keep at least 1 version")
+    with lease(name):
+        protected = {str(v) for v in client.get_registered_model(name).aliases.values()}
+        versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version))
+        protected |= {str(mv.version) for mv in versions if mv.tags.get(f"{TAG}decision") == "awaiting-approval"}
+        candidates = [mv for mv in versions if str(mv.version) not in protected]
+        doomed = candidates[: max(len(candidates) - keep, 0)]
+        for mv in doomed:
+            model_id = logged_model_id(mv)
+            location = client.get_logged_model(model_id).artifact_location if model_id else None
+            client.delete_model_version(name, mv.version)
+            if location:
+                get_artifact_repository(location).delete_artifacts()
+                client.delete_logged_model(model_id)
+    return [str(mv.version) for mv in doomed]

@@ -186,7 +186,19 @@ def load_rows(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     labels = check_labels(df, cfg, source)
     df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
     return df, {"sources": sources, "rows_read": len(raw), "dropped": drops, "labels": labels,
-                "split_salt": cfg.split_salt, "split": split_settings(cfg)}
+                "split_salt": cfg.split_salt, "split": split_settings(cfg), "warnings": drop_warnings(raw, df, drops)}
+
+
+def drop_warnings(raw: pd.DataFrame, kept: pd.DataFrame, drops: dict[str, int]) -> list[str]:
+    """Say loudly (log and data card) when cleaning threw most of the data away."""
+    out = []
+    if len(kept) < 0.5 * len(raw):
+        why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in drops.items() if n)
+        out.append(f"only {len(kept)} of {len(raw)} rows are usable ({why}); a duplicate is an exact repeat "
+                   f"of (text, label), a conflict the same text with two labels")
+    for w in out:
+        log.warning("ingest: %s", w)
+    return out
 
 
 def content_sha256(df: pd.DataFrame) -> str:

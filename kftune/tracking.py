@@ -83,8 +83,98 @@ def start_run(params, run_name: str = "") -> str:
     configure()
     client = mlflow.MlflowClient()
     run = client.create_run(experiment_id(params.register.experiment), run_name=run_name or None,
-                            tags={"kftune.params_hash": params.digest(), "kftune.model": params.model.name})
+                            tags={"kftune.params_hash": params.digest(), "kftune.model": params.model.name,
+                                  "kftune.owner": owner()})
     items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(params.to_dict()).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+# --- every run ends ---------------------------------------------------------------------------
+
+def owner() -> str:
+    """host:pid of the kftune command a run belongs to (pipeline steps inherit KFTUNE_OWNER_PID)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.environ.get('KFTUNE_OWNER_PID') or os.getpid()}"
+
+
+def _alive(run_owner: str) -> bool:
+    import socket
+
+    host, _, pid = run_owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's run: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _kftune_experiments(client) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments() if not e.name.startswith("kftune-history-")]
+
+
+def finish_run(run_id: str) -> None:
+    """A run whose work is done: kftune.status finished, status FINISHED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "kftune.status", "finished")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def close_runs(status: str, cause: str, run_owner: str | None = None) -> list[str]:
+    """End every unfinished run of `run_owner` (default: this command) as FAILED or KILLED, with kftune.status
+    and the root cause; remove the model versions such a run registered but never decided on. Returns run ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(_kftune_experiments(client), f"tags.`kftune.owner` = '{run_owner or owner()}'",
+                              max_results=1000)
+    return [_close(client, r.info.run_id, status, cause) for r in runs if "kftune.status" not in r.data.tags]
+
+
+def _close(client, run_id: str, status: str, cause: str) -> str:
+    client.set_tag(run_id, "kftune.status", status.lower())
+    client.set_tag(run_id, "kftune.failure", cause[:5000])
+    for mv in client.search_model_versions(f"run_id = '{run_id}'"):
+        if "kftune.decision" not in mv.tags:  # registered, then the step died before the gate: not a real version
+            client.delete_model_version(mv.name, mv.version)
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def sweep_dead_runs() -> list[str]:
+    """Runs left RUNNING by a kftune command that is gone (kill -9, power loss) are marked KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    dead = []
+    for run in client.search_runs(_kftune_experiments(client), "attributes.status = 'RUNNING'", max_results=1000):
+        run_owner = run.data.tags.get("kftune.owner", "")
+        if run_owner and not _alive(run_owner):
+            dead.append(_close(client, run.info.run_id, "KILLED", f"its kftune process ({run_owner}) is gone"))
+    return dead
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, when the tracking store cannot be reached."""
+    from kftune.config import KftuneError
+
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).read()
+        except OSError as exc:
+            raise KftuneError(f"cannot reach the MLflow tracking server at {uri} ({exc}); start it, or unset "
+                              f"MLFLOW_TRACKING_URI to use the local sqlite store") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not os.access(folder, os.W_OK):
+            raise KftuneError(f"the MLflow store {uri}: folder {folder} is not writable")

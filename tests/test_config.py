@@ -61,3 +61,9 @@ def test_every_key_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in params_help() if f"`{key}`" not in readme]
     assert not missing, f"README lacks {missing}"
+
+
+@pytest.mark.parametrize("bad", ["ingest.labels=[a, b", "model.name=!!python/object:os.system x"])
+def test_a_malformed_override_is_a_clear_error(bad):
+    with pytest.raises(ConfigError, match="not a YAML value"):
+        load_params(ROOT / "params.yaml", [bad])

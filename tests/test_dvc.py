@@ -46,6 +46,19 @@ def test_a_bad_batch_changes_nothing(project, params):
     assert sh(project, "git", "status", "--porcelain") == ""
 
 
+def test_the_same_file_twice_is_refused_and_conll_batches_are_versioned(project, params):
+    add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    with pytest.raises(DataError, match="already in the dataset as batch-000.csv"):
+        add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    conll = write_conll(project.parent / "tags.conll", ner_sentences(50))
+    bad = project.parent / "bad.conll"
+    bad.write_text("Ann\tB-PER\nLee\tX-PER\n")
+    with pytest.raises(DataError, match=f"{bad}:2: tag 'X-PER'"):
+        add_batches([str(bad)], project, params.ingest, task="token-classification")
+    added = add_batches([str(conll)], project, params.ingest, task="token-classification")
+    assert added["files"] == ["data/dataset/batch-001.conll"] and added["rows"] == {str(conll): 50}
+
+
 def test_a_refused_commit_puts_the_working_tree_back(project, params):
     add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
     hook = project / ".git" / "hooks" / "pre-commit"

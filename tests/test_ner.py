@@ -84,3 +84,12 @@ def test_char_spans_from_word_offsets():
     assert ner.char_spans(text, offsets, tags, [0.9, 0.7, 1, 1, 0.8, 0.6, 1]) == [
         {"type": "PER", "text": "Ann Lee", "start": 0, "end": 7, "score": 0.8},
         {"type": "LOC", "text": "New York", "start": 16, "end": 24, "score": 0.7}]
+
+
+def test_a_bad_tag_is_reported_at_its_own_line(tmp_path):
+    path = tmp_path / "a.conll"
+    path.write_text("Ann\tB-PER\n\nThe\tO\nboard\tO\nmet\tX-ORG\n")
+    (s1, s2) = ner.read_conll(path, tag_column=-1)
+    assert s2.line == 3 and s2.lines == (3, 4, 5)
+    with pytest.raises(NerDataError, match=rf"{path}:5: tag 'X-ORG' of token 'met'"):
+        ner.check_tags(s2, f"{path}:{s2.line}", repair=True, allowed=None)

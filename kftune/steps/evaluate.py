@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kftune.config import EvaluateConfig
+from kftune.console import markdown_cell
 from kftune.fileio import atomic_dir, write_csv, write_json
 from kftune.metrics import classification_metrics, entity_metrics
 from kftune.predict import labels_of, predict_proba_with
@@ -56,7 +57,7 @@ def render_report(metrics: dict) -> str:
              "| system | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
     lines += [f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} |" for name, m in rows]
     lines += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {lbl} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+    lines += [f"| {markdown_cell(lbl)} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for lbl, c in metrics["model"]["per_class"].items()]
     if "historical" in metrics:
         h = metrics["historical"]
@@ -140,7 +141,7 @@ def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Pa
     lines += [f"| {n} | {m['precision']:.4f} | {m['recall']:.4f} | {m['entity_f1']:.4f} | {m['token_accuracy']:.4f} |"
               for n, m in rows]
     lines += ["", "| type | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {t} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+    lines += [f"| {markdown_cell(t)} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for t, c in metrics["model"]["per_type"].items()]
     words = pd.DataFrame([(i, w, g, p) for i, (ws, gs, ps) in enumerate(zip(tokens, gold, pred))
                           for w, g, p in zip(ws, gs, ps)], columns=["sentence", "word", "label", "predicted"])

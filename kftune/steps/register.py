@@ -117,14 +117,14 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
     """
     import mlflow
 
-    from kftune.tracking import configure, experiment_id
+    from kftune.tracking import configure, experiment_id, finish_run, owner
 
     configure()
     data_dir, model_dir, eval_dir = Path(data_dir), Path(model_dir), Path(eval_dir)
     card, metrics = read_json(data_dir / "data_card.json"), read_json(eval_dir / "metrics.json")
     test = pd.read_parquet(data_dir / "test.parquet")
     cfg, primary, task = params.register, metrics["primary"], card.get("task", "sequence-classification")
-    tags = {"kftune.data_sha256": card["sha256"], "kftune.git_commit": git_commit,
+    tags = {"kftune.data_sha256": card["sha256"], "kftune.git_commit": git_commit, "kftune.owner": owner(),
             "kftune.params_hash": params.digest(),
             **{f"kftune.{k}": str(v) for k, v in card.get("lineage", {}).items()},
             **{f"kftune.{k}": str(card[k]) for k in ("warm_start", "new_rows", "replayed_rows") if k in card}}
@@ -152,11 +152,12 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             "test": verdict.champion_score, "historical_test": verdict.champion_historical_score}.items()
             if v is not None})
         gate.record(cfg.model_name, verdict, metrics["baseline"])
-        mlflow.set_tag("kftune.decision", verdict.decision)
+        mlflow.set_tags({"kftune.decision": verdict.decision, "kftune.status": "finished"})
         mlflow.log_dict(verdict.to_dict(), "decision.json")
-    if card.get("lineage", {}).get("retrain_run_id"):  # the retraining run that asked for this challenger
+    if retrain_run := card.get("lineage", {}).get("retrain_run_id"):  # the retraining run that asked for this
         for k, v in {"challenger_version": version, "decision": verdict.decision}.items():
-            client.set_tag(card["lineage"]["retrain_run_id"], f"kftune.{k}", v)
+            client.set_tag(retrain_run, f"kftune.{k}", v)
+        finish_run(retrain_run)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / "decision.json", verdict.to_dict())
     log.info("register: v%s %s (%s)", version, verdict.decision, "; ".join(verdict.reasons))

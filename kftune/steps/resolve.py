@@ -100,13 +100,13 @@ def start_retraining_run(params: Params, run_name: str = "") -> str:
     """The MLflow run that records one retraining decision: counts, drift scores, outcome."""
     import mlflow
 
-    from kftune.tracking import configure, experiment_id
+    from kftune.tracking import configure, experiment_id, owner
 
     configure()
     run = mlflow.MlflowClient().create_run(experiment_id(f"{params.register.experiment}-retraining"),
                                            run_name=run_name or None,
                                            tags={"kftune.model_name": params.register.model_name,
-                                                 "kftune.params_hash": params.digest()})
+                                                 "kftune.params_hash": params.digest(), "kftune.owner": owner()})
     return run.info.run_id
 
 
@@ -149,6 +149,10 @@ def resolve(source: str, out_data: str | Path, out_champion: str | Path, params:
     card = _resolve(source, Path(out_data), Path(out_champion), params, lineage)
     if run_id:
         _log(run_id, card)
+        if card["status"] == NOTHING_NEW:  # the pipeline ends here
+            from kftune.tracking import finish_run
+
+            finish_run(run_id)
     return card
 
 

@@ -46,3 +46,24 @@ def test_evaluate_scores_model_and_baselines_on_the_test_split(prepared, params)
     assert m["baselines"]["majority"]["macro_f1"] < 0.5
     report = (prepared / "eval" / "report.md").read_text()
     assert f"{m['model']['macro_f1']:.4f}" in report and "tfidf_logreg" in report
+
+
+def test_hostile_data_is_escaped_in_the_report_and_neutralised_in_the_csv(tmp_path, params):
+    from kftune.steps.finetune import finetune
+    from kftune.steps.ingest import ingest
+    from kftune.steps.tokenize import tokenize
+    from tests.conftest import subword_texts, with_changes
+
+    df = subword_texts(600)
+    df["label"] = df["label"].map({"negative": "<img src=x onerror=alert(1)>", "positive": "pos|\x1b[31mred"})
+    df.loc[df.index[:300], "text"] = "=HYPERLINK(\"http://evil\") " + df["text"][:300]
+    df.to_csv(tmp_path / "hostile.csv", index=False)
+    ingest(str(tmp_path / "hostile.csv"), tmp_path / "data", params.ingest)
+    tokenize(tmp_path / "data", tmp_path / "tok", params.model.name, params.tokenize)
+    finetune(tmp_path / "tok", tmp_path / "model", params.model.name, with_changes(params.finetune, max_steps=10))
+    evaluate(tmp_path / "data", tmp_path / "model", tmp_path / "eval", params.evaluate)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "<img" not in report and "&lt;img src=x onerror=alert(1)&gt;" in report
+    assert "\x1b" not in report and "pos\\|red" in report
+    csv = (tmp_path / "eval" / "predictions.csv").read_text()
+    assert "\n=HYPERLINK" not in csv and "'=HYPERLINK" in csv

@@ -134,3 +134,16 @@ def test_reads_from_s3_through_an_endpoint_url(tmp_path, params, monkeypatch):
         server.stop()
     assert sum(card["rows"].values()) == 300
     assert [s["file"] for s in card["sources"]] == ["s3://data/batches/b1.csv", "s3://data/batches/b2.csv"]
+
+
+def test_mostly_duplicate_data_is_said_loudly(tmp_path, params, caplog):
+    import pandas as pd
+
+    pd.DataFrame({"text": [f"text {i % 10}" for i in range(2000)],
+                  "label": ["a" if i % 10 < 5 else "b" for i in range(2000)]}).to_csv(tmp_path / "d.csv", index=False)
+    from kftune.tables import load_rows
+
+    _, info = load_rows(str(tmp_path / "d.csv"), params.ingest)
+    assert info["warnings"] == ["only 10 of 2000 rows are usable (1990 duplicate); a duplicate is an exact repeat "
+                                "of (text, label), a conflict the same text with two labels"]
+    assert "only 10 of 2000 rows are usable" in caplog.text

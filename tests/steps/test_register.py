@@ -66,3 +66,22 @@ def test_promotion_refuses_when_the_champion_moved_since_the_gate(prepared, para
     with pytest.raises(registry.RegistryError, match="champion moved: was vnone when the gate ran, now v1"):
         registry.promote(name, d1.version, "stale gate", expected_champion="")
     assert registry.history(name)[-1].action == "refuse"
+
+
+def test_prune_keeps_the_protected_versions_and_frees_the_weights(prepared, params, mlflow_store):
+    from pathlib import Path
+
+    name = params.register.model_name
+    for i in range(4):
+        _, d = train_and_register(prepared, params, f"m{i}", max_steps=20, seed=i)
+        if i == 0:
+            registry.promote(name, d.version, "first")
+    # v1 champion, v4 challenger; v2 and v3 are old holds
+    client = MlflowClient()
+    model_id = registry.logged_model_id(client.get_model_version(name, "2"))
+    weights = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    assert weights.exists()
+    assert registry.prune(name, keep=1) == ["2"]
+    assert [v["version"] for v in registry.list_versions(name)] == ["1", "3", "4"]
+    assert not weights.exists(), "the weights went with the version"
+    assert registry.prune(name, keep=1) == []
