@@ -28,11 +28,11 @@ HOUR = 3600.0
 
 @dataclass
 class Plan:
-    rows: int = 2000  # v1's training batch
-    iid_hours: int = 4
+    rows: int = 1500  # v1's training batch
+    iid_hours: int = 3
     drift_hours: int = 3  # drifted hours before the labels are collected
     after_hours: int = 2  # drifted hours served by v2
-    per_hour: int = 300
+    per_hour: int = 200
     labels: int = 300  # labelling queue size
     label_noise: float = 0.05
     overrides: list = field(default_factory=lambda: [
@@ -116,7 +116,7 @@ def wait_logged(log_dir: Path, expected: int, timeout: float = 60) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log_dir.exists() and len(read_request_log(str(log_dir))) >= expected:
+        if log_dir.exists() and read_request_log(str(log_dir))["request_id"].str.startswith("h").sum() >= expected:
             return
         time.sleep(0.3)
     raise RuntimeError(f"the request log did not reach {expected} predictions in {timeout}s")
@@ -125,20 +125,23 @@ def wait_logged(log_dir: Path, expected: int, timeout: float = 60) -> None:
 def simulated_labeller(queue_csv: Path, truth: dict, noise: float, labels: list[str], seed: int, out: Path) -> int:
     rng = np.random.default_rng(seed)
     q = pd.read_csv(queue_csv, dtype=str, keep_default_na=False)
-    true = [truth[(r, int(i))] for r, i in zip(q["request_id"], q["index"])]
-    q["label"] = [rng.choice([x for x in labels if x != t]) if rng.random() < noise else t for t in true]
+    true = [truth.get((r, int(i)), "") for r, i in zip(q["request_id"], q["index"])]  # "": cannot tell, left blank
+    q["label"] = [rng.choice([x for x in labels if x != t]) if t and rng.random() < noise else t for t in true]
     q["labeller"] = "simulated"
     q.to_csv(out, index=False)
     return len(q)
 
 
-def load_keeper(url: str, model: str, stop: threading.Event, stats: dict) -> None:
+def load_keeper(url: str, model: str, stop: threading.Event, stats: dict, at: float) -> None:
     """Steady requests while the champion changes: every answer counted, every failure too."""
     import requests
 
+    n = 0
     while not stop.is_set():
+        n += 1
         try:
-            r = requests.post(f"{url}/v1/models/{model}:predict", json={"instances": ["Sales rose 5%"]}, timeout=30)
+            r = requests.post(f"{url}/v1/models/{model}:predict", json={"instances": ["Sales rose 5%"]}, timeout=30,
+                              headers={"X-Request-ID": f"keeper-{n}", "X-Kftune-Time": str(at)})
             ok = r.status_code == 200
             if ok:
                 v = r.json()["predictions"][0]["model_version"]
@@ -151,7 +154,7 @@ def load_keeper(url: str, model: str, stop: threading.Event, stats: dict) -> Non
 
 def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overrides: list[str] = (),
              fast: bool = False, plan: Plan | None = None, source=demo_source, surge_label: str = "negative",
-             echo=print, port: int | None = None) -> dict:
+             surge_share: float = 0.45, echo=print, port: int | None = None) -> dict:
     """Run the whole loop; print (echo) a timeline, write timeline.json and demo-loop.png in workdir."""
     from kftune.config import load_params
     from kftune.data import add_batches
@@ -171,7 +174,7 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
     configure(workdir)
     log_dir = workdir / "request-log"
     sets = [*plan.overrides, f"serve.log_dir={log_dir}",
-            f"monitor.rules=[{{name: {surge_label}-surge, kind: label_share, label: {surge_label}, max_share: 0.45, "
+            f"monitor.rules=[{{name: {surge_label}-surge, kind: label_share, label: {surge_label}, max_share: {surge_share}, "
             f"window: 1h, min_requests: 100}}, {{name: drift, kind: drift, window: 1h, min_requests: 100}}, "
             f"{{name: live-quality-gap, kind: live_quality, max_gap: 0.05, window: 30d, min_requests: 30}}]",
             *overrides]
@@ -241,18 +244,19 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
         timeline["labels"] = n
         mark(f"labelling queue {q['by_sample']} labelled by the simulated labeller; {imp['added']} texts -> data "
              f"version {imp['commit'][:8]}")
-        before = monitor_once(str(log_dir), params, now=START + hour * HOUR + 60, cache_dir=workdir / ".kftune" /
+        before = monitor_once(str(log_dir), params, now=START + hour * HOUR + 1, cache_dir=workdir / ".kftune" /
                               "monitor")
         checks.append(before)
         timeline["live_accuracy_before"] = before["live"].get("accuracy")
+        timeline["live_macro_f1_before"] = before["live"].get("macro_f1")
         timeline["live_accuracy_before_ci"] = [before["live"].get("accuracy_low"), before["live"].get("accuracy_high")]
         mark(f"live accuracy of v1 on {before['live'].get('n', 0)} random-sample labels: "
              f"{_f(before['live'].get('accuracy'))} [{_f(before['live'].get('accuracy_low'))}, "
-             f"{_f(before['live'].get('accuracy_high'))}]" +
+             f"{_f(before['live'].get('accuracy_high'))}], macro-F1 {_f(before['live'].get('macro_f1'))}" +
              (f"; ALERTS: {', '.join(e['alert'] + ' ' + e['status'] for e in before['events'])}" if before["events"] else ""))
 
         stop = threading.Event()
-        keeper = threading.Thread(target=load_keeper, args=(server.url, name, stop, stats), daemon=True)
+        keeper = threading.Thread(target=load_keeper, args=(server.url, name, stop, stats, START + hour * HOUR + 2), daemon=True)
         keeper.start()
         t_retrain = time.monotonic()
         o = run_retraining_local(params, workdir)
@@ -280,14 +284,15 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
                            workdir / "labelling" / "round-2" / "labelled.csv")
         import_labels(workdir / "labelling" / "round-2" / "labelled.csv", params, workdir, str(log_dir), tag="labels-2",
                       cache_dir=workdir / ".kftune" / "monitor")
-        after = monitor_once(str(log_dir), params, now=START + hour * HOUR + 60, cache_dir=workdir / ".kftune" /
+        after = monitor_once(str(log_dir), params, now=START + hour * HOUR + 1, cache_dir=workdir / ".kftune" /
                              "monitor")
         checks.append(after)
         timeline["live_accuracy_after"] = after["live"].get("accuracy")
+        timeline["live_macro_f1_after"] = after["live"].get("macro_f1")
         timeline["live_accuracy_after_ci"] = [after["live"].get("accuracy_low"), after["live"].get("accuracy_high")]
         mark(f"live accuracy of v{after['version']} on {after['live'].get('n', 0)} random-sample labels of its own "
              f"traffic: {_f(after['live'].get('accuracy'))} [{_f(after['live'].get('accuracy_low'))}, "
-             f"{_f(after['live'].get('accuracy_high'))}] ({q2['by_sample']})" +
+             f"{_f(after['live'].get('accuracy_high'))}], macro-F1 {_f(after['live'].get('macro_f1'))} ({q2['by_sample']})" +
              (f"; ALERTS: {', '.join(e['alert'] + ' ' + e['status'] for e in after['events'])}" if after["events"] else ""))
     finally:
         server.stop()
@@ -298,7 +303,8 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
     (workdir / "timeline.json").write_text(json.dumps(timeline, indent=1, default=str), encoding="utf-8")
     echo(f"\nalert latency after the drift starts: {timeline['alert_latency_hours']} simulated hour(s); labels: "
          f"{timeline['labels']}; v2 promoted: {promoted} after {timeline['time_to_v2_s']} s; live accuracy "
-         f"{_f(timeline['live_accuracy_before'])} -> {_f(timeline['live_accuracy_after'])}; "
+         f"{_f(timeline['live_accuracy_before'])} -> {_f(timeline['live_accuracy_after'])}, macro-F1 "
+         f"{_f(timeline['live_macro_f1_before'])} -> {_f(timeline['live_macro_f1_after'])}; "
          f"{stats['failed']} failed requests during the swap; picture: {workdir / 'demo-loop.png'}")
     return {**timeline, "checks": checks}
 
