@@ -1,13 +1,15 @@
 """The kftune command: bad input fails early with one clear message and leaves the registry alone."""
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
 from kftune import registry
 from kftune.cli import main
 from kftune.config import params_help
-from tests.conftest import ROOT
-from tests.steps.test_register import train_and_register
+from tests.conftest import ROOT, train_and_register
 
 
 @pytest.fixture
@@ -75,13 +77,23 @@ def test_models_commands(project, params, capsys):
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"
 
 
-def test_params_lists_every_key(capsys):
+def test_params_lists_every_key_and_survives_a_closed_pipe(capsys):
     assert main(["params"]) == 0
-    out = capsys.readouterr().out
-    assert all(key in out for key in params_help())
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(params_help())
+    proc = subprocess.run(f"{sys.executable} -m kftune.cli params | head -1", shell=True, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("task ") and proc.stderr == ""
 
 
-def test_compile_writes_ir_yaml(tmp_path, capsys):
+def test_compile_writes_ir_yaml_with_the_image_given_on_every_task(tmp_path, capsys):
     out = tmp_path / "pipeline.yaml"
     assert main(["compile", "-o", str(out), "--params", str(ROOT / "params.yaml")]) == 0
-    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == "kftune-training"
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert spec["pipelineInfo"]["name"] == "kftune-training"
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"kftune:0.1.0"}
+    assert main(["compile", "-o", str(out), "--pipeline", "retraining", "--image", "registry.example/kftune:7",
+                 "--params", str(ROOT / "params.yaml")]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+        "registry.example/kftune:7"}, "the image is handed in when the pipeline is built, not read at import"

@@ -24,7 +24,13 @@ def store(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture
-def champion(store, tmp_path):
-    """A copy of the champion's data folder (tests add files to it) in a fresh tmp_path."""
+def champion(store, tmp_path, monkeypatch):
+    """A copy of the champion's data folder (tests add files to it) in a fresh tmp_path, with MLflow pointed
+    at the shared store again (a test with its own store before this one moved MLflow's global URI)."""
+    import mlflow
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
     shutil.copytree(store / "data", tmp_path / "data")
     return tmp_path / "data"
