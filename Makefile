@@ -7,7 +7,7 @@ DEMO_ROWS ?= 3000
 MODEL ?= kftune-demo
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run demo-drift test test-fast compile clean image image-cuda test-postgres infra-check serve serve-manifest
+.PHONY: help install dev run demo-drift test test-fast compile clean image-base image image-cuda lock test-containers test-postgres infra-check serve serve-manifest
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -16,8 +16,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
@@ -57,12 +58,24 @@ compile: install ## compile both pipelines to *.yaml (set KFTUNE_IMAGE for your 
 clean: ## remove local run outputs (keeps .venv, mlflow.db and mlartifacts)
 	rm -rf local_outputs .kftune data/demo pipeline.yaml retraining.yaml
 
-image: ## build the CPU component image (needs a Docker engine; set IMAGE=registry/kftune:tag)
-	docker build -f infra/Dockerfile --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $${IMAGE:-kftune:0.1.0} .
+image-base: ## a local stand-in for python:3.11-slim (debootstrap bookworm) where no registry is reachable
+	infra/scripts/ensure-docker.sh
+	infra/scripts/build-base.sh
 
-image-cuda: ## build the CUDA component image (torch's PyPI wheels bundle the CUDA runtime)
-	docker build -f infra/Dockerfile --build-arg TORCH_INDEX=https://pypi.org/simple \
-		--build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $${IMAGE:-kftune:0.1.0-cuda} .
+image: install ## build kftune:0.1.0 and kftune-mlflow:3.17.2 from HEAD and the locks (BASE=python:3.11-slim)
+	infra/scripts/build-images.sh
+
+image-cuda: install ## the component image with PyPI's CUDA torch (multi-GB) instead of the locked CPU wheel
+	TORCH=cuda IMAGE=$${IMAGE:-kftune:0.1.0-cuda} infra/scripts/build-images.sh
+
+lock: install ## regenerate requirements.lock and infra/mlflow.lock (hash-pinned) from the tested .venv
+	$(BIN)/python infra/scripts/lock.py
+
+test-containers: dev ## both pipelines task by task in the images: docker, base, images, MLflow server, S3
+	infra/scripts/ensure-docker.sh
+	@if [ -z "$$BASE" ]; then infra/scripts/build-base.sh; fi
+	BASE=$${BASE:-kftune-base:bookworm} infra/scripts/build-images.sh
+	KFTUNE_CONTAINER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/containers
 
 test-postgres: dev ## MLflow server on PostgreSQL (installed from Debian if missing) + S3, the pipeline against it
 	$(BIN)/pytest -q tests/test_mlflow_postgres.py

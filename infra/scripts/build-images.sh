@@ -2,11 +2,10 @@
 # Build the component image (infra/Dockerfile) and the MLflow image (infra/mlflow.Dockerfile) from the
 # committed tree (HEAD) and the hash-pinned locks. An image whose inputs (Dockerfile, lock, base image,
 # code at HEAD) are those it was built from is kept as it is, so a second run takes seconds.
-#   env: BASE (default python:3.11-slim), IMAGE (kftune:0.1.0), MLFLOW_IMAGE (kftune-mlflow:3.17.2),
+#   env: BASE (default python:3.11-slim, else kftune-base:bookworm from `make image-base`), IMAGE (kftune:0.1.0), MLFLOW_IMAGE (kftune-mlflow:3.17.2),
 #        TORCH (cpu, or cuda: PyPI's CUDA torch instead of the locked CPU wheel), PYTHON (the host's pip)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BASE="${BASE:-python:3.11-slim}"
 IMAGE="${IMAGE:-kftune:0.1.0}"
 MLFLOW_IMAGE="${MLFLOW_IMAGE:-kftune-mlflow:3.17.2}"
 TORCH="${TORCH:-cpu}"
@@ -19,8 +18,15 @@ if [[ -n "$(git status --porcelain --untracked-files=no -- "${inputs[@]}")" ]]; 
   echo "note: the images are built from HEAD ($commit); uncommitted changes to these are not in them:" >&2
   git status --short --untracked-files=no -- "${inputs[@]}" >&2
 fi
+if [[ -z "${BASE:-}" ]]; then  # python:3.11-slim if a registry has it, else the stand-in `make image-base` built
+  BASE=python:3.11-slim
+  if ! docker image inspect "$BASE" >/dev/null 2>&1 && docker image inspect kftune-base:bookworm >/dev/null 2>&1; then
+    BASE=kftune-base:bookworm
+  fi
+fi
 docker image inspect "$BASE" >/dev/null 2>&1 || docker pull "$BASE" >/dev/null \
   || { echo "no base image $BASE here and none to pull: make image-base builds one" >&2; exit 1; }
+echo "base image: $BASE"
 base_id="$(docker image inspect -f '{{.Id}}' "$BASE")"
 key_of() { { echo "$base_id $TORCH"; for p in "$@"; do git rev-parse "HEAD:$p"; done; } | sha256sum | cut -c1-24; }
 image_key="$(key_of infra/Dockerfile requirements.lock pyproject.toml kftune components pipelines)"
@@ -34,14 +40,15 @@ todo=()
 [[ ${#todo[@]} -eq 0 ]] && exit 0
 
 # the wheelhouse: exactly the files the locks name, checked against their sha256 as pip fetches them
+# (one folder for every lock: pip keeps a file already there when its hash matches)
 lock_sum="$(git show HEAD:requirements.lock HEAD:infra/mlflow.lock | sha256sum | cut -c1-16)"
-wheels=".kftune/wheelhouse/$lock_sum"
+wheels=".kftune/wheelhouse"
 # pip tags (not this host's) so that a laptop on another OS fetches the same Linux files the locks name
 platforms=()
 for minor in $(seq 36 -1 5); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64
             --platform linux_x86_64)
-if [[ ! -f "$wheels/.complete" ]]; then
+if [[ "$(cat "$wheels/.complete" 2>/dev/null)" != "$lock_sum" ]]; then
   mkdir -p "$wheels"
   for lock in requirements.lock infra/mlflow.lock; do
     git show "HEAD:$lock" > "$wheels/.lock"
@@ -50,7 +57,7 @@ if [[ ! -f "$wheels/.complete" ]]; then
       2> >(grep -v "is ignored: it is neither" >&2)
   done
   rm "$wheels/.lock"
-  touch "$wheels/.complete"
+  echo "$lock_sum" > "$wheels/.complete"
 fi
 ctx="$(mktemp -d "${TMPDIR:-/tmp}/kftune-image.XXXXXX")"
 trap 'rm -rf "$ctx"' EXIT
