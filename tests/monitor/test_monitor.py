@@ -74,7 +74,7 @@ def test_the_monitoring_pipeline_compiles_with_its_defaults_from_params(tmp_path
 
     params = load_params(ROOT / "params.yaml")
     compiler.Compiler().compile(create_pipeline(params.to_dict(), cluster=True), str(tmp_path / "m.yaml"))
-    spec = yaml.safe_load((tmp_path / "m.yaml").read_text())
+    spec = next(yaml.safe_load_all((tmp_path / "m.yaml").read_text()))  # then the Kubernetes platform spec
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["log_dir"]["defaultValue"] == "request-log"
     assert inputs["params"]["defaultValue"]["monitor"]["rules"][0]["name"] == "negative-surge"
