@@ -71,10 +71,19 @@ build() {  # name dockerfile key tag args...
     || { tail -30 "$ctx/$name.log" >&2; echo "docker build of $tag ($file) failed" >&2; exit 1; }
   echo "$tag built in $((SECONDS - start)) s: $(docker image inspect -f '{{.Size}}' "$tag" | numfmt --to=iec)"
 }
+# the installed dependencies get a tag of their own (the hash of the Dockerfile and the lock), so that the
+# layer cache survives `docker image prune` and a code change rebuilds only the small layers above them
+deps_tag() { echo "kftune-cache:$1-$(key_of "$2" "$3")"; }
 for t in "${todo[@]}"; do
   case "$t" in
-    component) build component infra/Dockerfile "$image_key" "$IMAGE" --build-arg GIT_COMMIT="$commit" \
-                 --build-arg TORCH="$TORCH" ;;
-    mlflow) build mlflow infra/mlflow.Dockerfile "$mlflow_key" "$MLFLOW_IMAGE" ;;
+    component)
+      build component-deps infra/Dockerfile "$image_key" "$(deps_tag deps infra/Dockerfile requirements.lock)" \
+        --build-arg TORCH="$TORCH" --target deps
+      build component infra/Dockerfile "$image_key" "$IMAGE" --build-arg GIT_COMMIT="$commit" \
+        --build-arg TORCH="$TORCH" ;;
+    mlflow)
+      build mlflow-deps infra/mlflow.Dockerfile "$mlflow_key" \
+        "$(deps_tag mlflow-deps infra/mlflow.Dockerfile infra/mlflow.lock)" --target deps
+      build mlflow infra/mlflow.Dockerfile "$mlflow_key" "$MLFLOW_IMAGE" ;;
   esac
 done
