@@ -406,9 +406,18 @@ class Params:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Short stable hash of every setting, tagged on model versions."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Short stable hash of every setting, tagged on model versions; the same after a trip through KFP,
+        which turns every integer inside a dict parameter (monitor.rules) into a float."""
+        blob = json.dumps(_integral(self.to_dict()), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _integral(value):
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 _BAD = object()
