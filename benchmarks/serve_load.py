@@ -123,7 +123,7 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)
-        print(f"server stopped on SIGTERM with exit code {code}; log: {work / 'serve.log'}")
+        print(f"server stopped on SIGTERM with exit code {code}; log: {Path(args.work) / 'serve.log'}")
 
 
 if __name__ == "__main__":
