@@ -694,7 +694,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     REUSE["on"] = bool(args.resume)
     work = args.resume or Path(tempfile.mkdtemp(prefix="kftune-sidebyside-"))
-    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(), "work_dir": str(work),
+    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": os.getloadavg(),
               "rows": args.rows or "all"}
     print(f"work dir {work}; load {report['load_start']}", flush=True)
     report["machine"] = run_child("machine", {}, work, "machine")
