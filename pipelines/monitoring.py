@@ -5,6 +5,7 @@ from kfp.dsl import Dataset
 
 from components import BASE_IMAGE
 from components.monitor import monitor_op
+from pipelines.tasks import use_secrets
 
 NAME = "kftune-monitoring"
 
@@ -29,12 +30,7 @@ def create_pipeline(defaults: dict, image: str = BASE_IMAGE, cluster: bool = Fal
         task.set_caching_options(False)  # reads the live request log and the registry
         task.set_container_image(image)
         if cluster:
-            from kfp import kubernetes
-
-            c = defaults["cluster"]
-            kubernetes.use_secret_as_env(task, c["mlflow_secret"], {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
-            kubernetes.use_secret_as_env(task, c["s3_secret"], {k: k for k in (
-                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")})
+            use_secrets([task], defaults["cluster"])
         return task.outputs["report"]
 
     return monitoring_pipeline

@@ -22,14 +22,19 @@ def for_cluster(tasks: list, retryable: list, finetune, cluster: dict) -> None:
     never travel as pipeline parameters: every task reads them from Kubernetes Secrets as
     environment variables. kfp.local ignores all of this.
     """
-    from kfp import kubernetes
-
     for task in retryable:
         task.set_retry(num_retries=cluster["retries"], backoff_duration="30s", backoff_factor=2)
     finetune.set_cpu_request(cluster["finetune_cpu"]).set_cpu_limit(cluster["finetune_cpu"])
     finetune.set_memory_request(cluster["finetune_memory"]).set_memory_limit(cluster["finetune_memory"])
     if cluster["finetune_gpus"]:
         finetune.set_accelerator_type(cluster["accelerator_type"]).set_accelerator_limit(cluster["finetune_gpus"])
+    use_secrets(tasks, cluster)
+
+
+def use_secrets(tasks: list, cluster: dict) -> None:
+    """Credentials as environment variables from the Kubernetes Secrets named in `cluster`, never parameters."""
+    from kfp import kubernetes
+
     for task in tasks:
         kubernetes.use_secret_as_env(task, cluster["mlflow_secret"], {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
         kubernetes.use_secret_as_env(task, cluster["s3_secret"], {
