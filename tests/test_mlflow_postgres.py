@@ -15,53 +15,9 @@ import pytest
 
 from kftune import registry
 from kftune.local import run_local
-from tests.conftest import ROOT
+from tests.conftest import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-@pytest.fixture
-def postgres():
-    """A throw-away PostgreSQL server on 127.0.0.1 (Debian's package, installed if missing)."""
-    found = subprocess.run([str(ROOT / "infra" / "scripts" / "ensure-postgres.sh")], capture_output=True, text=True)
-    if found.returncode:
-        pytest.skip(f"no PostgreSQL server: {found.stderr.strip()}")
-    bindir = Path(found.stdout.strip())
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
-    home = Path(tempfile.mkdtemp(prefix="kftune-pg-"))
-    if as_user:
-        shutil.chown(home, "postgres", "postgres")
-    data, port = home / "data", free_port()
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "-A", "trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(home / "log"), "-o",
-                    f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
-    try:
-        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                       check=True, capture_output=True)
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

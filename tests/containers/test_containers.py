@@ -17,8 +17,7 @@ import pytest
 if not os.environ.get("KFTUNE_CONTAINER_TESTS"):
     pytest.skip("needs Docker and the built images: run `make test-containers`", allow_module_level=True)
 
-from tests.conftest import BIN, subword_texts  # noqa: E402
-from tests.test_mlflow_postgres import free_port, postgres, wait_for  # noqa: E402,F401  (postgres: a fixture)
+from tests.conftest import BIN, free_port, subword_texts, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 IMAGE = os.environ.get("IMAGE", "kftune:0.1.0")
@@ -102,9 +101,9 @@ def stack(postgres, tmp_path):  # noqa: F811
         s3.stop()
 
 
-def kftune(env, project, *args, background=False):
+def kftune(env, project, *args, background=False, settings=()):
     cmd = [f"{BIN}/kftune", "--project-dir", str(project), *args, "--runner", "docker", "--image", IMAGE,
-           *[a for s in SETTINGS for a in ("-S", s)]]
+           *[a for s in [*SETTINGS, *settings] for a in ("-S", s)]]
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
@@ -153,22 +152,25 @@ def test_pipelines_run_task_by_task_in_the_image(stack):
         assert written and {p.stat().st_uid for p in written} == {1000}, \
             "every task output was written by the image's non-root user (uid 1000), not by root on the host"
 
-        # 2. a fine-tune task killed mid-run: the champion stays, nothing half-registered
+        # 2. a fine-tune task killed mid-run: the champion stays, nothing half-registered. Its fine-tune is
+        # given far more steps than it can finish before the kill, however fast the machine.
         before = {v.version for v in client.search_model_versions(f"name='{MODEL}'")}
-        killed = threading.Event()
+        killed, running = threading.Event(), []
 
         def kill_finetune(record):
             if "finetune_op" in " ".join(record.get("Args", [])) and not killed.is_set():
-                time.sleep(12)
+                time.sleep(8)
+                running.append(docker("inspect", "-f", "{{.State.Running}}", record["Id"], check=False) == "true")
                 docker("kill", record["Id"], check=False)
                 killed.set()
 
         watch.on_start = kill_finetune
-        proc = kftune(env, project, "run", "--data", str(project / "batch1.csv"), background=True)
+        proc = kftune(env, project, "run", "--data", str(project / "batch1.csv"), background=True,
+                      settings=["finetune.max_steps=1000000", "finetune.early_stopping_patience=0"])
         out = proc.communicate(timeout=600)[0]
         logs.append(out)
         watch.on_start = None
-        assert killed.is_set() and proc.returncode != 0, out
+        assert killed.is_set() and running == [True] and proc.returncode != 0, out
         assert "fine-tune" in out, out
         assert client.get_model_version_by_alias(MODEL, "champion").version == champion.version
         assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == before

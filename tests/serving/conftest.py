@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,8 @@ from kftune.steps.finetune import finetune
 from kftune.steps.ingest import ingest
 from kftune.steps.register import register
 from kftune.steps.tokenize import tokenize
-from tests.conftest import ROOT, ner_sentences, subword_texts, tiny_params, use_mlflow_store, with_changes, write_conll
+from tests.conftest import (ROOT, free_port, ner_sentences, subword_texts, tiny_params, use_mlflow_store, with_changes,
+                            write_conll)
 
 CLASSIFIER, TAGGER = "tiny-serve", "tiny-ner"
 
@@ -58,12 +58,6 @@ def serve_store(tmp_path_factory, tiny_model) -> Path:
         _train(root / "ner", root / "ner.conll", ner, steps=8)
         registry.promote(TAGGER, _register(root / "ner", ner), "serving tests")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
