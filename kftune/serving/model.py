@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 TAG = "kftune.serve."
 HELD_OUT = ("test", "validation")
+DESCRIPTION_PREFIX = "Serving precision (serve.precision=auto):"
 
 
 class ServingError(ConfigError):
@@ -107,26 +108,90 @@ def machine() -> str:
     return f"{model} ({', '.join(flags) or 'no AVX-512/bf16 flags'}), {len(os.sched_getaffinity(0))} cores"
 
 
+def recorded_precisions(tags: dict) -> tuple[dict[str, dict], str]:
+    """The measurements `record_precisions` tagged on a version, and the machine they were taken on
+    ({} and "" when the version has none, or no fp32 reference)."""
+    measured = {}
+    for p in prec.PRECISIONS:
+        try:
+            measured[p] = {"agreement": float(tags[f"{TAG}agreement_{p}"]),
+                           "texts_per_s": float(tags[f"{TAG}texts_per_s_{p}"])}
+        except (KeyError, ValueError):
+            continue
+    if "fp32" not in measured:
+        return {}, ""
+    return measured, tags.get(f"{TAG}measured_on", "")
+
+
+def measure_and_choose(model, tokenizer, task: str, texts: list[str], cfg: ServeConfig,
+                       device: str) -> tuple[prec.Choice, dict, list[str]]:
+    """Measure the precisions worth trying on this device on `texts` and apply the auto rule."""
+    todo, skipped = prec.candidates(device)
+    measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch)
+    choice = prec.choose_precision("auto", measured, cfg.min_agreement)
+    if skipped:
+        choice = prec.Choice(choice.value, f"{choice.reason}; not measured: {'; '.join(skipped)}")
+    return choice, measured, skipped
+
+
 def record_precisions(name: str, version: str, precision: str, reason: str, measured: dict,
-                      skipped: list[str] = ()) -> None:
-    """Tag a version with each measured precision's agreement and texts/s and the choice with its reason.
+                      skipped: list[str] = (), when: str = "at load") -> None:
+    """Tag a version with each measured precision's agreement and texts/s and the choice with its reason,
+    and say the choice in the version's description (what its page in the MLflow UI shows first).
 
     Best effort: a read-only registry costs a warning, not the caller's work (serving or registering).
     """
     import mlflow
 
-    tags = {f"{TAG}precision": precision, f"{TAG}precision_reason": reason, f"{TAG}measured_on": machine()}
+    where = machine()
+    tags = {f"{TAG}precision": precision, f"{TAG}precision_reason": reason, f"{TAG}measured_on": where,
+            f"{TAG}measured_when": when}
     for p, m in measured.items():
         tags[f"{TAG}agreement_{p}"] = f"{m['agreement']:.4f}"
         tags[f"{TAG}texts_per_s_{p}"] = f"{m['texts_per_s']:g}"
     if skipped:
         tags[f"{TAG}not_measured"] = "; ".join(skipped)
+    line = f"{DESCRIPTION_PREFIX} {precision} on {where} (measured {when}): {reason}"
     try:
         client = mlflow.MlflowClient()
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v[:5000])
+        kept = [ln for ln in (client.get_model_version(name, version).description or "").splitlines()
+                if not ln.startswith(DESCRIPTION_PREFIX)]
+        client.update_model_version(name, version, description="\n".join([*kept, line]).strip())
     except Exception as exc:  # noqa: BLE001 - serving must not fail because tags cannot be written
         log.warning("could not tag %s v%s with its serving precision: %s", name, version, exc)
+
+
+def measure_at_registration(name: str, version: str, model_dir, texts: list[str], task: str,
+                            cfg: ServeConfig) -> prec.Choice | None:
+    """Measure a just-registered version's precisions on (at most `cfg.agreement_rows` of) its test texts
+    from the fine-tuned folder, and record them on the version, so `serve.precision=auto` on this
+    machine needs no measurement at load. Best effort: a failure is a warning (serving measures then)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    texts = texts[: cfg.agreement_rows]
+    if not texts:
+        return None
+    start = time.perf_counter()
+    try:
+        auto = AutoModelForTokenClassification if task == "token-classification" else \
+            AutoModelForSequenceClassification
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = auto.from_pretrained(model_dir).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device)
+    except Exception as exc:  # noqa: BLE001 - a registered version is still servable; `auto` measures at load
+        log.warning("%s v%s: could not measure serving precisions (serving will measure at load): %s: %s",
+                    name, version, type(exc).__name__, exc)
+        return None
+    record_precisions(name, version, choice.value, choice.reason, measured, skipped, when="at registration")
+    log.info("%s v%s: auto would serve %s (measured on %d test texts in %.1f s)", name, version, choice.value,
+             len(texts), time.perf_counter() - start)
+    return choice
 
 
 def load_version(name: str, version: str, cfg: ServeConfig, precision: str | None = None) -> ServedModel:
@@ -157,16 +222,20 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     except Exception as exc:  # noqa: BLE001 - an older version without reference rows can still be served
         log.warning("%s v%s: no held-out rows to measure precision on (%s)", name, version, exc)
         texts = []
-    measured, skipped = {}, []
-    if setting == "auto" and texts:
-        todo, skipped = prec.candidates(device)
-        measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch)
-        choice = prec.choose_precision("auto", measured, cfg.min_agreement)
-        if skipped:
-            choice = prec.Choice(choice.value, f"{choice.reason}; not measured: {'; '.join(skipped)}")
-    elif setting == "auto":
-        choice = prec.Choice("fp32", "serve.precision=auto, but the version has no held-out rows to measure "
-                                     "agreement on: fp32")
+    measured, skipped, fresh = {}, [], False
+    if setting == "auto":
+        measured, where = recorded_precisions(mlflow.MlflowClient().get_model_version(name, version).tags)
+        usable = {p: m for p, m in measured.items() if p in prec.candidates(device)[0]}
+        if measured and where == machine():
+            choice = prec.choose_precision("auto", usable, cfg.min_agreement)
+            choice = prec.Choice(choice.value, f"{choice.reason} (as measured earlier on this machine, tagged "
+                                               f"on the version)")
+        elif texts:
+            fresh = True
+            choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device)
+        else:
+            choice = prec.Choice("fp32", "serve.precision=auto, but the version has no held-out rows to measure "
+                                         "agreement on: fp32")
     else:
         if setting == "bf16" and not prec.bf16_native(device).value:
             log.warning("serve.precision=bf16 but %s: expect it to be much slower than fp32",
@@ -178,7 +247,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)
     log.info("%s v%s ready: %s at %s (%s)", name, version, task, served.precision, served.precision_reason)
-    if setting == "auto":
+    if fresh:
         record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped)
     return served
 

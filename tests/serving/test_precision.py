@@ -3,7 +3,7 @@
 import pytest
 
 from kftune.config import load_params
-from kftune.serving.model import held_out_texts, load_version
+from kftune.serving.model import held_out_texts, load_version, recorded_precisions
 from kftune.serving.precision import choose_precision, convert, measure_precisions
 from tests.conftest import ROOT, use_mlflow_store
 from tests.serving.conftest import CLASSIFIER, TAGGER
@@ -60,3 +60,70 @@ def test_load_version_records_the_choice_on_the_version(serve_store, monkeypatch
     assert tags["kftune.serve.measured_on"] and tags["kftune.serve.agreement_fp32"] == "1.0000"
     answers = served.predict(["gainoku said", "the lossira dropmek"], 8)
     assert all(set(a) == {"entities"} for a in answers)
+
+
+def test_registration_measures_on_the_test_split_and_says_so_on_the_version(serve_store, monkeypatch):
+    from mlflow import MlflowClient
+
+    from kftune.serving.model import DESCRIPTION_PREFIX, machine
+
+    use_mlflow_store(serve_store, monkeypatch)
+    mv = MlflowClient().get_model_version(CLASSIFIER, "1")
+    measured, where = recorded_precisions(mv.tags)
+    assert where == machine() and mv.tags["kftune.serve.measured_when"] == "at registration"
+    assert measured["fp32"]["agreement"] == 1 and all(m["texts_per_s"] > 0 for m in measured.values())
+    cfg = load_params(ROOT / "params.yaml").serve
+    assert mv.tags["kftune.serve.precision"] == choose_precision("auto", measured, cfg.min_agreement).value
+    assert mv.description.startswith(f"{DESCRIPTION_PREFIX} {mv.tags['kftune.serve.precision']} on {machine()}")
+    assert "fastest with agreement >= 0.995" in mv.description
+
+
+def _retagged(name: str, version: str, changes: dict):
+    """Apply tag changes to a version of the shared store; undo them when the block ends."""
+    import contextlib
+
+    from mlflow import MlflowClient
+
+    @contextlib.contextmanager
+    def block():
+        client = MlflowClient()
+        before = client.get_model_version(name, version)
+        for k, v in changes.items():
+            client.set_model_version_tag(name, version, k, v)
+        try:
+            yield
+        finally:
+            for k, v in before.tags.items():
+                client.set_model_version_tag(name, version, k, v)
+            client.update_model_version(name, version, description=before.description or "")
+    return block()
+
+
+def test_auto_at_load_serves_what_was_recorded_on_this_machine_without_measuring(serve_store, monkeypatch):
+    from kftune.serving import model as served_model
+
+    use_mlflow_store(serve_store, monkeypatch)
+    cfg = load_params(ROOT / "params.yaml", ["serve.max_batch=8"]).serve
+    measured_again = []
+    monkeypatch.setattr(served_model.prec, "measure_precisions", lambda *a, **k: measured_again.append(1) or {})
+    # recorded: int8 agrees fully and is far faster, so auto must pick it from the tags alone
+    with _retagged(CLASSIFIER, "2", {"kftune.serve.agreement_int8": "1.0000", "kftune.serve.texts_per_s_int8": "1e6"}):
+        served = load_version(CLASSIFIER, "2", cfg)
+    assert not measured_again and served.precision == "int8"
+    assert "as measured earlier on this machine" in served.precision_reason
+    with _retagged(CLASSIFIER, "2", {"kftune.serve.agreement_int8": "0.9000", "kftune.serve.texts_per_s_int8": "1e6"}):
+        assert load_version(CLASSIFIER, "2", cfg).precision != "int8"  # serve.min_agreement applies at load
+
+
+def test_auto_at_load_measures_when_the_numbers_come_from_another_machine(serve_store, monkeypatch):
+    from mlflow import MlflowClient
+
+    from kftune.serving.model import machine
+
+    use_mlflow_store(serve_store, monkeypatch)
+    cfg = load_params(ROOT / "params.yaml", ["serve.agreement_rows=20", "serve.max_batch=8"]).serve
+    with _retagged(CLASSIFIER, "2", {"kftune.serve.measured_on": "another CPU, 64 cores"}):
+        served = load_version(CLASSIFIER, "2", cfg)
+        tags = MlflowClient().get_model_version(CLASSIFIER, "2").tags
+    assert "as measured earlier" not in served.precision_reason and served.measured["fp32"]["agreement"] == 1
+    assert tags["kftune.serve.measured_on"] == machine() and tags["kftune.serve.measured_when"] == "at load"
