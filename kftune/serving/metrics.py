@@ -29,6 +29,8 @@ class Metrics:
                            ["model", "version", "precision"], registry=r)
         self.ready = Gauge("kftune_serve_ready", "1 when a warm version is serving", registry=r)
         self.swaps = Counter("kftune_serve_model_swaps", "Versions swapped in after the alias moved", registry=r)
+        self.load_seconds = Gauge("kftune_serve_model_load_seconds", "Seconds the serving version took to load, "
+                                  "choose its precision and warm up, before it took traffic", registry=r)
         self.load_failures = Counter("kftune_serve_model_load_failures", "Versions that failed to load", registry=r)
         self.log_dropped = Counter("kftune_serve_request_log_dropped", "Predictions not written to the request log",
                                    registry=r)

@@ -156,9 +156,11 @@ def record_precisions(name: str, version: str, precision: str, reason: str, meas
         client = mlflow.MlflowClient()
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v[:5000])
-        kept = [ln for ln in (client.get_model_version(name, version).description or "").splitlines()
-                if not ln.startswith(DESCRIPTION_PREFIX)]
-        client.update_model_version(name, version, description="\n".join([*kept, line]).strip())
+        # the model card (kftune.card) may be there already: replace only our own paragraph, at the end
+        kept = [para for para in (client.get_model_version(name, version).description or "").split("\n\n")
+                if para.strip() and not para.startswith(DESCRIPTION_PREFIX)]
+        card = "\n\n".join(kept)[: max(0, 5000 - len(line) - 2)]  # MLflow's SQL stores keep 5000 characters
+        client.update_model_version(name, version, description=f"{card}\n\n{line}" if card else line[:5000])
     except Exception as exc:  # noqa: BLE001 - serving must not fail because tags cannot be written
         log.warning("could not tag %s v%s with its serving precision: %s", name, version, exc)
 

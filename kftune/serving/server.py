@@ -115,6 +115,7 @@ async def follow_alias(state: State) -> None:
             elif want is not None and want != have and time.monotonic() >= retry_at:
                 log.info("%s@%s -> v%s (serving %s): loading beside it", state.name, state.alias, want,
                          f"v{have}" if have else "nothing")
+                started = time.perf_counter()
                 try:
                     new = await asyncio.to_thread(load_version, state.name, want, state.cfg, state.precision)
                 except Exception as exc:  # noqa: BLE001 - keep serving the old version
@@ -124,9 +125,11 @@ async def follow_alias(state: State) -> None:
                 else:
                     old, state.current = state.current, new  # the swap: one reference assignment
                     state.metrics.serving(old, new)
+                    state.metrics.load_seconds.set(time.perf_counter() - started)
                     if old is not None:
                         state.metrics.swaps.inc()
-                    log.info("now serving %s v%s at %s", new.name, new.version, new.precision)
+                    log.info("now serving %s v%s at %s (loaded and warm in %.1f s)", new.name, new.version,
+                             new.precision, time.perf_counter() - started)
         except Exception:  # noqa: BLE001 - registry unreachable for a while: keep serving, try again
             log.exception("checking %s@%s failed; trying again in %gs", state.name, state.alias, state.cfg.poll_seconds)
         if state.pinned_version and state.current:

@@ -74,8 +74,9 @@ def test_registration_measures_on_the_test_split_and_says_so_on_the_version(serv
     assert measured["fp32"]["agreement"] == 1 and all(m["texts_per_s"] > 0 for m in measured.values())
     cfg = load_params(ROOT / "params.yaml").serve
     assert mv.tags["kftune.serve.precision"] == choose_precision("auto", measured, cfg.min_agreement).value
-    assert mv.description.startswith(f"{DESCRIPTION_PREFIX} {mv.tags['kftune.serve.precision']} on {machine()}")
-    assert "fastest with agreement >= 0.995" in mv.description
+    said = mv.description.split("\n\n")[-1]  # after the model card, when there is one
+    assert said.startswith(f"{DESCRIPTION_PREFIX} {mv.tags['kftune.serve.precision']} on {machine()}")
+    assert "fastest with agreement >= 0.995" in said and "measured at registration" in said
 
 
 def _retagged(name: str, version: str, changes: dict):
