@@ -91,6 +91,9 @@ def cmd_schedule(args) -> int:
         raise schedule.ScheduleError("schedule needs --cron, e.g. --cron '0 3 * * *'")
     schedule.check_cron(args.cron)
     params = _params(args)
+    if args.host and args.monitor:
+        raise schedule.ScheduleError("--monitor runs the checks in this local scheduler; on a cluster the check is "
+                                     "the monitoring pipeline (pipelines/monitoring.py), scheduled on its own")
     if args.host:
         job = cluster.schedule_on_cluster(args.host, params, args.cron, _cluster_arguments(args), args.experiment,
                                           args.image or "")
@@ -102,8 +105,17 @@ def cmd_schedule(args) -> int:
         return describe_outcome(run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "",
                                                      args.data_rev or ""))
 
+    tasks = [schedule.Task("retraining", args.cron, job)]
+    if args.monitor:  # the check goes first on a shared fire time, so a drift alert precedes the retraining
+        from kftune.monitor.cli import monitor_job
+        from kftune.tracking import configure
+
+        configure(args.project_dir)
+        monitor_cron = args.cron if args.monitor == "same" else schedule.check_cron(args.monitor)
+        tasks.insert(0, schedule.Task("monitor", monitor_cron, monitor_job(params, params.serve.log_dir,
+                                                                           args.project_dir)))
     try:
-        schedule.run_schedule(args.cron, job, Path(args.project_dir) / ".kftune" / "schedule.lock")
+        schedule.run_tasks(tasks, Path(args.project_dir) / ".kftune" / "schedule.lock")
     except KeyboardInterrupt:
         print("\nscheduler stopped", flush=True)
     return 0
@@ -298,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", help="recurring run id (pause, resume, delete)")
     p.add_argument("--cron", help="5-field cron, e.g. '0 3 * * *' (03:00 daily); missed runs are not caught up")
     p.add_argument("--host", help="KFP endpoint: create/manage a recurring run there instead of running locally")
+    p.add_argument("--monitor", nargs="?", const="same", metavar="CRON",
+                   help="local runs: also run `kftune monitor` checks of serve.log_dir, at --cron's times or this cron's")
     _add_data_args(p, f"local runs: the latest data (default: {DATASET} at the newest commit)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="--host: pipeline argument")
     p.add_argument("--experiment", default="kftune", help="--host: KFP experiment")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -41,37 +42,56 @@ class Clock:
     sleep = staticmethod(time.sleep)
 
 
+@dataclass
+class Task:
+    """One job of the schedule: its name (for the log), its 5-field cron and the callable it runs."""
+
+    name: str
+    cron: str
+    job: Callable[[], object]
+
+
 def run_schedule(cron: str, job: Callable[[], object], lock_path: str | Path, clock: Clock = Clock(),
                  max_runs: int | None = None) -> int:
-    """Run `job` at every cron fire time, one at a time, until interrupted (or `max_runs` runs).
+    """Run `job` at every cron fire time; see run_tasks."""
+    return run_tasks([Task("run", cron, job)], lock_path, clock, max_runs)
 
-    Runs missed while a job was running, or while the machine slept, are skipped, never caught up:
-    the next fire time is always computed from the current time. A failing job is logged and the
-    schedule goes on. Returns the number of runs started.
+
+def run_tasks(tasks: list[Task], lock_path: str | Path, clock: Clock = Clock(), max_runs: int | None = None) -> int:
+    """Run each task at its cron's fire times, one run at a time, until interrupted (or `max_runs` runs).
+
+    A task that came due while another ran starts as soon as that one ends (once; the first listed goes
+    first on a tie). Its other fire times missed meanwhile, or while the machine slept, are skipped, never
+    caught up: a task's next fire time is computed from the time its run ended. A failing run is logged
+    and the schedule goes on. Returns the number of runs started.
     """
-    check_cron(cron)
+    for t in tasks:
+        check_cron(t.cron)
+    named = len(tasks) > 1
     runs = 0
     with single_instance(lock_path):
-        log.info("schedule %r started (pid %d)", cron, os.getpid())
-        due = next_fire(cron, clock.now())
+        log.info("schedule %s started (pid %d)", ", ".join(f"{t.name} {t.cron!r}" for t in tasks), os.getpid())
+        start = clock.now()
+        due = [next_fire(t.cron, start) for t in tasks]
         while max_runs is None or runs < max_runs:
-            log.info("next run at %s", datetime.fromtimestamp(due).isoformat(timespec="seconds"))
-            while (left := due - clock.now()) > 0:
+            i = min(range(len(tasks)), key=lambda k: due[k])
+            task, name = tasks[i], f"{tasks[i].name}: " if named else ""
+            log.info("next run at %s%s", datetime.fromtimestamp(due[i]).isoformat(timespec="seconds"),
+                     f" ({task.name})" if named else "")
+            while (left := due[i] - clock.now()) > 0:
                 clock.sleep(min(left, 60))
             runs += 1
-            log.info("tick %d: starting the run due at %s", runs, datetime.fromtimestamp(due).isoformat())
+            log.info("tick %d: %sstarting the run due at %s", runs, name, datetime.fromtimestamp(due[i]).isoformat())
             try:
-                result = job()
-                log.info("tick %d: finished: %s", runs, result)
+                result = task.job()
+                log.info("tick %d: %sfinished: %s", runs, name, result)
             except Exception as exc:  # the schedule outlives a failed run; the run recorded its own failure
-                log.error("tick %d: run failed: %s", runs, exc)
-            now = clock.now()
-            following = next_fire(cron, now)
-            skipped = 0
-            probe = next_fire(cron, due)
+                log.error("tick %d: %srun failed: %s", runs, name, exc)
+            following = next_fire(task.cron, clock.now())
+            skipped, probe = 0, next_fire(task.cron, due[i])
             while probe < following:
-                skipped, probe = skipped + 1, next_fire(cron, probe)
+                skipped, probe = skipped + 1, next_fire(task.cron, probe)
             if skipped:
-                log.warning("skipped %d run(s) missed while the last one ran (no catch-up)", skipped)
-            due = following
+                log.warning("%sskipped %d run(s) missed while the last one ran (no catch-up)", name, skipped)
+            due[i] = following
     return runs

@@ -105,3 +105,25 @@ def test_cluster_schedule_commands_need_a_reachable_host(capsys):
     assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:9" in capsys.readouterr().err
     assert main(["schedule", "pause", "abc"]) == 2
     assert "pass --host URL" in capsys.readouterr().err
+
+
+def test_two_tasks_each_on_its_own_cron_one_at_a_time(tmp_path, caplog):
+    from kftune.schedule import Task, run_tasks
+
+    clock = FakeClock(datetime(2026, 11, 22, 10, 50))
+    started = []
+
+    def job(name, minutes):
+        def run():
+            started.append(f"{name} {datetime.fromtimestamp(clock.now()):%H:%M}")
+            clock.t += minutes * 60
+        return run
+
+    # the 11:00 retraining takes 40 minutes and waits for the check listed first (a tie); the 11:15 check, due
+    # meanwhile, runs once it ends (late, once), the 11:30 one is skipped
+    tasks = [Task("monitor", "*/15 * * * *", job("monitor", 1)), Task("retraining", "0 * * * *", job("retrain", 40))]
+    with caplog.at_level(logging.INFO, logger="kftune.schedule"):
+        assert run_tasks(tasks, tmp_path / "lock", clock, max_runs=6) == 6
+    assert started == ["monitor 11:00", "retrain 11:01", "monitor 11:41", "monitor 11:45", "monitor 12:00",
+                       "retrain 12:01"]
+    assert "monitor: skipped 1 run(s)" in caplog.text and "retraining: skipped" not in caplog.text

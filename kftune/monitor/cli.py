@@ -58,17 +58,22 @@ def describe_check(c: dict) -> str:
     return plain("\n  ".join(parts))
 
 
-def cmd_monitor(args) -> int:
+def monitor_job(params, log_dir: str, project_dir: str | Path, now: float | None = None, out: str | None = None):
+    """One monitoring check as a callable: `kftune monitor`, its --cron loop and `kftune schedule --monitor`."""
     from kftune.monitor.check import monitor_once
 
-    params, log_dir = _setup(args)
-    cache = Path(args.project_dir) / ".kftune" / "monitor"
+    cache = Path(project_dir) / ".kftune" / "monitor"
 
     def job():
-        c = monitor_once(log_dir, params, _time(args.now), cache, args.out)
+        c = monitor_once(log_dir, params, now, cache, out)
         print(describe_check(c), flush=True)
         return f"monitor check {c['check']}: {len(c['events'])} alert event(s)"
+    return job
 
+
+def cmd_monitor(args) -> int:
+    params, log_dir = _setup(args)
+    job = monitor_job(params, log_dir, args.project_dir, _time(args.now), args.out)
     if not args.cron:
         job()
         return 0

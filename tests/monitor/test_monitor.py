@@ -78,3 +78,44 @@ def test_the_monitoring_pipeline_compiles_with_its_defaults_from_params(tmp_path
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["log_dir"]["defaultValue"] == "request-log"
     assert inputs["params"]["defaultValue"]["monitor"]["rules"][0]["name"] == "negative-surge"
+
+
+def test_kftune_schedule_monitor_runs_the_check_as_a_task_before_the_retraining(store, tiny_model, tmp_path,
+                                                                                 monkeypatch, capsys):
+    import time
+    from datetime import datetime
+
+    from kftune import schedule
+    from kftune.cli import main
+    from tests.conftest import ROOT
+    from tests.monitor.conftest import FAST, MODEL
+    from tests.test_schedule import FakeClock
+
+    log_dir = tmp_path / "log"
+    write_traffic(log_dir, time.time() - 3000, [0.8], per_hour=60)  # a surge in the last hour (checks use the clock)
+    clock = FakeClock(datetime(2026, 11, 22, 10, 20))
+    stop_at = datetime(2026, 11, 22, 10, 50).timestamp()  # after the 10:30 and 10:45 checks, before 11:00's retraining
+
+    def sleep(seconds):
+        if clock.t + seconds > stop_at:
+            raise KeyboardInterrupt
+        clock.sleep(seconds)
+
+    monkeypatch.setattr(schedule.Clock, "now", staticmethod(clock.now))
+    monkeypatch.setattr(schedule.Clock, "sleep", staticmethod(sleep))
+    sets = [f"model.name={tiny_model}", f"register.model_name={MODEL}", "finetune.bf16=false", *FAST,
+            f"serve.log_dir={log_dir}", f"monitor.rules={SURGE}"]
+    assert main(["--project-dir", str(tmp_path), "schedule", "--cron", "0 * * * *", "--monitor", "*/15 * * * *",
+                 "--params", str(ROOT / "params.yaml"), *[f"-S{s}" for s in sets]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("check ") >= 2 and "ALERT negative-surge firing" in out and "scheduler stopped" in out
+    state = load_state(str(log_dir))
+    assert state["checks"] == 2 and [p["events"] for p in state["history"]] == [["negative-surge firing"], []]
+    assert not (tmp_path / "local_outputs").exists()  # the retraining's 11:00 run never came
+
+
+def test_schedule_monitor_needs_a_cron_of_its_own_that_parses(capsys):
+    from kftune.cli import main
+
+    assert main(["schedule", "--cron", "0 3 * * *", "--monitor", "every 15 minutes"]) == 2
+    assert "--cron 'every 15 minutes': not a 5-field cron expression" in capsys.readouterr().err
