@@ -74,8 +74,10 @@ def _optimizer(model, cfg: FinetuneConfig):
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim == 1 else decay).append(p)  # biases and LayerNorm weights
+    # the fused kernel: on CPU torch's default is a per-tensor loop, 3-10x slower for MiniLM's 22M parameters
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, fused=fused)
 
 
 def _read_split(tokenized_dir: Path, split: str, ner: bool):
