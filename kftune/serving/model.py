@@ -157,8 +157,8 @@ def record_precisions(name: str, version: str, precision: str, reason: str, meas
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v[:5000])
         # the model card (kftune.card) may be there already: replace only our own paragraph, at the end
-        kept = [para for para in (client.get_model_version(name, version).description or "").split("\n\n")
-                if para.strip() and not para.startswith(DESCRIPTION_PREFIX)]
+        paras = [p.strip("\n") for p in (client.get_model_version(name, version).description or "").split("\n\n")]
+        kept = [p for p in paras if p.strip() and not p.startswith(DESCRIPTION_PREFIX)]
         card = "\n\n".join(kept)[: max(0, 5000 - len(line) - 2)]  # MLflow's SQL stores keep 5000 characters
         client.update_model_version(name, version, description=f"{card}\n\n{line}" if card else line[:5000])
     except Exception as exc:  # noqa: BLE001 - serving must not fail because tags cannot be written
