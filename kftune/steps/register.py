@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from kftune import gate, registry
+from kftune.card import publish
 from kftune.config import Params
 from kftune.fileio import read_json, write_json
 from kftune.serving.model import measure_at_registration
@@ -108,7 +109,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
     Args:
         data_dir: ingest output (data_card.json, test.parquet; historical_test.parquet when retraining).
         model_dir: fine-tune output.
-        eval_dir: evaluate output (metrics.json, report.md, confusion_matrix.*).
+        eval_dir: evaluate output (evaluation.json, report.md, confusion_matrix.*).
         out_dir: folder for decision.json.
         params: all settings (every key is logged as a run param).
         run_id: MLflow run to continue (the fine-tune step's); empty starts a new one.
@@ -123,7 +124,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
 
     configure()
     data_dir, model_dir, eval_dir = Path(data_dir), Path(model_dir), Path(eval_dir)
-    card, metrics = read_json(data_dir / "data_card.json"), read_json(eval_dir / "metrics.json")
+    card, metrics = read_json(data_dir / "data_card.json"), read_json(eval_dir / "evaluation.json")
     test = pd.read_parquet(data_dir / "test.parquet")
     cfg, primary, task = params.register, metrics["primary"], card.get("task", "sequence-classification")
     tags = {"kftune.data_sha256": card["sha256"], "kftune.git_commit": git_commit, "kftune.owner": owner(),
@@ -154,6 +155,9 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             "test": verdict.champion_score, "historical_test": verdict.champion_historical_score}.items()
             if v is not None})
         gate.record(cfg.model_name, verdict, metrics["baseline"])
+        card_text = publish(cfg.model_name, version, run.info.run_id, params.model.name, card, metrics, verdict,
+                            git_commit)
+        mlflow.log_text(card_text, "model_card.md")
         # what `serve.precision=auto` will serve, measured once here rather than at every server start
         measure_at_registration(cfg.model_name, version, model_dir, test["text"].tolist(), task, params.serve)
         mlflow.set_tags({"kftune.decision": verdict.decision, "kftune.status": "finished"})
