@@ -7,6 +7,9 @@ import subprocess
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
+# The MLflow 3 UI opens an experiment by its kind: without this tag it guesses, and an experiment with
+# few runs opens on the GenAI overview (traces) instead of the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def configure(project_dir: str | Path | None = None) -> str:
@@ -38,6 +41,9 @@ def experiment_id(name: str) -> str:
     uri = mlflow.get_tracking_uri()
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:  # made before kftune tagged its experiments
+            for k, v in EXPERIMENT_KIND.items():
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     location = None
     if os.environ.get("KFTUNE_ARTIFACT_ROOT"):
@@ -45,7 +51,7 @@ def experiment_id(name: str) -> str:
     elif uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another step
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
@@ -175,6 +181,26 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise KftuneError(f"cannot reach the MLflow tracking server at {uri} ({exc}); start it, or unset "
                               f"MLFLOW_TRACKING_URI to use the local sqlite store") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not os.access(folder, os.W_OK):
-            raise KftuneError(f"the MLflow store {uri}: folder {folder} is not writable")
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not os.access(db.parent, os.W_OK):
+            raise KftuneError(f"the MLflow store {uri}: folder {db.parent} is not writable")
+        create_sqlite_store(db)
+
+
+def create_sqlite_store(db: Path) -> None:
+    """Build a new sqlite store under a temporary name and link it into place. MLflow's schema migrations
+    commit one by one: a kill during the first command's set-up left a store no later command could open
+    ("table ... already exists")."""
+    if db.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "mlartifacts").as_uri()).engine.dispose()
+        os.link(tmp, db)  # never replaces a store another command created meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)

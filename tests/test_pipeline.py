@@ -94,7 +94,7 @@ def test_token_classification_pipeline_registers_a_tagger_that_returns_spans(tmp
                               register=dataclasses.replace(params.register, model_name="tiny-ner"))
     decision = run_local(str(write_conll(tmp_path / "ner.conll", ner_sentences(1200))), ner, tmp_path)
     assert decision["decision"] == "promote" and decision["metric"] == "entity_f1"
-    (metrics_file,) = Path(tmp_path, "local_outputs").glob("*/evaluate-op/evaluation/metrics.json")
+    (metrics_file,) = Path(tmp_path, "local_outputs").glob("*/evaluate-op/evaluation/evaluation.json")
     m = json.loads(metrics_file.read_text())
     assert m["model"]["entity_f1"] > 0.8 and set(m["model"]["per_type"]) == {"org", "per"}
     assert m["baselines"]["memorization"]["entity_f1"] < 0.2, "every name is new: memorising names cannot work"

@@ -79,7 +79,7 @@ def test_sst2_champion_sees_finance_drift_and_retraining_adapts_without_forgetti
     gentle = dataclasses.replace(params, finetune=with_changes(params.finetune, learning_rate=3e-4))
     challenger = train(tmp_path, "v2", gentle, tmp_path / "r2", str(tmp_path / "c2"))
     champion = evaluate(tmp_path / "r2", tmp_path / "c2", tmp_path / "champion-eval", params.evaluate)
-    ours = pd.read_json(tmp_path / "v2-eval" / "metrics.json", typ="series")
+    ours = pd.read_json(tmp_path / "v2-eval" / "evaluation.json", typ="series")
     fin = (champion["model"]["accuracy"], ours["model"]["accuracy"])
     movie = (champion["historical"]["accuracy"], ours["historical"]["accuracy"])
     print(f"retrained on {card['rows']['train']} rows ({card['replayed_rows']} replayed SST-2): finance test "

@@ -34,9 +34,11 @@ def test_classification_metrics_by_hand():
 def test_evaluate_scores_model_and_baselines_on_the_test_split(prepared, params):
     finetune(prepared / "tokenized", prepared / "model", params.model.name, params.finetune)
     m = evaluate(prepared / "data", prepared / "model", prepared / "eval", params.evaluate)
-    assert read_json(prepared / "eval" / "metrics.json") == m
+    assert read_json(prepared / "eval" / "evaluation.json") == m
     assert {p.name for p in (prepared / "eval").iterdir()} == {
-        "metrics.json", "report.md", "confusion_matrix.json", "confusion_matrix.png", "predictions.csv"}
+        "metrics.json", "evaluation.json", "report.md", "report.html", "confusion_matrix.json",
+        "confusion_matrix.png", "predictions.csv"}
+    assert read_json(prepared / "eval" / "metrics.json")["macro_f1"] == round(m["model"]["macro_f1"], 4)
     predictions = pd.read_csv(prepared / "eval" / "predictions.csv")
     assert len(predictions) == m["test_rows"]
     assert (predictions["label"] == predictions["predicted"]).mean() == pytest.approx(m["model"]["accuracy"])

@@ -1,0 +1,119 @@
+"""The model card: what a registered version is, how good it is, why the gate decided what it did.
+
+It is the version's description in the MLflow registry (the first thing its page shows) and, shorter,
+the description of the run that trained it. Pure functions of the step outputs, so a test can read one.
+"""
+
+from __future__ import annotations
+
+from kftune.console import markdown_cell
+
+
+def _score_rows(metrics: dict, verdict) -> list[str]:
+    primary = metrics["primary"]
+    keys = [k for k in ("accuracy", "macro_f1", "ece", "entity_f1", "precision", "recall", "token_accuracy")
+            if k in metrics["model"]]
+    rows = [("**this version**", metrics["model"])] + [(f"{b} baseline", m) for b, m in metrics["baselines"].items()]
+    lines = ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for name, m in rows]
+    if verdict.champion_version and verdict.champion_score is not None:
+        cells = [f"{verdict.champion_score:.4f}" if k == primary else "" for k in keys]
+        lines.append(f"| champion v{verdict.champion_version} (re-scored now) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_class_rows(metrics: dict) -> list[str]:
+    per = metrics["model"].get("per_class") or metrics["model"].get("per_type", {})
+    lines = ["| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    return lines + [f"| {markdown_cell(lbl)} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | "
+                    f"{c['support']} |" for lbl, c in per.items()]
+
+
+def _data_lines(card: dict) -> list[str]:
+    lineage = card.get("lineage", {})
+    where = lineage.get("data_path", "?")
+    if lineage.get("data_commit"):
+        where += f" at {lineage.get('data_repo') or 'this repo'}@{lineage['data_commit'][:10]}"
+    rows = card.get("rows", {})
+    lines = [f"- source: `{markdown_cell(where)}`", f"- content sha256: `{card.get('sha256', '?')[:16]}`",
+             "- rows: " + ", ".join(f"{s} {n}" for s, n in rows.items())]
+    if "new_rows" in card:
+        lines.append(f"- retraining: {card['new_rows']} new rows, {card.get('replayed_rows', 0)} replayed")
+    return lines
+
+
+def _limits(metrics: dict, card: dict) -> list[str]:
+    per = metrics["model"].get("per_class") or metrics["model"].get("per_type", {})
+    out = []
+    if per:
+        worst, c = min(per.items(), key=lambda kv: kv[1]["f1"])
+        out.append(f"- weakest label: {markdown_cell(worst)} (F1 {c['f1']:.4f}, {c['support']} test examples)")
+    out.append(f"- measured on {metrics['test_rows']} test rows of one data version; texts unlike them "
+               f"(another domain, language or period) are not covered by these numbers")
+    if "ece" in metrics["model"]:
+        out.append(f"- calibration error (ECE) {metrics['model']['ece']:.4f}: confidences are "
+                   f"{'roughly' if metrics['model']['ece'] < 0.05 else 'not'} usable as probabilities")
+    return out
+
+
+def model_card(name: str, version: str, base_model: str, card: dict, metrics: dict, verdict, git_commit: str,
+               run_id: str) -> str:
+    """Markdown for the registry version's description.
+
+    Args:
+        name, version: the registered model and its new version.
+        base_model: model.name the fine-tune started from.
+        card: ingest's data_card.json (lineage, rows, sha256).
+        metrics: evaluate's evaluation.json (model, baselines, per-class, primary, baseline).
+        verdict: the gate's kftune.gate.Verdict, after judge().
+        git_commit: the code version; run_id: the MLflow run that holds the artifacts.
+    """
+    primary, task = metrics["primary"], card.get("task", "sequence-classification")
+    lines = [f"# {name} v{version}", "",
+             f"A {task.replace('-', ' ')} model fine-tuned from `{markdown_cell(base_model)}` by kftune; "
+             f"labels: {', '.join(markdown_cell(lbl) for lbl in metrics['labels'])}.", "",
+             f"**Gate: {verdict.decision}** — test {primary} {verdict.challenger_score:.4f} against "
+             f"{'champion v' + verdict.champion_version if verdict.champion_version else 'the ' + metrics['baseline'] + ' baseline'}"
+             f" {verdict.reference_score:.4f}.", "", "## Why", ""]
+    lines += [f"- {markdown_cell(r)}" for r in verdict.reasons]
+    lines += ["", f"## Test split ({metrics['test_rows']} rows)", "", *_score_rows(metrics, verdict), "",
+              *_per_class_rows(metrics)]
+    if metrics.get("historical"):
+        lines += ["", f"Frozen historical test split ({metrics['historical_rows']} rows): {primary} "
+                      f"{metrics['historical'][primary]:.4f}"
+                      + (f", champion {verdict.champion_historical_score:.4f}"
+                         if verdict.champion_historical_score is not None else "") + "."]
+    lines += ["", "## Data", "", *_data_lines(card), "", "## Reproduce", "", "```",
+              f"kftune models show {version} --name {name}   # the exact commands: code, data and settings",
+              f"mlflow artifacts download --run-id {run_id} --artifact-path params.yaml --dst-path .",
+              "```", f"Code `{git_commit}`, MLflow run `{run_id}`; the evaluation report is the run's "
+              f"`evaluation/report.html`.", "", "## Known limits", "", *_limits(metrics, card)]
+    return "\n".join(lines) + "\n"
+
+
+def run_description(version: str, name: str, metrics: dict, verdict) -> str:
+    """The run's description (MLflow's mlflow.note.content): one paragraph, the card's headline."""
+    primary = metrics["primary"]
+    base = metrics["baselines"][metrics["baseline"]][primary]
+    champion = (f", champion v{verdict.champion_version} {verdict.champion_score:.4f}"
+                if verdict.champion_version and verdict.champion_score is not None else "")
+    return (f"Registered {name} v{version}; gate: **{verdict.decision}**. Test {primary} "
+            f"{verdict.challenger_score:.4f} ({metrics['baseline']} baseline {base:.4f}{champion}). "
+            f"The model card is the description of {name} v{version} in the registry.")
+
+
+DESCRIPTION_LIMIT = 5000  # a model version's description column in MLflow's SQL stores
+
+
+def publish(name: str, version: str, run_id: str, base_model: str, card: dict, metrics: dict, verdict,
+            git_commit: str) -> str:
+    """Write the model card as the version's description and the headline as the run's; returns the card."""
+    from mlflow import MlflowClient
+
+    text = model_card(name, version, base_model, card, metrics, verdict, git_commit, run_id)
+    if len(text) > DESCRIPTION_LIMIT:  # many labels: the per-class table is in the run's evaluation report
+        text = text[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut at MLflow's limit; see the run's report)\n"
+    client = MlflowClient()
+    client.update_model_version(name, version, description=text)
+    client.set_tag(run_id, "mlflow.note.content", run_description(version, name, metrics, verdict))
+    return text

@@ -1,0 +1,82 @@
+"""What the MLflow UI shows about a registered version: its model card, the run's description, the
+experiment's kind, the evaluation report; and registering never reaches for the network."""
+
+import json
+import socket
+
+import pytest
+from mlflow import MlflowClient
+
+from kftune import registry
+from kftune.console import markdown_cell
+from kftune.gate import HOLD, PROMOTE
+from tests.conftest import train_and_register
+
+LOCAL = {"localhost", "127.0.0.1", "::1", "", None}
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every attempt to resolve or connect to a host that is not this machine is recorded and refused."""
+    attempts = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOCAL:
+            attempts.append(address)
+            raise OSError(f"test: no network ({address})")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in LOCAL:
+            attempts.append(host)
+            raise socket.gaierror(f"test: no network ({host})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    import huggingface_hub.constants
+
+    # the suite runs with HF_HUB_OFFLINE=1; here the hub is "online", so only kftune's own care keeps it away
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts
+
+
+def test_a_registered_version_reads_as_a_model_card_without_any_network_call(prepared, params, mlflow_store,
+                                                                            no_network, monkeypatch):
+    monkeypatch.chdir(prepared)  # relative paths: the model folder must still not be taken for a hub id
+    name = params.register.model_name
+    first, v1 = train_and_register(prepared.relative_to(prepared), params, "good")
+    assert v1.decision == PROMOTE
+    registry.promote(name, v1.version, "gate", expected_champion="")
+    _, v2 = train_and_register(prepared.relative_to(prepared), params, "bad", max_steps=2)
+    assert v2.decision == HOLD
+    assert no_network == [], f"registering tried the network: {no_network}"
+
+    client = MlflowClient()
+    card = client.get_model_version(name, "2").description
+    assert card.startswith(f"# {name} v2\n")
+    assert "**Gate: hold**" in card and "champion v1" in card
+    for reason in v2.reasons:  # every reason, with its numbers, where the version page shows it
+        assert markdown_cell(reason) in card
+    assert f"| **this version** | " in card and f"{v2.challenger_score:.4f}" in card
+    assert f"| champion v1 (re-scored now) |" in card and f"{v2.champion_score:.4f}" in card
+    assert "| positive |" in card and "| negative |" in card, "per-class table"
+    assert f"`{params.model.name}`" in card and "## Reproduce" in card and "## Known limits" in card
+    assert len(card) <= 5000
+
+    run = client.get_run(client.get_model_version(name, "2").run_id)
+    assert "gate: **hold**" in run.data.tags["mlflow.note.content"]
+    assert {"test_f1_positive", "test_f1_negative", "test_macro_f1"} <= set(run.data.metrics)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/report.html", "evaluation/evaluation.json", "evaluation/metrics.json"} <= artifacts
+    assert "model_card.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    html = (prepared / "good-eval" / "report.html").read_text()
+    assert '<img alt="confusion matrix" src="data:image/png;base64,' in html, "the image travels inside the page"
+    flat = json.loads((prepared / "good-eval" / "metrics.json").read_text())
+    assert list(flat)[0] == "macro_f1" and flat["macro_f1"] == round(first["model"]["macro_f1"], 4)
+    assert all(isinstance(v, (int, float)) for v in flat.values()) and len(flat) <= 8
