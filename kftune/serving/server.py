@@ -38,7 +38,7 @@ from kftune.serving.metrics import Metrics
 from kftune.serving.model import ServedModel, ServingError, load_version
 from kftune.serving.protocol import (HTTPError, check_texts, texts_from_v1, texts_from_v2, v1_response, v2_metadata,
                                      v2_response)
-from kftune.monitor.feedback import write_feedback
+from kftune.monitor.feedback import check_logged, write_feedback
 from kftune.pii import mask as mask_pii
 from kftune.serving.request_log import RequestLog, records
 
@@ -284,6 +284,13 @@ def create_app(state: State):
             labeller = it.get("labeller", "")
             rows.append({"request_id": rid, "index": index, "label": label, "source": "api",
                          "labeller": labeller[:100] if isinstance(labeller, str) else ""})
+        recent = state.request_log.recent if state.request_log is not None else {}
+        unknown = await asyncio.to_thread(check_logged, rows, recent, cfg.log_dir, served.name)
+        if unknown:
+            where = "feedback[{}]" if "feedback" in body else "body"
+            raise HTTPError(422, "; ".join(f"{where.format(i)}: {why}" for i, why in unknown[:10]) +
+                            f": feedback must name a prediction of {served.name} by the request id (and the text's "
+                            f"index) its answer carried")
         await asyncio.to_thread(write_feedback, cfg.log_dir, rows)
         return {"accepted": len(rows), "model_name": served.name, "model_version": served.version}
 
