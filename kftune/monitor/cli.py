@@ -95,7 +95,7 @@ def cmd_feedback(args) -> int:
     labels = None
     if registry.version_by_alias(params.register.model_name, registry.CHAMPION):
         labels = _champion(params, Path(args.project_dir) / ".kftune" / "monitor")[3]["labels"]
-    n = import_feedback(args.file, log_dir, labels, args.labeller or "")
+    n = import_feedback(args.file, log_dir, labels, args.labeller or "", params.register.model_name)
     print(f"stored {n} correction(s) beside the request log in {log_dir}")
     return 0
 

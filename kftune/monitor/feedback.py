@@ -71,10 +71,12 @@ def read_feedback(log_dir: str):
     return df.reset_index(drop=True)
 
 
-def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, labeller: str = "") -> int:
+def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, labeller: str = "",
+                    model: str | None = None) -> int:
     """Bulk corrections from a CSV/JSONL file with columns request_id, label and optionally index, labeller.
 
-    Every row is checked first (the error names the file and row); nothing is written unless all are good.
+    Every row is checked first, including that the request log has its prediction (of `model`, if given; the
+    error names the file and row); nothing is written unless all are good.
     """
     import pandas as pd
 
@@ -100,7 +102,56 @@ def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, la
     rows = [{"request_id": str(r["request_id"]).strip(), "index": int(str(r.get("index") or 0).strip() or 0),
              "label": str(r["label"]), "labeller": str(r.get("labeller") or labeller), "source": "import",
              "sample": str(r.get("sample") or "")} for r in df.to_dict("records")]
+    known = logged_requests(log_dir, [r["request_id"] for r in rows], model)
+    problems = [f"{path}:{pos + 2}: {why}" for pos, why in unknown_requests(rows, known)]
+    if problems:
+        raise FeedbackError(f"feedback not imported: {len(problems)} row(s) name no prediction logged in {log_dir}"
+                            f"{f' for {model}' if model else ''} (a correction needs the request id, and the "
+                            f"text's index, that the answer carried):\n  " + "\n  ".join(problems[:20]) +
+                            (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
     return write_feedback(log_dir, rows)
+
+
+def logged_requests(log_dir: str, request_ids, model: str | None = None) -> dict[str, int]:
+    """How many texts each of `request_ids` has in the request log's files (answered by `model`, if given);
+    ids the log does not have are absent."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    wanted = pa.array(sorted(set(map(str, request_ids))), pa.string())
+    fs, root = _fs(log_dir)
+    found: dict[str, int] = {}
+    for f in fs.glob(f"{root}/date=*/part-*.parquet"):
+        with fs.open(f, "rb") as fh:
+            t = pq.read_table(fh, columns=["request_id", "index", "model"])
+        mask = pc.is_in(t["request_id"], value_set=wanted)
+        if model is not None:
+            mask = pc.and_(mask, pc.equal(t["model"], model))
+        for rid, i in zip(*(t.filter(mask)[c].to_pylist() for c in ("request_id", "index"))):
+            found[rid] = max(found.get(rid, 0), i + 1)
+    return found
+
+
+def unknown_requests(rows: list[dict], known: dict[str, int]) -> list[tuple[int, str]]:
+    """(position, why) for each correction that names no logged prediction: an id not in `known` (request id ->
+    number of texts), or an index past its request's texts."""
+    out = []
+    for pos, r in enumerate(rows):
+        rid, i, n = r["request_id"], int(r.get("index") or 0), known.get(r["request_id"])
+        if n is None:
+            out.append((pos, f"request_id {rid[:64]!r} is not in the request log"))
+        elif i >= n:
+            out.append((pos, f"index {i}: request {rid[:64]!r} had {n} text(s)"))
+    return out
+
+
+def check_logged(rows: list[dict], recent: dict[str, int], log_dir: str, model: str) -> list[tuple[int, str]]:
+    """The server's check: ids it answered lately (`recent`, not all written yet), else the log's files."""
+    known = {r["request_id"]: recent[r["request_id"]] for r in rows if r["request_id"] in recent}
+    missing = [r["request_id"] for r in rows if r["request_id"] not in known]
+    if missing:
+        known.update(logged_requests(log_dir, missing, model))
+    return unknown_requests(rows, known)
 
 
 def joined(requests, feedback):

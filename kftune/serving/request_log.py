@@ -29,6 +29,7 @@ counts it (`dropped`), it never blocks a request.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -48,6 +49,7 @@ SCHEMA = pa.schema([
     ("text", pa.string()), ("label", pa.string()), ("probability", pa.float64()),
     ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float64())), ("entities", pa.string()),
 ])
+RECENT_IDS = 100_000  # request ids kept in memory, so feedback can name a prediction not yet in a file
 
 
 def records(request_id: str, served, texts: list[str], answers: list[dict], at: float | None = None) -> list[dict]:
@@ -83,6 +85,7 @@ class RequestLog:
         self.dropped = 0
         self.written = 0
         self._parts = itertools.count()
+        self.recent: collections.OrderedDict[str, int] = collections.OrderedDict()  # request id -> texts, newest last
         self._thread = threading.Thread(target=self._run, name="kftune-request-log", daemon=True)
         self._thread.start()
 
@@ -94,6 +97,12 @@ class RequestLog:
                 self._queue.put_nowait(row)
             except queue.Full:
                 dropped += 1
+                continue
+            rid = row["request_id"]
+            self.recent[rid] = max(self.recent.get(rid, 0), row["index"] + 1)
+            self.recent.move_to_end(rid)
+        while len(self.recent) > RECENT_IDS:  # older ids are looked up in the files (feedback.logged_requests)
+            self.recent.popitem(last=False)
         self.dropped += dropped
         return dropped
 

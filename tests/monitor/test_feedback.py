@@ -1,13 +1,14 @@
 """Feedback through the real server: POST /v2/models/NAME/feedback round-trips by request id, with auth."""
 
 import time
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import requests
 
 from kftune.monitor.feedback import FeedbackError, import_feedback, joined, live_quality, read_feedback, wilson
-from kftune.serving.request_log import read_request_log
+from kftune.serving.request_log import RequestLog, read_request_log, records
 from tests.monitor.conftest import MODEL
 from tests.serving.conftest import Server
 
@@ -36,27 +37,83 @@ def test_feedback_round_trips_by_request_id_and_pii_is_masked_in_the_log(server,
         {"request_id": "req-1", "index": 0, "label": "positive", "labeller": "ann"},
         {"request_id": "req-1", "index": 1, "label": "negative"}]})
     assert ok.status_code == 200 and ok.json()["accepted"] == 2
+    # a correction must name a prediction: an unknown id, or an index past the request's texts, is refused whole
+    bad = requests.post(url, headers=auth, timeout=10, json={"feedback": [
+        {"request_id": "req-1", "index": 0, "label": "negative"}, {"request_id": "req-404", "label": "positive"},
+        {"request_id": "req-1", "index": 2, "label": "positive"}]})
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["error"].startswith("feedback[1]: request_id 'req-404' is not in the request log; feedback[2]: "
+                                          "index 2: request 'req-1' had 2 text(s): feedback must name a prediction")
+    # an id this server never answered but an earlier one logged is found in the log's files
+    old = RequestLog(str(server.log_dir), 10, 0.1, 100)
+    old.append(records("req-old", SimpleNamespace(name=MODEL, version="1", precision="fp32",
+                                                  task="sequence-classification", labels=["negative", "positive"]),
+                       ["the group said lossira"], [{"label": "negative", "probability": 0.9,
+                                                     "probabilities": {"negative": 0.9, "positive": 0.1}}]))
+    old.close()
+    assert requests.post(url, headers=auth, timeout=10, json={"request_id": "req-old", "label": "negative"}).ok
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(read_request_log(str(server.log_dir))) < 2:
+    while time.monotonic() < deadline and len(read_request_log(str(server.log_dir))) < 3:
         time.sleep(0.2)
     log = read_request_log(str(server.log_dir))
-    assert log["text"].tolist() == [texts[0], "mail <EMAIL> about the lossira unit"]
+    assert log[log["request_id"] == "req-1"]["text"].tolist() == [texts[0], "mail <EMAIL> about the lossira unit"]
+    log = log[log["request_id"] == "req-1"]
     both = joined(log, read_feedback(str(server.log_dir)))
     assert both.set_index("index")["true_label"].to_dict() == {0: "positive", 1: "negative"}
     assert both["labeller"].tolist() == ["ann", ""] and set(both["request_id"]) == {"req-1"}
 
 
+def _logged(log_dir, ids: dict[str, int], model: str = MODEL) -> None:
+    """Predictions in a request log: request id -> number of texts."""
+    served = SimpleNamespace(name=model, version="1", precision="fp32", task="sequence-classification",
+                             labels=["negative", "positive"])
+    out = RequestLog(str(log_dir), 1000, 60, 1000)
+    for rid, n in ids.items():
+        out.append(records(rid, served, [f"text {rid} {i}" for i in range(n)],
+                           [{"label": "positive", "probability": 0.8, "probabilities": {"negative": 0.2,
+                                                                                        "positive": 0.8}}] * n))
+    out.close()
+
+
 def test_bulk_feedback_import_checks_every_row_first(tmp_path):
-    f = tmp_path / "fb.csv"
+    f, log_dir = tmp_path / "fb.csv", str(tmp_path / "log")
+    _logged(log_dir, {"a": 1, "b": 2})
+    _logged(log_dir, {"c": 1}, model="another-model")
     pd.DataFrame({"request_id": ["a", "b", ""], "label": ["positive", "bullish", "negative"]}).to_csv(f, index=False)
     with pytest.raises(FeedbackError) as e:
-        import_feedback(str(f), str(tmp_path / "log"), ["negative", "positive"])
+        import_feedback(str(f), log_dir, ["negative", "positive"], model=MODEL)
     assert f"{f}:3: label 'bullish'" in str(e.value) and f"{f}:4: empty request_id" in str(e.value)
-    assert read_feedback(str(tmp_path / "log")).empty
-    pd.DataFrame({"request_id": ["a", "b", "a"], "label": ["positive", "negative", "negative"]}).to_csv(f, index=False)
-    assert import_feedback(str(f), str(tmp_path / "log"), ["negative", "positive"]) == 3
-    assert read_feedback(str(tmp_path / "log")).set_index("request_id")["label"].to_dict() == {"a": "negative",
-                                                                                              "b": "negative"}
+    assert read_feedback(log_dir).empty
+    # ids the request log does not have (for this model), or an index past the request's texts: refused, by line
+    pd.DataFrame({"request_id": ["a", "zz-unknown", "b", "c"], "index": ["0", "0", "2", "0"],
+                  "label": ["positive"] * 4}).to_csv(f, index=False)
+    with pytest.raises(FeedbackError) as e:
+        import_feedback(str(f), log_dir, ["negative", "positive"], model=MODEL)
+    assert f"3 row(s) name no prediction logged in {log_dir} for {MODEL}" in str(e.value)
+    assert f"{f}:3: request_id 'zz-unknown' is not in the request log" in str(e.value)
+    assert f"{f}:4: index 2: request 'b' had 2 text(s)" in str(e.value)
+    assert f"{f}:5: request_id 'c' is not in the request log" in str(e.value) and ":2:" not in str(e.value)
+    assert read_feedback(log_dir).empty
+    pd.DataFrame({"request_id": ["a", "b", "a"], "index": ["0", "1", "0"],
+                  "label": ["positive", "negative", "negative"]}).to_csv(f, index=False)
+    assert import_feedback(str(f), log_dir, ["negative", "positive"], model=MODEL) == 3
+    assert read_feedback(log_dir).set_index("request_id")["label"].to_dict() == {"a": "negative", "b": "negative"}
+
+
+def test_kftune_feedback_import_refuses_an_unknown_request_id(store, tiny_model, tmp_path, capsys):
+    from kftune.cli import main
+    from tests.conftest import ROOT
+
+    log_dir = tmp_path / "log"
+    _logged(log_dir, {"r-1": 1})
+    f = tmp_path / "fb.csv"
+    pd.DataFrame({"request_id": ["r-1", "r-2"], "label": ["negative", "positive"]}).to_csv(f, index=False)
+    args = ["--project-dir", str(tmp_path), "feedback", "import", str(f), "--log-dir", str(log_dir),
+            "--params", str(ROOT / "params.yaml"), "-S", f"model.name={tiny_model}", "-S", f"register.model_name={MODEL}"]
+    assert main(args) == 2
+    assert f"{f}:3: request_id 'r-2' is not in the request log" in capsys.readouterr().err
+    pd.DataFrame({"request_id": ["r-1"], "label": ["negative"]}).to_csv(f, index=False)
+    assert main(args) == 0 and "stored 1 correction(s)" in capsys.readouterr().out
 
 
 def test_live_quality_uses_only_the_random_sample_and_its_interval_covers_the_truth():

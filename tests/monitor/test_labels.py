@@ -70,6 +70,12 @@ def test_queue_then_import_refuses_unknown_labels_and_known_texts_and_adds_a_ver
         import_labels(tmp_path / "bad.csv", params, dvc_project, str(log_dir), labeller="ann")
 
     q.loc[3, "label"] = "negative"
+    twice = q.copy()  # one text labelled twice, differently: refused, naming both lines
+    twice.loc[6, "text"], twice.loc[6, "label"] = twice.loc[5, "text"], \
+        "negative" if twice.loc[5, "label"] == "positive" else "positive"
+    twice.to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(LabelError, match=r"the same text has different labels \(line 7, line 8\).*settle on one"):
+        import_labels(tmp_path / "twice.csv", params, dvc_project, str(log_dir), labeller="ann")
     known = subword_texts(200, seed=3)["text"][0]  # a text the dataset already has
     q.loc[4, "text"] = known
     q.to_csv(tmp_path / "good.csv", index=False)
