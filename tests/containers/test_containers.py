@@ -196,3 +196,14 @@ def test_pipelines_run_task_by_task_in_the_image(stack):
         saved = subprocess.run(f"docker save {IMAGE} | grep -c -a -F '{s}'", shell=True, capture_output=True,
                                text=True)
         assert saved.stdout.strip() == "0", f"a credential is inside the image's layers ({saved.stdout.strip()})"
+
+
+def test_every_module_imports_in_the_image():
+    """The image's install holds the whole package (a missing subpackage once passed every subprocess test)."""
+    script = ("import importlib, pkgutil, kftune, components, pipelines\n"
+              "for pkg in (kftune, components, pipelines):\n"
+              "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+              "        if not m.name.endswith('__main__'):\n"
+              "            importlib.import_module(m.name)\n"
+              "print('ok')")
+    assert docker("run", "--rm", "--network", "host", "-e", "HF_HUB_OFFLINE=1", IMAGE, "python", "-c", script) == "ok"
