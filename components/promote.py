@@ -22,7 +22,8 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
     if decision["decision"] != "promote":
         raise RuntimeError(f"promote ran for a {decision['decision']!r} decision: {decision}")
     configure()
-    promote(params_from_dict(params).register.model_name, decision["version"],
-            reason="passed the gate: " + " | ".join(decision["reasons"]), who=f"pipeline:{run_name}",
-            expected_champion=decision["champion_version"])
+    register = params_from_dict(params).register
+    promote(register.model_name, decision["version"], reason="passed the gate: " + " | ".join(decision["reasons"]),
+            who=f"pipeline:{run_name}", expected_champion=decision["champion_version"],
+            keep_versions=register.keep_versions)
     return decision["version"]

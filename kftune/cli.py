@@ -170,7 +170,7 @@ def cmd_step(args) -> int:
         v = register(args.data, args.model, args.evaluation, args.out, params, git_commit=git_commit())
         if v.decision == gate.PROMOTE:
             gate.promote(params.register.model_name, v.version, "passed the gate (kftune step register)",
-                         expected_champion=v.champion_version)
+                         expected_champion=v.champion_version, keep_versions=params.register.keep_versions)
         print(f"v{v.version}: {v.decision}\n  " + "\n  ".join(v.reasons))
     return 0
 
@@ -216,7 +216,8 @@ def cmd_models(args) -> int:
         print(f"{name}: deleted {', '.join('v' + v for v in gone) or 'nothing'} (kept the newest {args.keep} and "
               f"every version behind an alias or awaiting approval)")
     elif args.action == "promote":
-        event = gate.approve(name, args.version, args.reason, force=args.force)
+        event = gate.approve(name, args.version, args.reason, force=args.force,
+                             keep_versions=_params(args).register.keep_versions)
         print(f"{name}: champion v{event.from_version or '-'} -> v{event.to_version}")
     elif args.action == "rollback":
         event = registry.rollback(name, args.reason)
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     from kftune.monitor.cli import add_commands as add_monitor_commands
     add_monitor_commands(sub)
+    from kftune.score import add_commands as add_score_commands
+    add_score_commands(sub)
     return parser
 
 

@@ -145,6 +145,9 @@ class RegisterConfig:
     smoke_examples: int = _doc("Test texts predicted through the registry URI before promotion.")
     max_forgetting: float = _doc("Retraining: the challenger may lose at most this much macro-F1 against the champion "
                                  "on the frozen historical test split.")
+    keep_versions: int = _doc("After each promotion, delete all but the newest N versions as `kftune models prune "
+                              "--keep N` does (never champion, previous-champion, a challenger or one awaiting "
+                              "approval); 0 keeps every version.")
 
     def problems(self) -> list[str]:
         out = []
@@ -156,6 +159,8 @@ class RegisterConfig:
             out.append("register.experiment is empty")
         if self.smoke_examples < 1:
             out.append(f"register.smoke_examples={self.smoke_examples!r}: must be >= 1")
+        if self.keep_versions < 0:
+            out.append(f"register.keep_versions={self.keep_versions!r}: must be >= 0 (0 keeps every version)")
         return out
 
 

@@ -179,12 +179,19 @@ def record(name: str, verdict: Verdict, baseline: str) -> None:
 
 
 def promote(name: str, version: str, reason: str, who: str | None = None,
-            expected_champion: str | None = "any") -> registry.Event:
-    """The one path that makes a version champion: from the pipeline, `kftune step register` and approval."""
-    return registry.promote(name, version, reason, who=who, expected_champion=expected_champion)
+            expected_champion: str | None = "any", keep_versions: int = 0) -> registry.Event:
+    """The one path that makes a version champion: from the pipeline, `kftune step register` and approval.
+
+    keep_versions (register.keep_versions): > 0 prunes the registry to that many versions afterwards.
+    """
+    event = registry.promote(name, version, reason, who=who, expected_champion=expected_champion)
+    if keep_versions:
+        gone = registry.prune(name, keep_versions)
+        log.info("register.keep_versions=%d: deleted %s", keep_versions, ", ".join(f"v{v}" for v in gone) or "nothing")
+    return event
 
 
-def approve(name: str, version: str, reason: str, force: bool = False) -> registry.Event:
+def approve(name: str, version: str, reason: str, force: bool = False, keep_versions: int = 0) -> registry.Event:
     """A person promotes a version. One awaiting approval is promoted only if the champion is still the one
     it was gated against, unless forced."""
     from mlflow import MlflowClient
@@ -197,6 +204,6 @@ def approve(name: str, version: str, reason: str, force: bool = False) -> regist
             raise registry.RegistryError(f"{name} v{version} awaits approval but does not record the champion it "
                                          f"was gated against; pass --force to promote it anyway")
         expected = tags["kftune.gated_against"]
-    event = promote(name, version, reason, expected_champion=expected)
+    event = promote(name, version, reason, expected_champion=expected, keep_versions=keep_versions)
     client.set_model_version_tag(name, version, "kftune.approved_by", event.actor)
     return event

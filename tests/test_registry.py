@@ -116,3 +116,30 @@ def test_models_check_reports_and_repairs(store, capsys):
     assert main(["models", "check", "--name", NAME, "--repair"]) == 0
     out = capsys.readouterr().out
     assert "repaired: finished an interrupted promote: v1 -> v2" in out and f"{NAME}: consistent" in out
+
+
+def test_keep_versions_prunes_after_each_promotion_but_never_a_protected_version(store, tmp_path):
+    import json
+
+    from components.promote import promote_op
+    from kftune.config import ConfigError, load_params
+    from tests.conftest import ROOT
+
+    client = MlflowClient()
+    client.set_registered_model_alias(NAME, registry.CHALLENGER, "5")
+    client.set_model_version_tag(NAME, "6", "kftune.decision", "awaiting-approval")
+    params = load_params(ROOT / "params.yaml", [f"register.model_name={NAME}", "register.keep_versions=1"])
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "decision.json").write_text(json.dumps(
+        {"decision": "promote", "version": "3", "champion_version": "1", "reasons": ["test"]}))
+
+    class Gate:
+        path = str(tmp_path / "gate")
+
+    promote_op.python_func(params=params.to_dict(), gate=Gate(), run_name="keep-test")
+    left = [str(mv.version) for mv in client.search_model_versions(f"name='{NAME}'")]
+    # champion v3, previous-champion v1, challenger v5, v6 awaiting approval; of v2 and v4 the newest stays
+    assert sorted(left, key=int) == ["1", "3", "4", "5", "6"]
+    _consistent()
+    with pytest.raises(ConfigError, match=r"register.keep_versions=-1: must be >= 0"):
+        load_params(ROOT / "params.yaml", ["register.keep_versions=-1"])
