@@ -6,6 +6,7 @@ from components.evaluate import evaluate_op
 from components.finetune import finetune_op
 from components.promote import promote_op
 from components.register import register_op
+from components.settings import settings_op
 from components.tokenize import tokenize_op
 
 
@@ -39,6 +40,12 @@ def use_secrets(tasks: list, cluster: dict) -> None:
         kubernetes.use_secret_as_env(task, cluster["mlflow_secret"], {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
         kubernetes.use_secret_as_env(task, cluster["s3_secret"], {
             k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")})
+
+
+def run_settings(params, **run_inputs):
+    """Task 0: the params document with this run's typed inputs (kftune.run_inputs) applied; its output is
+    every later task's `params`."""
+    return settings_op(params=params, **run_inputs).set_display_name("0 settings")
 
 
 def train_and_gate(data, params, checkpoint_root, git_commit, first: int, init_model=None) -> dict:
