@@ -121,6 +121,18 @@ def render_report(metrics: dict) -> str:
     return "\n".join(lines) + "\n\n![confusion matrix](confusion_matrix.png)\n"
 
 
+def _scored(model, tok, texts: list[str], cfg: EvaluateConfig, bf16: bool, what: str) -> np.ndarray:
+    """predict_proba_with in chunks, logging progress with elapsed time and ETA between them."""
+    from kftune.progress import Progress
+
+    chunk, progress = cfg.batch_size * 8, Progress(what, len(texts), "texts")
+    parts = []
+    for i in range(0, len(texts), chunk):
+        parts.append(predict_proba_with(model, tok, texts[i : i + chunk], cfg.batch_size, bf16))
+        progress.update(len(parts[-1]))
+    return np.concatenate(parts) if parts else np.zeros((0, len(labels_of(model))))
+
+
 def _write_metrics(folder: Path, metrics: dict) -> None:
     write_json(folder / "evaluation.json", metrics)
     write_json(folder / "metrics.json", headline(metrics), sort_keys=False)  # the headline number first
@@ -157,7 +169,7 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
 
     model, tok = AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     labels = labels_of(model)
-    probs = predict_proba_with(model, tok, test["text"].tolist(), cfg.batch_size, bf16)
+    probs = _scored(model, tok, test["text"].tolist(), cfg, bf16, "evaluate: test split")
     y = test["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
     metrics = {
         "labels": labels,
@@ -169,7 +181,7 @@ def evaluate(data_dir: str | Path, model_dir: str | Path, out_dir: str | Path, c
                       for name, p in baseline_probs(train, test, labels, cfg).items()},
     }
     if historical.exists() and len(hist := pd.read_parquet(historical)):
-        hist_probs = predict_proba_with(model, tok, hist["text"].tolist(), cfg.batch_size, bf16)
+        hist_probs = _scored(model, tok, hist["text"].tolist(), cfg, bf16, "evaluate: historical test split")
         y_hist = hist["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
         metrics["historical"] = classification_metrics(y_hist, hist_probs, labels, cfg.ece_bins)
         metrics["historical_rows"] = len(hist)
