@@ -158,8 +158,9 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         card_text = publish(cfg.model_name, version, run.info.run_id, params.model.name, card, metrics, verdict,
                             git_commit)
         mlflow.log_text(card_text, "model_card.md")
-        # what `serve.precision=auto` will serve, measured once here rather than at every server start
-        measure_at_registration(cfg.model_name, version, model_dir, test["text"].tolist(), task, params.serve)
+        if verdict.decision != gate.HOLD:  # what `serve.precision=auto` will serve, measured once, not per start;
+            # a held version is not served (promoted by hand, the server measures it at load)
+            measure_at_registration(cfg.model_name, version, model_dir, test["text"].tolist(), task, params.serve)
         mlflow.set_tags({"kftune.decision": verdict.decision, "kftune.status": "finished"})
         mlflow.log_dict(verdict.to_dict(), "decision.json")
     if retrain_run := card.get("lineage", {}).get("retrain_run_id"):  # the retraining run that asked for this
