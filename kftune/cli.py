@@ -383,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_monitor_commands(sub)
     from kftune.score import add_commands as add_score_commands
     add_score_commands(sub)
+    from kftune.score import add_commands as add_score_commands
+    add_score_commands(sub)
     return parser
 
 

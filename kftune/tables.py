@@ -55,6 +55,10 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
                             f"set ingest.{role}_column")
     out = df[[cfg.text_column, cfg.label_column]].copy()
     out.columns = ["text", "label"]
+    if "split" in df.columns:  # a user-given split (kftune.splits)
+        from kftune.splits import read_column
+
+        out["split"] = read_column(df["split"], path, header_lines=int(kind in ("csv", "tsv")))
     labels = out["label"]
     if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
         out["label"] = labels.astype("Int64")  # a gap in an int column turns 1 into 1.0; labels stay "1"
@@ -174,19 +178,35 @@ def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str) -> list[str]:
     return list(cfg.labels) if cfg.labels else sorted(df["label"].unique())
 
 
-def load_rows(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
-    """Read, clean and validate every row under `source`; add each row's split.
+def load_rows(source: str, cfg: IngestConfig, split_files: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Read, clean and validate every row under `source` (or of `split_files`, split name -> file); add each
+    row's split: the hash of its text, or the one given by a `split` column or by the file it came from.
 
     Returns the rows (text, label, split) and what the data card says about reading them.
     """
-    raw, sources = read_tables(source, cfg)
-    df, drops = clean(raw)
+    from kftune import splits
+
+    if split_files:
+        splits.check_files(split_files)
+        parts = {name: read_tables(path, cfg) for name, path in split_files.items()}
+        raw = pd.concat([df.assign(split=name) for name, (df, _) in parts.items()], ignore_index=True)
+        sources = [dict(s, split=name) for name, (_, files) in parts.items() for s in files]
+        source = ", ".join(split_files.values())
+    else:
+        raw, sources = read_tables(source, cfg)
+    given = "split" in raw.columns
+    if given and raw["split"].isna().any():
+        raise DataError(f"{source}: some files have a 'split' column and some do not; give every file one")
+    df, drops = clean(splits.by_priority(raw) if given else raw)  # a repeated text keeps its test copy
     if df.empty:
         raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
     labels = check_labels(df, cfg, source)
-    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
-    return df, {"sources": sources, "rows_read": len(raw), "dropped": drops, "labels": labels,
-                "split_salt": cfg.split_salt, "split": split_settings(cfg), "warnings": drop_warnings(raw, df, drops)}
+    df["split"] = splits.assign(df["text"], df["split"].tolist() if given else None, cfg)
+    info = {"sources": sources, "rows_read": len(raw), "dropped": drops, "labels": labels,
+            "split_salt": cfg.split_salt, "split": split_settings(cfg), "warnings": drop_warnings(raw, df, drops)}
+    if given:
+        info["split_given"] = splits.card("files" if split_files else "column 'split'", set(raw["split"]))
+    return df, info
 
 
 def drop_warnings(raw: pd.DataFrame, kept: pd.DataFrame, drops: dict[str, int]) -> list[str]:

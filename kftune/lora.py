@@ -1,0 +1,76 @@
+"""LoRA (finetune.method=lora) through peft: wrap the base model for training, save the adapter beside the
+merged model, and load any registered version (full or adapter) as one plain transformers model.
+
+A LoRA version in the registry holds only the adapter (the low-rank matrices and the new classifier head)
+and the tokenizer; MLflow records the path of a local base folder and loads the base from it (mlflow's
+`base_model_path`). That folder is the base model's weights (linked, not copied) under a config that
+carries this version's labels, so the base loads with a head of the right size for the adapter's head.
+Everything that predicts gets the adapter merged into the weights: one model, no peft layer at serving time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+ADAPTER = "adapter"  # the fine-tune output's subfolder holding the peft adapter (LoRA runs only)
+BASES = Path(os.environ.get("KFTUNE_LORA_BASES", Path.home() / ".cache" / "kftune" / "lora-bases"))
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def wrap(model, r: int, alpha: int, dropout: float, ner: bool):
+    """The model with LoRA on the attention query and value projections (peft's default for BERT); only
+    the adapters and the classifier head train."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.TOKEN_CLS if ner else TaskType.SEQ_CLS, r=r, lora_alpha=alpha,
+                        lora_dropout=dropout)
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def merged(model):
+    """A plain transformers model: a peft model's adapters merged into its weights; any other model as is."""
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+def load_components(uri: str) -> dict:
+    """mlflow.transformers components (model, tokenizer) of a registered version, adapters merged."""
+    import mlflow
+
+    parts = mlflow.transformers.load_model(uri, return_type="components")
+    parts["model"] = merged(parts["model"])
+    return parts
+
+
+def base_folder(base_path: str | Path, model_config) -> Path:
+    """A folder `from_pretrained` loads as the base model with this fine-tune's head config (labels).
+
+    The weights are symlinks to the base model's files, so each label set costs a few KB on disk.
+    """
+    base_path = Path(base_path).resolve()
+    config = model_config.to_dict()
+    key = hashlib.sha256(json.dumps([str(base_path), config], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = BASES / key
+    if (folder / "config.json").exists():
+        return folder
+    tmp = BASES / f".{key}.{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name in WEIGHT_FILES:
+        if (base_path / name).exists() and not (tmp / name).exists():
+            (tmp / name).symlink_to(base_path / name)
+    model_config.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process made it first
+        pass
+    return folder

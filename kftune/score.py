@@ -1,0 +1,157 @@
+"""`kftune score`: a registered version's metrics on any labelled file, the same numbers evaluate reports.
+
+Texts (CSV/TSV/JSONL/Parquet with ingest.text_column and ingest.label_column) get accuracy, macro-F1,
+per-class P/R/F1, ECE and the confusion matrix; tagged sentences (CoNLL or JSONL, for a token
+classification version) get entity P/R/F1 overall and per type (seqeval, strict IOB2), macro entity F1,
+token accuracy and the word-level confusion matrix. The file is scored as given: no duplicate is dropped
+(a published test set counts every row), only rows with an empty text or label, and those are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+from kftune.config import Params, load_params
+from kftune.tables import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _unknown(found: Counter, labels: list[str], source: str, what: str, model: str) -> None:
+    bad = {k: n for k, n in found.items() if k not in labels}
+    if bad:
+        listed = ", ".join(f"{k!r} ({n})" for k, n in sorted(bad.items(), key=lambda kv: -kv[1])[:5])
+        raise DataError(f"{source}: {what} {listed} are not among {model}'s labels {labels}; a version can only be "
+                        f"scored on its own label set (rename the labels, or score a version trained on them)")
+
+
+def score_texts(model, tokenizer, source: str, params: Params, model_label: str) -> dict:
+    """Sequence classification metrics of `model` on every labelled row of `source`."""
+    from kftune.metrics import classification_metrics
+    from kftune.predict import labels_of, predict_proba_with
+    from kftune.tables import normalise, read_tables
+
+    labels = labels_of(model)
+    df, _ = read_tables(source, params.ingest)  # names the missing text/label column and the file
+    df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())
+    empty = (df["text"] == "") | (df["label"] == "")
+    df = df[~empty]
+    if df.empty:
+        raise DataError(f"{source}: no row has both a text and a label")
+    _unknown(Counter(df["label"]), labels, source, f"column {params.ingest.label_column!r} has labels", model_label)
+    probs = predict_proba_with(model, tokenizer, df["text"].tolist(), params.evaluate.batch_size)
+    y = df["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
+    metrics = classification_metrics(y, probs, labels, params.evaluate.ece_bins)
+    return {"task": "sequence-classification", "labels": labels, "rows": len(df), "skipped_empty": int(empty.sum()),
+            "primary": "macro_f1", "metrics": metrics}
+
+
+def score_sentences(model, tokenizer, source: str, params: Params, model_label: str) -> dict:
+    """Token classification metrics of `model` on every tagged sentence of `source`."""
+    from sklearn.metrics import confusion_matrix
+
+    from kftune.metrics import entity_metrics
+    from kftune.predict import labels_of, word_predictions
+    from kftune.tables import read_sentences
+
+    labels = labels_of(model)
+    df, info = read_sentences(source, dataclasses.replace(params.ingest, labels=[]))
+    _unknown(Counter(t for tags in df["tags"] for t in tags), labels, source, "tags", model_label)
+    tokens, gold = [list(t) for t in df["tokens"]], [list(t) for t in df["tags"]]
+    pred, _ = word_predictions(model, tokenizer, tokens, params.evaluate.batch_size)
+    metrics = entity_metrics(gold, pred)
+    per_type = metrics["per_type"]
+    metrics["macro_entity_f1"] = sum(c["f1"] for c in per_type.values()) / len(per_type) if per_type else 0.0
+    flat_gold, flat_pred = [t for s in gold for t in s], [t for s in pred for t in s]
+    metrics["confusion_matrix"] = confusion_matrix(flat_gold, flat_pred, labels=labels).tolist()
+    return {"task": "token-classification", "labels": labels, "rows": len(df), "words": len(flat_gold),
+            "bio_repairs": info["bio_repairs"], "primary": "entity_f1", "metrics": metrics}
+
+
+def score(model_ref: str, source: str, params: Params, output: str | Path | None = None) -> dict:
+    """Score a registered version on a labelled file.
+
+    Args:
+        model_ref: NAME (its champion), NAME@alias or NAME/version.
+        source: a labelled file or folder: texts (CSV/TSV/JSONL/Parquet) or, for a token classification
+            version, tagged sentences (CoNLL or JSONL).
+        params: settings (ingest columns and encoding, evaluate batch size and ECE bins).
+        output: optional JSON file for the result (written whole or not at all).
+
+    Returns:
+        model, version, input, task, labels, rows and the metrics.
+    """
+    from kftune.fileio import write_json
+    from kftune.lora import load_components
+    from kftune.serving.model import parse_model_ref, resolve_version
+
+    name, alias, version = parse_model_ref(model_ref)
+    version = resolve_version(name, alias, version)
+    parts = load_components(f"models:/{name}/{version}")
+    model, tokenizer = parts["model"], parts["tokenizer"]
+    label = f"{name} v{version}"
+    token_task = type(model).__name__.endswith("ForTokenClassification")
+    result = (score_sentences if token_task else score_texts)(model, tokenizer, str(source), params, label)
+    result = {"model": name, "version": version, "input": str(source), **result}
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(output, result, sort_keys=False)
+    return result
+
+
+def render(result: dict) -> str:
+    """The result as a few aligned lines: headline numbers, per class (per type), the confusion matrix."""
+    m, labels = result["metrics"], result["labels"]
+    head = f"{result['model']} v{result['version']} on {result['input']}: {result['rows']} "
+    if result["task"] == "token-classification":
+        lines = [head + f"sentences, {result['words']} words",
+                 f"entity F1 {m['entity_f1']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
+                 f"macro entity F1 {m['macro_entity_f1']:.4f}  token accuracy {m['token_accuracy']:.4f}",
+                 "", f"{'type':<20} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}"]
+        per = m["per_type"]
+    else:
+        lines = [head + f"rows ({result['skipped_empty']} without text or label skipped)",
+                 f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}",
+                 "", f"{'label':<20} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}"]
+        per = m["per_class"]
+    lines += [f"{k[:20]:<20} {c['precision']:>9.4f} {c['recall']:>7.4f} {c['f1']:>7.4f} {c['support']:>8}"
+              for k, c in per.items()]
+    width = max(8, *(len(lbl) for lbl in labels))
+    lines += ["", "confusion (rows: true, columns: predicted)" + (", per word" if "words" in result else ""),
+              " " * width + " " + " ".join(f"{lbl[:width]:>{width}}" for lbl in labels)]
+    lines += [f"{lbl[:width]:<{width}} " + " ".join(f"{v:>{width}}" for v in row)
+              for lbl, row in zip(labels, m["confusion_matrix"])]
+    return "\n".join(lines)
+
+
+def cmd_score(args) -> int:
+    from kftune.tracking import configure
+
+    params = load_params(args.params, args.set or [])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configure(args.project_dir)
+    result = score(args.model, args.input, params, args.output)
+    print(render(result))
+    if args.output:
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register `score` on the kftune command's subparsers."""
+    p = sub.add_parser("score", help="score a registered version on a labelled file (texts, or CoNLL for NER)",
+                       epilog="examples:\n  kftune score --model kftune-demo@champion --input golden.csv\n"
+                              "  kftune score --model kftune-demo/3 --input test.conll --output metrics.json")
+    p.add_argument("--model", required=True, help="NAME (its champion), NAME@alias or NAME/VERSION")
+    p.add_argument("--input", required=True, help="labelled CSV/TSV/JSONL/Parquet (ingest.text_column, "
+                                                  "ingest.label_column), or CoNLL/JSONL sentences for NER")
+    p.add_argument("--output", help="also write the metrics as JSON here")
+    p.add_argument("--params", default="params.yaml", help="settings file (default: %(default)s)")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. -S ingest.text_column=sentence (repeatable)")
+    p.set_defaults(func=cmd_score)
+
