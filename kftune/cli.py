@@ -141,7 +141,8 @@ def cmd_step(args) -> int:
     if args.name == "ingest":
         from kftune.steps.ingest import ingest
 
-        card = ingest(args.data, args.out, params.ingest, task=params.task)
+        split_files = {s: getattr(args, s) for s in ("train", "validation", "test") if getattr(args, s)}
+        card = ingest(args.data, args.out, params.ingest, task=params.task, split_files=split_files or None)
         print(f"{card['rows']} dropped={card['dropped']} sha256={card['sha256'][:12]}")
     elif args.name == "tokenize":
         from kftune.steps.tokenize import tokenize
@@ -337,13 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("step", help="run one step from files (used by DVC, handy for debugging)")
     p.add_argument("name", choices=["ingest", "tokenize", "finetune", "evaluate", "register"])
-    p.add_argument("--data", required=True, help="input: raw data (ingest), ingest output (tokenize, evaluate, "
+    p.add_argument("--data", help="input: raw data (ingest), ingest output (tokenize, evaluate, "
                                                  "register) or tokenize output (finetune)")
     p.add_argument("--model", help="fine-tune output (evaluate, register)")
     p.add_argument("--evaluation", help="evaluate output (register)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint-dir", help="finetune: resumable checkpoints (resumed if present)")
     p.add_argument("--plots", help="finetune: folder for train_loss.json and the validation score (DVC plots)")
+    for split in ("train", "validation", "test"):
+        p.add_argument(f"--{split}", help=f"ingest: the file of a given {split} split, instead of --data and the hash "
+                                          f"split (a split not given is hashed out of --train)")
     _add_params_args(p)
     p.set_defaults(func=cmd_step)
 
@@ -385,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_commands(sub)
     from kftune.score import add_commands as add_score_commands
     add_score_commands(sub)
+    from kftune.score import add_commands as add_score_commands
+    add_score_commands(sub)
     return parser
 
 
@@ -399,6 +405,7 @@ def _check_args(parser, args) -> None:
         parser.error("run needs --data, or --data-rev to read the versioned dataset")
     if args.command == "step":
         needs = {"evaluate": ["model"], "register": ["model", "evaluation"]}.get(args.name, [])
+        needs += [] if args.data or (args.name == "ingest" and args.train) else ["data"]
         missing = [f"--{n}" for n in needs if not getattr(args, n)]
         if missing:
             parser.error(f"step {args.name} needs {' '.join(missing)}")

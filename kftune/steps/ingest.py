@@ -38,7 +38,7 @@ def _ingest_tokens(source: str, out_dir: str | Path, cfg: IngestConfig, lineage:
 
 
 def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None = None,
-           task: str = "sequence-classification") -> dict:
+           task: str = "sequence-classification", split_files: dict[str, str] | None = None) -> dict:
     """Read, clean, validate and split labelled texts (or, for token classification, tagged sentences).
 
     Args:
@@ -48,13 +48,21 @@ def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | 
         cfg: the `ingest` section of params.yaml.
         lineage: where the data came from (repo, revision, commit, DVC md5), kept in the data card.
         task: params.task.
+        split_files: given splits instead of `source` and the hash split: split name -> file (train
+            needed; a split not given is hashed out of train). A `split` column in `source` is honoured too.
 
     Returns:
         The data card.
     """
     if task == "token-classification":
+        if split_files:
+            from kftune.tables import DataError
+
+            raise DataError("given split files are read for texts only so far; for tagged sentences put them in "
+                            "one file and let the hash split them")
         return _ingest_tokens(source, out_dir, cfg, lineage)
-    df, info = load_rows(source, cfg)
+    df, info = load_rows(source, cfg, split_files)
+    source = source or ", ".join(split_files.values())
     require_splits(df, source)
     card = {**info, **describe(df), "task": task, "lineage": lineage or {"data_path": str(source)}}
     write_dataset(out_dir, df, card)

@@ -1,0 +1,68 @@
+"""User-given splits: a `split` column or one file per split, honoured and recorded; the hash stays the default."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from kftune.cli import main
+from kftune.steps.ingest import ingest
+from kftune.tables import DataError, split_of
+
+from .conftest import subword_texts
+
+
+def _splits(folder) -> dict[str, set[str]]:
+    return {s: set(pd.read_parquet(folder / f"{s}.parquet")["text"]) for s in ("train", "validation", "test")}
+
+
+def test_a_split_column_round_trips_and_a_test_copy_wins_over_train(tmp_path, params):
+    df = subword_texts(300, seed=1)
+    df["split"] = ["test" if i % 5 == 0 else "dev" if i % 5 == 1 else "train" for i in range(len(df))]
+    leak = df.iloc[[0]].assign(split="train")  # a test text repeated in train: kept in test only
+    pd.concat([leak, df]).to_csv(tmp_path / "given.csv", index=False)
+
+    card = ingest(str(tmp_path / "given.csv"), tmp_path / "data", params.ingest)
+    got = _splits(tmp_path / "data")
+    assert got["test"] == set(df[df["split"] == "test"]["text"])
+    assert got["validation"] == set(df[df["split"] == "dev"]["text"])
+    assert got["train"] == set(df[df["split"] == "train"]["text"])
+    assert card["split_given"] == {"given_by": "column 'split'", "given": ["train", "validation", "test"],
+                                   "hashed_from_train": []}
+    assert card["dropped"]["duplicate"] == 1
+    saved = json.loads((tmp_path / "data" / "data_card.json").read_text())
+    assert saved["split_given"] == card["split_given"]
+
+
+def test_split_files_with_validation_hashed_out_of_train(tmp_path, params):
+    train, test = subword_texts(400, seed=2), subword_texts(80, seed=3)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test.to_json(tmp_path / "test.jsonl", orient="records", lines=True)
+    assert main(["step", "ingest", "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.jsonl"),
+                 "--out", str(tmp_path / "data"), "--params", _params_file(tmp_path, params)]) == 0
+    got = _splits(tmp_path / "data")
+    cfg = params.ingest
+    assert got["test"] == set(test["text"])
+    hashed = {t for t in train["text"] if t not in got["test"] and
+              split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) == "validation"}
+    assert got["validation"] == hashed and got["train"] == set(train["text"]) - hashed - got["test"]
+    card = json.loads((tmp_path / "data" / "data_card.json").read_text())
+    assert card["split_given"]["given_by"] == "files" and card["split_given"]["hashed_from_train"] == ["validation"]
+    assert {s["split"] for s in card["sources"]} == {"train", "test"}
+
+
+def test_an_unknown_split_value_names_its_line(tmp_path, params):
+    pd.DataFrame({"text": ["a b", "c d"], "label": ["x", "y"], "split": ["train", "holdout"]}).to_csv(
+        tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv:3: split 'holdout' is not train, validation \(or dev\) or test"):
+        ingest(str(tmp_path / "bad.csv"), tmp_path / "data", params.ingest)
+
+
+def _params_file(tmp_path, params) -> str:
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    return str(path)
