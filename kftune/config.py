@@ -249,7 +249,7 @@ class ServeConfig:
     poll_seconds: float = _doc("How often `kftune serve` checks which version the alias points at; a new one is "
                                "loaded and warmed beside the old, then swapped in.")
     max_batch: int = _doc("Most texts in one forward pass; concurrent requests are gathered up to this.")
-    max_wait_ms: float = _doc("Longest a request waits for others to share its batch.")
+    max_wait_ms: float = _doc("How long a batch waits for one more request (again after each arrival, 8 times at most).")
     precision: str = _doc("auto (the fastest of fp32, bf16 where native, int8 whose agreement with fp32 on the "
                           "version's held-out rows is >= min_agreement, measured at load), fp32, bf16 or int8.")
     min_agreement: float = _doc("precision=auto: least share of held-out predictions equal to fp32's.")

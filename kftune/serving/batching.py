@@ -1,7 +1,7 @@
 """Micro-batching: concurrent requests share forward passes.
 
 A request is queued with the model version it arrived on. One worker takes the first waiting
-request, gathers more until `max_batch` texts or `max_wait_ms`, and runs each version's texts on
+request, gathers more until `max_batch` texts or until none came for `max_wait_ms`, and runs each version's texts on
 that version (sorted by length and padded per batch, in `ServedModel.predict`). A request that
 started on the old version during a hot swap therefore finishes on it, and forward passes never run
 concurrently with each other (torch already uses every core for one).
@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+MAX_WAITS = 8  # a batch waits at most this many serve.max_wait_ms for a burst to finish arriving
 
 
 @dataclass
@@ -52,13 +54,19 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        """Jobs until max_batch texts, or until none arrived for max_wait (at most MAX_WAITS max_waits in all).
+
+        The wait restarts at each arrival: answering a full batch sends its clients' next requests back
+        as a burst that the event loop parses one by one, and a fixed window from the first arrival
+        would cut that burst into a small batch and a large one.
+        """
         jobs, n = [first], len(first.texts)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
+        last_call = loop.time() + MAX_WAITS * self.max_wait
         while n < self.max_batch:
+            wait = min(self.max_wait, last_call - loop.time())
             try:
-                job = self._queue.get_nowait() if loop.time() >= deadline else \
-                    await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+                job = self._queue.get_nowait() if wait <= 0 else await asyncio.wait_for(self._queue.get(), wait)
             except (asyncio.QueueEmpty, TimeoutError):
                 break
             if job is None:

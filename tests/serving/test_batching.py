@@ -48,3 +48,23 @@ def test_requests_stay_on_the_version_they_arrived_on_and_close_drains():
     assert [r[0]["version"] for r in results] == ["2", "1", "2", "1", "2", "1"]
     assert all(t in ("t1", "t3", "t5") for b in old.batches for t in b)
     assert all(t in ("t0", "t2", "t4") for b in new.batches for t in b)
+
+
+def test_a_burst_that_keeps_arriving_is_one_batch_and_a_lull_ends_it():
+    async def main():
+        batcher = MicroBatcher(max_batch=64, max_wait_ms=300)
+        batcher.start()
+        v1 = Recorder("1")
+
+        async def arrive(i, at):
+            await asyncio.sleep(at)
+            return await batcher.predict(v1, [f"t{i}"])
+
+        # 6 requests 100 ms apart (500 ms in all, > max_wait: a fixed window would split them), then a lull
+        burst = [arrive(i, 0.1 * i) for i in range(6)]
+        await asyncio.gather(*burst, arrive(6, 2.5))
+        await batcher.close()
+        return v1
+
+    v1 = asyncio.run(main())
+    assert v1.batches == [[f"t{i}" for i in range(6)], ["t6"]]
