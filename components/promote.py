@@ -15,6 +15,7 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
 
     from kftune.config import params_from_dict
     from kftune.gate import promote
+    from kftune.registry import actor
     from kftune.tracking import configure
 
     with open(os.path.join(gate.path, "decision.json"), encoding="utf-8") as f:
@@ -24,6 +25,6 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
     configure()
     register = params_from_dict(params).register
     promote(register.model_name, decision["version"], reason="passed the gate: " + " | ".join(decision["reasons"]),
-            who=f"pipeline:{run_name}", expected_champion=decision["champion_version"],
+            who=f"{actor()} via pipeline {run_name}", expected_champion=decision["champion_version"],
             keep_versions=register.keep_versions)
     return decision["version"]

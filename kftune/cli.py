@@ -122,11 +122,26 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from kftune.data import add_batches
+    import tempfile
+
+    from kftune.data import DataVersionError, add_batches
 
     params = _params(args)
-    result = add_batches(args.files, args.project_dir, params.ingest, tag=args.tag, push=not args.no_push,
-                         task=params.task)
+    files = args.files
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.action == "init":  # a fresh clone: a first data version from the demo generator
+            from kftune.demo.data import write_batch
+
+            if files:
+                raise DataVersionError("data init takes no files; add your own with `kftune data add FILE`")
+            if any((Path(args.project_dir) / DATASET).glob("batch-*")):
+                raise DataVersionError(f"{DATASET} already holds data: `dvc pull` fetches it, "
+                                       f"`kftune data add FILE` adds to it")
+            files = [str(write_batch(tmp, 0, args.rows))]
+        elif not files:
+            raise DataVersionError("data add needs the batch files to add")
+        result = add_batches(files, args.project_dir, params.ingest, tag=args.tag, push=not args.no_push,
+                             task=params.task)
     print(f"added {', '.join(result['files'])} -> commit {result['commit'][:10]}"
           f"{' tag ' + result['tag'] if result['tag'] else ''}, dataset md5 {result['md5']}, "
           f"{'pushed to the DVC remote' if result['pushed'] else 'not pushed'}")
@@ -188,6 +203,13 @@ def _print_versions(name: str) -> None:
               f"{r['score'] or '-':>8}  {created}")
 
 
+def _event_versions(e) -> str:
+    """A move reads `champion v1 -> v2`; a decision that moved nothing names the version and the champion kept."""
+    if e.action in ("promote", "rollback", "moved-outside-kftune"):
+        return f"champion v{e.from_version or '-'} -> v{e.to_version or '-'}"
+    return f"v{e.to_version or '-'} (champion stays v{e.from_version or '-'})"
+
+
 def cmd_models(args) -> int:
     from kftune import gate, registry
     from kftune.tracking import configure
@@ -231,14 +253,29 @@ def cmd_models(args) -> int:
             print(f"{name}: no promotions, holds or rollbacks recorded yet")
         for e in events:
             when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{when}  {e.action:<17} v{e.from_version or '-'} -> v{e.to_version or '-'}  by {e.actor}\n"
-                  f"    {e.reason}")
+            print(f"{when}  {e.action:<20} {_event_versions(e):<28} by {e.actor}\n    {e.reason}")
     return 0
 
 
+def _shown(value) -> str:
+    import json
+
+    text = value if isinstance(value, str) else json.dumps(value)
+    return (text or '""') if len(text) <= 40 else text[:37] + "..."
+
+
 def cmd_params(args) -> int:
+    from kftune.tracking import flatten
+
+    values = flatten(_params(args).to_dict())
+    shipped = Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults kftune ships with
+    defaults = flatten(load_params(shipped).to_dict()) if shipped.exists() else {}
     for key, text in params_help().items():
-        print(f"{key:<36} {text}")
+        value = values.get(key)
+        if args.changed and key in defaults and defaults[key] == value:
+            continue
+        was = f"  (default {_shown(defaults[key])})" if args.changed and key in defaults else ""
+        print(f"{key:<36} {_shown(value):<24} {text}{was}")
     return 0
 
 
@@ -252,7 +289,8 @@ def cmd_demo_data(args) -> int:
 def cmd_demo_drift(args) -> int:
     from kftune.demo.drift import OVERRIDES, run_drift_demo
 
-    run_drift_demo(args.workdir, load_params(args.params, OVERRIDES + (args.set or [])), args.rows)
+    run_drift_demo(args.workdir, load_params(args.params, OVERRIDES + [f"task={args.task}"] + (args.set or [])),
+                   args.rows)
     return 0
 
 
@@ -270,8 +308,19 @@ def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--data-repo", help="git repo (path or URL) holding the DVC-tracked data (default: this project)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kftune")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kftune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="kftune", description=__doc__.split("\n")[0],
+                                     epilog="`kftune COMMAND --help` describes each command, with examples.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; the full pipeline log on screen")
     parser.add_argument("--project-dir", default=".", help="where mlflow.db, mlartifacts and local_outputs live")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,9 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_schedule)
 
-    p = sub.add_parser("data", help="versioned data: add a batch (DVC + git)")
-    p.add_argument("action", choices=["add"])
-    p.add_argument("files", nargs="+", help="labelled batch files, checked by ingest's rules before anything changes")
+    p = sub.add_parser("data", help="versioned data: add a batch (DVC + git), or init a demo version on a fresh clone")
+    p.add_argument("action", choices=["add", "init"],
+                   help="add: the files as the next batches; init: a first version from the demo generator "
+                        f"in {DATASET} (then `dvc repro` runs)")
+    p.add_argument("files", nargs="*", help="labelled batch files, checked by ingest's rules before anything changes")
+    p.add_argument("--rows", type=int, default=3000, help="init: rows of the demo batch (default: %(default)s)")
     p.add_argument("--tag", help="git tag for the new data version")
     p.add_argument("--no-push", action="store_true", help="do not `dvc push` even if a remote is configured")
     _add_params_args(p)
@@ -352,18 +404,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_step)
 
     p = sub.add_parser("models", help="the MLflow registry: list, show, promote, rollback, history, check, prune")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback", "history", "check", "prune"])
-    p.add_argument("version", nargs="?", help="version to show or promote")
-    p.add_argument("--name", help="registered model (default: register.model_name in params)")
-    p.add_argument("--reason", help="why (required for promote and rollback; recorded in the history)")
-    p.add_argument("--force", action="store_true",
-                   help="promote: approve even if the champion moved since this version was gated")
-    p.add_argument("--repair", action="store_true", help="check: finish interrupted moves, record outside moves")
-    p.add_argument("--keep", type=int, default=5, help="prune: versions to keep besides protected ones (default: 5)")
-    _add_params_args(p)
-    p.set_defaults(func=cmd_models)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    p = sub.add_parser("params", help="list every params.yaml key with its meaning")
+    def action(name: str, help: str, epilog: str = "") -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help, description=help, epilog=epilog)
+        a.add_argument("--name", help="registered model (default: register.model_name in params)")
+        _add_params_args(a)
+        a.set_defaults(func=cmd_models)
+        return a
+
+    action("list", "every version with its aliases, the gate's decision and test score")
+    action("show", "one version: decision, reasons, lineage and the commands that reproduce it",
+           "example:\n  kftune models show 3").add_argument("version", help="version number")
+    a = action("promote", "make VERSION champion by hand (approve a version awaiting approval)",
+               "example:\n  kftune models promote 3 --reason 'reviewed the report'")
+    a.add_argument("version", help="version number")
+    a.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
+    a.add_argument("--force", action="store_true", help="approve even if the champion moved since VERSION was gated")
+    action("rollback", "point champion back at previous-champion",
+           "example:\n  kftune models rollback --reason 'bad outputs in production'").add_argument(
+        "--reason", required=True, help="why (recorded in the promotion history)")
+    action("history", "every promotion, hold, rollback and outside move, oldest first")
+    action("check", "aliases, version tags and history agree? (exit 1 if not); notices aliases moved in MLflow's UI"
+           ).add_argument("--repair", action="store_true", help="finish interrupted moves, record outside moves")
+    action("prune", "delete old versions and their weights (never one behind an alias or awaiting approval)"
+           ).add_argument("--keep", type=int, default=5, help="versions to keep besides protected ones (default: 5)")
+
+    p = sub.add_parser("params", help="every params.yaml key with its current value and meaning")
+    p.add_argument("--changed", action="store_true", help="only the keys whose value differs from kftune's defaults")
+    _add_params_args(p)
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("demo-data", help="write one batch of the synthetic financial-headline corpus")
@@ -378,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".kftune/demo-drift", help="scratch git + DVC project (default: %(default)s; "
                                                                    "recreated)")
     p.add_argument("--rows", type=int, default=2000, help="rows per batch (default: %(default)s)")
+    p.add_argument("--task", choices=["sequence-classification", "token-classification"],
+                   default="sequence-classification", help="headlines to classify, or sentences to tag "
+                                                           "(default: %(default)s)")
     _add_params_args(p)
     p.set_defaults(func=cmd_demo_drift)
 
@@ -385,30 +457,68 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     from kftune.monitor.cli import add_commands as add_monitor_commands
     add_monitor_commands(sub)
-    from kftune.score import add_commands as add_score_commands
-    add_score_commands(sub)
-    from kftune.score import add_commands as add_score_commands
-    add_score_commands(sub)
-    from kftune.score import add_commands as add_score_commands
-    add_score_commands(sub)
+    _document(sub)
     return parser
 
 
+EXAMPLES = {
+    "run": ["kftune run --data data/demo/batch-000.csv", "kftune run --data-rev data-v2 -S finetune.epochs=1"],
+    "retrain": ["kftune retrain", "kftune retrain --data-rev data-v3 --force"],
+    "compile": ["kftune compile -o pipeline.yaml", "KFTUNE_IMAGE=registry.example/kftune:1 kftune compile "
+                "--pipeline retraining -o retraining.yaml"],
+    "submit": ["kftune submit --host http://localhost:8080 -p data_path=s3://kftune-data/batches -p epochs=1"],
+    "schedule": ["kftune schedule --cron '0 3 * * *'", "kftune schedule list --host http://localhost:8080"],
+    "data": ["kftune data init", "kftune data add new-batch.csv --tag data-v2"],
+    "step": ["kftune step evaluate --data work/data --model work/model --out work/eval"],
+    "params": ["kftune params --changed -S finetune.epochs=1", "kftune params | grep finetune"],
+}
+
+
+def _document(sub) -> None:
+    """Every subcommand (and models' actions): a description, examples, and the global options, which are
+    accepted after the subcommand too (`kftune models list -v`)."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.description = p.description or (helps.get(name, "") and helps[name][0].upper() + helps[name][1:] + ".")
+        if name in EXAMPLES and not p.epilog:
+            p.epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[name])
+        _add_globals(p)
+
+
+def _add_globals(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("global options (before or after the subcommand)")
+    # SUPPRESS: unless given here, the value parsed before the subcommand (or its default) stands
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    g.add_argument("--project-dir", default=argparse.SUPPRESS, help="where mlflow.db, mlartifacts and "
+                                                                    "local_outputs live (default: .)")
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.formatter_class = argparse.RawDescriptionHelpFormatter
+                _add_globals(child)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 def _check_args(parser, args) -> None:
-    if args.command == "models" and args.action in ("promote", "rollback") and not args.reason:
-        parser.error(f"models {args.action} needs --reason (it is recorded in the promotion history)")
-    if args.command == "models" and args.action in ("promote", "show") and not args.version:
-        parser.error(f"models {args.action} needs a VERSION")
+    """What argparse cannot say; the error shows the subcommand's usage, not the top-level one."""
+    def error(message):
+        _subparser(parser, args.command).error(message)
+
     if args.command in ("submit", "schedule") and any("=" not in kv for kv in args.param or []):
-        parser.error(f"{args.command} -p takes NAME=VALUE")
+        error(f"{args.command} -p takes NAME=VALUE")
     if args.command == "run" and not args.data and not args.data_rev:
-        parser.error("run needs --data, or --data-rev to read the versioned dataset")
+        error("run needs --data FILE, or --data-rev REV to read the versioned dataset (kftune data init makes one)")
     if args.command == "step":
         needs = {"evaluate": ["model"], "register": ["model", "evaluation"]}.get(args.name, [])
         needs += [] if args.data or (args.name == "ingest" and args.train) else ["data"]
         missing = [f"--{n}" for n in needs if not getattr(args, n)]
         if missing:
-            parser.error(f"step {args.name} needs {' '.join(missing)}")
+            error(f"step {args.name} needs {' '.join(missing)}")
 
 
 def _interrupt(signum, frame):

@@ -97,3 +97,70 @@ def test_compile_writes_ir_yaml_with_the_image_given_on_every_task(tmp_path, cap
     spec = next(yaml.safe_load_all(out.read_text()))
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
         "registry.example/kftune:7"}, "the image is handed in when the pipeline is built, not read at import"
+
+
+def test_version_and_global_options_after_the_subcommand(capsys, tmp_path):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("kftune 0.")
+    from kftune.cli import build_parser
+
+    parser = build_parser()
+    after = parser.parse_args(["models", "list", "-v", "--project-dir", str(tmp_path)])
+    before = parser.parse_args(["-v", "--project-dir", str(tmp_path), "models", "list"])
+    assert (after.verbose, after.project_dir) == (before.verbose, before.project_dir) == (True, str(tmp_path))
+    plain = parser.parse_args(["models", "list"])
+    assert (plain.verbose, plain.project_dir) == (False, "."), "the top-level defaults stand when not given"
+
+
+def test_help_describes_each_command_and_errors_show_its_own_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:\n  kftune run --data" in out and "global options" in out
+    with pytest.raises(SystemExit):
+        main(["models", "list", "--help"])
+    out = capsys.readouterr().out
+    assert "--reason" not in out and "--force" not in out and "--keep" not in out, "list has only its own flags"
+    with pytest.raises(SystemExit) as done:
+        main(["run"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("usage: kftune run ") and "run needs --data" in err
+
+
+def test_params_prints_values_and_changed_only_what_differs(capsys):
+    assert main(["params", "--params", str(ROOT / "params.yaml"), "-S", "finetune.epochs=1"]) == 0
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines["finetune.epochs"] == "1" and lines["model.name"] == "minilm-l6"
+    assert main(["params", "--changed", "--params", str(ROOT / "params.yaml"), "-S", "finetune.epochs=1"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("finetune.epochs") and line.endswith("(default 3)")
+
+
+def test_history_says_a_hold_moved_nothing():
+    from kftune.cli import _event_versions
+
+    held = registry.Event("hold", "m", "1", "2", "below the champion", "me@host", 0.0)
+    moved = registry.Event("promote", "m", "1", "2", "passed the gate", "me@host", 0.0)
+    assert _event_versions(held) == "v2 (champion stays v1)"
+    assert _event_versions(moved) == "champion v1 -> v2"
+
+
+def test_an_alias_moved_in_the_mlflow_ui_is_reported_then_recorded_by_the_next_command(mlflow_store, tmp_path,
+                                                                                       capsys):
+    from mlflow import MlflowClient
+
+    client, name = MlflowClient(), "moved-by-hand"
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=(tmp_path / "weights").as_uri())
+    registry.promote(name, "1", "first champion")
+    client.set_registered_model_alias(name, registry.CHAMPION, "2")  # what MLflow's alias editor does
+    common = ["--project-dir", str(tmp_path), "--name", name]
+    assert main(["models", "check", *common]) == 1
+    assert "champion is v2 but the history's last move is to v1 (moved outside kftune?)" in capsys.readouterr().out
+    assert main(["models", "history", *common]) == 0  # any registry command notices and records it
+    out = capsys.readouterr()
+    assert "champion moved outside kftune: v1 -> v2; recorded" in out.err
+    assert "moved-outside-kftune" in out.out and "champion v1 -> v2" in out.out and "by unknown (outside kftune)" in out.out
+    assert main(["models", "check", *common]) == 0 and f"{name}: consistent" in capsys.readouterr().out

@@ -43,10 +43,11 @@ def test_pipeline_trains_registers_and_promotes_then_holds_a_worse_model(tmp_pat
     assert len(promote_outputs) == 1
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"
     events = registry.history(name)
-    assert [e.action for e in events] == ["promote"] and events[0].actor.startswith("pipeline:kftune-training")
+    assert [e.action for e in events] == ["promote"] and " via pipeline kftune-training" in events[0].actor
 
     tags = MlflowClient().get_model_version(name, "1").tags
-    assert tags["kftune.params_hash"] == params.digest() and tags["kftune.git_commit"]
+    assert tags["kftune.params_hash"] == params.digest() and tags["kftune.git_commit"], "through the settings task"
+    assert MlflowClient().get_model_version(name, "1").description.startswith(f"# {name} v1\n"), "the model card"
     assert len(tags["kftune.data_sha256"]) == 64
     run = MlflowClient().get_run(tags["kftune.run_id"])
     assert run.data.metrics["test_macro_f1"] > 0.9 > run.data.metrics["baseline_tfidf_logreg_macro_f1"]
