@@ -7,7 +7,7 @@ DEMO_ROWS ?= 3000
 MODEL ?= kftune-demo
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev run demo-drift test test-fast compile clean image-base image image-cuda lock test-containers test-postgres infra-check serve serve-manifest
+.PHONY: help install dev run exp demo-drift test test-fast compile clean image-base image image-cuda lock test-containers test-postgres infra-check serve serve-manifest
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -50,6 +50,11 @@ serve: install ## serve the champion of MODEL (default kftune-demo) on 127.0.0.1
 
 serve-manifest: ## render the KServe InferenceService (infra/k8s/serving) with this project's params.yaml
 	kubectl kustomize --load-restrictor LoadRestrictionsNone infra/k8s/serving
+
+EXP_COLUMNS := Experiment|rev|macro_f1|accuracy|ece|tfidf_logreg_macro_f1|beats_tfidf_logreg_by|model.name|finetune.(epochs|max_steps|batch_size|learning_rate)
+
+exp: install ## dvc exp show with the headline metrics and the hyperparameters people change (12 columns, not 128)
+	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)'
 
 compile: install ## compile both pipelines to *.yaml (set KFTUNE_IMAGE for your registry)
 	$(BIN)/kftune compile --pipeline training -o pipeline.yaml
