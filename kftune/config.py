@@ -104,6 +104,12 @@ class FinetuneConfig:
                         "quota), not the host's count.")
     log_every_steps: int = _doc("Log loss and learning rate to MLflow every N optimizer steps.")
     checkpoint_every_steps: int = _doc("Save a resumable checkpoint every N optimizer steps; 0 disables.")
+    method: str = _doc("full (every weight trains) or lora (low-rank adapters on the attention query and value "
+                       "projections plus the head, through peft; registered as a small adapter version, merged "
+                       "into the weights for evaluation and serving).")
+    lora_r: int = _doc("LoRA rank.")
+    lora_alpha: int = _doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
+    lora_dropout: float = _doc("Dropout on the LoRA branch.")
 
     def problems(self) -> list[str]:
         out = []
@@ -118,6 +124,12 @@ class FinetuneConfig:
             out.append(f"finetune.warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
         if self.bf16 not in BF16_SETTINGS:
             out.append(f"finetune.bf16={self.bf16!r}: must be one of {', '.join(BF16_SETTINGS)}")
+        if self.method not in ("full", "lora"):
+            out.append(f"finetune.method={self.method!r}: must be full or lora")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            out.append(f"finetune.lora_r={self.lora_r!r}, lora_alpha={self.lora_alpha!r}: must be >= 1")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"finetune.lora_dropout={self.lora_dropout!r}: must be in [0, 1)")
         if self.epochs == 0 and self.max_steps == 0:
             out.append("finetune.epochs and finetune.max_steps are both 0: set one of them")
         return out
@@ -145,6 +157,9 @@ class RegisterConfig:
     smoke_examples: int = _doc("Test texts predicted through the registry URI before promotion.")
     max_forgetting: float = _doc("Retraining: the challenger may lose at most this much macro-F1 against the champion "
                                  "on the frozen historical test split.")
+    golden_test: str = _doc("A fixed labelled test file (texts, or CoNLL/JSONL sentences) on which the gate "
+                            "re-scores champion and challenger every time; a challenger losing more than "
+                            "max_forgetting on it is held. Empty: none.")
     keep_versions: int = _doc("After each promotion, delete all but the newest N versions as `kftune models prune "
                               "--keep N` does (never champion, previous-champion, a challenger or one awaiting "
                               "approval); 0 keeps every version.")
@@ -200,6 +215,9 @@ class RetrainConfig:
                                   "test rows.")
     replay_fraction: float = _doc("Share of the historical training rows mixed into the challenger's training set.")
     warm_start: str = _doc("Start the challenger from the `champion`'s weights or from the `base` model.")
+    learning_rate: float = _doc("Peak learning rate of a challenger that warm-starts from the champion (its "
+                                "weights are already tuned: a fresh run's finetune.learning_rate moves them too "
+                                "far); a challenger from the base model uses finetune.learning_rate.")
     cooldown_hours: float = _doc("No retraining within this many hours of the last promotion, unless forced.")
     allow_label_change: bool = _doc("Accept new data whose labels are not the champion's (the challenger "
                                     "then starts from the base model).")
@@ -211,6 +229,8 @@ class RetrainConfig:
                 out.append(f"retrain.{k}={getattr(self, k)}: must be >= 1")
         if not 0 <= self.replay_fraction <= 1:
             out.append(f"retrain.replay_fraction={self.replay_fraction!r}: must be in [0, 1]")
+        if not 0 < self.learning_rate < 1:
+            out.append(f"retrain.learning_rate={self.learning_rate!r}: must be in (0, 1)")
         if self.warm_start not in ("champion", "base"):
             out.append(f"retrain.warm_start={self.warm_start!r}: must be champion or base")
         if self.cooldown_hours < 0:

@@ -21,12 +21,13 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def wrap(model, r: int, alpha: int, dropout: float, ner: bool):
-    """The model with LoRA on the attention query and value projections (peft's default for BERT); only
-    the adapters and the classifier head train."""
+    """The model with LoRA on the attention query and value projections (peft's default for BERT); the
+    adapters and the head train. The head includes BERT's pooler: a base saved without one (a masked-LM or
+    sentence-embedding checkpoint) gets a random pooler at every load, so it must live in the adapter."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(task_type=TaskType.TOKEN_CLS if ner else TaskType.SEQ_CLS, r=r, lora_alpha=alpha,
-                        lora_dropout=dropout)
+                        lora_dropout=dropout, modules_to_save=["classifier"] if ner else ["classifier", "pooler"])
     return get_peft_model(model, config)
 
 
@@ -72,5 +73,32 @@ def base_folder(base_path: str | Path, model_config) -> Path:
     try:
         os.replace(tmp, folder)
     except OSError:  # another process made it first
-        pass
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def adapter_pipeline(model_dir: str | Path, hf_task: str):
+    """A LoRA fine-tune's registrable form: (transformers pipeline over base + adapter, base folder), or None
+    for a full fine-tune, and for LoRA on a warm-started champion (its base is a run's temporary export, so
+    that version is registered merged, in full)."""
+    import transformers
+    from peft import PeftModel
+
+    from kftune.base_models import resolve_base_model
+    from kftune.fileio import read_json
+    from kftune.predict import MODEL_INFO
+
+    model_dir = Path(model_dir)
+    if not (model_dir / ADAPTER).is_dir():
+        return None
+    base = Path(resolve_base_model(read_json(model_dir / MODEL_INFO)["base_model"]))
+    if (base / MODEL_INFO).exists() or not base.is_dir():
+        return None
+    auto = (transformers.AutoModelForTokenClassification if hf_task == "token-classification"
+            else transformers.AutoModelForSequenceClassification)
+    folder = base_folder(base, transformers.AutoConfig.from_pretrained(model_dir))
+    model = PeftModel.from_pretrained(auto.from_pretrained(folder), model_dir / ADAPTER)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return transformers.pipeline(hf_task, model=model, tokenizer=tokenizer, device="cpu"), str(folder)

@@ -208,7 +208,9 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     setting = precision or cfg.precision
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+        from kftune.lora import load_components  # a LoRA version: its adapter merged into the base
+
+        parts = load_components(f"models:/{name}/{version}")
     except Exception as exc:
         raise ServingError(f"cannot load {name} v{version} from {mlflow.get_tracking_uri()}: "
                            f"{type(exc).__name__}: {exc}") from None

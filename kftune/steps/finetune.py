@@ -186,6 +186,10 @@ def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfi
                             resolve_base_model(model_name), num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={lbl: i for i, lbl in enumerate(labels)})
     _freeze(model, cfg)
+    if cfg.method == "lora":
+        from kftune.lora import wrap
+
+        model = wrap(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, ner)
     # Under torchrun there is one process per GPU (or per CPU worker, with gloo); each trains on
     # its share of every epoch's batches and DDP averages the gradients. Alone, one GPU if present.
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -371,6 +375,8 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     summary = {"steps": state["step"], "epochs_completed": state["epoch"], "total_steps_planned": job.total_steps,
                f"best_{job.score_key}": state["best_f1"], "best_step": state["best_step"],
                "stopped_early": stopped_early and state["step"] < job.total_steps, "resumed_from_step": resumed_from,
+               "learning_rate": cfg.learning_rate, "method": cfg.method,
+               "trainable_parameters": sum(p.numel() for p in job.model.parameters() if p.requires_grad),
                "train_examples": len(job.train[0]), "examples_per_second": seen / max(train_seconds, 1e-9),
                "train_seconds": train_seconds, "processes": job.world, **job.hardware}
     if job.world > 1:
@@ -389,14 +395,25 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
 
 
 def _save_model(job: Job, out_dir: str | Path, stats: dict, model_name: str, summary: dict) -> None:
-    """Write the best validation weights, the tokenizer (truncating as in training) and the records."""
+    """Write the best validation weights, the tokenizer (truncating as in training) and the records.
+
+    LoRA: the adapter goes to adapter/ (what register logs) and the merged model beside it (what every
+    other step loads).
+    """
+    from kftune.lora import ADAPTER, is_peft
+
     job.model.load_state_dict(job.best_weights)
     with atomic_dir(out_dir) as tmp:
-        job.model.save_pretrained(tmp)
+        model = job.model
+        if is_peft(model):
+            model.save_pretrained(tmp / ADAPTER)
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)
         job.tokenizer.model_max_length = stats["max_length"]  # so every later user truncates as training did
         job.tokenizer.save_pretrained(tmp)
         write_json(tmp / MODEL_INFO, {"labels": job.labels, "max_length": stats["max_length"],
-                                      "base_model": model_name, "task": stats.get("task", "sequence-classification")})
+                                      "base_model": model_name, "task": stats.get("task", "sequence-classification"),
+                                      "method": job.cfg.method})
         write_json(tmp / "training_history.json", job.state["history"])
         write_json(tmp / "train_summary.json", summary)
 

@@ -91,14 +91,21 @@ def _log_model(model_dir: Path, name: str, example: list[str], task: str):
 
     hf_task = "token-classification" if task == "token-classification" else "text-classification"
     model_dir = model_dir.resolve()  # a relative path would be taken for a Hugging Face hub id
-    pipe = transformers.pipeline(hf_task, model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+    import importlib.metadata
+
+    from kftune.lora import adapter_pipeline
+
+    # LoRA: the adapter alone (a small version) over a local base folder; otherwise the full weights
+    pipe, base_path = adapter_pipeline(model_dir, hf_task) or (
+        transformers.pipeline(hf_task, model=str(model_dir), tokenizer=str(model_dir), device="cpu"), None)
     # text classification: one label per text; tagged sentences: mlflow's own signature for the task
     signature = infer_signature(example, pd.DataFrame(pipe(example))) if hf_task == "text-classification" else None
     return mlflow.transformers.log_model(
         transformers_model=pipe, name="model", task=hf_task, registered_model_name=name,
-        signature=signature, input_example=example,
+        signature=signature, input_example=example, base_model_path=base_path,
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
-                          f"torch=={torch.__version__.split('+')[0]}", "tokenizers", "safetensors"],
+                          f"torch=={torch.__version__.split('+')[0]}", "tokenizers", "safetensors"]
+                         + ([f"peft=={importlib.metadata.version('peft')}"] if base_path else []),
     )
 
 

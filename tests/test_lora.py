@@ -1,0 +1,46 @@
+"""finetune.method=lora: trains through peft, registers a small adapter version, loads back merged and predicts."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from kftune.lora import ADAPTER, is_peft, load_components
+from kftune.predict import predict_proba_with
+
+from .conftest import subword_texts, train_and_register
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def test_lora_trains_registers_an_adapter_version_and_serves_it_merged(prepared, params, mlflow_store):
+    import mlflow
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kftune.serving.model import load_version
+
+    lora = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, method="lora", learning_rate=1e-2))
+    metrics, verdict = train_and_register(prepared, lora, "lora")
+    assert metrics["model"]["macro_f1"] > 0.75, "the adapters and the head learn the sub-word stems"
+    assert verdict.decision == "promote"
+    out = prepared / "lora"
+    summary = __import__("json").loads((out / "train_summary.json").read_text())
+    assert summary["method"] == "lora" and (out / ADAPTER / "adapter_config.json").exists()
+
+    uri = f"models:/{params.register.model_name}/{verdict.version}"
+    artifacts = Path(mlflow.artifacts.download_artifacts(uri))
+    assert not list(artifacts.rglob("model.safetensors")), "the version holds the adapter, not the weights"
+    assert _size(artifacts / "peft") < (out / "model.safetensors").stat().st_size
+
+    parts = load_components(uri)
+    assert not is_peft(parts["model"]), "merged for predicting"
+    texts = subword_texts(20, seed=11)["text"].tolist()
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    expected = predict_proba_with(merged, AutoTokenizer.from_pretrained(out), texts)
+    np.testing.assert_allclose(predict_proba_with(parts["model"], parts["tokenizer"], texts), expected, atol=1e-5)
+    served = load_version(params.register.model_name, verdict.version, params.serve, "fp32")
+    assert [p["label"] for p in served.predict(texts, 8)] == [merged.config.id2label[i] for i in expected.argmax(1)]
