@@ -10,12 +10,14 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
     """Fine-tune the base model, logging to a new MLflow run; returns that run's id.
 
     init_model (retraining): the champion exported by the resolve step; training starts from its
-    weights when its kftune.json says so (see kftune.steps.resolve.warm_start), else from the base.
+    weights when its kftune.json says so (see kftune.steps.resolve.warm_start), at retrain.learning_rate,
+    else from the base at finetune.learning_rate.
 
     Checkpoints go to checkpoint_root/<tokenized data hash>-<params hash>, so re-running the same data and
     settings after a crash resumes instead of starting over. Empty checkpoint_root disables that.
     With cluster.finetune_gpus > 1 the training runs under torchrun, one process per GPU.
     """
+    import dataclasses
     import os
 
     import mlflow
@@ -26,18 +28,19 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
     from kftune.tracking import start_run
 
     p = params_from_dict(params)
-    start = p.model.name
+    start, cfg = p.model.name, p.finetune
     if init_model is not None and os.path.exists(os.path.join(init_model.path, "kftune.json")):
         if read_json(os.path.join(init_model.path, "kftune.json"))["warm_start"]:
-            start = init_model.path
+            # the champion's weights are tuned already: a fresh run's learning rate would move them too far
+            start, cfg = init_model.path, dataclasses.replace(p.finetune, learning_rate=p.retrain.learning_rate)
     ckpt = os.path.join(checkpoint_root, f"{tokenized_digest(tokenized.path)[:16]}-{p.digest()}") if checkpoint_root else None
     run_id = start_run(p, run_name)
     if p.cluster.finetune_gpus > 1:
-        launch(tokenized.path, model.path, start, p.finetune, p.cluster.finetune_gpus, run_id, ckpt)
+        launch(tokenized.path, model.path, start, cfg, p.cluster.finetune_gpus, run_id, ckpt)
         model.metadata.update({"mlflow_run_id": run_id, "processes": p.cluster.finetune_gpus})
         return run_id
     with mlflow.start_run(run_id=run_id):
-        summary = finetune(tokenized.path, model.path, start, p.finetune, checkpoint_dir=ckpt,
+        summary = finetune(tokenized.path, model.path, start, cfg, checkpoint_dir=ckpt,
                            on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
         best = {k: v for k, v in summary.items() if k.startswith("best_val_")}
         mlflow.log_metrics({**best, "train_examples_per_second": summary["examples_per_second"]})

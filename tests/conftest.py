@@ -128,6 +128,7 @@ def tiny_params(tiny_model: str):
         f"model.name={tiny_model}", "finetune.max_steps=300", "finetune.batch_size=16", "finetune.learning_rate=2e-3",
         "finetune.warmup_ratio=0.05", "finetune.eval_every_steps=100", "finetune.bf16=false",
         "finetune.log_every_steps=10", "finetune.checkpoint_every_steps=0", "tokenize.max_length=32",
+        "retrain.learning_rate=2e-3",  # the tiny random model needs its fresh rate for a warm start to move
         "register.model_name=tiny-test"])
 
 
