@@ -234,7 +234,9 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
         fired_at = [e["hour"] for e in events if e.get("events") and any("firing" in f for f in e["events"])]
         timeline["alert_latency_hours"] = (fired_at[0] + 1 - drift_start) if fired_at else None
 
-        q = queue(str(log_dir), params, plan.labels, workdir / "labelling" / "round-1",
+        # label what the alerts are about: the traffic since the drift started, so the random sample estimates
+        # v1's live accuracy on the drifted traffic (the same kind of traffic v2 is measured on afterwards)
+        q = queue(str(log_dir), params, plan.labels, workdir / "labelling" / "round-1", since=_at(drift_start),
                   cache_dir=workdir / ".kftune" / "monitor")
         labels = q["labels"]
         n = simulated_labeller(workdir / "labelling" / "round-1" / "queue.csv", truth, plan.label_noise, labels, 1,
@@ -278,7 +280,7 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
 
         replay(plan.after_hours, 1.0)
         q2 = queue(str(log_dir), params, plan.labels, workdir / "labelling" / "round-2",
-                   since=pd.Timestamp(START + (hour - plan.after_hours) * HOUR, unit="s", tz="UTC").to_pydatetime(),
+                   since=_at(hour - plan.after_hours),
                    cache_dir=workdir / ".kftune" / "monitor")
         simulated_labeller(workdir / "labelling" / "round-2" / "queue.csv", truth, plan.label_noise, labels, 2,
                            workdir / "labelling" / "round-2" / "labelled.csv")
@@ -290,10 +292,14 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
         timeline["live_accuracy_after"] = after["live"].get("accuracy")
         timeline["live_macro_f1_after"] = after["live"].get("macro_f1")
         timeline["live_accuracy_after_ci"] = [after["live"].get("accuracy_low"), after["live"].get("accuracy_high")]
+        same = rescore_previous(log_dir, name, after["version"], "1", params, workdir / ".kftune" / "monitor")
+        timeline["v1_on_the_same_rows"] = {k: same.get(k) for k in ("n", "accuracy", "macro_f1")}
         mark(f"live accuracy of v{after['version']} on {after['live'].get('n', 0)} random-sample labels of its own "
              f"traffic: {_f(after['live'].get('accuracy'))} [{_f(after['live'].get('accuracy_low'))}, "
              f"{_f(after['live'].get('accuracy_high'))}], macro-F1 {_f(after['live'].get('macro_f1'))} ({q2['by_sample']})" +
              (f"; ALERTS: {', '.join(e['alert'] + ' ' + e['status'] for e in after['events'])}" if after["events"] else ""))
+        mark(f"v1 on the same {same.get('n', 0)} random-sample labels (paired control): accuracy "
+             f"{_f(same.get('accuracy'))}, macro-F1 {_f(same.get('macro_f1'))}")
     finally:
         server.stop()
     from kftune.monitor.check import load_state
@@ -304,9 +310,38 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
     echo(f"\nalert latency after the drift starts: {timeline['alert_latency_hours']} simulated hour(s); labels: "
          f"{timeline['labels']}; v2 promoted: {promoted} after {timeline['time_to_v2_s']} s; live accuracy "
          f"{_f(timeline['live_accuracy_before'])} -> {_f(timeline['live_accuracy_after'])}, macro-F1 "
-         f"{_f(timeline['live_macro_f1_before'])} -> {_f(timeline['live_macro_f1_after'])}; "
+         f"{_f(timeline['live_macro_f1_before'])} -> {_f(timeline['live_macro_f1_after'])} (v1 on v2's sample: "
+         f"{_f(timeline['v1_on_the_same_rows']['accuracy'])}, {_f(timeline['v1_on_the_same_rows']['macro_f1'])}); "
          f"{stats['failed']} failed requests during the swap; picture: {workdir / 'demo-loop.png'}")
     return {**timeline, "checks": checks}
+
+
+def rescore_previous(log_dir: Path, name: str, served: str, previous: str, params, cache: Path) -> dict:
+    """Live quality `previous` would have had on the random-sample labels of the traffic `served` answered:
+    a paired control, so "v2 recovers" is not a comparison of two different stretches of traffic."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kftune.monitor.check import champion_files
+    from kftune.monitor.feedback import joined, live_quality, read_feedback
+    from kftune.predict import labels_of, predict_proba_with
+    from kftune.serving.request_log import read_request_log
+
+    logged = read_request_log(str(log_dir))
+    rows = joined(logged[(logged["model"] == name) & (logged["version"] == served)], read_feedback(str(log_dir)))
+    rows = rows[rows["sample"] == "random"]
+    if rows.empty:
+        return {"n": 0}
+    folder, _, _ = champion_files(name, previous, cache)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    labels = labels_of(model)
+    probs = predict_proba_with(model, AutoTokenizer.from_pretrained(folder), rows["text"].tolist(),
+                               params.evaluate.batch_size)
+    return live_quality(rows.assign(label=[labels[i] for i in probs.argmax(1)]), labels,
+                        params.monitor.confidence_level)
+
+
+def _at(hour: int):
+    return pd.Timestamp(START + hour * HOUR, unit="s", tz="UTC").to_pydatetime()
 
 
 def _f(x) -> str:
