@@ -117,8 +117,15 @@ class StepConsole:
         failed = [s["step"] for s in self.steps if s["status"] == "failed"]
         task = next((t for t in self.task_lines if step_name(t) == (failed[-1] if failed else "")), self.current)
         lines = [ln.strip() for ln in self.task_lines.get(task, []) if ln.strip()]
-        errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Failed|Interrupt)\b.*:", ln)]
-        return (errors or lines or [""])[-1][:1000]
+        errors = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Failed|Interrupt)\b.*:", ln)]
+        if not errors:
+            return (lines or [""])[-1][:1000]
+        detail = []  # a multi-line message (ConfigError's "- key: problem" list) goes with its first line
+        for ln in lines[errors[-1] + 1:errors[-1] + 11]:
+            if not ln.startswith("- "):
+                break
+            detail.append("  " + ln)
+        return "\n".join([lines[errors[-1]], *detail])[:1000]
 
     def failed_step(self) -> str:
         failed = [s["step"] for s in self.steps if s["status"] == "failed"]

@@ -43,3 +43,15 @@ def test_the_console_shows_progress_of_any_step_from_piped_kfp_output(tmp_path):
     assert shown[0] == "  evaluate ..."
     assert shown[1] == "    evaluate: test split: 512/1000 texts, 0:10 elapsed, ETA 0:09"
     assert shown[2].startswith("  evaluate done in 12.0 s")
+
+
+def test_a_failed_steps_root_cause_keeps_its_message_list(tmp_path):
+    console = StepConsole(tmp_path / "run.log", io.StringIO())
+    console.write("Executing task 'settings-op'\n")
+    console.write("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n")
+    console.write("kftune.config.ConfigError: invalid settings in pipeline inputs:\n"
+                  "  - finetune.epochs: must be >= 0\n  - drift.alpha: missing\n")
+    console.write("Task 'settings-op' finished with status FAILURE\n")
+    assert console.failed_step() == "settings"
+    assert console.root_cause() == ("kftune.config.ConfigError: invalid settings in pipeline inputs:\n"
+                                    "  - finetune.epochs: must be >= 0\n  - drift.alpha: missing")
