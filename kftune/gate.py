@@ -35,6 +35,8 @@ class Verdict:
     champion_score: float | None = None
     challenger_historical_score: float | None = None  # retraining: on the frozen historical test split
     champion_historical_score: float | None = None
+    challenger_golden_score: float | None = None  # register.golden_test, the fixed test file
+    champion_golden_score: float | None = None
     reasons: list[str] = field(default_factory=list)
     held_by: list[str] = field(default_factory=list)  # the rules that failed
 
@@ -78,6 +80,12 @@ def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str |
         ok = drop <= max_forgetting
         checks.append(("forgetting", ok, f"historical test {name} {v.challenger_historical_score:.4f} vs champion "
                        f"{v.champion_historical_score:.4f}: drop {drop:.4f} {'<=' if ok else '>'} max_forgetting "
+                       f"{max_forgetting:.4f}"))
+    if v.champion_golden_score is not None and v.challenger_golden_score is not None:
+        drop = v.champion_golden_score - v.challenger_golden_score
+        ok = drop <= max_forgetting
+        checks.append(("golden-test", ok, f"golden test {name} {v.challenger_golden_score:.4f} vs champion "
+                       f"{v.champion_golden_score:.4f}: drop {drop:.4f} {'<=' if ok else '>'} max_forgetting "
                        f"{max_forgetting:.4f}"))
     checks.append(("smoke-test", not smoke_error, f"smoke test through the registry failed: {smoke_error}"
                    if smoke_error else "smoke test through the registry passed"))
@@ -145,10 +153,18 @@ def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labe
     the rule; fills the verdict's champion scores, decision and reasons."""
     cfg = params.register
     champion_error = None
+    if cfg.golden_test:  # the fixed test set: both sides re-scored on it every time
+        from kftune.splits import read_golden
+
+        golden = read_golden(cfg.golden_test, params.ingest, task)
+        verdict.challenger_golden_score = score_version(f"models:/{cfg.model_name}/{verdict.version}",
+                                                        {"golden": golden}, labels, params)["golden"]
+        tests = {**tests, "golden": golden}
     if verdict.champion_version:
         try:
             measured = score_version(f"models:/{cfg.model_name}/{verdict.champion_version}", tests, labels, params)
             verdict.champion_score, verdict.champion_historical_score = measured["test"], measured.get("historical")
+            verdict.champion_golden_score = measured.get("golden")
         except Exception as exc:  # a champion we cannot score is a reason to hold, not to crash
             champion_error = f"v{verdict.champion_version}: {type(exc).__name__}: {exc}"
     smoke_error = smoke_test(f"models:/{cfg.model_name}/{verdict.version}",
