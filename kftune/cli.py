@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     from kftune.monitor.cli import add_commands as add_monitor_commands
     add_monitor_commands(sub)
+    from kftune.score import add_commands as add_score_commands
+    add_score_commands(sub)
     _document(sub)
     return parser
 
