@@ -7,12 +7,15 @@ credentials passed as environment variables only, never baked into the image or 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import urllib.request
 from pathlib import Path
 
 from kftune.config import ConfigError, KftuneError
+
+log = logging.getLogger(__name__)
 
 RUNNERS = ("subprocess", "docker")
 IMAGE_UID = 1000  # the `kftune` user infra/Dockerfile creates
@@ -92,12 +95,24 @@ def _writable_by_image_user(folders: list[Path]) -> None:
                 shutil.chown(p, IMAGE_UID, IMAGE_UID)
 
 
+def warn_if_stale(image: str, labels: dict) -> None:
+    """Warn when the image holds other code than this checkout: the tasks run the image's kftune, while the
+    settings they are given come from this one (a key one side does not know fails the settings task)."""
+    from kftune.tracking import git_commit
+
+    built, here = labels.get("org.opencontainers.image.revision", ""), git_commit(Path(__file__).parent)
+    if built and here not in ("unknown", built):
+        log.warning("image %s was built from commit %s, this checkout is %s: its tasks run the image's code; "
+                    "`make image` rebuilds it from HEAD", image, built[:12],
+                    here[:12] + (" with uncommitted changes" if here.endswith("-dirty") else ""))
+
+
 def docker_runner(image: str, pipeline_root: Path, project_dir: Path, arguments: dict, run_id: str):
     """A kfp.local.DockerRunner for kftune's tasks in `image`, after checking the server, engine and image."""
     from kfp import local
 
     tracking_server()
-    _engine(image)
+    warn_if_stale(image, _engine(image).labels or {})
     run_args: dict = {"network_mode": "host", "mounts": _mounts(project_dir, arguments),
                       "environment": {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)},
                       "labels": {RUN_LABEL: run_id, "kftune.project": str(project_dir)}}
