@@ -26,20 +26,29 @@ def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str
 
     Returns the data card the ingest step will produce.
     """
-    from transformers import AutoConfig
-
-    from kftune.base_models import load_pretrained, resolve_base_model
     from kftune.data import materialize
     from kftune.steps.ingest import ingest
 
-    config = load_pretrained(AutoConfig, resolve_base_model(params.model.name))
-    layers = getattr(config, "num_hidden_layers", None)
+    layers = _base_model_config(params.model.name).get("num_hidden_layers")
     if layers is not None and params.finetune.freeze_layers > layers:
         raise ConfigError(f"finetune.freeze_layers={params.finetune.freeze_layers}: {params.model.name} has only "
                           f"{layers} layers")
     with tempfile.TemporaryDirectory() as tmp:
         local, lineage = materialize(data_path, data_repo, data_rev, tmp)
         return ingest(local, Path(tmp) / "data", params.ingest, lineage, params.task)
+
+
+def _base_model_config(name: str) -> dict:
+    """The base model's config.json: read as a file where it is a folder (importing transformers and torch
+    for it costs seconds), through transformers for a hub id."""
+    from kftune.base_models import load_pretrained, resolve_base_model
+
+    found = resolve_base_model(name)
+    if (Path(found) / "config.json").is_file():
+        return read_json(Path(found) / "config.json")
+    from transformers import AutoConfig
+
+    return load_pretrained(AutoConfig, found).to_dict()
 
 
 def _data_location(data_path: str, project_dir: Path, data_repo: str, data_rev: str) -> tuple[str, str]:
