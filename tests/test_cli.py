@@ -164,3 +164,15 @@ def test_an_alias_moved_in_the_mlflow_ui_is_reported_then_recorded_by_the_next_c
     assert "champion moved outside kftune: v1 -> v2; recorded" in out.err
     assert "moved-outside-kftune" in out.out and "champion v1 -> v2" in out.out and "by unknown (outside kftune)" in out.out
     assert main(["models", "check", *common]) == 0 and f"{name}: consistent" in capsys.readouterr().out
+
+
+def test_pre_flight_checks_the_base_model_without_importing_torch(params, subword_csv, tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    code = ("import sys\nfrom kftune.config import ConfigError, load_params\nfrom kftune.local import preflight\n"
+            "p = load_params(sys.argv[1], ['finetune.freeze_layers=99'])\n"
+            "try:\n    preflight(sys.argv[2], p)\nexcept ConfigError as e:\n    print(e)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "params.yaml"), str(subword_csv)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("finetune.freeze_layers=99:") and "has only 2 layers" in out[0], out
+    assert out[-1] == "False", "pre-flight imported torch"
