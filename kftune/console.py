@@ -13,7 +13,7 @@ from pathlib import Path
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 STEP_LINE = re.compile(r"\]: ((?:ingest|resolve|drift|tokenize|fine-tune|evaluate|register|promote): .*)")
-PROGRESS = re.compile(r"\]: ((?:fine-tune step \d+/\d+|[\w-]+: [\w -]*?: \d+/\d+ \w+,).*)")  # kftune.progress too
+PROGRESS = re.compile(r"\]: ((?:fine-tune step \d+/\d+|[\w-]+: (?:[\w -]*: )?\d+/\d+ [^,]*,).*)")  # kftune.progress too
 STARTED = re.compile(r"Executing task '([\w-]+)'")
 FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 SKIPPED = re.compile(r"Skipping (?:conditional )?task '?([\w-]+)'?")

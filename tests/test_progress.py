@@ -55,3 +55,13 @@ def test_a_failed_steps_root_cause_keeps_its_message_list(tmp_path):
     assert console.failed_step() == "settings"
     assert console.root_cause() == ("kftune.config.ConfigError: invalid settings in pipeline inputs:\n"
                                     "  - finetune.epochs: must be >= 0\n  - drift.alpha: missing")
+
+
+def test_the_console_shows_a_step_counting_its_parts(tmp_path):
+    terminal = io.StringIO()
+    console = StepConsole(tmp_path / "run.log", terminal, clock=Clock())
+    console.write("Executing task 'register-op'\n")
+    console.write("[KFP Executor 2026-01-01 00:00:00,000 INFO]: register: 2/4 parts (run, model, gate, card), "
+                  "0:40 elapsed, ETA 0:40\n")
+    console.close()
+    assert terminal.getvalue().splitlines()[1] == "    register: 2/4 parts (run, model, gate, card), 0:40 elapsed, ETA 0:40"

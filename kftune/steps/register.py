@@ -16,6 +16,7 @@ from kftune import gate, registry
 from kftune.card import publish
 from kftune.config import Params
 from kftune.fileio import read_json, write_json
+from kftune.progress import Progress
 from kftune.serving.model import measure_at_registration
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,12 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             **{f"kftune.{k}": str(v) for k, v in card.get("lineage", {}).items()},
             **{f"kftune.{k}": str(card[k]) for k in ("warm_start", "new_rows", "replayed_rows") if k in card}}
     hist = metrics.get("historical")
+    progress = Progress("register", 4, "parts (run, model, gate, card)", every=0)
     with mlflow.start_run(run_id=run_id or None, experiment_id=None if run_id else experiment_id(cfg.experiment)) as run:
         _log_run(data_dir, model_dir, eval_dir, card, metrics, params, tags, new_run=not run_id)
+        progress.update(1)
         version = str(_log_model(model_dir, cfg.model_name, test["text"].head(3).tolist(), task).registered_model_version)
+        progress.update(1)
         client = mlflow.MlflowClient()
         version_tags = {**tags, f"kftune.test_{primary}": f"{metrics['model'][primary]:.4f}",
                         "kftune.run_id": run.info.run_id}
@@ -158,6 +162,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         if hist:
             tests["historical"] = pd.read_parquet(data_dir / "historical_test.parquet")
         gate.judge(verdict, params, tests, metrics["labels"], task)
+        progress.update(1)
         mlflow.log_metrics({f"champion_{k}_{primary}": v for k, v in {
             "test": verdict.champion_score, "historical_test": verdict.champion_historical_score}.items()
             if v is not None})
@@ -170,6 +175,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             measure_at_registration(cfg.model_name, version, model_dir, test["text"].tolist(), task, params.serve)
         mlflow.set_tags({"kftune.decision": verdict.decision, "kftune.status": "finished"})
         mlflow.log_dict(verdict.to_dict(), "decision.json")
+    progress.update(1)
     if retrain_run := card.get("lineage", {}).get("retrain_run_id"):  # the retraining run that asked for this
         for k, v in {"challenger_version": version, "decision": verdict.decision}.items():
             client.set_tag(retrain_run, f"kftune.{k}", v)
