@@ -23,8 +23,12 @@ def _params(args):
     return load_params(args.params, args.set or [])
 
 
-def _cluster_arguments(args) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in getattr(args, "param", None) or [])
+def _cluster_arguments(args) -> dict:
+    """-p NAME=VALUE pipeline arguments; the typed run inputs (and force) as their type, since KFP refuses
+    the string "1" for an integer input."""
+    from kftune.run_inputs import typed
+
+    return {k: typed(k, v) for k, v in (kv.split("=", 1) for kv in getattr(args, "param", None) or [])}
 
 
 # --- run / retrain / cluster ---------------------------------------------------------------

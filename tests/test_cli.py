@@ -176,3 +176,19 @@ def test_pre_flight_checks_the_base_model_without_importing_torch(params, subwor
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("finetune.freeze_layers=99:") and "has only 2 layers" in out[0], out
     assert out[-1] == "False", "pre-flight imported torch"
+
+
+def test_pipeline_arguments_for_typed_inputs_travel_typed():
+    from argparse import Namespace
+
+    from kftune.cli import _cluster_arguments
+
+    args = Namespace(param=["epochs=1", "learning_rate=3e-5", "require_approval=true", "base_model=minilm-l6",
+                            "data_path=s3://kftune-data/batches", "data_rev=2024"])
+    assert _cluster_arguments(args) == {"epochs": 1, "learning_rate": 3e-5, "require_approval": True,
+                                        "base_model": "minilm-l6", "data_path": "s3://kftune-data/batches",
+                                        "data_rev": "2024"}
+    from kftune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="-p epochs=x: epochs is a pipeline input of type int"):
+        _cluster_arguments(Namespace(param=["epochs=x"]))
