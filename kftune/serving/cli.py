@@ -27,6 +27,18 @@ def cmd_serve(args) -> int:
     return run(name, alias, cfg, args.host, args.port, version=version, precision=args.precision)
 
 
+def _torch_threads(setting: int) -> int:
+    """torch intra-op threads by the server's rule (serve.threads; 0 = the cores this process may use), so
+    predict and serve run alike."""
+    import torch
+
+    from kftune.hardware import cgroup_cpu_limit, choose_threads, usable_cores
+
+    threads = int(choose_threads(setting, usable_cores(), cgroup_cpu_limit()).value)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def cmd_predict(args) -> int:
     from kftune.serving.batch import predict_file
     from kftune.serving.model import load_version, parse_model_ref, resolve_version
@@ -37,8 +49,9 @@ def cmd_predict(args) -> int:
     configure(args.project_dir)
     name, alias, version = parse_model_ref(args.model)
     version = resolve_version(name, alias, version)
+    threads = _torch_threads(params.serve.threads)
     served = load_version(name, version, params.serve, args.precision)
-    print(f"{name} v{version}: {served.task}, {served.precision} ({served.precision_reason})")
+    print(f"{name} v{version}: {served.task}, {served.precision} ({served.precision_reason}); {threads} torch threads")
     out = predict_file(served, args.input, args.output, args.text_column or params.ingest.text_column,
                        args.chunk_rows, params.serve.max_batch, progress=not args.no_progress)
     print(f"wrote {out['rows']} predictions to {out['output']} in {out['seconds']} s ({out['texts_per_s']} texts/s)")
