@@ -95,13 +95,11 @@ def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str |
 
 def score_version(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], params: Params) -> dict[str, float]:
     """A registered version's primary score (macro-F1, or entity F1 for tagged sentences) on each named test set."""
-    import mlflow
-
     from kftune.metrics import classification_metrics, entity_metrics
     from kftune.predict import labels_of, predict_proba_with, word_predictions
 
     bf16 = bf16_for(params.finetune)
-    parts = mlflow.transformers.load_model(uri, return_type="components")
+    parts = registry.load_components(uri)
     if labels_of(parts["model"]) != labels:
         raise registry.RegistryError(f"it predicts labels {labels_of(parts['model'])}, this data has {labels} "
                                      f"(a label-set change)")

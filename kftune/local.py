@@ -122,17 +122,20 @@ def stop_children(grace: float = 3.0) -> None:
             child.kill()
 
 
-def check_dependencies(project_dir: Path, params: Params) -> None:
-    """In seconds, before any step: the tracking store answers, runs left by dead commands are closed, and
-    the disk has room for what the run writes (the model about 3x: checkpoint, output, registry copy)."""
+def check_dependencies(project_dir: Path, params: Params, data_path: str = "") -> None:
+    """In seconds, before any step: the tracking store and any S3 bucket in use (the data's, the artifact
+    root's) answer, runs left by dead commands are closed, and the disk has room for what the run writes
+    (the model about 3x: checkpoint, output, registry copy)."""
     import shutil
 
     from kftune.base_models import resolve_base_model
-    from kftune.tracking import check_reachable, configure, sweep_dead_runs
-
     from kftune.registry import reconcile
+    from kftune.tracking import check_reachable, check_s3, configure, sweep_dead_runs
 
     check_reachable(configure(project_dir))
+    for url in {str(data_path), os.environ.get("KFTUNE_ARTIFACT_ROOT", "")}:
+        if url.startswith("s3://"):
+            check_s3(url)
     sweep_dead_runs()
     reconcile(params.register.model_name)
     base = Path(resolve_base_model(params.model.name))
@@ -172,7 +175,7 @@ def run_local(data_path: str, params: Params, project_dir: str | Path = ".", dat
     project_dir = Path(project_dir).resolve()
     data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
     t0 = time.monotonic()
-    check_dependencies(project_dir, params)
+    check_dependencies(project_dir, params, data_path)
     card = preflight(data_path, params, data_repo, data_rev)
     pre = {"step": "pre-flight", "status": "ok", "seconds": time.monotonic() - t0, "summary": ""}
     task, report = run_pipeline("training", params, project_dir, verbose, runner, image, data_path=data_path,
@@ -193,15 +196,12 @@ def run_retraining_local(params: Params, project_dir: str | Path = ".", data_pat
     """
     from kftune.data import DATASET
 
-    if params.task != "sequence-classification":
-        raise ConfigError(f"task={params.task!r}: the retraining pipeline (drift tests, replay) is built for "
-                          f"sequence-classification; retrain a {params.task} model with `kftune run`")
     project_dir = Path(project_dir).resolve()
     with single_instance(project_dir / ".kftune" / "retrain.lock", "retraining run"):
         if not data_path:
             data_path, data_repo = DATASET, data_repo or str(project_dir)
         data_path, data_repo = _data_location(data_path, project_dir, data_repo, data_rev)
-        check_dependencies(project_dir, params)
+        check_dependencies(project_dir, params, data_path)
         preflight(data_path, params, data_repo, data_rev)
         task, report = run_pipeline("retraining", params, project_dir, verbose, runner, image, data_path=data_path,
                                     data_repo=data_repo, data_rev=data_rev, force=force)

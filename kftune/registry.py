@@ -234,7 +234,13 @@ def _outside_move(name: str) -> tuple[str, str] | None:
 
 
 def check(name: str) -> list[str]:
-    """Every disagreement between aliases, version tags and the history (empty: consistent)."""
+    """Every disagreement between aliases, version tags and the history (empty: consistent, or not registered)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().get_registered_model(name)
+    except MlflowException:
+        return []
     problems = []
     if intent := _intent(name):
         problems.append(f"an unfinished {intent['action']} v{intent['from'] or '-'} -> v{intent['to']} "
@@ -362,3 +368,45 @@ def prune(name: str, keep: int) -> list[str]:
                 get_artifact_repository(location).delete_artifacts()
                 client.delete_logged_model(model_id)
     return [str(mv.version) for mv in doomed]
+
+
+def load_components(uri: str) -> dict:
+    """mlflow.transformers components of models:/<name>/<version>; when they cannot be loaded (a truncated
+    model.safetensors, a deleted file), the error names the version and the file that is broken."""
+    import mlflow
+
+    try:
+        return mlflow.transformers.load_model(uri, return_type="components")
+    except Exception as exc:  # noqa: BLE001  (safetensors, OSError, MlflowException: all mean "unreadable")
+        name, _, version = uri.removeprefix("models:/").rpartition("/")
+        raise RegistryError(f"cannot load {name} v{version} ({uri}): {_broken_file(name, version) or 'its files'}: "
+                            f"{type(exc).__name__}: {str(exc)[:300]}; restore the file, or move champion to a "
+                            f"readable version (`kftune models rollback` / `kftune models promote VERSION`)") from None
+
+
+def _broken_file(name: str, version: str) -> str:
+    """The first weights or config file of a version that does not read back whole ('' if none is found)."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    from safetensors import safe_open
+
+    try:
+        model_id = logged_model_id(_client().get_model_version(name, version))
+        location = _client().get_logged_model(model_id).artifact_location
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
+            for f in sorted(root.rglob("*.safetensors")) + sorted(root.rglob("config.json")):
+                try:
+                    if f.suffix == ".safetensors":
+                        with safe_open(str(f), "pt") as st:
+                            for key in st.keys():
+                                st.get_slice(key)[:]
+                    else:
+                        json.loads(f.read_text())
+                except Exception:  # noqa: BLE001
+                    return f"{location.rstrip('/')}/{f.relative_to(root)}"
+    except Exception:  # noqa: BLE001  (the version itself is gone: the caller's message says enough)
+        return ""
+    return ""

@@ -151,8 +151,24 @@ def _close(client, run_id: str, status: str, cause: str) -> str:
     for mv in client.search_model_versions(f"run_id = '{run_id}'"):
         if "kftune.decision" not in mv.tags:  # registered, then the step died before the gate: not a real version
             client.delete_model_version(mv.name, mv.version)
+    _remove_unfinished_models(client, run_id)
     client.set_terminated(run_id, status)
     return run_id
+
+
+def _remove_unfinished_models(client, run_id: str) -> None:
+    """A logged model whose upload never finished (PENDING, FAILED: a full disk, a kill) goes, with the partial
+    files it left in the artifact store."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    experiment = client.get_run(run_id).info.experiment_id
+    for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+        if str(model.status).rsplit(".", 1)[-1] != "READY":
+            try:
+                get_artifact_repository(model.artifact_location).delete_artifacts()
+            except OSError:
+                pass  # nothing was written
+            client.delete_logged_model(model.model_id)
 
 
 def sweep_dead_runs() -> list[str]:
@@ -204,3 +220,23 @@ def create_sqlite_store(db: Path) -> None:
         pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_s3(url: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the endpoint and bucket, when an s3:// location cannot be reached (one try, no
+    retries: boto3's default would retry for minutes)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from kftune.config import KftuneError
+
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1, "mode": "standard"})
+    try:
+        boto3.client("s3", endpoint_url=endpoint or None, config=config).head_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError) as exc:
+        raise KftuneError(f"cannot reach S3 bucket {bucket!r} at {endpoint or 'the AWS default endpoint'} for {url} "
+                          f"({exc}); check MLFLOW_S3_ENDPOINT_URL / AWS_ENDPOINT_URL, the credentials and that the "
+                          f"bucket exists") from None

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -94,3 +95,174 @@ def test_a_run_left_running_by_kill_9_is_marked_killed_by_the_next_command(tmp_p
     assert sweep_dead_runs() == [run.info.run_id]
     (run,) = [r for r in _runs(tmp_path) if r.data.tags.get("kftune.owner")]
     assert run.info.status == "KILLED" and "is gone" in run.data.tags["kftune.failure"]
+
+
+# --- S3, a full disk, a corrupted champion ------------------------------------------------------
+
+def _fake_aws(monkeypatch, endpoint: str) -> None:
+    for k, v in {"AWS_ACCESS_KEY_ID": "kftune", "AWS_SECRET_ACCESS_KEY": "kftune-secret",
+                 "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_a_dead_s3_endpoint_fails_in_seconds_naming_the_endpoint_and_the_bucket(tmp_path, params, monkeypatch,
+                                                                                capsys):
+    from tests.conftest import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    _fake_aws(monkeypatch, endpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    for args, env in (([ "--data", "s3://kftune-data/batch-000.csv"], {}),
+                      (["--data", "unused.csv"], {"KFTUNE_ARTIFACT_ROOT": "s3://kftune-mlflow/artifacts"})):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        started = time.monotonic()
+        assert main(["--project-dir", str(tmp_path), "run", *args, "--params", str(tmp_path / "params.yaml")]) == 2
+        took = time.monotonic() - started
+        err = capsys.readouterr().err
+        bucket = "kftune-mlflow" if env else "kftune-data"
+        assert took < 30 and f"cannot reach S3 bucket '{bucket}' at {endpoint}" in err, (took, err)
+        print(f"dead S3 ({bucket}): failed in {took:.1f} s")
+    assert not (tmp_path / "local_outputs").exists(), "no step started"
+
+
+def test_pre_flight_reaches_a_live_s3_and_names_a_missing_bucket(tmp_path, params, mlflow_store, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    from kftune.config import KftuneError
+    from kftune.local import check_dependencies
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    s3.start()
+    try:
+        host, port = s3.get_host_and_port()
+        _fake_aws(monkeypatch, f"http://{host}:{port}")
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="kftune-data")
+        check_dependencies(tmp_path, params, "s3://kftune-data/batch-000.csv")  # reachable: passes
+        monkeypatch.setenv("KFTUNE_ARTIFACT_ROOT", "s3://no-such-bucket/mlflow")
+        with pytest.raises(KftuneError, match=rf"cannot reach S3 bucket 'no-such-bucket' at http://{host}:{port}"):
+            check_dependencies(tmp_path, params, "s3://kftune-data/batch-000.csv")
+    finally:
+        s3.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: a disk that fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root with CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _fill(folder, leave: int) -> None:
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def test_a_project_on_a_full_disk_is_refused_before_any_step(small_disk, params, subword_csv, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store, on the small disk
+    monkeypatch.delenv("KFTUNE_ARTIFACT_ROOT", raising=False)
+    (small_disk / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    assert main(["--project-dir", str(small_disk), "run", "--data", str(subword_csv), "--params",
+                 str(small_disk / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{small_disk}: " in err and "MiB free, the run needs about" in err and "free some space" in err, err
+    assert not (small_disk / "local_outputs").exists(), "no step started"
+
+
+def test_a_disk_filling_up_during_register_leaves_no_partial_model_and_no_pending_version(
+        prepared, params, mlflow_store, small_disk, monkeypatch):
+    """The registry's artifacts on a disk with room for the run's small files but not for the model."""
+    import dataclasses
+    import shutil
+
+    import mlflow
+
+    from kftune.steps.evaluate import evaluate
+    from kftune.steps.finetune import finetune
+    from kftune.steps.register import register
+    from kftune.tracking import close_runs
+    from tests.conftest import with_changes
+
+    monkeypatch.setenv("KFTUNE_ARTIFACT_ROOT", small_disk.as_uri())
+    finetune(prepared / "tokenized", prepared / "model", params.model.name, with_changes(params.finetune, max_steps=20))
+    evaluate(prepared / "data", prepared / "model", prepared / "eval", params.evaluate)
+    # what a register writes there, measured once with room: the run's files, then the model's
+    probe = dataclasses.replace(params, register=with_changes(params.register, model_name="disk-probe",
+                                                              experiment="disk-probe"))
+    register(prepared / "data", prepared / "model", prepared / "eval", prepared / "gate-probe", probe)
+    pages = {"run": 0, "model": 0}
+    for f in (p for p in small_disk.rglob("*") if p.is_file()):
+        pages["model" if "/models/" in str(f) else "run"] += -(-f.stat().st_size // 4096) * 4096
+    shutil.rmtree(small_disk / "disk-probe")
+    _fill(small_disk, leave=pages["run"] + pages["model"] // 2)  # the run's files fit, half the model does
+    with pytest.raises(OSError) as failed:
+        register(prepared / "data", prepared / "model", prepared / "eval", prepared / "gate", params)
+    assert "No space left on device" in str(failed.value)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(params.register.experiment).experiment_id])
+    pending = client.search_logged_models([run.info.experiment_id])
+    print(f"disk full during register: {len(pending)} unfinished logged model(s), partial files "
+          f"{sorted(p.name for p in small_disk.rglob('*') if p.is_file() and '/models/' in str(p))}")
+    close_runs("FAILED", f"step register failed: {failed.value}")  # what the command does when a step fails
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["kftune.failure"]
+    assert client.search_model_versions(f"name='{params.register.model_name}'") == [], "no version left"
+    assert client.search_logged_models([run.info.experiment_id]) == [], f"no unfinished model left: {pending}"
+    partial = [p for p in small_disk.rglob("*") if p.is_file() and "/models/" in str(p)]
+    assert partial == [], f"partial model files left: {partial}"
+    assert mlflow.get_tracking_uri() == mlflow_store
+
+
+def test_a_corrupted_champion_names_the_version_and_the_file(project):
+    """A truncated model.safetensors behind `champion`: a retraining stops at resolve, naming v1 and the file."""
+    from kftune import registry
+    from kftune.config import load_params
+    from kftune.data import DATASET, add_batches
+    from kftune.steps.resolve import resolve
+    from tests.conftest import subword_texts
+
+    from kftune.steps.evaluate import evaluate
+    from kftune.steps.finetune import finetune
+    from kftune.steps.register import register
+    from kftune.steps.tokenize import tokenize
+
+    params = load_params(project / "params.yaml", ["retrain.cooldown_hours=0", "finetune.max_steps=10"])
+    root = project.parent
+    for i in (0, 1):
+        subword_texts(300, seed=i).to_csv(root / f"b{i}.csv", index=False)
+    add_batches([str(root / "b0.csv")], project, params.ingest, tag="b0")
+    resolve(str(project / DATASET), root / "r0", root / "c0", params)
+    tokenize(root / "r0", root / "tok", params.model.name, params.tokenize)
+    finetune(root / "tok", root / "model", params.model.name, params.finetune)
+    evaluate(root / "r0", root / "model", root / "eval", params.evaluate)
+    version = register(root / "r0", root / "model", root / "eval", root / "gate", params).version
+    registry.promote(params.register.model_name, version, "the champion whose file will break")
+    add_batches([str(root / "b1.csv")], project, params.ingest, tag="b1")
+    mv = MlflowClient().get_model_version(params.register.model_name, version)
+    location = MlflowClient().get_logged_model(registry.logged_model_id(mv)).artifact_location
+    (weights,) = Path(location.removeprefix("file://")).rglob("model.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = subprocess.run([sys.executable, "-m", "kftune.cli", "--project-dir", str(project), "retrain", "-S",
+                           "retrain.cooldown_hours=0"], cwd=project, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()
+    message = "\n".join(last[-3:])
+    print(f"corrupted champion: {message}")
+    assert "step resolve failed" in message and f"v{version}" in message, message
+    assert f"{weights.relative_to(Path(location.removeprefix('file://')))}" in message, message
+    assert "Traceback" not in proc.stderr
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(f"{params.register.experiment}-retraining").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"] and f"v{version}" in runs[0].data.tags["kftune.failure"]

@@ -59,7 +59,7 @@ def export_champion(name: str, version: str, dest: str | Path) -> dict:
 
     from kftune.predict import labels_of
 
-    parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+    parts = registry.load_components(f"models:/{name}/{version}")
     dest = Path(dest)
     parts["model"].save_pretrained(dest)
     parts["tokenizer"].save_pretrained(dest)
