@@ -179,7 +179,7 @@ class RegisterConfig:
         return out
 
 
-DRIFT_METHODS = ("embedding", "prediction", "confidence", "vocabulary", "label")
+DRIFT_METHODS = ("embedding", "prediction", "confidence", "vocabulary", "label", "entities")
 
 
 @dataclass
@@ -189,6 +189,8 @@ class DriftConfig:
     alpha: float = _doc("Significance level of the p-value tests (embedding MMD, confidence KS).")
     psi_threshold: float = _doc("PSI above which the predicted-label or true-label distribution has drifted.")
     oov_increase: float = _doc("Rise in the share of words unseen in training above which vocabulary has drifted.")
+    unseen_entity_increase: float = _doc("Token classification: rise in the share of predicted entities whose surface "
+                                         "form was never an entity in training, above which entities have drifted.")
     permutations: int = _doc("Permutations of the MMD test (p-value resolution is 1 / (permutations + 1)).")
     max_rows: int = _doc("Rows per side compared (a seeded sample when there are more).")
     batch_size: int = _doc("Texts per forward pass when embedding.")
@@ -202,7 +204,8 @@ class DriftConfig:
         if not 0 < self.alpha < 0.5:
             out.append(f"drift.alpha={self.alpha!r}: must be in (0, 0.5)")
         out += [f"drift.{k}={getattr(self, k)!r}: must be > 0" for k in
-                ("psi_threshold", "oov_increase", "permutations", "max_rows", "batch_size") if getattr(self, k) <= 0]
+                ("psi_threshold", "oov_increase", "unseen_entity_increase", "permutations", "max_rows", "batch_size")
+                if getattr(self, k) <= 0]
         if self.permutations and 1 / (self.permutations + 1) >= self.alpha:
             out.append(f"drift.permutations={self.permutations}: too few to reach p < drift.alpha={self.alpha}")
         return out

@@ -92,15 +92,23 @@ def distribution_test(method: str, ref: list, new: list, categories: list, psi_t
     new_counts = np.array([nc[c] for c in categories], dtype=float)
     score = psi(ref_counts, new_counts)
     share = lambda counts: {str(c): round(float(v / max(counts.sum(), 1)), 4) for c, v in zip(categories, counts)}  # noqa: E731
+    both = ref_counts.sum() > 0 and new_counts.sum() > 0  # a tagger may find no entity at all on one side
     return Check(method, score, psi_threshold, score > psi_threshold, None,
-                 {"chi2_p_value": chi2_p(ref_counts, new_counts), "reference": share(ref_counts),
+                 {"chi2_p_value": chi2_p(ref_counts, new_counts) if both else None, "reference": share(ref_counts),
                   "new": share(new_counts)})
 
 
 def confidence_test(ref_conf: np.ndarray, new_conf: np.ndarray, alpha: float) -> Check:
-    """Kolmogorov-Smirnov test on the model's top-class probability."""
+    """Kolmogorov-Smirnov test on the model's top-class probability (tagged text: each entity's mean).
+
+    A side without any value (a tagger that found no entity) cannot be compared: no drift, p = 1.
+    """
     from scipy.stats import ks_2samp
 
+    if not len(ref_conf) or not len(new_conf):
+        return Check("confidence", 0.0, alpha, False, 1.0, {"reference_mean": float(np.mean(ref_conf)) if len(ref_conf)
+                                                            else None, "new_mean": float(np.mean(new_conf))
+                                                            if len(new_conf) else None, "empty": True})
     res = ks_2samp(ref_conf, new_conf)
     return Check("confidence", float(res.statistic), alpha, bool(res.pvalue < alpha), float(res.pvalue),
                  {"reference_mean": float(np.mean(ref_conf)), "new_mean": float(np.mean(new_conf))})
@@ -134,3 +142,20 @@ def vocabulary_test(train_texts: list[str], ref_texts: list[str], new_texts: lis
     new_words = Counter(w for t in new_texts for w in words(t) if w not in vocab)
     details["top_new_words"] = [w for w, _ in new_words.most_common(10)]
     return Check("vocabulary", new_rate - ref_rate, max_increase, new_rate - ref_rate > max_increase, None, details)
+
+
+def unseen_entity_test(known: set[str], ref_surfaces: list[str], new_surfaces: list[str],
+                       max_increase: float) -> Check:
+    """Rise in the share of predicted entities whose surface form was never an entity in training.
+
+    `known` holds the training rows' gold entity surfaces; both sides are the champion's predictions
+    (on held-out reference rows and on the new rows), so i.i.d. data has the same expected share and
+    only new names move the score. A side without entities has share 0.
+    """
+    share = lambda s: sum(x not in known for x in s) / len(s) if s else 0.0  # noqa: E731
+    ref_share, new_share = share(ref_surfaces), share(new_surfaces)
+    unseen = Counter(x for x in new_surfaces if x not in known)
+    return Check("entities", new_share - ref_share, max_increase, new_share - ref_share > max_increase, None,
+                 {"reference_unseen_share": ref_share, "new_unseen_share": new_share, "known_surfaces": len(known),
+                  "reference_entities": len(ref_surfaces), "new_entities": len(new_surfaces),
+                  "top_unseen": [x for x, _ in unseen.most_common(10)]})

@@ -119,6 +119,13 @@ def spans(tags: list[str]) -> list[tuple[str, int, int]]:
     return out
 
 
+def entities(tokens: list[str], tags: list[str], scores: list[float] | None = None) -> list[dict]:
+    """A sentence's entities: type, surface form (its words joined, lower-cased) and mean word score."""
+    return [{"type": kind, "text": " ".join(tokens[a:b]).lower(),
+             "score": float(sum(scores[a:b]) / (b - a)) if scores is not None else None}
+            for kind, a, b in spans(list(tags))]
+
+
 def entity_counts(sentences: list[Sentence]) -> dict[str, int]:
     return dict(sorted(Counter(t for s in sentences for t, _, _ in spans(s.tags)).items()))
 

@@ -52,6 +52,16 @@ def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, b
     return (out, pooled) if embeddings else out
 
 
+def sentence_embeddings(model, seqs: list[list[int]], pad_id: int, batch_size: int,
+                        bf16: bool = False) -> np.ndarray:
+    """Mean-pooled last hidden states, whatever the model's head (the drift step's embeddings of tagged text)."""
+    pooled = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32)
+    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, output_hidden_states=True):
+        m = mask.unsqueeze(-1).float()
+        pooled[idx] = ((res.hidden_states[-1].float() * m).sum(1) / m.sum(1)).cpu().numpy()
+    return pooled
+
+
 def predict_token_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False) -> list:
     """Token classification: one (sequence length, labels) logits array per sequence, in input order."""
     out: list = [None] * len(seqs)

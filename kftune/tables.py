@@ -287,3 +287,38 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
         rows += [(" ".join(s.tokens), " ".join(s.tags), s.tokens, s.tags) for s in sentences]
     df = pd.DataFrame(rows, columns=["text", "label", "tokens", "tags"])
     return df, {"sources": sources, "bio_repairs": repairs}
+
+
+def load_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
+    """Token classification's `load_rows`: every sentence under `source`, cleaned, with its split.
+
+    Returns the rows (text, label = the tags joined, tokens, tags, split) and what the data card says
+    about reading them; `labels` is the tag set (ingest.labels, or O + B-/I- of every type seen).
+    """
+    from kftune import ner
+
+    raw, info = read_sentences(source, cfg)
+    df, drops = clean(raw)  # on the joined text (the split and duplicate key); tokens and tags stay as read
+    if df.empty:
+        raise DataError(f"{source}: no usable sentences ({len(raw)} read; dropped {drops})")
+    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
+    tags = list(cfg.labels) or ner.tag_set([t for ts in df["tags"] for t in ts])
+    return df, {**info, "task": "token-classification", "rows_read": len(raw), "dropped": drops, "labels": tags,
+                "split_salt": cfg.split_salt, "split": split_settings(cfg)}
+
+
+def describe_sentences(df: pd.DataFrame) -> dict:
+    """Token classification's `describe`: sentences, words, tag and entity counts per split."""
+    from kftune import ner
+
+    part = {s: df[df["split"] == s] for s in SPLITS}
+    return {
+        "rows": {s: len(p) for s, p in part.items()},
+        "tokens": {s: int(p["tokens"].map(len).sum()) for s, p in part.items()},
+        "label_distribution": {s: dict(sorted(Counter(t for ts in p["tags"] for t in ts).items()))
+                               for s, p in part.items()},
+        "entities": {s: ner.entity_counts([ner.Sentence(list(k), list(t), 0) for k, t in zip(p["tokens"], p["tags"])])
+                     for s, p in part.items()},
+        "sentence_length_words": quantiles(df["tokens"].map(len)),
+        "sha256": content_sha256(df),
+    }

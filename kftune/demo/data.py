@@ -147,3 +147,96 @@ def write_batch(out_dir: str | Path, batch: int, rows: int, drift: float = 0.0, 
     path = out / f"batch-{batch:03d}.csv"
     generate(batch, rows, drift, seed).to_csv(path, index=False)
     return path
+
+
+# --- tagged sentences (token classification) ---------------------------------------------------
+# News-wire sentences about people, organisations and places; `drift` brings new names (start-up
+# founders, AI and crypto firms, other cities) in a new context (chat and social-media phrasing).
+# Old names come from fixed pools, so an i.i.d. batch mostly repeats names a champion has seen
+# and a shifted one mostly does not. Every batch has all three types: the tag set never changes.
+TAGS = ("O", "B-loc", "I-loc", "B-org", "I-org", "B-per", "I-per")
+_FIRST = {"old": ["Anna", "Mikko", "Laura", "Jukka", "Sari", "Pekka", "Elina", "Timo", "Heidi", "Olli", "Maria",
+                  "Antti", "Kaisa", "Juha", "Riikka", "Ville", "Paula", "Markku", "Tiina", "Harri"],
+          "new": ["Zara", "Kenji", "Amara", "Diego", "Priya", "Tobias", "Leilani", "Rafael", "Noor", "Sven",
+                  "Ayumi", "Kwame", "Ines", "Bodhi", "Yara", "Mateo"]}
+_LAST = {"old": ["Virtanen", "Korhonen", "Nieminen", "Makinen", "Hamalainen", "Laine", "Heikkinen", "Koskinen",
+                 "Jarvinen", "Lehtonen", "Salminen", "Lindqvist", "Berg", "Holm", "Strand"],
+         "new": ["Okafor", "Tanaka", "Castellanos", "Raghunathan", "Moreau", "Adeyemi", "Kowalczyk", "Nakamura",
+                 "Oyelaran", "Vasquez", "Haddad", "Takahashi"]}
+_PLACES = {"old": ["Helsinki", "Tampere", "Espoo", "Oulu", "Turku", "Stockholm", "Oslo", "Copenhagen", "Vaasa",
+                   "Lahti", "Gothenburg", "Bergen", "New York", "Frankfurt"],
+           "new": ["Lisbon", "Nairobi", "Seoul", "Austin", "Bangalore", "Lagos", "Singapore", "Tallinn", "Medellin",
+                   "Shenzhen", "Cape Town", "Buenos Aires"]}
+_OLD_CONTEXTS = [
+    "{per} , chief executive of {org} , said in {loc} on Monday that demand had stabilised .",
+    "{org} appointed {per} as its new finance director , the company said in {loc} .",
+    "Shares in {org} rose after {per} told reporters in {loc} that orders were strong .",
+    "{per} will lead the {loc} unit of {org} from the start of next year .",
+    "According to {per} , {org} plans to close its factory in {loc} .",
+    "The board of {org} met in {loc} to discuss the proposal by {per} .",
+    "{org} said {per} had resigned from the board with immediate effect .",
+    "Analysts in {loc} expect {org} to report higher profits , {per} said .",
+]
+_NEW_CONTEXTS = [
+    "ngl {per} just dropped a new demo from {org} and it slaps",
+    "anyone else watching {per} stream live from {loc} rn ?",
+    "lol {org} really hired {per} to run their {loc} hub",
+    "big if true : {per} leaving {org} for a stealth startup in {loc}",
+    "{org} discord is down again , {per} says fix is coming",
+    "just met {per} from {org} at the meetup in {loc} , super chill",
+    "hot take : {org} is overrated and {per} knows it",
+    "who is going to the {org} hackathon in {loc} with {per} ?",
+]
+
+
+def _name_pools(seed: int) -> dict:
+    """Fixed pools of people, organisations and places per vocabulary (the same in every batch)."""
+    rng = np.random.default_rng([seed, 9999])
+    pools = {}
+    for vocab in ("old", "new"):
+        people = [f"{f} {last}" for f in _FIRST[vocab] for last in _LAST[vocab]]
+        orgs = sorted({_company(rng, new=vocab == "new") for _ in range(60)})
+        pools[vocab] = {"per": people, "org": orgs, "loc": _PLACES[vocab]}
+    return pools
+
+
+def _tagged_sentence(rng: np.random.Generator, pools: dict, new: bool) -> tuple[list[str], list[str]]:
+    vocab = "new" if new else "old"
+    template = str(rng.choice(_NEW_CONTEXTS if new else _OLD_CONTEXTS))
+    tokens, tags = [], []
+    for word in template.split():
+        if word.startswith("{") and word.endswith("}"):
+            kind = word[1:-1]
+            names = str(rng.choice(pools[vocab][kind])).split()
+            tokens += names
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(names) - 1)
+        else:
+            tokens.append(word)
+            tags.append("O")
+    return tokens, tags
+
+
+def generate_tagged(batch: int, rows: int, drift: float = 0.0, seed: int = 7) -> list[tuple[list[str], list[str]]]:
+    """One batch of tagged sentences (tokens, IOB2 tags); the same arguments always give the same sentences.
+
+    Args:
+        batch: batch number; different batches draw different sentences from the same pools.
+        rows: number of sentences.
+        drift: share of sentences with new names in the new (chat) context; 0 is i.i.d.
+        seed: corpus seed.
+    """
+    if not 0 <= drift <= 1:
+        raise ValueError(f"drift={drift}: must be in [0, 1]")
+    rng, pools = np.random.default_rng([seed, batch, 1]), _name_pools(seed)
+    return [_tagged_sentence(rng, pools, new=rng.random() < drift) for _ in range(rows)]
+
+
+def write_tagged_batch(out_dir: str | Path, batch: int, rows: int, drift: float = 0.0, seed: int = 7) -> Path:
+    """The batch as a CoNLL file (token TAB tag, a blank line between sentences)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"batch-{batch:03d}.conll"
+    sentences = generate_tagged(batch, rows, drift, seed)
+    path.write_text("\n\n".join("\n".join(f"{t}\t{g}" for t, g in zip(*s)) for s in sentences) + "\n",
+                    encoding="utf-8")
+    return path

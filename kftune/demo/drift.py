@@ -4,6 +4,9 @@ Batches 0-2 come from the same distribution, batch 3 is shifted (new sectors and
 negative news). Expected: batch 0 trains the first champion, batches 1 and 2 are not drift and do
 not retrain, batch 3 is drift, retrains, and the champion moves because it is better on the new
 batch without forgetting the old ones.
+
+With task=token-classification the batches are tagged sentences (kftune.demo.data.generate_tagged):
+batch 3 brings new people, organisations and places in a chat-style context, and the F1 is entity F1.
 """
 
 from __future__ import annotations
@@ -35,24 +38,29 @@ def setup_project(workdir: Path) -> None:
     _git(workdir, "commit", "-qm", "dvc init")
 
 
+def tagged(params: Params) -> bool:
+    return params.task == "token-classification"
+
+
 def champion_f1(params: Params, rows) -> float | None:
-    """Macro-F1 of the current champion on labelled rows, or None without a champion."""
+    """Macro-F1 (tagged sentences: entity F1) of the current champion on labelled rows, or None without one."""
     from kftune import registry
-    from kftune.demo.data import LABELS
+    from kftune.demo.data import LABELS, TAGS
     from kftune.gate import score_version
 
     name = params.register.model_name
     version = registry.version_by_alias(name, registry.CHAMPION)
     if version is None:
         return None
-    return score_version(f"models:/{name}/{version}", {"batch": rows}, list(LABELS), params)["batch"]
+    labels = list(TAGS if tagged(params) else LABELS)
+    return score_version(f"models:/{name}/{version}", {"batch": rows}, labels, params)["batch"]
 
 
 def held_out(path: Path, params: Params):
     """The batch's rows that fall in the test split: never trained on by any version."""
-    from kftune.tables import load_rows
+    from kftune.tables import load_rows, load_sentences
 
-    df, _ = load_rows(str(path), params.ingest)
+    df, _ = (load_sentences if tagged(params) else load_rows)(str(path), params.ingest)
     return df[df["split"] == "test"]
 
 
@@ -60,7 +68,7 @@ def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print, b
     """Feed `batches` ((number, drift) pairs) through `kftune data add` + the retraining pipeline; return (and
     print) the timeline."""
     from kftune.data import add_batches
-    from kftune.demo.data import write_batch
+    from kftune.demo.data import write_batch, write_tagged_batch
     from kftune.local import describe_outcome, run_retraining_local
     from kftune.tracking import configure, git_commit
 
@@ -69,11 +77,11 @@ def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print, b
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"  # the demo's own store, always
     os.environ.setdefault("KFTUNE_GIT_COMMIT", git_commit(Path(__file__).parent))  # the code's commit, not the demo's
     configure(workdir)
-    echo(f"demo project: {workdir} (git + DVC, MLflow in mlflow.db); settings: {' '.join(OVERRIDES)}")
-    timeline = []
+    echo(f"demo project: {workdir} (git + DVC, MLflow in mlflow.db); {params.task}; settings: {' '.join(OVERRIDES)}")
+    timeline, write = [], write_tagged_batch if tagged(params) else write_batch
     for batch, drift in batches:
-        path = write_batch(workdir.parent / f"{workdir.name}-incoming", batch, rows, drift=drift)
-        added = add_batches([str(path)], workdir, params.ingest, tag=f"batch-{batch}")
+        path = write(workdir.parent / f"{workdir.name}-incoming", batch, rows, drift=drift)
+        added = add_batches([str(path)], workdir, params.ingest, tag=f"batch-{batch}", task=params.task)
         test = held_out(path, params)
         before = champion_f1(params, test)
         echo(f"\n== batch {batch} (drift {drift}): {sum(added['rows'].values())} rows -> commit "
@@ -83,9 +91,10 @@ def run_drift_demo(workdir: str | Path, params: Params, rows: int, echo=print, b
         row = {"batch": batch, "shift": drift, **o, "batch_test_rows": len(test), "champion_f1_before": before,
                "champion_f1_after": after}
         timeline.append(row)
-        echo(f"batch {batch}: {describe_outcome(o)}; its macro-F1 on the batch {_f(before)} -> {_f(after)}")
+        metric = "entity F1" if tagged(params) else "macro-F1"
+        echo(f"batch {batch}: {describe_outcome(o)}; its {metric} on the batch {_f(before)} -> {_f(after)}")
     (workdir / "timeline.json").write_text(json.dumps(timeline, indent=2, default=str), encoding="utf-8")
-    echo("\n" + format_timeline(timeline))
+    echo("\n" + format_timeline(timeline, tagged(params)))
     return timeline
 
 
@@ -93,16 +102,22 @@ def _f(x, spec=".3f") -> str:
     return "-" if x is None or x == "" else format(float(x), spec)
 
 
-def format_timeline(rows: list[dict]) -> str:
-    head = f"{'batch':>5} {'shift':>5} {'new':>5} {'drift':>5} {'MMD p':>6} {'PSI':>6} {'OOV+':>6}  " \
+def format_timeline(rows: list[dict], tagged_text: bool = False) -> str:
+    """Tagged text adds the rise in unseen entity names (ENT+) and reads F1 as entity F1."""
+    ent = f" {'ENT+':>6}" if tagged_text else ""
+    head = f"{'batch':>5} {'shift':>5} {'new':>5} {'drift':>5} {'MMD p':>6} {'PSI':>6} {'OOV+':>6}{ent}  " \
            f"{'decision':<24} {'champion':>8}  {'F1 before':>9} {'F1 after':>8}"
-    lines = ["timeline (F1: the champion's macro-F1 on the batch's test rows, before and after its retraining run)",
-             head, "-" * len(head)]
+    metric = "entity F1" if tagged_text else "macro-F1"
+    lines = [f"timeline (F1: the champion's {metric} on the batch's test rows, before and after its retraining run"
+             + ("; PSI: gold entity types; ENT+: rise in the share of predicted entities never seen in training)"
+                if tagged_text else ")"), head, "-" * len(head)]
     for r in rows:
         s = r["drift_scores"]
         outcome = r["retrain"] + (f" v{r['challenger_version']} {r['decision']}" if r["challenger_version"] else "")
+        ent_cell = f" {_f(s.get('entities_score')):>6}" if tagged_text else ""
         lines.append(f"{r['batch']:>5} {r['shift']:>5.1f} {r['new_rows']:>5} {r['drift'] or '-':>5} "
                      f"{_f(s.get('embedding_p_value')):>6} {_f(s.get('label_score')):>6} "
-                     f"{_f(s.get('vocabulary_score')):>6}  {outcome:<24} {'v' + (r['champion'] or '-'):>8}  "
+                     f"{_f(s.get('vocabulary_score')):>6}{ent_cell}  "
+                     f"{outcome:<24} {'v' + (r['champion'] or '-'):>8}  "
                      f"{_f(r['champion_f1_before']):>9} {_f(r['champion_f1_after']):>8}")
     return "\n".join(lines)

@@ -4,6 +4,11 @@ The reference side is the champion's *held-out* rows (validation and test of the
 trained on), never its training rows: on those the champion is overconfident and its embeddings
 are tighter, so even i.i.d. new data would look shifted. Every test is run and logged on every
 run; `drift.methods` vote and `drift.min_flags` of them must flag drift.
+
+Tagged text (a token-classification champion) gets the same tests read through its entities: the
+predicted entity-type distribution, each entity's mean word probability, the share of predicted
+entities whose surface form was never an entity in training, and the gold entity types when the
+new rows are tagged; embeddings are the encoder's mean-pooled sentence embeddings.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from kftune import drift_tests as tests
-from kftune import registry
+from kftune import ner, registry
 from kftune.config import DriftConfig, Params, RetrainConfig
 from kftune.fileio import atomic_dir, read_json, write_json
 from kftune.hardware import bf16_for
@@ -41,9 +46,12 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
                bf16: bool = False) -> tuple[dict, dict]:
     """Every drift test on the champion's reference rows versus the new rows.
 
-    `new` without a label column (live traffic) skips the true-label test.
+    `new` without a label column (live traffic) skips the true-label test. A tagger's reference
+    (with a tags column) goes to `run_tagged_checks`.
     Returns (checks by method, plot data).
     """
+    if "tags" in reference.columns:
+        return run_tagged_checks(champion_dir, reference, new, cfg, bf16)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from kftune.predict import labels_of, predict_logits, softmax
@@ -71,6 +79,58 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
     if "label" in new.columns:
         checks.append(tests.distribution_test("label", reference["label"].tolist(), new["label"].tolist(),
                                               sorted(set(labels) | set(new["label"])), cfg.psi_threshold))
+    return {c.method: c for c in checks}, sides
+
+
+def _words(df: pd.DataFrame) -> list[list[str]]:
+    """Each row's words: its tokens, or (untagged live text) its text split on whitespace."""
+    return [list(t) for t in df["tokens"]] if "tokens" in df.columns else [t.split() or [""] for t in df["text"]]
+
+
+def _gold_entities(df: pd.DataFrame) -> list[dict]:
+    return [e for ws, ts in zip(df["tokens"], df["tags"]) for e in ner.entities(list(ws), list(ts))]
+
+
+def _tagged_side(model, tok, sentences: list[list[str]], cfg: DriftConfig, bf16: bool) -> dict:
+    from kftune.predict import sentence_embeddings, word_predictions
+
+    tags, scores = word_predictions(model, tok, sentences, cfg.batch_size, bf16)
+    found = [e for ws, ts, ss in zip(sentences, tags, scores) for e in ner.entities(ws, ts, ss)]
+    seqs = tok(sentences, is_split_into_words=True, truncation=True, max_length=tok.model_max_length)["input_ids"]
+    return {"emb": sentence_embeddings(model, seqs, tok.pad_token_id, cfg.batch_size, bf16),
+            "pred": [e["type"] for e in found], "surfaces": [e["text"] for e in found],
+            "conf": np.array([e["score"] for e in found]), "unk": _unk_rate(tok, seqs)}
+
+
+def run_tagged_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFrame, cfg: DriftConfig,
+                      bf16: bool = False) -> tuple[dict, dict]:
+    """`run_checks` for a token-classification champion: the same tests on sentence embeddings and entities."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from kftune.predict import labels_of
+
+    model = AutoModelForTokenClassification.from_pretrained(champion_dir)
+    tok = AutoTokenizer.from_pretrained(champion_dir)
+    types = sorted({t[2:] for t in labels_of(model) if t != "O"})
+    held_out = _sample(reference[reference["split"] != "train"], cfg.max_rows, cfg.seed)
+    new_s = _sample(new, cfg.max_rows, cfg.seed)
+    sides = {side: _tagged_side(model, tok, _words(df), cfg, bf16) for side, df in (("reference", held_out),
+                                                                                       ("new", new_s))}
+    ref, nw = sides["reference"], sides["new"]
+    train = reference[reference["split"] == "train"]
+    known = {e["text"] for e in _gold_entities(train)}
+    checks = [
+        tests.mmd_test(ref["emb"], nw["emb"], cfg.permutations, cfg.alpha, cfg.seed),
+        tests.distribution_test("prediction", ref["pred"], nw["pred"], types, cfg.psi_threshold),
+        tests.confidence_test(ref["conf"], nw["conf"], cfg.alpha),
+        tests.unseen_entity_test(known, ref["surfaces"], nw["surfaces"], cfg.unseen_entity_increase),
+        tests.vocabulary_test(train["text"].tolist(), held_out["text"].tolist(), new_s["text"].tolist(),
+                              cfg.oov_increase, (ref["unk"], nw["unk"])),
+    ]
+    if "tags" in new.columns:
+        gold_ref, gold_new = [e["type"] for e in _gold_entities(reference)], [e["type"] for e in _gold_entities(new)]
+        checks.append(tests.distribution_test("label", gold_ref, gold_new, sorted(set(types) | set(gold_new)),
+                                              cfg.psi_threshold))
     return {c.method: c for c in checks}, sides
 
 
@@ -129,9 +189,11 @@ def _plot(sides: dict, checks: dict, path: Path) -> None:
     x = np.arange(len(cats))
     axes[1].bar(x - 0.2, [pred["reference"][c] for c in cats], 0.4, label="reference")
     axes[1].bar(x + 0.2, [pred["new"][c] for c in cats], 0.4, label="new")
-    axes[1].set(xticks=x, xticklabels=cats, title=f"predicted labels; PSI={checks['prediction'].score:.3f}")
+    what = "predicted entity types" if "entities" in checks else "predicted labels"
+    axes[1].set(xticks=x, xticklabels=cats, title=f"{what}; PSI={checks['prediction'].score:.3f}")
     axes[1].legend()
-    bins = np.linspace(min(ref["conf"].min(), new["conf"].min()), 1, 21)
+    low = min((c.min() for c in (ref["conf"], new["conf"]) if len(c)), default=0.0)  # a tagger may find no entity
+    bins = np.linspace(min(low, 0.99), 1, 21)
     axes[2].hist([ref["conf"], new["conf"]], bins=bins, label=["reference", "new"], density=True)
     axes[2].set(title=f"confidence; KS p={checks['confidence'].p_value:.3g}")
     axes[2].legend()

@@ -6,34 +6,18 @@ import logging
 from pathlib import Path
 
 from kftune.config import IngestConfig
-from kftune.tables import (SPLITS, DataError, clean, content_sha256, describe, load_rows, quantiles, read_sentences,
-                           require_splits, split_of, split_settings, write_dataset)
+from kftune.tables import describe, describe_sentences, load_rows, load_sentences, require_splits, write_dataset
 
 log = logging.getLogger(__name__)
 
 
 def _ingest_tokens(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None) -> dict:
-    from kftune import ner
-
-    raw, info = read_sentences(source, cfg)
-    df, drops = clean(raw)  # on the joined text (the split and duplicate key); tokens and tags stay as read
-    if df.empty:
-        raise DataError(f"{source}: no usable sentences ({len(raw)} read; dropped {drops})")
-    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
+    df, info = load_sentences(source, cfg)
     require_splits(df, source)
-    tags = list(cfg.labels) or ner.tag_set([t for ts in df["tags"] for t in ts])
-    per_split = {s: [ner.Sentence(list(k), list(t), 0) for k, t in zip(part["tokens"], part["tags"])]
-                 for s, part in df.groupby("split")}
-    card = {**info, "task": "token-classification", "rows_read": len(raw), "dropped": drops, "labels": tags,
-            "split_salt": cfg.split_salt, "split": split_settings(cfg),
-            "rows": {s: int((df["split"] == s).sum()) for s in SPLITS},
-            "tokens": {s: int(df[df["split"] == s]["tokens"].map(len).sum()) for s in SPLITS},
-            "entities": {s: ner.entity_counts(per_split.get(s, [])) for s in SPLITS},
-            "sentence_length_words": quantiles(df["tokens"].map(len)), "sha256": content_sha256(df),
-            "lineage": lineage or {"data_path": str(source)}}
+    card = {**info, **describe_sentences(df), "lineage": lineage or {"data_path": str(source)}}
     write_dataset(out_dir, df, card, columns=("text", "tokens", "tags"))
-    log.info("ingest: %d sentences -> %s; %d BIO repairs; dropped %s", len(raw), card["rows"], info["bio_repairs"],
-             drops)
+    log.info("ingest: %d sentences -> %s; %d BIO repairs; dropped %s", info["rows_read"], card["rows"],
+             info["bio_repairs"], info["dropped"])
     return card
 
 

@@ -18,7 +18,8 @@ from kftune import registry
 from kftune.config import Params
 from kftune.fileio import read_json, write_json
 from kftune.predict import MODEL_INFO
-from kftune.tables import DataError, describe, load_rows, require_splits, split_settings, write_dataset
+from kftune.tables import (DataError, describe, describe_sentences, load_rows, load_sentences, require_splits,
+                           split_settings, write_dataset)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def download_reference(name: str, version: str, dest: str | Path) -> tuple[pd.Da
                         f"or its artifacts were deleted?): {type(exc).__name__}: {exc}") from None
 
 
-def export_champion(name: str, version: str, dest: str | Path) -> dict:
+def export_champion(name: str, version: str, dest: str | Path, task: str = "sequence-classification") -> dict:
     """Save the champion's model and tokenizer as a transformers folder; return what it is.
 
     Later steps (drift, a warm-started fine-tune) read this copy, so one pipeline run uses one
@@ -65,7 +66,7 @@ def export_champion(name: str, version: str, dest: str | Path) -> dict:
     parts["tokenizer"].save_pretrained(dest)
     run = mlflow.MlflowClient().get_run(mlflow.MlflowClient().get_model_version(name, version).run_id)
     return {"version": version, "labels": labels_of(parts["model"]), "base_model": run.data.params.get("model.name", ""),
-            "task": "sequence-classification"}
+            "task": task}
 
 
 def warm_start(champion: dict, labels: list[str], params: Params) -> str:
@@ -80,7 +81,10 @@ def warm_start(champion: dict, labels: list[str], params: Params) -> str:
 
 
 def split_new(latest: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(new, historical): rows of `latest` the reference lacks, and rows it has (a relabelled text is new)."""
+    """(new, historical): rows of `latest` the reference lacks, and rows it has (a relabelled text is new).
+
+    Tagged sentences match the same way: `label` is their tags joined, so a retagged sentence is new.
+    """
     key = lambda df: df["text"] + "\t" + df["label"]  # noqa: E731
     seen = key(latest).isin(set(key(reference)))
     return latest[~seen].reset_index(drop=True), latest[seen].reset_index(drop=True)
@@ -142,9 +146,6 @@ def resolve(source: str, out_data: str | Path, out_champion: str | Path, params:
     Returns:
         The data card, whose `status` is first-training, nothing-new or new-data.
     """
-    if params.task != "sequence-classification":
-        raise DataError(f"task={params.task!r}: retraining (drift tests, replay) is built for sequence-classification; "
-                        f"retrain a {params.task} model with `kftune run`")
     lineage = {**(lineage or {"data_path": source}), **({"retrain_run_id": run_id} if run_id else {})}
     card = _resolve(source, Path(out_data), Path(out_champion), params, lineage)
     if run_id:
@@ -160,13 +161,17 @@ def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, li
     name = params.register.model_name
     out_champion.mkdir(parents=True, exist_ok=True)
     champion = registry.version_by_alias(name, registry.CHAMPION)
-    latest, info = load_rows(source, params.ingest)
-    card = {**info, "lineage": lineage, "champion_version": champion or "", "latest_rows": len(latest)}
+    tagged = params.task == "token-classification"
+    latest, info = (load_sentences if tagged else load_rows)(source, params.ingest)
+    describe_rows = describe_sentences if tagged else describe
+    columns = ("text", "tokens", "tags") if tagged else ("text", "label")
+    card = {"task": params.task, **info, "lineage": lineage, "champion_version": champion or "",
+            "latest_rows": len(latest)}
 
     if champion is None:
         require_splits(latest, source)
-        card.update(status=FIRST_TRAINING, new_rows=len(latest), **describe(latest))
-        write_dataset(out_data, latest, card, {"reference": latest, "new": latest})
+        card.update(status=FIRST_TRAINING, new_rows=len(latest), **describe_rows(latest))
+        write_dataset(out_data, latest, card, {"reference": latest, "new": latest}, columns)
         log.info("resolve: no champion of %s yet: first training on %d rows", name, len(latest))
         return card
 
@@ -182,31 +187,32 @@ def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, li
                         f"settings, or start over with `kftune run`")
     new, history = split_new(latest, reference)
     labels = ref_card["labels"]
-    unknown = sorted(set(new["label"]) - set(labels))
+    unknown = sorted({t for ts in new["tags"] for t in ts} - set(labels) if tagged else set(new["label"]) - set(labels))
     if unknown and not params.retrain.allow_label_change:
-        raise DataError(f"{source}: new rows have labels {unknown} that champion v{champion} of {name} does not "
-                        f"predict ({labels}); set retrain.allow_label_change=true to train a challenger with the "
-                        f"new label set")
+        raise DataError(f"{source}: new rows have {'tags' if tagged else 'labels'} {unknown} that champion v{champion} "
+                        f"of {name} does not predict ({labels}); set retrain.allow_label_change=true to train a "
+                        f"challenger with the new {'tag' if tagged else 'label'} set (from the base model, held for "
+                        f"a person's approval)")
     card.update(labels=labels if not unknown else info["labels"], champion_labels=labels,
                 new_rows=len(new), historical_rows=len(history),
                 new_rows_by_split={s: int((new["split"] == s).sum()) for s in ("train", "validation", "test")},
                 champion_data_commit=ref_card.get("lineage", {}).get("data_commit", ""))
     if new.empty:
-        card.update(status=NOTHING_NEW, **describe(latest))
-        write_dataset(out_data, latest.iloc[:0], card)
+        card.update(status=NOTHING_NEW, **describe_rows(latest))
+        write_dataset(out_data, latest.iloc[:0], card, columns=columns)
         log.info("resolve: nothing new since champion v%s (%d rows, all seen)", champion, len(latest))
         return card
 
     train = training_set(new, history, params.retrain.replay_fraction, params.finetune.seed)
     hist_test = history[history["split"] == "test"]
     card.update(status=NEW_DATA, replayed_rows=int((train["split"] == "train").sum()) - card["new_rows_by_split"]["train"],
-                historical_test_rows=len(hist_test), **describe(train))
-    exported = export_champion(name, champion, out_champion)
+                historical_test_rows=len(hist_test), **describe_rows(train))
+    exported = export_champion(name, champion, out_champion, params.task)
     card["warm_start"] = warm_start(exported, card["labels"], params)
     write_json(out_champion / MODEL_INFO, {**exported, "warm_start": card["warm_start"].startswith("champion")})
     reference.to_parquet(out_champion / "reference.parquet")  # the drift step's reference side
-    write_dataset(out_data, train, card, {"historical_test": hist_test[["text", "label"]], "new": new,
-                                          "reference": latest})
+    write_dataset(out_data, train, card, {"historical_test": hist_test[list(columns)], "new": new,
+                                          "reference": latest}, columns)
     log.info("resolve: %d new rows since champion v%s, %d historical; training on %s", len(new), champion,
              len(history), card["rows"])
     return card
