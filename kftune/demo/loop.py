@@ -28,7 +28,7 @@ HOUR = 3600.0
 
 @dataclass
 class Plan:
-    rows: int = 1500  # v1's training batch
+    rows: int = 3000  # v1's batch; at 1,500 MiniLM-L6 tied TF-IDF (0.850 vs 0.851) and the gate held v1
     iid_hours: int = 3
     drift_hours: int = 3  # drifted hours before the labels are collected
     after_hours: int = 2  # drifted hours served by v2
