@@ -63,19 +63,31 @@ def test_load_version_records_the_choice_on_the_version(serve_store, monkeypatch
 
 
 def test_registration_measures_on_the_test_split_and_says_so_on_the_version(serve_store, monkeypatch):
+    import pandas as pd
     from mlflow import MlflowClient
 
-    from kftune.serving.model import DESCRIPTION_PREFIX, machine
+    from kftune.serving.model import DESCRIPTION_PREFIX, machine, measure_at_registration
 
     use_mlflow_store(serve_store, monkeypatch)
-    mv = MlflowClient().get_model_version(CLASSIFIER, "1")
+    client = MlflowClient()
+    held = client.get_model_version(CLASSIFIER, "1").tags  # the gate held it (promoted by hand for these tests)
+    assert held["kftune.held_by"] and held.get("kftune.serve.measured_when") != "at registration", \
+        "a held version is not measured at registration (the server measures it if it is promoted by hand)"
+
+    # what the register step calls for a version the gate passes, on the version's own test split
+    cfg = load_params(ROOT / "params.yaml", ["serve.agreement_rows=40", "serve.max_batch=8"]).serve
+    texts = pd.read_parquet(serve_store / "clf" / "data" / "test.parquet")["text"].tolist()
+    with _retagged(CLASSIFIER, "2", {}):
+        choice = measure_at_registration(CLASSIFIER, "2", serve_store / "clf" / "model", texts, "sequence-classification",
+                                         cfg)
+        mv = client.get_model_version(CLASSIFIER, "2")
     measured, where = recorded_precisions(mv.tags)
     assert where == machine() and mv.tags["kftune.serve.measured_when"] == "at registration"
     assert measured["fp32"]["agreement"] == 1 and all(m["texts_per_s"] > 0 for m in measured.values())
-    cfg = load_params(ROOT / "params.yaml").serve
-    assert mv.tags["kftune.serve.precision"] == choose_precision("auto", measured, cfg.min_agreement).value
-    said = mv.description.split("\n\n")[-1]  # after the model card, when there is one
-    assert said.startswith(f"{DESCRIPTION_PREFIX} {mv.tags['kftune.serve.precision']} on {machine()}")
+    assert mv.tags["kftune.serve.precision"] == choice.value == choose_precision("auto", measured, 0.995).value
+    said = mv.description.split("\n\n")[-1]  # after the model card
+    assert mv.description.startswith(f"# {CLASSIFIER} v2"), "the model card is kept"
+    assert said.startswith(f"{DESCRIPTION_PREFIX} {choice.value} on {machine()}")
     assert "fastest with agreement >= 0.995" in said and "measured at registration" in said
 
 
@@ -94,10 +106,22 @@ def _retagged(name: str, version: str, changes: dict):
         try:
             yield
         finally:
+            for k in set(client.get_model_version(name, version).tags) - set(before.tags):
+                client.delete_model_version_tag(name, version, k)
             for k, v in before.tags.items():
                 client.set_model_version_tag(name, version, k, v)
             client.update_model_version(name, version, description=before.description or "")
     return block()
+
+
+def _recorded(int8_agreement: str, where: str | None = None) -> dict:
+    """Tags as record_precisions writes them: fp32 and bf16 slower than an int8 of the given agreement."""
+    from kftune.serving.model import machine
+
+    return {"kftune.serve.measured_on": where or machine(), "kftune.serve.agreement_fp32": "1.0000",
+            "kftune.serve.texts_per_s_fp32": "100", "kftune.serve.agreement_bf16": "1.0000",
+            "kftune.serve.texts_per_s_bf16": "120", "kftune.serve.agreement_int8": int8_agreement,
+            "kftune.serve.texts_per_s_int8": "1e6"}
 
 
 def test_auto_at_load_serves_what_was_recorded_on_this_machine_without_measuring(serve_store, monkeypatch):
@@ -108,11 +132,11 @@ def test_auto_at_load_serves_what_was_recorded_on_this_machine_without_measuring
     measured_again = []
     monkeypatch.setattr(served_model.prec, "measure_precisions", lambda *a, **k: measured_again.append(1) or {})
     # recorded: int8 agrees fully and is far faster, so auto must pick it from the tags alone
-    with _retagged(CLASSIFIER, "2", {"kftune.serve.agreement_int8": "1.0000", "kftune.serve.texts_per_s_int8": "1e6"}):
+    with _retagged(CLASSIFIER, "2", _recorded("1.0000")):
         served = load_version(CLASSIFIER, "2", cfg)
     assert not measured_again and served.precision == "int8"
     assert "as measured earlier on this machine" in served.precision_reason
-    with _retagged(CLASSIFIER, "2", {"kftune.serve.agreement_int8": "0.9000", "kftune.serve.texts_per_s_int8": "1e6"}):
+    with _retagged(CLASSIFIER, "2", _recorded("0.9000")):
         assert load_version(CLASSIFIER, "2", cfg).precision != "int8"  # serve.min_agreement applies at load
 
 
@@ -123,7 +147,7 @@ def test_auto_at_load_measures_when_the_numbers_come_from_another_machine(serve_
 
     use_mlflow_store(serve_store, monkeypatch)
     cfg = load_params(ROOT / "params.yaml", ["serve.agreement_rows=20", "serve.max_batch=8"]).serve
-    with _retagged(CLASSIFIER, "2", {"kftune.serve.measured_on": "another CPU, 64 cores"}):
+    with _retagged(CLASSIFIER, "2", _recorded("1.0000", where="another CPU, 64 cores")):
         served = load_version(CLASSIFIER, "2", cfg)
         tags = MlflowClient().get_model_version(CLASSIFIER, "2").tags
     assert "as measured earlier" not in served.precision_reason and served.measured["fp32"]["agreement"] == 1
