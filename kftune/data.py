@@ -154,7 +154,7 @@ def materialize(data_path: str, data_repo: str, data_rev: str, dest: str | Path)
         return data_path, {"data_path": data_path}
     from dvc.api import DVCFileSystem
 
-    from kftune.tables import READERS, DataError
+    from kftune.tables import NER_SUFFIXES, READERS, DataError
 
     repo = data_repo or "."
     try:
@@ -166,8 +166,8 @@ def materialize(data_path: str, data_repo: str, data_rev: str, dest: str | Path)
         raise DataError(f"{data_path!r} does not exist at revision {data_rev or 'HEAD'!r} of data repo {repo!r}")
     local = Path(dest) / Path(data_path).name
     fs.get(data_path, str(local), recursive=True)
-    if local.is_dir() and not any(p.suffix.lower() in READERS for p in local.rglob("*")):
-        raise DataError(f"{data_path!r} at revision {data_rev!r} holds no table files")
+    if local.is_dir() and not any(p.suffix.lower() in {*READERS, *NER_SUFFIXES} for p in local.rglob("*")):
+        raise DataError(f"{data_path!r} at revision {data_rev!r} holds no table or CoNLL/JSONL sentence files")
     lineage = {"data_repo": str(data_repo or Path(repo).resolve()), "data_rev": data_rev or "HEAD",
                "data_commit": commit, "data_path": data_path}
     dvc_file = f"{data_path.rstrip('/')}.dvc"
