@@ -9,6 +9,7 @@ checkpoints at optimizer-step boundaries so a killed run resumes exactly where i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -388,6 +389,8 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     _save_model(job, out_dir, stats, model_name, summary)
     if ckpt_path and ckpt_path.exists():
         ckpt_path.unlink()  # finished: a later run with the same key must start fresh
+        with contextlib.suppress(OSError):  # and its folder, when nothing else is in it
+            ckpt_path.parent.rmdir()
     log.info("fine-tune: %d steps, best %s %.4f at step %d, %.1f examples/s, %s, %d threads", state["step"],
              job.score_key, state["best_f1"], state["best_step"], summary["examples_per_second"],
              summary["precision"], summary["threads"])

@@ -110,7 +110,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(prepared, 
     straight, resumed = _weights(prepared / "straight"), _weights(prepared / "resumed")
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
-    assert not (prepared / "ckpt" / "checkpoint.pt").exists(), "a finished run removes its checkpoint"
+    assert not (prepared / "ckpt").exists(), "a finished run removes its checkpoint and its emptied folder"
 
 
 def test_two_processes_under_torchrun_train_one_model(prepared, params):
