@@ -62,8 +62,7 @@ def test_without_a_champion_it_is_a_first_training(tmp_path, params, mlflow_stor
 ])
 def test_retrain_decision(status, rows, split, drifted, force, hours, expected):
     cfg = RetrainConfig(min_new_rows=1000, min_new_test_rows=50, replay_fraction=0.5, warm_start="champion",
-                        learning_rate=3e-5,
-                        cooldown_hours=24, allow_label_change=False)
+                        learning_rate=3e-5, cooldown_hours=24, allow_label_change=False)
     card = {"status": status, "new_rows": rows}
     if split:
         card["new_rows_by_split"] = {"train": split[0], "test": split[1]}
