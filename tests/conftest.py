@@ -236,6 +236,7 @@ def project(tmp_path, params, monkeypatch, mlflow_store) -> Path:
     data["model"]["name"] = params.model.name
     data["tokenize"]["max_length"] = 32
     data["finetune"].update(max_steps=200, batch_size=16, learning_rate=2e-3, eval_every_steps=100, bf16=False)
+    data["retrain"]["learning_rate"] = 2e-3  # the tiny random model needs its fresh rate for a warm start to move
     data["register"]["model_name"] = params.register.model_name
     (proj / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     (proj / ".venv").symlink_to(Path(BIN).parent)  # dvc.yaml runs .venv/bin/python, as in a clone after make install
