@@ -75,18 +75,14 @@ def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str |
         ok = v.challenger_score >= v.champion_score + min_delta
         checks.append(("champion", ok, f"test {name} {v.challenger_score:.4f} {'>=' if ok else '<'} champion "
                        f"{v.champion_score:.4f} + min_delta {min_delta:.4f} on the same test split"))
-    if v.champion_historical_score is not None and v.challenger_historical_score is not None:
-        drop = v.champion_historical_score - v.challenger_historical_score
-        ok = drop <= max_forgetting
-        checks.append(("forgetting", ok, f"historical test {name} {v.challenger_historical_score:.4f} vs champion "
-                       f"{v.champion_historical_score:.4f}: drop {drop:.4f} {'<=' if ok else '>'} max_forgetting "
-                       f"{max_forgetting:.4f}"))
-    if v.champion_golden_score is not None and v.challenger_golden_score is not None:
-        drop = v.champion_golden_score - v.challenger_golden_score
-        ok = drop <= max_forgetting
-        checks.append(("golden-test", ok, f"golden test {name} {v.challenger_golden_score:.4f} vs champion "
-                       f"{v.champion_golden_score:.4f}: drop {drop:.4f} {'<=' if ok else '>'} max_forgetting "
-                       f"{max_forgetting:.4f}"))
+    for rule_name, where, champion, challenger in (
+            ("forgetting", "historical test", v.champion_historical_score, v.challenger_historical_score),
+            ("golden-test", "golden test", v.champion_golden_score, v.challenger_golden_score)):
+        if champion is not None and challenger is not None:
+            drop = champion - challenger
+            ok = drop <= max_forgetting
+            checks.append((rule_name, ok, f"{where} {name} {challenger:.4f} vs champion {champion:.4f}: drop "
+                           f"{drop:.4f} {'<=' if ok else '>'} max_forgetting {max_forgetting:.4f}"))
     checks.append(("smoke-test", not smoke_error, f"smoke test through the registry failed: {smoke_error}"
                    if smoke_error else "smoke test through the registry passed"))
     return (all(ok for _, ok, _ in checks), [why for _, _, why in checks],
