@@ -75,8 +75,9 @@ def test_sst2_champion_sees_finance_drift_and_retraining_adapts_without_forgetti
     assert found["drift"] is True and found["decision"] == RETRAIN
     assert {"embedding", "vocabulary"} <= set(found["flags"])
 
-    # the challenger continues from the champion's weights, so it takes smaller steps (first training: 1e-3)
-    gentle = dataclasses.replace(params, finetune=with_changes(params.finetune, learning_rate=3e-4))
+    # the challenger continues from the champion's weights, so it takes smaller steps (first training: 1e-3;
+    # at 3e-4 it lost 2.1 points of SST-2 accuracy with fused AdamW, just over max_forgetting)
+    gentle = dataclasses.replace(params, finetune=with_changes(params.finetune, learning_rate=2e-4))
     challenger = train(tmp_path, "v2", gentle, tmp_path / "r2", str(tmp_path / "c2"))
     champion = evaluate(tmp_path / "r2", tmp_path / "c2", tmp_path / "champion-eval", params.evaluate)
     ours = pd.read_json(tmp_path / "v2-eval" / "evaluation.json", typ="series")
