@@ -44,15 +44,6 @@ def merged(model):
     return model.merge_and_unload() if is_peft(model) else model
 
 
-def load_components(uri: str) -> dict:
-    """mlflow.transformers components (model, tokenizer) of a registered version, adapters merged."""
-    import mlflow
-
-    parts = mlflow.transformers.load_model(uri, return_type="components")
-    parts["model"] = merged(parts["model"])
-    return parts
-
-
 def base_folder(base_path: str | Path, model_config) -> Path:
     """A folder `from_pretrained` loads as the base model with this fine-tune's head config (labels).
 

@@ -371,12 +371,17 @@ def prune(name: str, keep: int) -> list[str]:
 
 
 def load_components(uri: str) -> dict:
-    """mlflow.transformers components of models:/<name>/<version>; when they cannot be loaded (a truncated
-    model.safetensors, a deleted file), the error names the version and the file that is broken."""
+    """mlflow.transformers components of models:/<name>/<version>, a LoRA version's adapters merged into its
+    weights; when they cannot be loaded (a truncated model.safetensors, a deleted file), the error names the
+    version and the file that is broken."""
     import mlflow
 
+    from kftune.lora import merged
+
     try:
-        return mlflow.transformers.load_model(uri, return_type="components")
+        parts = mlflow.transformers.load_model(uri, return_type="components")
+        parts["model"] = merged(parts["model"])
+        return parts
     except Exception as exc:  # noqa: BLE001  (safetensors, OSError, MlflowException: all mean "unreadable")
         name, _, version = uri.removeprefix("models:/").rpartition("/")
         raise RegistryError(f"cannot load {name} v{version} ({uri}): {_broken_file(name, version) or 'its files'}: "

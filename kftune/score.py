@@ -86,7 +86,7 @@ def score(model_ref: str, source: str, params: Params, output: str | Path | None
         model, version, input, task, labels, rows and the metrics.
     """
     from kftune.fileio import write_json
-    from kftune.lora import load_components
+    from kftune.registry import load_components
     from kftune.serving.model import parse_model_ref, resolve_version
 
     name, alias, version = parse_model_ref(model_ref)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kftune.lora import ADAPTER, is_peft, load_components
+from kftune.lora import ADAPTER, is_peft
 from kftune.predict import predict_proba_with
+from kftune.registry import load_components
 
 from .conftest import subword_texts, train_and_register
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from kftune.cli import main
-from kftune.lora import load_components
+from kftune.registry import load_components
 from kftune.predict import labels_of, predict_proba_with, word_predictions
 from kftune.score import score
 from kftune.tables import DataError

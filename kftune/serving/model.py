@@ -208,7 +208,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     setting = precision or cfg.precision
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from kftune.lora import load_components  # a LoRA version: its adapter merged into the base
+        from kftune.registry import load_components  # a LoRA version: its adapter merged into the base
 
         parts = load_components(f"models:/{name}/{version}")
     except Exception as exc:
