@@ -3,7 +3,7 @@
 Financial PhraseBank all-agree, stratified 80/20 (`random_state=0`: 1,811 train / 453 held-out rows),
 MiniLM-L6. Every measurement runs in its own process (this script, `--child`), so each peak RSS and
 each timing is its own. The run prints one table and writes every number, with the CPU, its flags,
-the load average and a fp32/bf16 matmul peak, to benchmarks/results/sidebyside-<cpu>.json.
+the load average and a fp32/bf16 matmul peak, to benchmarks/results/sidebyside-<cpu>-<bf16|fp32>.json.
 
 1. Equal settings (lr 2e-5, 1 epoch, batch 16): train examples/s, real (non-pad) tokens/s, share of
    the matmul peak, macro-F1 on the 453 rows, peak RSS, K/A and K/B.
@@ -51,10 +51,8 @@ def child(fn):
 
 
 def base_model_path() -> str:
-    try:  # the resolver may move to kftune.base_models
-        from kftune.base_models import resolve_base_model
-    except ImportError:
-        from kftune.base_models import resolve_base_model
+    from kftune.base_models import resolve_base_model
+
     return resolve_base_model(MODEL)
 
 
@@ -707,6 +705,7 @@ def main() -> None:
     report["machine_end"] = run_child("machine", {}, work, "machine-end")
     report["load_end"] = os.getloadavg()
     cpu_tag = "-".join(report["machine"]["cpu"].lower().replace("(r)", "").split()[:3])
+    cpu_tag += "-bf16" if bf16 else "-fp32"  # one CPU name covers machines with and without native bf16
     out = args.out or ROOT / "benchmarks" / "results" / f"sidebyside-{cpu_tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=float) + "\n")
