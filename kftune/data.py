@@ -65,14 +65,12 @@ def check_batch(path: str | Path, cfg: IngestConfig, task: str = "sequence-class
 
 def _refuse_duplicates(files: list[str], target: Path) -> None:
     """The same file added twice would be a new data version with nothing new in it."""
-    import hashlib
-
+    from kftune.fileio import file_sha256
     from kftune.tables import DataError
 
-    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
-    known = {digest(p): p.name for p in target.iterdir() if p.is_file()} if target.is_dir() else {}
+    known = {file_sha256(p): p.name for p in target.iterdir() if p.is_file()} if target.is_dir() else {}
     for f in files:
-        if (d := digest(f)) in known:
+        if (d := file_sha256(f)) in known:
             raise DataError(f"{f}: the same bytes are already in the dataset as {known[d]}; nothing to add")
         known[d] = str(f)
 

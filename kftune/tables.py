@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from kftune.config import IngestConfig, KftuneError
-from kftune.fileio import atomic_dir, write_json
+from kftune.fileio import atomic_dir, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def read_tables(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, list[dict
         frames = [_read_one(f, cfg) for f in files]
         bucket = str(source).removeprefix("s3://").partition("/")[0]
         sources = [{"file": f"s3://{bucket}/{f.relative_to(tmp)}" if remote else str(f),
-                    "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "rows": len(df)}
+                    "sha256": file_sha256(f), "rows": len(df)}
                    for f, df in zip(files, frames)]
     return pd.concat(frames, ignore_index=True), sources
 
@@ -143,19 +143,42 @@ def split_of(text: str, salt: str, validation_fraction: float, test_fraction: fl
     return "validation" if u < test_fraction + validation_fraction else "train"
 
 
-def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Normalise whitespace; drop empty rows, exact duplicates and texts with conflicting labels."""
+WHY_DROPPED = {  # reason -> (texts, tagged sentences): what the data card says about each drop
+    "empty": ("the text or the label is empty after whitespace normalisation",
+              "a sentence without words"),
+    "duplicate": ("the same text with the same label again (one copy is kept; every copy hashes to the same "
+                  "split, so a repeat cannot leak between splits, it would only count that row several times "
+                  "in the loss and the test score)",
+                  "the same words with the same tags again, such as repeated datelines and score lines (one copy "
+                  "is kept; every copy hashes to the same split, so a repeat cannot leak between splits, it "
+                  "would only count boilerplate several times in the loss and the test score)"),
+    "conflicting_labels": ("the same text with two or more labels: every copy is dropped, as no one label "
+                           "is right for all of them",
+                           "the same words tagged two or more ways: every copy is dropped"),
+}
+
+
+def clean(df: pd.DataFrame, reasons: dict | None = None, tagged: bool = False) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise whitespace; drop empty rows, exact duplicates and texts with conflicting labels.
+
+    Returns the rows kept and the count per reason; `reasons`, if given, is filled with what each nonzero
+    reason means and up to three of its rows (the data card's `drop_reasons`).
+    """
     drops: dict[str, int] = {}
     df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())
-    empty = (df["text"] == "") | (df["label"] == "")
-    drops["empty"] = int(empty.sum())
-    df = df[~empty]
-    dup = df.duplicated(["text", "label"])
-    drops["duplicate"] = int(dup.sum())
-    df = df[~dup]
-    conflicting = df["text"].duplicated(keep=False)
-    drops["conflicting_labels"] = int(conflicting.sum())
-    return df[~conflicting].reset_index(drop=True), drops
+    for reason in WHY_DROPPED:
+        if reason == "empty":
+            mask = (df["text"] == "") | (df["label"] == "")
+        elif reason == "duplicate":
+            mask = df.duplicated(["text", "label"])
+        else:
+            mask = df["text"].duplicated(keep=False)
+        drops[reason] = int(mask.sum())
+        if reasons is not None and drops[reason]:
+            examples = [{"text": t[:200], "label": lbl[:200]} for t, lbl in df[mask][["text", "label"]].head(3).values]
+            reasons[reason] = {"rows": drops[reason], "why": WHY_DROPPED[reason][tagged], "examples": examples}
+        df = df[~mask]
+    return df.reset_index(drop=True), drops
 
 
 def quantiles(values: pd.Series) -> dict[str, float]:
@@ -197,12 +220,13 @@ def load_rows(source: str, cfg: IngestConfig, split_files: dict[str, str] | None
     given = "split" in raw.columns
     if given and raw["split"].isna().any():
         raise DataError(f"{source}: some files have a 'split' column and some do not; give every file one")
-    df, drops = clean(splits.by_priority(raw) if given else raw)  # a repeated text keeps its test copy
+    reasons: dict = {}
+    df, drops = clean(splits.by_priority(raw) if given else raw, reasons)  # a repeated text keeps its test copy
     if df.empty:
         raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
     labels = check_labels(df, cfg, source)
     df["split"] = splits.assign(df["text"], df["split"].tolist() if given else None, cfg)
-    info = {"sources": sources, "rows_read": len(raw), "dropped": drops, "labels": labels,
+    info = {"sources": sources, "rows_read": len(raw), "dropped": drops, "drop_reasons": reasons, "labels": labels,
             "split_salt": cfg.split_salt, "split": split_settings(cfg), "warnings": drop_warnings(raw, df, drops)}
     if given:
         info["split_given"] = splits.card("files" if split_files else "column 'split'", set(raw["split"]))
@@ -283,7 +307,7 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
             raise DataError(f"{f}:{_bad_byte_line(f, cfg.encoding)}: not valid {cfg.encoding}; set ingest.encoding") from None
         if not sentences:
             raise DataError(f"{f}: no sentences (expected one token per line, blank lines between sentences)")
-        sources.append({"file": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "rows": len(sentences)})
+        sources.append({"file": str(f), "sha256": file_sha256(f), "rows": len(sentences)})
         rows += [(" ".join(s.tokens), " ".join(s.tags), s.tokens, s.tags) for s in sentences]
     df = pd.DataFrame(rows, columns=["text", "label", "tokens", "tags"])
     return df, {"sources": sources, "bio_repairs": repairs}
@@ -298,12 +322,14 @@ def load_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     from kftune import ner
 
     raw, info = read_sentences(source, cfg)
-    df, drops = clean(raw)  # on the joined text (the split and duplicate key); tokens and tags stay as read
+    reasons: dict = {}
+    df, drops = clean(raw, reasons, tagged=True)  # on the joined text (the split and duplicate key)
     if df.empty:
         raise DataError(f"{source}: no usable sentences ({len(raw)} read; dropped {drops})")
     df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
     tags = list(cfg.labels) or ner.tag_set([t for ts in df["tags"] for t in ts])
-    return df, {**info, "task": "token-classification", "rows_read": len(raw), "dropped": drops, "labels": tags,
+    return df, {**info, "task": "token-classification", "rows_read": len(raw), "dropped": drops,
+                "drop_reasons": reasons, "labels": tags,
                 "split_salt": cfg.split_salt, "split": split_settings(cfg)}
 
 

@@ -49,7 +49,36 @@ def test_score_texts_on_a_file_with_known_mistakes(tmp_path, params, registered)
         tp, fp, fn = matrix[i][i], matrix[1 - i][i], matrix[i][1 - i]
         assert m["per_class"][lbl]["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert m["macro_f1"] == pytest.approx(sum(c["f1"] for c in m["per_class"].values()) / 2)
-    assert score(f"{params.register.model_name}/{registered}", str(tmp_path / "golden.jsonl"), params)["metrics"] == m
+    assert score(f"{params.register.model_name}/{registered}", str(tmp_path / "golden.jsonl"), params,
+                 log_run=False)["metrics"] == m
+
+
+def test_score_is_an_mlflow_run_linked_to_the_version_with_baselines(tmp_path, params, registered):
+    import mlflow
+
+    from kftune.registry import logged_model_id
+
+    name = params.register.model_name
+    texts = subword_texts(40, seed=5)
+    texts.to_csv(tmp_path / "golden.csv", index=False)
+    train = pd.DataFrame({"text": subword_texts(60, seed=8)["text"], "label": ["positive"] * 45 + ["negative"] * 15})
+    train.to_csv(tmp_path / "train.csv", index=False)
+
+    result = score(name, str(tmp_path / "golden.csv"), params, train=str(tmp_path / "train.csv"))
+    majority = result["baselines"]["majority"]  # every row called positive, the training majority
+    share = (texts["label"] == "positive").mean()
+    assert majority["accuracy"] == pytest.approx(share)
+    assert majority["macro_f1"] == pytest.approx((2 * share / (1 + share)) / 2)
+    assert set(result["baselines"]) == {"majority", "tfidf_logreg"} and result["train"]["rows"] == 60
+
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.tags["kftune.kind"] == "score" and run.data.tags["kftune.version"] == registered
+    assert run.data.metrics["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
+    assert run.data.metrics["majority_macro_f1"] == pytest.approx(majority["macro_f1"])
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["golden.csv"]
+    mv = mlflow.MlflowClient().get_model_version(name, registered)
+    linked = {(x.key, x.dataset_name) for x in mlflow.MlflowClient().get_logged_model(logged_model_id(mv)).metrics}
+    assert ("macro_f1", "golden.csv") in linked  # shown on the model's page, beside the file it was scored on
 
 
 def test_score_says_which_labels_and_columns_are_wrong(tmp_path, params, registered):

@@ -30,6 +30,10 @@ def test_reads_each_format_cleans_and_counts_drops(tmp_path, params, kind):
     src = write(pd.DataFrame(ROWS, columns=["text", "label"]), tmp_path / f"data.{kind}", kind)
     card = ingest(str(src), tmp_path / "out", params.ingest)
     assert card["dropped"] == {"empty": 2, "duplicate": 1, "conflicting_labels": 2}
+    reasons = card["drop_reasons"]  # what each drop means, with the rows themselves
+    assert reasons["duplicate"]["examples"] == [{"text": "Profit rose sharply", "label": "positive"}]
+    assert reasons["conflicting_labels"]["rows"] == 2 and "every copy is dropped" in reasons["conflicting_labels"]["why"]
+    assert [e["label"] for e in reasons["empty"]["examples"]] == ["neutral", ""]
     assert sum(card["rows"].values()) == len(ROWS) - 5
     assert card["labels"] == ["negative", "neutral", "positive"]
     train = pd.read_parquet(tmp_path / "out" / "train.parquet")
