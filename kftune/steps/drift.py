@@ -168,35 +168,72 @@ def hours_since_last_promotion(name: str, now: float) -> float | None:
     return (now - max(promotions)) / 3600 if promotions else None
 
 
-def _plot(sides: dict, checks: dict, path: Path) -> None:
+def _bars(ax, ref: dict, new: dict, title: str) -> None:
+    cats = list(ref)
+    x = np.arange(len(cats))
+    ax.bar(x - 0.2, [ref[c] for c in cats], 0.4, label="reference")
+    ax.bar(x + 0.2, [new.get(c, 0.0) for c in cats], 0.4, label="new")
+    ax.set_xticks(x, cats, rotation=30 if len(cats) > 4 else 0, ha="right" if len(cats) > 4 else "center")
+    ax.set(title=title, ylabel="share")
+    ax.legend()
+
+
+def _plot(sides: dict, checks: dict, report: dict, path: Path) -> None:
+    """Every test in one figure, the verdict and the decision in its title, and the table of tests."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def title(method: str, text: str) -> str:
+        return f"{text}{' - DRIFT' if checks[method].verdict else ''}"
+
     ref, new = sides["reference"], sides["new"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4))
+    axes = axes.ravel()
     z = np.concatenate([ref["emb"], new["emb"]])
     z = z - z.mean(0)
     xy = z @ np.linalg.svd(z, full_matrices=False)[2][:2].T  # PCA to 2-D
-    for name, part in zip(sides, np.split(xy, [len(ref["emb"])])):
-        axes[0].scatter(part[:, 0], part[:, 1], s=4, alpha=0.4, label=name)
-    e = checks["embedding"]
-    axes[0].set(title=f"embeddings (PCA); MMD p={e.p_value:.3g}")
+    side = np.r_[np.zeros(len(ref["emb"])), np.ones(len(new["emb"]))]
+    order = np.random.default_rng(0).permutation(len(xy))  # interleaved: neither side is painted over the other
+    colors = np.array(["tab:blue", "tab:orange"])[side[order].astype(int)]
+    axes[0].scatter(xy[order, 0], xy[order, 1], s=4, alpha=0.4, c=colors)
+    for i, name in enumerate(sides):
+        axes[0].scatter([], [], s=12, c=f"tab:{'blue' if i == 0 else 'orange'}", label=name)
+    axes[0].set(title=title("embedding", f"embeddings (PCA); MMD p={checks['embedding'].p_value:.3g}"))
     axes[0].legend()
     pred = checks["prediction"].details
-    cats = list(pred["reference"])
-    x = np.arange(len(cats))
-    axes[1].bar(x - 0.2, [pred["reference"][c] for c in cats], 0.4, label="reference")
-    axes[1].bar(x + 0.2, [pred["new"][c] for c in cats], 0.4, label="new")
     what = "predicted entity types" if "entities" in checks else "predicted labels"
-    axes[1].set(xticks=x, xticklabels=cats, title=f"{what}; PSI={checks['prediction'].score:.3f}")
-    axes[1].legend()
+    _bars(axes[1], pred["reference"], pred["new"], title("prediction", f"{what}; PSI={checks['prediction'].score:.3f}"))
     low = min((c.min() for c in (ref["conf"], new["conf"]) if len(c)), default=0.0)  # a tagger may find no entity
     bins = np.linspace(min(low, 0.99), 1, 21)
     axes[2].hist([ref["conf"], new["conf"]], bins=bins, label=["reference", "new"], density=True)
-    axes[2].set(title=f"confidence; KS p={checks['confidence'].p_value:.3g}")
+    axes[2].set(title=title("confidence", f"confidence; KS p={checks['confidence'].p_value:.3g}"))
     axes[2].legend()
+    shares = [("vocabulary", "unseen words", "reference_oov_rate", "new_oov_rate")]
+    if "entities" in checks:
+        shares.append(("entities", "unseen entity surfaces", "reference_unseen_share", "new_unseen_share"))
+    for ax, (method, what, a, b) in zip(axes[3:5], shares):
+        d = checks[method].details
+        ax.bar(["reference", "new"], [d[a], d[b]], color=["tab:blue", "tab:orange"])
+        ax.set(title=title(method, f"{what}: {checks[method].score:+.3f} (max +{checks[method].threshold:g})"),
+               ylabel="share")
+    if "label" in checks and len(shares) == 1:  # true labels of the new rows, where they have them
+        d = checks["label"].details
+        _bars(axes[4], d["reference"], d["new"], title("label", f"true labels; PSI={checks['label'].score:.3f}"))
+    elif len(shares) == 1:
+        axes[4].axis("off")
+        axes[4].text(0.5, 0.5, "no true labels in the new rows", ha="center", va="center")
+    axes[5].axis("off")
+    rows = [[c.method, f"{c.score:.3g}", "" if c.p_value is None else f"{c.p_value:.3g}",
+             "yes" if c.verdict else "no", "yes" if c.method in report["voting"] else "no"] for c in checks.values()]
+    table = axes[5].table(cellText=rows, colLabels=["test", "score", "p", "flags", "votes"], loc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(10)
+    table.scale(1, 1.6)
+    verdict = {True: "DRIFT", False: "no drift", None: "not tested"}[report["drift"]]
+    fig.suptitle(f"{verdict}: {len(report['flags'])} of the voting tests flagged ({report['min_flags']} needed); "
+                 f"decision: {report['decision']} ({report['reason']})", fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -255,7 +292,7 @@ def drift(data_dir: str | Path, champion_dir: str | Path, out_dir: str | Path, p
         write_json(tmp / "drift.json", report)
         (tmp / "report.md").write_text(render_report(report), encoding="utf-8")
         if sides:
-            _plot(sides, checks, tmp / "drift.png")
+            _plot(sides, checks, report, tmp / "drift.png")
     if run_id:
         _log(run_id, report, Path(out_dir))
         if decision != "retrain":  # the last step of this retraining run
