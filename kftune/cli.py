@@ -268,6 +268,15 @@ def _shown(value) -> str:
     return (text or '""') if len(text) <= 40 else text[:37] + "..."
 
 
+def cmd_completion(args) -> int:
+    from kftune.completion import bash_script
+
+    if args.shell == "zsh":
+        print("autoload -U +X bashcompinit && bashcompinit")
+    print(bash_script(build_parser()))
+    return 0
+
+
 def cmd_params(args) -> int:
     from kftune.tracking import flatten
 
@@ -439,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(func=cmd_params)
 
+    p = sub.add_parser("completion", help="print a shell completion script: eval \"$(kftune completion bash)\"")
+    p.add_argument("shell", choices=["bash", "zsh"], help="zsh uses the bash script through bashcompinit")
+    p.set_defaults(func=cmd_completion)
+
     p = sub.add_parser("demo-data", help="write one batch of the synthetic financial-headline corpus")
     p.add_argument("--out", default="data/demo", help="folder (default: %(default)s)")
     p.add_argument("--batch", type=int, default=0, help="batch number; each batch has its own texts")
@@ -477,6 +490,7 @@ EXAMPLES = {
     "data": ["kftune data init", "kftune data add new-batch.csv --tag data-v2"],
     "step": ["kftune step evaluate --data work/data --model work/model --out work/eval"],
     "params": ["kftune params --changed -S finetune.epochs=1", "kftune params | grep finetune"],
+    "completion": ['eval "$(kftune completion bash)"  # in ~/.bashrc', 'eval "$(kftune completion zsh)"  # in ~/.zshrc'],
 }
 
 

@@ -21,12 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 from kftune.config import Params, load_params
-from kftune.tables import DataError
 
 log = logging.getLogger(__name__)
 
 
 def _unknown(found: Counter, labels: list[str], source: str, what: str, model: str) -> None:
+    from kftune.tables import DataError  # pandas: not at import, the CLI's parser imports this module
+
     bad = {k: n for k, n in found.items() if k not in labels}
     if bad:
         listed = ", ".join(f"{k!r} ({n})" for k, n in sorted(bad.items(), key=lambda kv: -kv[1])[:5])
@@ -36,7 +37,7 @@ def _unknown(found: Counter, labels: list[str], source: str, what: str, model: s
 
 def _labelled_texts(source: str, params: Params, labels: list[str], model_label: str):
     """The rows of `source` with a text and a label (normalised as ingest does), and how many had neither."""
-    from kftune.tables import normalise, read_tables
+    from kftune.tables import DataError, normalise, read_tables
 
     df, _ = read_tables(source, params.ingest)  # names the missing text/label column and the file
     df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())

@@ -1,5 +1,6 @@
 """The kftune command: bad input fails early with one clear message and leaves the registry alone."""
 
+import os
 import subprocess
 import sys
 
@@ -176,6 +177,26 @@ def test_pre_flight_checks_the_base_model_without_importing_torch(params, subwor
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("finetune.freeze_layers=99:") and "has only 2 layers" in out[0], out
     assert out[-1] == "False", "pre-flight imported torch"
+
+
+def test_the_parser_imports_nothing_heavy():
+    """`kftune --help`, `--version` and a mistyped command answer at once: no pandas, torch or MLflow."""
+    code = ("import sys\nfrom kftune.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('pandas', 'torch', 'mlflow', 'transformers', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_bash_completion_completes_commands_actions_and_choices(capsys):
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    probe = ('source /dev/stdin <<<"$KFTUNE_COMPLETION"\n'
+             'c() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _kftune; echo "${COMPREPLY[*]}"; }\n'
+             'c kftune mo; c kftune -v models pro; c kftune compile --pipeline ""; c kftune run --data ""; '
+             'c kftune models list --pro')
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True,
+                         env={"KFTUNE_COMPLETION": script, "PATH": os.environ["PATH"]}).stdout.splitlines()
+    assert out == ["models monitor", "promote", "training retraining", "", "--project-dir"]
 
 
 def test_pipeline_arguments_for_typed_inputs_travel_typed():
