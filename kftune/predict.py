@@ -21,8 +21,9 @@ def pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def _forward(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool, **kwargs):
-    """Yield (indices, attention mask, model output) over batches of similar length: little padding."""
+def _forward(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool, progress=None, **kwargs):
+    """Yield (indices, attention mask, model output) over batches of similar length: little padding.
+    `progress` (a kftune.progress.Progress) is told of every batch."""
     import torch
 
     order = np.argsort([len(s) for s in seqs], kind="stable")
@@ -34,17 +35,19 @@ def _forward(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: b
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
             mask = mask.to(device)
             yield idx, mask, model(input_ids=ids.to(device), attention_mask=mask, **kwargs)
+            if progress is not None:
+                progress.update(len(idx))
 
 
 def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False,
-                   embeddings: bool = False):
+                   embeddings: bool = False, progress=None):
     """Logits for token-id sequences, in input order.
 
     With embeddings=True, also return the mean-pooled last hidden states (the drift step's embeddings).
     """
     out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
     pooled = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32) if embeddings else None
-    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, output_hidden_states=embeddings):
+    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, progress, output_hidden_states=embeddings):
         out[idx] = res.logits.float().cpu().numpy()
         if embeddings:
             m = mask.unsqueeze(-1).float()
@@ -53,10 +56,10 @@ def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, b
 
 
 def sentence_embeddings(model, seqs: list[list[int]], pad_id: int, batch_size: int,
-                        bf16: bool = False) -> np.ndarray:
+                        bf16: bool = False, progress=None) -> np.ndarray:
     """Mean-pooled last hidden states, whatever the model's head (the drift step's embeddings of tagged text)."""
     pooled = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32)
-    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, output_hidden_states=True):
+    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, progress, output_hidden_states=True):
         m = mask.unsqueeze(-1).float()
         pooled[idx] = ((res.hidden_states[-1].float() * m).sum(1) / m.sum(1)).cpu().numpy()
     return pooled

@@ -55,6 +55,7 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from kftune.predict import labels_of, predict_logits, softmax
+    from kftune.progress import Progress
 
     model = AutoModelForSequenceClassification.from_pretrained(champion_dir)
     tok = AutoTokenizer.from_pretrained(champion_dir)
@@ -64,7 +65,8 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
     sides = {}
     for side, df in (("reference", held_out), ("new", new_s)):
         seqs = tok(df["text"].tolist(), truncation=True, max_length=tok.model_max_length)["input_ids"]
-        logits, emb = predict_logits(model, seqs, tok.pad_token_id, cfg.batch_size, bf16, embeddings=True)
+        logits, emb = predict_logits(model, seqs, tok.pad_token_id, cfg.batch_size, bf16, embeddings=True,
+                                     progress=Progress(f"drift: {side} rows", len(seqs), "texts"))
         probs = softmax(logits)
         sides[side] = {"emb": emb, "pred": [labels[i] for i in probs.argmax(1)], "conf": probs.max(1),
                        "unk": _unk_rate(tok, seqs)}
@@ -91,14 +93,16 @@ def _gold_entities(df: pd.DataFrame) -> list[dict]:
     return [e for ws, ts in zip(df["tokens"], df["tags"]) for e in ner.entities(list(ws), list(ts))]
 
 
-def _tagged_side(model, tok, sentences: list[list[str]], cfg: DriftConfig, bf16: bool) -> dict:
+def _tagged_side(model, tok, sentences: list[list[str]], cfg: DriftConfig, bf16: bool, side: str) -> dict:
     from kftune.predict import sentence_embeddings, word_predictions
+    from kftune.progress import Progress
 
     tags, scores = word_predictions(model, tok, sentences, cfg.batch_size, bf16)
     found = [e for ws, ts, ss in zip(sentences, tags, scores) for e in ner.entities(ws, ts, ss)]
     seqs = tok(sentences, is_split_into_words=True, truncation=True, max_length=tok.model_max_length)["input_ids"]
-    return {"emb": sentence_embeddings(model, seqs, tok.pad_token_id, cfg.batch_size, bf16),
-            "pred": [e["type"] for e in found], "surfaces": [e["text"] for e in found],
+    emb = sentence_embeddings(model, seqs, tok.pad_token_id, cfg.batch_size, bf16,
+                              Progress(f"drift: {side} sentences", len(seqs), "sentences"))
+    return {"emb": emb, "pred": [e["type"] for e in found], "surfaces": [e["text"] for e in found],
             "conf": np.array([e["score"] for e in found]), "unk": _unk_rate(tok, seqs)}
 
 
@@ -114,7 +118,7 @@ def run_tagged_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd
     types = sorted({t[2:] for t in labels_of(model) if t != "O"})
     held_out = _sample(reference[reference["split"] != "train"], cfg.max_rows, cfg.seed)
     new_s = _sample(new, cfg.max_rows, cfg.seed)
-    sides = {side: _tagged_side(model, tok, _words(df), cfg, bf16) for side, df in (("reference", held_out),
+    sides = {side: _tagged_side(model, tok, _words(df), cfg, bf16, side) for side, df in (("reference", held_out),
                                                                                        ("new", new_s))}
     ref, nw = sides["reference"], sides["new"]
     train = reference[reference["split"] == "train"]

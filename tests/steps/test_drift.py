@@ -1,3 +1,4 @@
+import logging
 import time
 
 import pytest
@@ -15,9 +16,12 @@ def check(tmp_path, params, folder, name, **kwargs):
     return drift(tmp_path / f"r-{name}", tmp_path / f"c-{name}", tmp_path / f"d-{name}", params, **kwargs)
 
 
-def test_iid_data_is_not_drift_and_shifted_data_is(tmp_path, params, champion):
+def test_iid_data_is_not_drift_and_shifted_data_is(tmp_path, params, champion, caplog):
     subword_texts(600, seed=5).to_csv(champion / "iid.csv", index=False)
-    iid = check(tmp_path, params, champion, "iid", now=LATER)
+    with caplog.at_level(logging.INFO, logger="kftune.progress"):
+        iid = check(tmp_path, params, champion, "iid", now=LATER)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("drift: new rows: 600/600 texts, ") and "ETA 0:00" in m for m in said), said
     assert iid["drift"] is False and iid["flags"] == [], iid["checks"]
     assert iid["decision"] == SKIP and iid["reason"] == "no drift, and 600 new rows < retrain.min_new_rows=1000"
     assert {f.name for f in (tmp_path / "d-iid").iterdir()} == {"drift.json", "report.md", "drift.png"}
