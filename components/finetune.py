@@ -32,7 +32,8 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
     if init_model is not None and os.path.exists(os.path.join(init_model.path, "kftune.json")):
         if read_json(os.path.join(init_model.path, "kftune.json"))["warm_start"]:
             # the champion's weights are tuned already: a fresh run's learning rate would move them too far
-            start, cfg = init_model.path, dataclasses.replace(p.finetune, learning_rate=p.retrain.learning_rate)
+            start, cfg = init_model.path, dataclasses.replace(
+                p.finetune, learning_rate=p.retrain.warm_learning_rate(p.finetune.learning_rate))
     ckpt = os.path.join(checkpoint_root, f"{tokenized_digest(tokenized.path)[:16]}-{p.digest()}") if checkpoint_root else None
     run_id = start_run(p, run_name)
     if p.cluster.finetune_gpus > 1:

@@ -28,7 +28,7 @@ def test_wnut17_tagger_detects_the_source_shift_and_retrains_on_it(tmp_path, mlf
     params = load_params(ROOT / "params.yaml", [
         "task=token-classification", "model.name=bert-tiny", "finetune.learning_rate=1e-3", "finetune.epochs=5",
         "finetune.batch_size=32", "tokenize.max_length=64", "register.model_name=wnut17-ct",
-        "retrain.cooldown_hours=0", "retrain.learning_rate=3e-4", "drift.permutations=200"])
+        "retrain.cooldown_hours=0", "drift.permutations=200"]  # retrain.learning_rate auto: 3e-4)
     data = tmp_path / "data"
     data.mkdir()
     (data / "a-train.conll").symlink_to(wnut / "wnut17train.conll")
@@ -42,7 +42,8 @@ def test_wnut17_tagger_detects_the_source_shift_and_retrains_on_it(tmp_path, mlf
     report = drift(tmp_path / "d1", tmp_path / "c1", tmp_path / "drift", params)
     checks = report["checks"]
     tokenize(tmp_path / "d1", tmp_path / "tok1", params.model.name, params.tokenize)
-    warm = dataclasses.replace(params.finetune, learning_rate=params.retrain.learning_rate)  # as finetune_op does
+    warm_rate = params.retrain.warm_learning_rate(params.finetune.learning_rate)  # as finetune_op does
+    warm = dataclasses.replace(params.finetune, learning_rate=warm_rate)
     finetune(tmp_path / "tok1", tmp_path / "m1", str(tmp_path / "c1"), warm)
     m = evaluate(tmp_path / "d1", tmp_path / "m1", tmp_path / "e1", params.evaluate)
     v = register(tmp_path / "d1", tmp_path / "m1", tmp_path / "e1", tmp_path / "g1", params)

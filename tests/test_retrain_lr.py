@@ -29,3 +29,15 @@ def test_a_warm_started_challenger_trains_at_retrain_learning_rate(prepared, par
         retrain=dataclasses.replace(params.retrain, learning_rate=3e-4))
     assert _run(prepared, params, "warm", warm_start=True)["learning_rate"] == 3e-4
     assert _run(prepared, params, "fresh", warm_start=False)["learning_rate"] == 2e-3
+
+
+def test_auto_is_a_fixed_share_of_the_fresh_rate():
+    from kftune.config import WARM_START_FACTOR, load_params
+    from tests.conftest import ROOT
+
+    retrain = load_params(ROOT / "params.yaml").retrain
+    assert retrain.learning_rate == "auto"
+    assert retrain.warm_learning_rate(1e-4) == 1e-4 * WARM_START_FACTOR == 3e-5  # MiniLM's measured warm rate
+    assert dataclasses.replace(retrain, learning_rate="2e-4").warm_learning_rate(1e-3) == 2e-4
+    assert dataclasses.replace(retrain, learning_rate="fast").problems() == [
+        "retrain.learning_rate='fast': must be a number in (0, 1), or auto"]
