@@ -105,7 +105,7 @@ def score_sentences(model, tokenizer, source: str, params: Params, model_label: 
     return out
 
 
-def _log(result: dict, mv, params: Params) -> str:
+def _log(result: dict, params: Params) -> str:
     """One MLflow run for this score; its metrics are linked to the version's logged model and the file."""
     import warnings
 
@@ -117,6 +117,7 @@ def _log(result: dict, mv, params: Params) -> str:
     from kftune.registry import logged_model_id
     from kftune.tracking import experiment_id
 
+    mv = mlflow.MlflowClient().get_model_version(result["model"], result["version"])
     src = result["input"]
     local = Path(src)
     uri = local.resolve().as_uri() if local.exists() else src
@@ -154,7 +155,7 @@ def score(model_ref: str, source: str, params: Params, output: str | Path | None
         model, version, input, task, labels, rows, the metrics (and the baselines').
     """
     from kftune.fileio import write_json
-    from kftune.registry import _client, load_components
+    from kftune.registry import load_components
     from kftune.serving.model import parse_model_ref, resolve_version
 
     name, alias, version = parse_model_ref(model_ref)
@@ -167,7 +168,7 @@ def score(model_ref: str, source: str, params: Params, output: str | Path | None
                                                                str(train) if train else None)
     result = {"model": name, "version": version, "input": str(source), **result}
     if log_run:
-        result["run_id"] = _log(result, _client().get_model_version(name, version), params)
+        result["run_id"] = _log(result, params)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         write_json(output, result, sort_keys=False)
