@@ -28,7 +28,7 @@ def test_wnut17_tagger_detects_the_source_shift_and_retrains_on_it(tmp_path, mlf
     params = load_params(ROOT / "params.yaml", [
         "task=token-classification", "model.name=bert-tiny", "finetune.learning_rate=1e-3", "finetune.epochs=5",
         "finetune.batch_size=32", "tokenize.max_length=64", "register.model_name=wnut17-ct",
-        "retrain.cooldown_hours=0", "drift.permutations=200"]  # retrain.learning_rate auto: 3e-4)
+        "retrain.cooldown_hours=0", "drift.permutations=200"])  # retrain.learning_rate auto: 0.3 x 1e-3
     data = tmp_path / "data"
     data.mkdir()
     (data / "a-train.conll").symlink_to(wnut / "wnut17train.conll")
