@@ -1,8 +1,8 @@
 """`kftune completion bash`: a bash (and zsh, through bashcompinit) completion script made from the parser.
 
-The script holds, for every command path ("kftune", "kftune models", "kftune models list", ...), the words that may follow it
-(subcommands and options), and for each option with fixed choices those choices. An option that takes a
-free value (a file, a model name) falls back to the shell's file completion.
+The script holds, for every command path ("kftune", "kftune models", "kftune models list", ...), the words
+that may follow it (subcommands and options), and for each option with fixed choices those choices. An option
+that takes a free value (a file, a model name) falls back to the shell's file completion.
 """
 
 from __future__ import annotations
