@@ -132,20 +132,25 @@ def simulated_labeller(queue_csv: Path, truth: dict, noise: float, labels: list[
     return len(q)
 
 
-def load_keeper(url: str, model: str, stop: threading.Event, stats: dict, at: float) -> None:
-    """Steady requests while the champion changes: every answer counted, every failure too."""
+def load_keeper(url: str, model: str, rows: pd.DataFrame, truth: dict, stop: threading.Event, stats: dict,
+                at: float) -> None:
+    """Steady traffic while the champion changes (drifted rows, one per request, their labels kept for the
+    labeller): every answer counted, every failure too."""
     import requests
 
     n = 0
     while not stop.is_set():
+        text, label = rows.iloc[n % len(rows)]
         n += 1
+        rid = f"keeper-{n:05d}"
         try:
-            r = requests.post(f"{url}/v1/models/{model}:predict", json={"instances": ["Sales rose 5%"]}, timeout=30,
-                              headers={"X-Request-ID": f"keeper-{n}", "X-Kftune-Time": str(at)})
+            r = requests.post(f"{url}/v1/models/{model}:predict", json={"instances": [text]}, timeout=30,
+                              headers={"X-Request-ID": rid, "X-Kftune-Time": str(at)})
             ok = r.status_code == 200
             if ok:
                 v = r.json()["predictions"][0]["model_version"]
                 stats["versions"][v] = stats["versions"].get(v, 0) + 1
+                truth[(rid, 0)] = label
         except requests.RequestException:
             ok = False
         stats["ok" if ok else "failed"] += 1
@@ -231,8 +236,11 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
         replay(plan.iid_hours, 0.0)
         drift_start = hour
         replay(plan.drift_hours, 1.0)
-        fired_at = [e["hour"] for e in events if e.get("events") and any("firing" in f for f in e["events"])]
-        timeline["alert_latency_hours"] = (fired_at[0] + 1 - drift_start) if fired_at else None
+        fired_at = [e["hour"] for e in events if any("firing" in f for f in e.get("events", []))]
+        after_start = [h for h in fired_at if h >= drift_start]
+        timeline["alert_latency_hours"] = (after_start[0] + 1 - drift_start) if after_start else None
+        timeline["false_alarms"] = [f"hour {e['hour']}: {f}" for e in events if e.get("hour", drift_start) < drift_start
+                                    for f in e.get("events", []) if "firing" in f]
 
         # label what the alerts are about: the traffic since the drift started, so the random sample estimates
         # v1's live accuracy on the drifted traffic (the same kind of traffic v2 is measured on afterwards)
@@ -258,7 +266,9 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
              (f"; ALERTS: {', '.join(e['alert'] + ' ' + e['status'] for e in before['events'])}" if before["events"] else ""))
 
         stop = threading.Event()
-        keeper = threading.Thread(target=load_keeper, args=(server.url, name, stop, stats, START + hour * HOUR + 2), daemon=True)
+        keeper_rows = source(1000 + hour, 5000, 1.0)[["text", "label"]]
+        keeper = threading.Thread(target=load_keeper, args=(server.url, name, keeper_rows, truth, stop, stats,
+                                                            START + hour * HOUR + 2), daemon=True)
         keeper.start()
         t_retrain = time.monotonic()
         o = run_retraining_local(params, workdir)
@@ -307,7 +317,8 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
     plot(load_state(str(log_dir))["history"], workdir / "demo-loop.png")
     timeline.update(wall_s=round(time.monotonic() - t0, 1), drift_start_hour=drift_start, events=events)
     (workdir / "timeline.json").write_text(json.dumps(timeline, indent=1, default=str), encoding="utf-8")
-    echo(f"\nalert latency after the drift starts: {timeline['alert_latency_hours']} simulated hour(s); labels: "
+    echo(f"\nalert latency after the drift starts: {timeline['alert_latency_hours']} simulated hour(s) (false alarms "
+         f"before it: {', '.join(timeline['false_alarms']) or 'none'}); labels: "
          f"{timeline['labels']}; v2 promoted: {promoted} after {timeline['time_to_v2_s']} s; live accuracy "
          f"{_f(timeline['live_accuracy_before'])} -> {_f(timeline['live_accuracy_after'])}, macro-F1 "
          f"{_f(timeline['live_macro_f1_before'])} -> {_f(timeline['live_macro_f1_after'])} (v1 on v2's sample: "

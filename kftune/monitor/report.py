@@ -57,26 +57,32 @@ def alert_spans(history: list[dict]) -> dict[str, list[tuple]]:
     return {k: [tuple(r) for r in v] for k, v in spans.items()}
 
 
-def plot(history: list[dict], path: str | Path, extra: dict | None = None) -> None:
-    """Label shares, mean confidence, drift p-values (and live accuracy when known) per check; failing
-    alert stretches shaded. `extra` adds marks: {"versions": [(time, version)]}."""
+def plot(history: list[dict], path: str | Path) -> None:
+    """A lane per alert rule showing when it was firing, then per check: label shares, mean confidence (and
+    live accuracy when known), drift p-values, predictions and the version served."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     df = pd.DataFrame(history)
     t = pd.to_datetime(df["now"])
-    fig, axes = plt.subplots(4, 1, figsize=(11, 10), sharex=True)
-    shares = pd.DataFrame(list(df["shares"])).fillna(0)
+    spans = alert_spans(history)
+    fig, (lanes, *axes) = plt.subplots(5, 1, figsize=(11, 11), sharex=True,
+                                       gridspec_kw={"height_ratios": [0.25 * max(len(spans), 1) + 0.5, 3, 3, 3, 3]})
+    busy = (df["requests"] > 0).to_numpy()  # a check with no new traffic has no shares or confidence to draw
+    shares = pd.DataFrame(list(df["shares"])).fillna(0)[busy]
     for lbl in shares.columns:
-        axes[0].plot(t, shares[lbl], marker=".", label=str(lbl))
+        axes[0].plot(t[busy], shares[lbl], marker=".", label=str(lbl))
     axes[0].set(ylabel="predicted share", title="traffic: predicted label shares per check")
     axes[0].legend(loc="upper left", fontsize=8)
-    axes[1].plot(t, df["confidence"], marker=".", color="tab:purple", label="mean confidence")
+    axes[1].plot(t[busy], df["confidence"][busy], marker=".", color="tab:purple", label="mean confidence")
     if "live_accuracy" in df and df["live_accuracy"].notna().any():
-        axes[1].plot(t, df["live_accuracy"], marker="o", color="tab:green", label="live accuracy (random sample)")
-        axes[1].fill_between(t, df["live_accuracy_low"], df["live_accuracy_high"], color="tab:green", alpha=0.15)
+        acc = df["live_accuracy"].astype(float)
+        axes[1].errorbar(t, acc, yerr=[acc - df["live_accuracy_low"].astype(float),
+                                       df["live_accuracy_high"].astype(float) - acc],
+                         fmt="o", capsize=4, color="tab:green", label="live accuracy (random sample, interval)")
     axes[1].set(ylabel="confidence / accuracy")
     axes[1].legend(loc="lower left", fontsize=8)
     for key, style in (("embedding_p", "o-"), ("confidence_p", "s-")):
@@ -91,14 +97,14 @@ def plot(history: list[dict], path: str | Path, extra: dict | None = None) -> No
     ax = axes[3].twinx()
     ax.step(t, pd.to_numeric(df["version"], errors="coerce"), where="post", color="tab:red")
     ax.set_ylabel("version", color="tab:red")
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     end = t.max()
-    for i, (name, runs) in enumerate(alert_spans(history).items()):
+    for row, (name, runs) in enumerate(spans.items()):  # one lane per alert: when it was firing
         for start, stop in runs:
-            for a in axes:
-                a.axvspan(start, stop or end, color=colours[i % len(colours)], alpha=0.12,
-                          label=f"alert: {name}" if a is axes[0] and start == runs[0][0] else None)
-    axes[0].legend(loc="upper left", fontsize=8)
+            lanes.barh(row, (stop or end) - start, left=start, height=0.6, color="tab:red", alpha=0.7)
+    lanes.set(yticks=range(len(spans)), yticklabels=list(spans), ylim=(-0.6, max(len(spans), 1) - 0.4),
+              title="alerts firing")
+    lanes.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
