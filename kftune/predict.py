@@ -21,17 +21,73 @@ def pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def _forward(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool, progress=None, **kwargs):
-    """Yield (indices, attention mask, model output) over batches of similar length: little padding.
+def length_groups(lengths, batch_size: int, pass_tokens: float | None = None) -> list[np.ndarray]:
+    """Batches of indices into `lengths`, shortest first, each at most `batch_size` long.
+
+    pass_tokens None: consecutive runs of `batch_size` in length order. A number: what one forward pass costs
+    beyond its padded tokens, in padded tokens; the cuts then minimise sum(pass_tokens + rows x longest) over
+    the batches (a dynamic programme over the sorted lengths). A few texts of mixed lengths (a server's
+    micro-batch) are cut where padding the short ones to the long ones costs more than another pass.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    n = len(order)
+    if pass_tokens is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    sorted_len = np.asarray(lengths, dtype=np.float64)[order]
+    best, cut = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):  # best[end]: cheapest cover of the `end` shortest; the last batch is [cut, end)
+        start = np.arange(max(0, end - batch_size), end)
+        cost = best[start] + pass_tokens + (end - start) * sorted_len[end - 1]
+        k = int(cost.argmin())
+        best[end], cut[end] = cost[k], start[k]
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def pass_tokens(model, batch_size: int, length: int = 32, repeats: int = 3) -> float | None:
+    """What one forward pass costs beyond its tokens, in padded tokens, timed on this machine: a pass of 1 and
+    one of `batch_size` rows of `length` tokens (the fastest of `repeats` each) fit time = fixed + per-token x
+    tokens. None when the timings do not give a positive per-token cost."""
+    import time
+
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.full((batch_size, length), 1000 % model.config.vocab_size, dtype=torch.long, device=device)
+    model.eval()
+
+    def fastest(rows: int) -> float:
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(input_ids=ids[:rows], attention_mask=torch.ones_like(ids[:rows]))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        return min(times)
+
+    fastest(1)  # first-call costs
+    one, full = fastest(1), fastest(batch_size)
+    per_token = (full - one) / ((batch_size - 1) * length) if batch_size > 1 else 0.0
+    if per_token <= 0:
+        return None
+    return max(0.0, one / per_token - length)
+
+
+def _forward(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool, progress=None,
+             pass_tokens: float | None = None, **kwargs):
+    """Yield (indices, attention mask, model output) over batches of similar length (see length_groups).
     `progress` (a kftune.progress.Progress) is told of every batch."""
     import torch
 
-    order = np.argsort([len(s) for s in seqs], kind="stable")
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, len(seqs), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_groups([len(s) for s in seqs], batch_size, pass_tokens):
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
             mask = mask.to(device)
             yield idx, mask, model(input_ids=ids.to(device), attention_mask=mask, **kwargs)
@@ -40,14 +96,15 @@ def _forward(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: b
 
 
 def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, bf16: bool = False,
-                   embeddings: bool = False, progress=None):
-    """Logits for token-id sequences, in input order.
+                   embeddings: bool = False, progress=None, pass_tokens: float | None = None):
+    """Logits for token-id sequences, in input order (pass_tokens: see length_groups).
 
     With embeddings=True, also return the mean-pooled last hidden states (the drift step's embeddings).
     """
     out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
     pooled = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32) if embeddings else None
-    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, progress, output_hidden_states=embeddings):
+    for idx, mask, res in _forward(model, seqs, pad_id, batch_size, bf16, progress, pass_tokens,
+                                   output_hidden_states=embeddings):
         out[idx] = res.logits.float().cpu().numpy()
         if embeddings:
             m = mask.unsqueeze(-1).float()

@@ -33,6 +33,7 @@ class ServedModel:
     precision: str = "fp32"
     precision_reason: str = ""
     measured: dict = field(default_factory=dict)
+    pass_tokens: float | None = None  # a forward pass's fixed cost in padded tokens (kftune.predict.length_groups)
 
     def predict(self, texts: list[str], batch_size: int) -> list[dict]:
         """One answer per text, in order; `batch_size` texts of similar length share a padded forward pass.
@@ -47,7 +48,8 @@ class ServedModel:
         if self.task == "token-classification":
             return [{"entities": spans} for spans in predict_spans(self.model, self.tokenizer, texts, batch_size)]
         seqs = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length)["input_ids"]
-        probs = softmax(predict_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size))
+        probs = softmax(predict_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size,
+                                       pass_tokens=self.pass_tokens))
         best = probs.argmax(axis=1)
         return [{"label": self.labels[b], "probability": float(p[b]),
                  "probabilities": {lbl: float(x) for lbl, x in zip(self.labels, p)}} for b, p in zip(best, probs)]
@@ -219,7 +221,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     model = model.to(device).eval()
     task = "token-classification" if type(model).__name__.endswith("ForTokenClassification") else \
         "sequence-classification"
-    from kftune.predict import labels_of
+    from kftune.predict import labels_of, pass_tokens
 
     try:
         texts = held_out_texts(name, version, cfg.agreement_rows)
@@ -250,7 +252,11 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     warm = (texts or ["warm up"])[: cfg.max_batch]
     served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)
-    log.info("%s v%s ready: %s at %s (%s)", name, version, task, served.precision, served.precision_reason)
+    if task != "token-classification":
+        served.pass_tokens = pass_tokens(served.model, cfg.max_batch)
+    log.info("%s v%s ready: %s at %s (%s); a forward pass costs as much as %s padded tokens, so batches are cut "
+             "by length where padding costs more", name, version, task, served.precision, served.precision_reason,
+             "?" if served.pass_tokens is None else f"{served.pass_tokens:.0f}")
     if fresh:
         record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped)
     return served

@@ -1,0 +1,61 @@
+"""Length-grouped batches: the cut rule as a pure function, its cost timed on a real tiny model, and the same
+predictions however the batches are cut."""
+
+import numpy as np
+import pytest
+
+from kftune.predict import length_groups, pass_tokens, predict_logits
+
+
+def cost(lengths, groups, per_pass):
+    return sum(per_pass + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def covers(groups, n, batch_size):
+    flat = np.concatenate(groups)
+    return sorted(flat.tolist()) == list(range(n)) and all(1 <= len(g) <= batch_size for g in groups)
+
+
+def test_without_a_pass_cost_batches_are_runs_of_batch_size_in_length_order():
+    lengths = [5, 40, 7, 12, 30, 8, 9]
+    groups = length_groups(lengths, 3)
+    assert [g.tolist() for g in groups] == [[0, 2, 5], [6, 3, 4], [1]]
+
+
+@pytest.mark.parametrize("per_pass", [0, 10, 75, 300, 1e9])
+def test_the_cuts_are_never_dearer_than_fixed_runs_and_no_dearer_than_any_split(per_pass):
+    rng = np.random.default_rng(per_pass == 0)
+    for _ in range(50):
+        lengths = rng.integers(3, 80, rng.integers(1, 40)).tolist()
+        groups = length_groups(lengths, 16, per_pass)
+        assert covers(groups, len(lengths), 16)
+        assert cost(lengths, groups, per_pass) <= cost(lengths, length_groups(lengths, 16), per_pass)
+        # brute force over the cuts of the sorted lengths (at most 2^(n-1) splits; only small n)
+        if len(lengths) <= 10:
+            s = sorted(lengths)
+            best = min(sum(per_pass + (b - a) * s[b - 1] for a, b in zip([0, *cuts], [*cuts, len(s)]))
+                       for mask in range(2 ** (len(s) - 1))
+                       for cuts in [[i + 1 for i in range(len(s) - 1) if mask >> i & 1]]
+                       if all(b - a <= 16 for a, b in zip([0, *cuts], [*cuts, len(s)])))
+            assert cost(lengths, groups, per_pass) == pytest.approx(best)
+
+
+def test_a_free_pass_pads_nothing_and_a_dear_one_fills_batches():
+    lengths = [4, 4, 9, 9, 9, 30]
+    assert [sorted(lengths[i] for i in g) for g in length_groups(lengths, 8, 0)] == [[4, 4], [9, 9, 9], [30]]
+    assert len(length_groups(lengths * 3, 8, 1e9)) == 3  # the fewest passes; padding only breaks ties
+
+
+def test_pass_cost_is_timed_on_the_model_and_the_cut_does_not_change_a_prediction(tiny_model):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+    per_pass = pass_tokens(model, 16)
+    assert per_pass is None or per_pass >= 0
+    rng = np.random.default_rng(1)
+    seqs = [[2, *rng.integers(5, 60, n).tolist(), 3] for n in rng.integers(1, 60, 40)]
+    fixed = predict_logits(model, seqs, 0, 16)
+    for cut in (0, 50, per_pass):
+        np.testing.assert_allclose(predict_logits(model, seqs, 0, 16, pass_tokens=cut), fixed, atol=1e-5)
