@@ -254,9 +254,10 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)
     if task != "token-classification":
         served.pass_tokens = pass_tokens(served.model, cfg.max_batch)
-    log.info("%s v%s ready: %s at %s (%s); a forward pass costs as much as %s padded tokens, so batches are cut "
-             "by length where padding costs more", name, version, task, served.precision, served.precision_reason,
-             "?" if served.pass_tokens is None else f"{served.pass_tokens:.0f}")
+    cuts = ("batches of max_batch in length order" if served.pass_tokens is None else
+            f"a forward pass costs as much as {served.pass_tokens:.0f} padded tokens: batches are cut by length "
+            f"where padding costs more")
+    log.info("%s v%s ready: %s at %s (%s); %s", name, version, task, served.precision, served.precision_reason, cuts)
     if fresh:
         record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped)
     return served
