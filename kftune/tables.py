@@ -313,20 +313,31 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     return df, {"sources": sources, "bio_repairs": repairs}
 
 
-def load_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
-    """Token classification's `load_rows`: every sentence under `source`, cleaned, with its split.
+def load_sentences(source: str, cfg: IngestConfig, split_files: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Token classification's `load_rows`: every sentence under `source` (or of `split_files`), cleaned, with its
+    split (the hash of its words, or the file it came from; a split not given is hashed out of train).
 
     Returns the rows (text, label = the tags joined, tokens, tags, split) and what the data card says
     about reading them; `labels` is the tag set (ingest.labels, or O + B-/I- of every type seen).
     """
-    from kftune import ner
+    from kftune import ner, splits
 
-    raw, info = read_sentences(source, cfg)
+    if split_files:
+        splits.check_files(split_files)
+        parts = {name: read_sentences(path, cfg) for name, path in split_files.items()}
+        raw = splits.by_priority(pd.concat([df.assign(split=name) for name, (df, _) in parts.items()],
+                                           ignore_index=True))  # a sentence in two splits keeps its test copy
+        info = {"sources": [dict(s, split=name) for name, (_, i) in parts.items() for s in i["sources"]],
+                "bio_repairs": sum(i["bio_repairs"] for _, i in parts.values()),
+                "split_given": splits.card("files", set(split_files))}
+        source = ", ".join(split_files.values())
+    else:
+        raw, info = read_sentences(source, cfg)
     reasons: dict = {}
     df, drops = clean(raw, reasons, tagged=True)  # on the joined text (the split and duplicate key)
     if df.empty:
         raise DataError(f"{source}: no usable sentences ({len(raw)} read; dropped {drops})")
-    df["split"] = [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in df["text"]]
+    df["split"] = splits.assign(df["text"], df["split"].tolist() if split_files else None, cfg)
     tags = list(cfg.labels) or ner.tag_set([t for ts in df["tags"] for t in ts])
     return df, {**info, "task": "token-classification", "rows_read": len(raw), "dropped": drops,
                 "drop_reasons": reasons, "labels": tags,

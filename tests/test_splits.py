@@ -11,7 +11,7 @@ from kftune.cli import main
 from kftune.steps.ingest import ingest
 from kftune.tables import DataError, split_of
 
-from .conftest import subword_texts
+from .conftest import ner_sentences, subword_texts, write_conll
 
 
 def _splits(folder) -> dict[str, set[str]]:
@@ -51,6 +51,25 @@ def test_split_files_with_validation_hashed_out_of_train(tmp_path, params):
     card = json.loads((tmp_path / "data" / "data_card.json").read_text())
     assert card["split_given"]["given_by"] == "files" and card["split_given"]["hashed_from_train"] == ["validation"]
     assert {s["split"] for s in card["sources"]} == {"train", "test"}
+
+
+def test_tagged_split_files_are_honoured_and_a_sentence_in_test_leaves_train(tmp_path, params):
+    train, dev, test = ner_sentences(300, seed=4), ner_sentences(40, seed=5), ner_sentences(60, seed=6)
+    write_conll(tmp_path / "train.conll", [*train, test[0]])  # a test sentence repeated in train: kept in test
+    write_conll(tmp_path / "dev.conll", dev)
+    write_conll(tmp_path / "test.conll", test)
+    params.task = "token-classification"
+    assert main(["step", "ingest", "--train", str(tmp_path / "train.conll"), "--validation", str(tmp_path / "dev.conll"),
+                 "--test", str(tmp_path / "test.conll"), "--out", str(tmp_path / "data"),
+                 "--params", _params_file(tmp_path, params)]) == 0
+    got = _splits(tmp_path / "data")
+    words = lambda sentences: {" ".join(tokens) for tokens, _ in sentences}  # noqa: E731
+    assert got == {"train": words(train) - words(test), "validation": words(dev), "test": words(test)}
+    card = json.loads((tmp_path / "data" / "data_card.json").read_text())
+    assert card["split_given"] == {"given_by": "files", "given": ["train", "validation", "test"],
+                                   "hashed_from_train": []}
+    assert card["dropped"]["duplicate"] == 1 and card["rows"]["test"] == len(words(test))
+    assert {s["split"] for s in card["sources"]} == {"train", "validation", "test"}
 
 
 def test_an_unknown_split_value_names_its_line(tmp_path, params):

@@ -11,8 +11,10 @@ from kftune.tables import describe, describe_sentences, load_rows, load_sentence
 log = logging.getLogger(__name__)
 
 
-def _ingest_tokens(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None) -> dict:
-    df, info = load_sentences(source, cfg)
+def _ingest_tokens(source: str | None, out_dir: str | Path, cfg: IngestConfig, lineage: dict | None,
+                   split_files: dict[str, str] | None) -> dict:
+    df, info = load_sentences(source, cfg, split_files)
+    source = source or ", ".join(split_files.values())
     require_splits(df, source)
     card = {**info, **describe_sentences(df), "lineage": lineage or {"data_path": str(source)}}
     write_dataset(out_dir, df, card, columns=("text", "tokens", "tags"))
@@ -39,12 +41,7 @@ def ingest(source: str, out_dir: str | Path, cfg: IngestConfig, lineage: dict | 
         The data card.
     """
     if task == "token-classification":
-        if split_files:
-            from kftune.tables import DataError
-
-            raise DataError("given split files are read for texts only so far; for tagged sentences put them in "
-                            "one file and let the hash split them")
-        return _ingest_tokens(source, out_dir, cfg, lineage)
+        return _ingest_tokens(source, out_dir, cfg, lineage, split_files)
     df, info = load_rows(source, cfg, split_files)
     source = source or ", ".join(split_files.values())
     require_splits(df, source)
