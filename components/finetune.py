@@ -32,8 +32,10 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
     if init_model is not None and os.path.exists(os.path.join(init_model.path, "kftune.json")):
         if read_json(os.path.join(init_model.path, "kftune.json"))["warm_start"]:
             # the champion's weights are tuned already: a fresh run's learning rate would move them too far
+            warm = p.retrain.warm_learning_rate
             start, cfg = init_model.path, dataclasses.replace(
-                p.finetune, learning_rate=p.retrain.warm_learning_rate(p.finetune.learning_rate))
+                p.finetune, learning_rate=warm(p.finetune.learning_rate),
+                lora_learning_rate=warm(p.finetune.lora_learning_rate))
     ckpt = os.path.join(checkpoint_root, f"{tokenized_digest(tokenized.path)[:16]}-{p.digest()}") if checkpoint_root else None
     run_id = start_run(p, run_name)
     if p.cluster.finetune_gpus > 1:
@@ -45,7 +47,8 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
                            on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
         best = {k: v for k, v in summary.items() if k.startswith("best_val_")}
         mlflow.log_metrics({**best, "train_examples_per_second": summary["examples_per_second"]})
-        mlflow.set_tags({f"kftune.{k}": summary[k] for k in ("precision", "precision_reason", "threads",
-                                                             "threads_reason")})
+        mlflow.set_tags({**{f"kftune.{k}": summary[k] for k in ("precision", "precision_reason", "threads",
+                                                                "threads_reason", "seed")},
+                         "kftune.collapsed_runs": len(summary["collapsed_runs"])})
     model.metadata.update({**best, "mlflow_run_id": run_id})
     return run_id

@@ -110,16 +110,27 @@ class FinetuneConfig:
     lora_r: int = _doc("LoRA rank.")
     lora_alpha: int = _doc("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
     lora_dropout: float = _doc("Dropout on the LoRA branch.")
+    lora_learning_rate: float = _doc("Peak AdamW learning rate with method=lora, instead of learning_rate: the few "
+                                     "adapter weights need a higher rate than full fine-tuning.")
+    restarts: int = _doc("Texts: train again from the next seed, at most this many times, when the best "
+                         "validation never predicts a label that has >= 5 validation rows (a collapsed run, a "
+                         "known failure of fine-tuning on small data); the better run is kept, the cost is in "
+                         "the train summary. 0 disables.")
+
+    @property
+    def peak_learning_rate(self) -> float:
+        return self.lora_learning_rate if self.method == "lora" else self.learning_rate
 
     def problems(self) -> list[str]:
         out = []
         positive = ("batch_size", "grad_accum_steps", "log_every_steps")
         non_negative = ("epochs", "max_steps", "eval_every_steps", "early_stopping_patience", "freeze_layers",
-                        "threads", "checkpoint_every_steps", "weight_decay", "max_grad_norm")
+                        "threads", "checkpoint_every_steps", "weight_decay", "max_grad_norm", "restarts")
         out += [f"finetune.{k}={getattr(self, k)!r}: must be > 0" for k in positive if getattr(self, k) <= 0]
         out += [f"finetune.{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
-        if not 0 < self.learning_rate < 1:
-            out.append(f"finetune.learning_rate={self.learning_rate!r}: must be in (0, 1)")
+        for key in ("learning_rate", "lora_learning_rate"):
+            if not 0 < getattr(self, key) < 1:
+                out.append(f"finetune.{key}={getattr(self, key)!r}: must be in (0, 1)")
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"finetune.warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
         if self.bf16 not in BF16_SETTINGS:
@@ -223,7 +234,7 @@ class RetrainConfig:
     warm_start: str = _doc("Start the challenger from the `champion`'s weights or from the `base` model.")
     learning_rate: str = _doc("Peak learning rate of a challenger that warm-starts from the champion (its weights "
                               "are already tuned: a fresh run's finetune.learning_rate moves them too far): a number, "
-                              "or auto = 0.3 x finetune.learning_rate. A challenger from the base model uses "
+                              "or auto = 0.3 x finetune.learning_rate (with method=lora, of lora_learning_rate). A challenger from the base model uses "
                               "finetune.learning_rate.")
     cooldown_hours: float = _doc("No retraining within this many hours of the last promotion, unless forced.")
     allow_label_change: bool = _doc("Accept new data whose labels are not the champion's (the challenger "

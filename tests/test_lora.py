@@ -24,7 +24,7 @@ def test_lora_trains_registers_an_adapter_version_and_serves_it_merged(prepared,
 
     from kftune.serving.model import load_version
 
-    lora = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, method="lora", learning_rate=1e-2))
+    lora = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, method="lora", lora_learning_rate=1e-2))
     metrics, verdict = train_and_register(prepared, lora, "lora")
     assert metrics["model"]["macro_f1"] > 0.75, "the adapters and the head learn the sub-word stems"
     assert verdict.decision == "promote"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,7 +79,7 @@ def _optimizer(model, cfg: FinetuneConfig):
     # the fused kernel: on CPU torch's default is a per-tensor loop, 3-10x slower for MiniLM's 22M parameters
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, fused=fused)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.peak_learning_rate, fused=fused)
 
 
 def _read_split(tokenized_dir: Path, split: str, ner: bool):
@@ -103,6 +104,9 @@ def _batch_labels(y, idx, width: int, ner: bool):
     return out
 
 
+COLLAPSE_MIN_ROWS = 5  # a label with this many validation rows that is never predicted: a collapsed run
+
+
 def validation_metrics(model, x, y, word_ids, pad_id: int, labels: list[str], batch_size: int, bf16: bool) -> dict:
     """Validation loss and score: macro-F1 for texts, entity F1 (seqeval) for tags on each word's first sub-token."""
     import torch
@@ -114,8 +118,11 @@ def validation_metrics(model, x, y, word_ids, pad_id: int, labels: list[str], ba
     if word_ids is None:
         logits = predict_logits(model, x, pad_id, batch_size, bf16)
         loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
-        return {"val_macro_f1": macro_f1(y, logits.argmax(1), len(labels)),
-                "val_accuracy": float((logits.argmax(1) == y).mean()), "val_loss": loss}
+        pred = logits.argmax(1)
+        support = np.bincount(y, minlength=len(labels))
+        missing = int(((support >= COLLAPSE_MIN_ROWS) & (np.bincount(pred, minlength=len(labels)) == 0)).sum())
+        return {"val_macro_f1": macro_f1(y, pred, len(labels)), "val_accuracy": float((pred == y).mean()),
+                "val_loss": loss, "val_labels_never_predicted": missing}
     logits = predict_token_logits(model, x, pad_id, batch_size, bf16)
     flat_logits = np.concatenate([lg[yy != IGNORE] for lg, yy in zip(logits, y)])
     flat_y = np.concatenate([yy[yy != IGNORE] for yy in y])
@@ -320,30 +327,11 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
-def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cfg: FinetuneConfig,
-             checkpoint_dir: str | Path | None = None, on_log: LogFn | None = None) -> dict:
-    """Fine-tune the base model on the tokenized train split, early-stopping on validation macro-F1 (entity F1).
-
-    Args:
-        tokenized_dir: tokenize output ({split}.parquet, tokenizer/, tokenize_stats.json).
-        out_dir: where the fine-tuned model, its tokenizer, kftune.json and training_history.json go.
-        model_name: base model (see kftune.base_models), or a folder of weights to start from.
-        cfg: the `finetune` section of params.yaml.
-        checkpoint_dir: where resumable checkpoints live; a checkpoint found there is resumed.
-        on_log: called with (metrics, step) every log_every_steps and after every validation.
-
-    Returns:
-        A summary: steps, epochs, best validation score, examples/s, precision and threads chosen, resume.
-    """
+def _train(job: Job, ckpt_path: Path | None, fingerprint: dict, resumed_from: int) -> dict:
+    """The training loop of one run (from its resumed step); returns examples seen, seconds and the early stop."""
     from tqdm.auto import tqdm
 
-    tokenized_dir = Path(tokenized_dir)
-    stats = read_json(tokenized_dir / "tokenize_stats.json")
-    job = _build(tokenized_dir, stats, model_name, cfg, on_log)
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    fingerprint = _fingerprint(tokenized_dir, model_name, job)
-    resumed_from = _resume(job, ckpt_path, fingerprint)
-    state, started = job.state, time.monotonic()
+    cfg, state, started = job.cfg, job.state, time.monotonic()
     seen, train_seconds, losses = 0, 0.0, []
     stopped_early = _patience_out(job)
     bar = tqdm(total=job.total_steps, initial=state["step"], desc="fine-tune", unit="step", mininterval=2,
@@ -373,13 +361,61 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
             if stopped_early or state["step"] >= job.total_steps:
                 break
     bar.close()
+    return {"seen": seen, "train_seconds": train_seconds,
+            "stopped_early": stopped_early and state["step"] < job.total_steps}
+
+
+def _labels_never_predicted(job: Job) -> int:
+    """How many labels (with >= COLLAPSE_MIN_ROWS validation rows) the best validation never predicted."""
+    best = [h for h in job.state["history"] if h["step"] == job.state["best_step"] and job.score_key in h]
+    return int(best[-1].get("val_labels_never_predicted", 0)) if best else 0
+
+
+def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cfg: FinetuneConfig,
+             checkpoint_dir: str | Path | None = None, on_log: LogFn | None = None) -> dict:
+    """Fine-tune the base model on the tokenized train split, early-stopping on validation macro-F1 (entity F1).
+
+    Args:
+        tokenized_dir: tokenize output ({split}.parquet, tokenizer/, tokenize_stats.json).
+        out_dir: where the fine-tuned model, its tokenizer, kftune.json and training_history.json go.
+        model_name: base model (see kftune.base_models), or a folder of weights to start from.
+        cfg: the `finetune` section of params.yaml.
+        checkpoint_dir: where resumable checkpoints live; a checkpoint found there is resumed.
+        on_log: called with (metrics, step) every log_every_steps and after every validation.
+
+    Returns:
+        A summary: steps, epochs, best validation score, examples/s, precision and threads chosen, resume.
+    """
+    tokenized_dir = Path(tokenized_dir)
+    stats = read_json(tokenized_dir / "tokenize_stats.json")
+    job = _build(tokenized_dir, stats, model_name, cfg, on_log)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    fingerprint = _fingerprint(tokenized_dir, model_name, job)
+    resumed_from = _resume(job, ckpt_path, fingerprint)
+    run = _train(job, ckpt_path, fingerprint, resumed_from)
+    last, last_seconds, tries, offset = job, run["train_seconds"], [], job.total_steps
+    while job.world == 1 and len(tries) < cfg.restarts and (missing := _labels_never_predicted(last)):
+        tries.append({"seed": last.cfg.seed, f"best_{last.score_key}": last.state["best_f1"],
+                      "labels_never_predicted": missing, "train_seconds": last_seconds})
+        seed = cfg.seed + len(tries)
+        log.warning("fine-tune: a collapsed run: its best validation (%s %.4f) never predicts %d label(s) with "
+                    ">= %d validation rows; training again from seed %d (finetune.restarts=%d), the better run is "
+                    "kept", last.score_key, last.state["best_f1"], missing, COLLAPSE_MIN_ROWS, seed, cfg.restarts)
+        shifted = (lambda m, s, o=offset: on_log(m, s + o)) if on_log else None  # MLflow's steps go on
+        last = _build(tokenized_dir, stats, model_name, dataclasses.replace(cfg, seed=seed), shifted)
+        more = _train(last, None, fingerprint, 0)
+        offset, last_seconds = offset + last.total_steps, more["train_seconds"]
+        if last.state["best_f1"] > job.state["best_f1"]:
+            job, run["stopped_early"] = last, more["stopped_early"]
+        run.update(seen=run["seen"] + more["seen"], train_seconds=run["train_seconds"] + more["train_seconds"])
+    state = job.state
     summary = {"steps": state["step"], "epochs_completed": state["epoch"], "total_steps_planned": job.total_steps,
                f"best_{job.score_key}": state["best_f1"], "best_step": state["best_step"],
-               "stopped_early": stopped_early and state["step"] < job.total_steps, "resumed_from_step": resumed_from,
-               "learning_rate": cfg.learning_rate, "method": cfg.method,
+               "stopped_early": run["stopped_early"], "resumed_from_step": resumed_from,
+               "learning_rate": cfg.peak_learning_rate, "method": cfg.method, "seed": job.cfg.seed, "collapsed_runs": tries,
                "trainable_parameters": sum(p.numel() for p in job.model.parameters() if p.requires_grad),
-               "train_examples": len(job.train[0]), "examples_per_second": seen / max(train_seconds, 1e-9),
-               "train_seconds": train_seconds, "processes": job.world, **job.hardware}
+               "train_examples": len(job.train[0]), "examples_per_second": run["seen"] / max(run["train_seconds"], 1e-9),
+               "train_seconds": run["train_seconds"], "processes": job.world, **job.hardware}
     if job.world > 1:
         import torch
 

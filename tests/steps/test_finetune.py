@@ -122,3 +122,21 @@ def test_two_processes_under_torchrun_train_one_model(prepared, params):
     assert summary["processes"] == 2 and summary["best_val_macro_f1"] > 0.9
     assert summary["steps"] == params.finetune.max_steps
     AutoModelForSequenceClassification.from_pretrained(prepared / "ddp")
+
+
+def test_a_collapsed_run_is_trained_again_from_the_next_seed_and_the_better_run_kept(prepared, params):
+    # a learning rate this small leaves the random head where it starts: one label for every text
+    cfg = with_changes(params.finetune, learning_rate=1e-9, max_steps=4, eval_every_steps=2, restarts=2)
+    logged = []
+    summary = finetune(prepared / "tokenized", prepared / "model", params.model.name, cfg,
+                       on_log=lambda m, step: logged.append((step, m)))
+    tries = summary["collapsed_runs"]
+    assert [t["seed"] for t in tries] == [cfg.seed, cfg.seed + 1]
+    assert all(t["labels_never_predicted"] == 1 for t in tries), tries
+    assert summary["seed"] in (cfg.seed, cfg.seed + 1, cfg.seed + 2)
+    assert summary["best_val_macro_f1"] == max([t["best_val_macro_f1"] for t in tries] + [summary["best_val_macro_f1"]])
+    assert summary["train_seconds"] > sum(t["train_seconds"] for t in tries), "the cost of every run is counted"
+    assert [s for s, m in logged if "val_macro_f1" in m] == [2, 4, 6, 8, 10, 12], "MLflow's steps go on"
+
+    healthy = finetune(prepared / "tokenized", prepared / "healthy", params.model.name, with_changes(cfg, restarts=0))
+    assert healthy["collapsed_runs"] == [] and healthy["seed"] == cfg.seed
