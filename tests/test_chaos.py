@@ -172,9 +172,9 @@ def test_chaos_soak_scheduled_retraining_under_random_kills(project):
     zyg = subprocess.Popen([sys.executable, "-c", "from tests.test_chaos import zygote; zygote()"], cwd=Path.cwd(),
                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tally, started, batches = {"timed": 0, "fault": 0, "survived": 0}, time.monotonic(), 0
+    tally, started, batches, aimed = {"timed": 0, "fault": 0, "survived": 0}, time.monotonic(), 0, 0
     # how long a cycle takes that trains / that finds nothing new (updated as cycles end), so kills land inside
-    took, pending, fault_kills = {"train": 30.0, "quick": 6.0}, False, []
+    took, pending, fault_kills = {}, False, []
     try:
         for i in range(CYCLES):
             if i % 3 == 0:  # new labelled data arrives now and then; most ticks retrain or find nothing new
@@ -187,13 +187,16 @@ def test_chaos_soak_scheduled_retraining_under_random_kills(project):
             fault = rng.choice(FAULTS) if kind == "fault" else ""
             if fault and not pending:  # nothing to promote: the fault point would never be reached
                 kind, fault = "timed", ""
+            if ("train" if pending else "quick") not in took:  # how long such a cycle takes on this machine is
+                kind, fault = "none", ""  # not known yet: let it run whole, so that later kills land inside one
             job = {"project": str(project), "params": params.to_dict(), "out": str(project.parent / f"c{i}"),
                    "name": f"chaos-{i}", "fault": fault}
             zyg.stdin.write(json.dumps(job) + "\n")
             zyg.stdin.flush()
             pid, t0 = _read(zyg)["started"], time.monotonic()
             if kind == "timed":  # anywhere in the cycle: pre-flight, a step, the registry writes
-                time.sleep(rng.uniform(0.05, 1.1) * took["train" if pending else "quick"])
+                aimed += 1
+                time.sleep(rng.uniform(0.05, 0.95) * took["train" if pending else "quick"])
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -203,7 +206,8 @@ def test_chaos_soak_scheduled_retraining_under_random_kills(project):
                 result, msg = msg.get("result", ""), _read(zyg)
             killed = msg["signal"] == signal.SIGKILL
             if not killed:
-                took["quick" if result == "nothing-new" else "train"] = time.monotonic() - t0
+                key = "quick" if result == "nothing-new" else "train"  # the shortest seen: a kill lands in any
+                took[key] = min(took.get(key, float("inf")), time.monotonic() - t0)
             elif fault:
                 fault_kills.append(fault)
             assert killed or not result.startswith("failed"), f"cycle {i} failed on its own: {result}"
@@ -212,12 +216,13 @@ def test_chaos_soak_scheduled_retraining_under_random_kills(project):
                   f"{time.monotonic() - t0:.1f} s", flush=True)
             check_dependencies(project, params)  # the next command: sweep dead runs, reconcile the registry
             _assert_invariants(project, name, md5)
-            pending = _data_commit(project) != _champion_data(name)
+            pending = _data_commit(project) != _champion_data(name)  # a held challenger's data is retrained
     finally:
         zyg.stdin.close()
         zyg.wait(timeout=60)
     wall = time.monotonic() - started
     print(f"chaos: {CYCLES} cycles, {tally}, registry kill points hit {fault_kills}, {wall:.0f} s, champion "
           f"v{registry.version_by_alias(name, registry.CHAMPION)}, {len(registry.history(name))} events")
-    assert tally["timed"] + tally["fault"] >= CYCLES // 2, "most cycles were killed"
+    assert tally["timed"] >= 0.75 * aimed, f"{tally['timed']} of {aimed} timed kills landed inside a cycle"
+    assert tally["timed"] + tally["fault"] >= CYCLES // 3, "a good share of the cycles was killed"
     assert registry.version_by_alias(name, registry.CHAMPION), "some cycle got a champion through the gate"
