@@ -234,7 +234,8 @@ class RetrainConfig:
     warm_start: str = _doc("Start the challenger from the `champion`'s weights or from the `base` model.")
     learning_rate: str = _doc("Peak learning rate of a challenger that warm-starts from the champion (its weights "
                               "are already tuned: a fresh run's finetune.learning_rate moves them too far): a number, "
-                              "or auto = 0.3 x finetune.learning_rate (with method=lora, of lora_learning_rate). A challenger from the base model uses "
+                              "or auto = 0.3 x finetune.learning_rate (with method=lora, of lora_learning_rate). "
+                              "A challenger from the base model uses "
                               "finetune.learning_rate.")
     cooldown_hours: float = _doc("No retraining within this many hours of the last promotion, unless forced.")
     allow_label_change: bool = _doc("Accept new data whose labels are not the champion's (the challenger "

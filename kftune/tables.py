@@ -313,7 +313,8 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     return df, {"sources": sources, "bio_repairs": repairs}
 
 
-def load_sentences(source: str, cfg: IngestConfig, split_files: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict]:
+def load_sentences(source: str | None, cfg: IngestConfig,
+                   split_files: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict]:
     """Token classification's `load_rows`: every sentence under `source` (or of `split_files`), cleaned, with its
     split (the hash of its words, or the file it came from; a split not given is hashed out of train).
 

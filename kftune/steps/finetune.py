@@ -412,9 +412,11 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     summary = {"steps": state["step"], "epochs_completed": state["epoch"], "total_steps_planned": job.total_steps,
                f"best_{job.score_key}": state["best_f1"], "best_step": state["best_step"],
                "stopped_early": run["stopped_early"], "resumed_from_step": resumed_from,
-               "learning_rate": cfg.peak_learning_rate, "method": cfg.method, "seed": job.cfg.seed, "collapsed_runs": tries,
+               "learning_rate": cfg.peak_learning_rate, "method": cfg.method, "seed": job.cfg.seed,
+               "collapsed_runs": tries,
                "trainable_parameters": sum(p.numel() for p in job.model.parameters() if p.requires_grad),
-               "train_examples": len(job.train[0]), "examples_per_second": run["seen"] / max(run["train_seconds"], 1e-9),
+               "train_examples": len(job.train[0]),
+               "examples_per_second": run["seen"] / max(run["train_seconds"], 1e-9),
                "train_seconds": run["train_seconds"], "processes": job.world, **job.hardware}
     if job.world > 1:
         import torch
