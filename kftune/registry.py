@@ -206,8 +206,10 @@ def reconcile(name: str) -> list[str]:
         _client().get_registered_model(name)
     except MlflowException:
         return []
+    if not _intent(name) and not _outside_move(name):
+        return []  # consistent: a read-only command writes nothing and never waits for another's lease
     with lease(name):
-        return _reconcile(name)
+        return _reconcile(name)  # looks again under the lease: a live move may have finished meanwhile
 
 
 def _reconcile(name: str) -> list[str]:

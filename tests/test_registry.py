@@ -106,6 +106,22 @@ def test_an_alias_moved_outside_kftune_is_detected_and_recorded(store):
     assert MlflowClient().get_model_version(NAME, "4").tags["kftune.promoted_by"] == "outside kftune"
 
 
+def test_listing_a_consistent_registry_neither_writes_nor_waits_for_a_held_lease(store, capsys):
+    from kftune.cli import main
+
+    holder = _in_subprocess(f"import time\nwith registry.lease({NAME!r}):\n    print('held', flush=True)\n"
+                            f"    time.sleep(60)")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        assert main(["models", "list", "--name", NAME]) == 0
+        assert time.monotonic() - started < registry.LEASE_WAIT_S, "list waited for another command's lease"
+        assert "champion" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.communicate(timeout=60)
+
+
 def test_models_check_reports_and_repairs(store, capsys):
     from kftune.cli import main
 
