@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kftune.fileio import read_json
-from kftune.steps.finetune import epoch_batches, finetune
+from kftune.steps.finetune import epoch_batches, finetune, linear_schedule
 from tests.conftest import with_changes
 
 
@@ -21,6 +21,23 @@ def test_length_grouped_batches_cover_every_example_once_and_are_shuffled():
     assert all((a == b).all() for a, b in zip(batches, again))
     other = epoch_batches(lengths, 16, seed=1, epoch=1, group_by_length=True)
     assert any((a != b).any() for a, b in zip(batches, other) if len(a) == len(b))
+
+
+def test_the_schedule_matches_transformers_linear_warmup_and_decay():
+    from transformers import get_linear_schedule_with_warmup
+
+    def rates(make):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        schedule, seen = make(optimizer, 7, 50), []
+        for _ in range(55):
+            seen.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    ours = rates(linear_schedule)
+    assert ours == rates(get_linear_schedule_with_warmup)
+    assert ours[0] == 0 and ours[7] == 1e-3 and ours[50:] == [0.0] * 5
 
 
 def test_learns_the_task_and_writes_a_loadable_model(prepared, params):
