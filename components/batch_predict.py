@@ -9,6 +9,10 @@ def batch_predict_op(model: str, input_path: str, params: dict, predictions: Out
                      output_format: str = "parquet") -> str:
     """Predict every row of `input_path` (CSV/TSV/JSONL/Parquet, local or s3://) with a registered model
     (NAME for its champion, NAME@alias or NAME/VERSION); returns the version that predicted."""
+    from kftune.base_models import hub_offline
+
+    hub_offline()  # before anything imports transformers
+
     from kftune.config import params_from_dict
     from kftune.serving.batch import predict_file
     from kftune.serving.model import load_version, parse_model_ref, resolve_version

@@ -8,6 +8,10 @@ from components import BASE_IMAGE
 def evaluate_op(data: Input[Dataset], model: Input[Model], params: dict, evaluation: Output[Dataset],
                 metrics: Output[Metrics]):
     """Test metrics of the model and of the majority and TF-IDF baselines."""
+    from kftune.base_models import hub_offline
+
+    hub_offline()  # before anything imports transformers
+
     from kftune.config import params_from_dict
     from kftune.hardware import bf16_for
     from kftune.steps.evaluate import evaluate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 
 from kftune.config import KftuneError
@@ -46,6 +47,17 @@ def resolve_base_model(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFound(f"model.name={name!r}: no such folder")
     return name  # a hub id; load_pretrained explains a failure to reach the hub
+
+
+def hub_offline(model_name: str = "") -> None:
+    """Put this process in Hugging Face offline mode, unless `model_name` is a hub id still to download.
+
+    Every model kftune then hands to transformers or MLflow is a local folder, and a folder taken for a hub
+    id by mistake fails at once instead of retrying the network. huggingface_hub reads the variable once, when
+    it is imported: call this before anything imports transformers. A value the user set stands.
+    """
+    if not model_name or model_name in PACKAGED or Path(model_name).expanduser().exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def load_pretrained(auto_cls, name_or_path: str, **kwargs):

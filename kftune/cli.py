@@ -156,7 +156,10 @@ def cmd_data(args) -> int:
 # --- step (one step from files, for DVC and debugging) -------------------------------------
 
 def cmd_step(args) -> int:
+    from kftune.base_models import hub_offline
+
     params = _params(args)
+    hub_offline(params.model.name if args.name in ("tokenize", "finetune") else "")
     if args.name == "ingest":
         from kftune.steps.ingest import ingest
 
@@ -420,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def action(name: str, help: str, epilog: str = "") -> argparse.ArgumentParser:
+        epilog = epilog or "examples:\n" + "\n".join(f"  {e}" for e in ACTION_EXAMPLES[name])
         a = actions.add_parser(name, help=help, description=help, epilog=epilog)
         a.add_argument("--name", help="registered model (default: register.model_name in params)")
         _add_params_args(a)
@@ -491,6 +495,25 @@ EXAMPLES = {
     "step": ["kftune step evaluate --data work/data --model work/model --out work/eval"],
     "params": ["kftune params --changed -S finetune.epochs=1", "kftune params | grep finetune"],
     "completion": ['eval "$(kftune completion bash)"  # in ~/.bashrc', 'eval "$(kftune completion zsh)"  # in ~/.zshrc'],
+    "models": ["kftune models list", "kftune models show 3", "kftune models check --repair"],
+    "serve": ["kftune serve --model kftune-demo",
+              "KFTUNE_SERVE_TOKEN=secret kftune serve --model kftune-demo --host 0.0.0.0 --port 8080 --precision fp32"],
+    "predict": ["kftune predict --model kftune-demo --input new.csv --output predictions.parquet",
+                "kftune predict --model kftune-demo/3 --input s3://bucket/texts.jsonl --output out.jsonl"],
+    "score": ["kftune score --model kftune-demo --input golden.csv",
+              "kftune score --model kftune-demo@previous-champion --input test.csv --train train.csv"],
+    "monitor": ["kftune monitor --out monitor-report", "kftune monitor --cron '*/15 * * * *'"],
+    "feedback": ["kftune feedback import corrections.csv --labeller support-team"],
+    "label": ["kftune label queue --n 300 --out to-label", "kftune label import to-label/queue.csv --tag data-v3"],
+    "demo-data": ["kftune demo-data --out data/demo --batch 1 --rows 2000 --drift 1.0"],
+    "demo-drift": ["kftune demo-drift", "kftune demo-drift --task token-classification -S model.name=bert-tiny"],
+    "demo-loop": ["kftune demo-loop", "kftune demo-loop --fast"],
+}
+ACTION_EXAMPLES = {
+    "list": ["kftune models list", "kftune models list --name my-model"],
+    "history": ["kftune models history"],
+    "check": ["kftune models check", "kftune models check --repair"],
+    "prune": ["kftune models prune --keep 3"],
 }
 
 

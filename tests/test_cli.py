@@ -129,6 +129,28 @@ def test_help_describes_each_command_and_errors_show_its_own_usage(capsys):
     assert done.value.code == 2 and err.startswith("usage: kftune run ") and "run needs --data" in err
 
 
+def test_every_command_and_models_action_has_examples_that_parse():
+    import shlex
+
+    from kftune.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    actions = commands["models"]._subparsers._group_actions[0].choices
+    checked = 0
+    for name, p in [*commands.items(), *((f"models {a}", q) for a, q in actions.items())]:
+        assert p.description, f"{name} has no description"
+        assert p.epilog and p.epilog.startswith(("examples:", "example:")), f"{name} has no examples"
+        for line in p.epilog.splitlines()[1:]:
+            words = shlex.split(line.split("  #")[0].split(" | ")[0])
+            while "=" in words[0]:  # VAR=value before the command
+                words.pop(0)
+            if words[0] == "kftune":  # an example that no longer parses would fail here, not in a user's shell
+                parser.parse_args(words[1:])
+                checked += 1
+    assert checked >= 2 * len(commands)
+
+
 def test_params_prints_values_and_changed_only_what_differs(capsys):
     assert main(["params", "--params", str(ROOT / "params.yaml"), "-S", "finetune.epochs=1"]) == 0
     lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
@@ -213,3 +235,17 @@ def test_pipeline_arguments_for_typed_inputs_travel_typed():
 
     with pytest.raises(ConfigError, match="-p epochs=x: epochs is a pipeline input of type int"):
         _cluster_arguments(Namespace(param=["epochs=x"]))
+
+
+def test_steps_go_offline_unless_the_base_model_is_a_hub_id(monkeypatch, tmp_path):
+    import os
+
+    from kftune.base_models import hub_offline
+
+    for name, offline in (("", True), ("minilm-l6", True), (str(tmp_path), True), ("google/bert_uncased_L-2_H-128_A-2", False)):
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        hub_offline(name)
+        assert (os.environ.get("HF_HUB_OFFLINE") == "1") == offline, name
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    hub_offline("minilm-l6")
+    assert os.environ["HF_HUB_OFFLINE"] == "0", "what the user set stands"

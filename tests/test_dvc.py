@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -16,7 +17,7 @@ from kftune.config import load_params
 from kftune.data import DataVersionError, add_batches
 from kftune.local import preflight
 from kftune.tables import DataError
-from tests.conftest import BIN, ner_sentences, sh, write_conll
+from tests.conftest import BIN, ROOT, ner_sentences, sh, write_conll
 
 pytestmark = pytest.mark.slow
 def test_data_add_versions_the_dataset_and_old_revisions_stay_readable(project, params):
@@ -154,6 +155,10 @@ def test_dvc_repro_metrics_and_only_affected_stages_rerun(project, params):
     diff = sh(project, "dvc", "metrics", "diff", "--all", "--json")
     assert '"macro_f1"' in diff
     sh(project, "dvc", "plots", "diff", "--json")
+    keep = re.search(r"^EXP_COLUMNS := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    columns = sh(project, "dvc", "exp", "show", "--drop", ".*", "--keep", keep, "--csv").splitlines()[0].split(",")
+    assert "macro_f1" in columns and "finetune.learning_rate" in columns and len(columns) <= 14, (
+        f"`make exp` should show a handful of columns: {columns}")
 
 
 def test_dvc_repro_for_token_classification(project, params):

@@ -10,6 +10,7 @@ import pandas as pd
 
 from kftune.config import TokenizeConfig
 from kftune.fileio import atomic_dir, read_json, write_json
+from kftune.progress import Progress
 from kftune.tables import SPLITS
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def truncate(tok, texts: list[str], max_length: int) -> tuple[list[list[int]], n
 
 
 def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], labels: list[str],
-                   cfg: TokenizeConfig) -> tuple[pd.DataFrame, dict]:
+                   cfg: TokenizeConfig, progress: Progress | None = None) -> tuple[pd.DataFrame, dict]:
     """Token classification: windows of whole words, sub-token labels aligned with word_ids().
 
     Returns one row per window (input_ids, labels, word_ids with -1 for special tokens, sentence,
@@ -72,6 +73,8 @@ def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], la
             rows.append({"input_ids": enc["input_ids"], "labels": align(word_ids, tags[a:b], cfg.label_all_subtokens,
                                                                         labels),
                          "word_ids": [-1 if w is None else w for w in word_ids], "sentence": i, "first_word": a})
+        if progress:
+            progress.update(1)
     lengths = np.array([len(r["input_ids"]) for r in rows] or [0])
     return pd.DataFrame(rows, columns=["input_ids", "labels", "word_ids", "sentence", "first_word"]), {
         "rows": len(sentences), "windows": len(rows), "windowed_sentences": windowed,
@@ -97,12 +100,15 @@ def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: To
     label_id = {lbl: i for i, lbl in enumerate(labels)}
     tok = load_tokenizer(model_name)
     stats = {"model": model_name, "max_length": cfg.max_length, "labels": labels, "task": task, "splits": {}}
-    if task == "token-classification":
+    frames = {split: pd.read_parquet(data_dir / f"{split}.parquet") for split in SPLITS}
+    ner = task == "token-classification"
+    progress = Progress("tokenize", sum(map(len, frames.values())), "sentences" if ner else "texts")
+    if ner:
         with atomic_dir(out_dir) as tmp:
-            for split in SPLITS:
-                df = pd.read_parquet(data_dir / f"{split}.parquet")
+            for split, df in frames.items():
                 windows, split_stats = tokenize_words(tok, [list(t) for t in df["tokens"]],
-                                                      [[label_id[x] for x in t] for t in df["tags"]], labels, cfg)
+                                                      [[label_id[x] for x in t] for t in df["tags"]], labels, cfg,
+                                                      progress)
                 windows.to_parquet(tmp / f"{split}.parquet", index=False)
                 stats["splits"][split] = split_stats
             tok.save_pretrained(tmp / "tokenizer")
@@ -110,10 +116,10 @@ def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: To
         log.info("tokenize: %s", {s: v["windowed_sentences"] for s, v in stats["splits"].items()})
         return stats
     with atomic_dir(out_dir) as tmp:
-        for split in SPLITS:
-            df = pd.read_parquet(data_dir / f"{split}.parquet")
+        for split, df in frames.items():
             texts = df["text"].tolist()
             ids, full = truncate(tok, texts, cfg.max_length)
+            progress.update(len(texts))
             pd.DataFrame({"input_ids": ids, "label": df["label"].map(label_id).astype("int64")}).to_parquet(
                 tmp / f"{split}.parquet", index=False)
             truncated = int((full > cfg.max_length).sum())

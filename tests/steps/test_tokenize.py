@@ -16,8 +16,11 @@ def test_no_padding_is_stored_and_labels_are_ids(prepared):
     assert (prepared / "tokenized" / "tokenizer" / "tokenizer.json").is_file()
 
 
-def test_truncation_is_applied_and_counted(prepared, params):
+def test_truncation_is_applied_and_counted_and_progress_is_reported(prepared, params, caplog):
+    caplog.set_level("INFO", logger="kftune.progress")
     stats = tokenize(prepared / "data", prepared / "short", params.model.name, with_changes(params.tokenize, max_length=8))
+    rows = sum(split["rows"] for split in stats["splits"].values())
+    assert f"tokenize: {rows}/{rows} texts, 0:00 elapsed, ETA 0:00" in caplog.messages
     assert pd.read_parquet(prepared / "short" / "train.parquet")["input_ids"].map(len).max() == 8
     full = pd.read_parquet(prepared / "tokenized" / "train.parquet")["input_ids"].map(len)
     s = stats["splits"]["train"]
