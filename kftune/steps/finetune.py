@@ -177,42 +177,18 @@ class Job:
         return "val_entity_f1" if self.ner else "val_macro_f1"
 
 
-def _seed(seed: int) -> None:
-    """transformers.set_seed without importing it: its module loads the Trainer's utilities and peft (1.4 s
-    of every fine-tune's start-up)."""
-    import random
-
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the learning rate, then linear decay to 0 (transformers' get_linear_schedule_with_warmup,
-    which costs the same 1.4 s import as set_seed)."""
-    import torch
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfig, on_log: LogFn | None) -> Job:
     """Read the splits, load the base model, wrap it for DDP under torchrun, make optimizer and schedule."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
+                              get_linear_schedule_with_warmup, set_seed)
 
     from kftune.base_models import load_pretrained, resolve_base_model
     from kftune.hardware import setup
 
     labels, ner = stats["labels"], stats.get("task") == "token-classification"
     hw = setup(cfg.bf16, cfg.threads)
-    _seed(cfg.seed)
+    set_seed(cfg.seed)
     train, val = _read_split(tokenized_dir, "train", ner), _read_split(tokenized_dir, "validation", ner)
     model = load_pretrained(AutoModelForTokenClassification if ner else AutoModelForSequenceClassification,
                             resolve_base_model(model_name), num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -236,7 +212,7 @@ def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfi
     optimizer = _optimizer(model, cfg)
     steps_per_epoch = math.ceil(math.ceil(len(train[0]) / cfg.batch_size) // world / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     job = Job(cfg, labels, ner, train, val, AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer"), model,
               train_model, optimizer, scheduler, device, hw["precision"] == "bf16", total_steps,
               cfg.eval_every_steps or steps_per_epoch, hw, world, rank)
