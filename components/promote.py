@@ -10,10 +10,6 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
 
     Refuses if the champion moved since the gate compared against it.
     """
-    from kftune.base_models import hub_offline
-
-    hub_offline()  # before anything imports transformers
-
     import json
     import os
 
