@@ -157,7 +157,7 @@ def test_params_prints_values_and_changed_only_what_differs(capsys):
     assert lines["finetune.epochs"] == "1" and lines["model.name"] == "minilm-l6"
     assert main(["params", "--changed", "--params", str(ROOT / "params.yaml"), "-S", "finetune.epochs=1"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
-    assert line.startswith("finetune.epochs") and line.endswith("(default 3)")
+    assert line.startswith("finetune.epochs") and line.endswith("(default 0)")
 
 
 def test_history_says_a_hold_moved_nothing():

@@ -1,10 +1,11 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kftune.fileio import read_json
-from kftune.steps.finetune import epoch_batches, finetune
+from kftune.steps.finetune import epoch_batches, finetune, planned_epochs
 from tests.conftest import with_changes
 
 
@@ -21,6 +22,17 @@ def test_length_grouped_batches_cover_every_example_once_and_are_shuffled():
     assert all((a == b).all() for a, b in zip(batches, again))
     other = epoch_batches(lengths, 16, seed=1, epoch=1, group_by_length=True)
     assert any((a != b).any() for a, b in zip(batches, other) if len(a) == len(b))
+
+
+def test_epochs_zero_means_three_for_texts_and_five_for_taggers(prepared, params):
+    auto = with_changes(params.finetune, epochs=0, max_steps=0)
+    assert planned_epochs(auto, {"task": "sequence-classification"}) == 3
+    assert planned_epochs(auto, {"task": "token-classification"}) == 5
+    assert planned_epochs(with_changes(auto, epochs=2), {"task": "token-classification"}) == 2, "a number stands"
+    train_rows = len(pd.read_parquet(prepared / "tokenized" / "train.parquet"))
+    summary = finetune(prepared / "tokenized", prepared / "auto", params.model.name,
+                       with_changes(auto, batch_size=train_rows, eval_every_steps=0))
+    assert (summary["epochs_planned"], summary["total_steps_planned"], summary["steps"]) == (3, 3, 3)
 
 
 def test_learns_the_task_and_writes_a_loadable_model(prepared, params):
