@@ -242,7 +242,8 @@ def test_steps_go_offline_unless_the_base_model_is_a_hub_id(monkeypatch, tmp_pat
 
     from kftune.base_models import hub_offline
 
-    for name, offline in (("", True), ("minilm-l6", True), (str(tmp_path), True), ("google/bert_uncased_L-2_H-128_A-2", False)):
+    cases = (("", True), ("minilm-l6", True), (str(tmp_path), True), ("google/bert_uncased_L-2_H-128_A-2", False))
+    for name, offline in cases:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         hub_offline(name)
         assert (os.environ.get("HF_HUB_OFFLINE") == "1") == offline, name
