@@ -358,6 +358,7 @@ class AlertRule:
     max_points: float = 0.0
     max_drop: float = 0.0
     max_gap: float = 0.0
+    for_checks: int = 1  # fire only after this many failing checks in a row (Prometheus' `for`)
 
 
 def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
@@ -370,9 +371,15 @@ def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
             continue
         needed = ("name", "kind", "window", "min_requests", *ALERT_KINDS[kind])
         missing = [k for k in needed if k not in r]
-        extra = sorted(set(r) - set(needed))
+        extra = sorted(set(r) - set(needed) - {"for_checks"})
         problems += [f"{key}.{k}: missing (a {kind} rule needs {', '.join(needed)})" for k in missing]
-        problems += [f"{key}.{k}: unknown key for a {kind} rule (keys: {', '.join(needed)})" for k in extra]
+        problems += [f"{key}.{k}: unknown key for a {kind} rule (keys: {', '.join(needed)}, for_checks)"
+                     for k in extra]
+        for_checks = r.get("for_checks", 1)
+        if isinstance(for_checks, bool) or not isinstance(for_checks, (int, float)) or for_checks < 1 \
+                or for_checks != int(for_checks):
+            problems.append(f"{key}.for_checks={for_checks!r}: must be a whole number >= 1")
+            continue
         if missing or extra:
             continue
         seconds = window_seconds(r["window"])
@@ -384,7 +391,7 @@ def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
         if kind == "label_share" and not bad and not 0 < r["max_share"] < 1:
             problems.append(f"{key}.max_share={r['max_share']!r}: must be in (0, 1)")
         if seconds and not bad:
-            out.append(AlertRule(str(r["name"]), kind, seconds, int(r["min_requests"]),
+            out.append(AlertRule(str(r["name"]), kind, seconds, int(r["min_requests"]), for_checks=int(for_checks),
                                  **{k: (str(r[k]) if k == "label" else float(r[k])) for k in ALERT_KINDS[kind]}))
     names = [r.get("name") for r in rules]
     problems += [f"monitor.rules: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
@@ -399,7 +406,8 @@ class MonitorConfig:
                              "run on them; fewer wait for the next check.")
     rules: list[dict] = _doc("Alert rules, each {name, kind, window, min_requests, ...}: kind label_share (label, "
                              "max_share), label_shift (max_points), confidence (max_drop), volume, drift, "
-                             "live_quality (max_gap). See README, Monitoring and feedback.")
+                             "live_quality (max_gap); any rule may add for_checks: N (fire only after N failing "
+                             "checks in a row). See README, Monitoring and feedback.")
     sinks: list[str] = _doc(f"Where an alert goes when it fires and when it resolves: {', '.join(ALERT_SINKS)}.")
     webhook_url: str = _doc("Webhook sink: URL that receives each alert as a JSON POST (empty: no webhook).")
     webhook_retries: int = _doc("Webhook sink: attempts after the first before an alert is logged as undelivered.")

@@ -2,6 +2,8 @@
 
 A rule is judged `failing`, `ok` or `unknown` (too little traffic to say); `unknown` keeps the rule's
 previous state. An alert event is emitted only on a change: ok -> failing fires, failing -> ok resolves.
+A rule with `for_checks: N` fires only at its N-th failing check in a row (Prometheus' `for`), trading
+N - 1 checks of latency for no alert on a single noisy window; it resolves at the first ok check.
 """
 
 from __future__ import annotations
@@ -98,14 +100,20 @@ def transitions(verdicts: list[Verdict], previous: dict, now: str) -> tuple[dict
     """(the rules' new state, the alert events): an event only where a rule starts or stops failing."""
     state, events = dict(previous), []
     for v in verdicts:
-        was = previous.get(v.rule.name, {}).get("status", OK)
+        before = previous.get(v.rule.name, {})
+        was = before.get("status", OK)
         if v.status == UNKNOWN:
             continue
-        state[v.rule.name] = {"status": v.status, "since": now if v.status != was else
-                              previous.get(v.rule.name, {}).get("since", now), "value": v.value}
-        if v.status != was:
-            events.append({"alert": v.rule.name, "kind": v.rule.kind, "status": FIRING if v.status == FAILING
-                           else RESOLVED, "value": v.value, "why": v.why, "requests": v.requests, "at": now})
+        streak = before.get("failing_checks", 0) + 1 if v.status == FAILING else 0
+        # failing at fewer checks in a row than for_checks: pending, not firing (a firing alert stays firing)
+        status = FAILING if v.status == FAILING and (was == FAILING or streak >= v.rule.for_checks) else OK
+        state[v.rule.name] = {"status": status, "since": now if status != was else before.get("since", now),
+                              "value": v.value, "failing_checks": streak}
+        if status != was:
+            events.append({"alert": v.rule.name, "kind": v.rule.kind, "status": FIRING if status == FAILING
+                           else RESOLVED, "value": v.value, "requests": v.requests, "at": now,
+                           "why": v.why + (f" (failing at {streak} checks in a row)" if v.rule.for_checks > 1 and
+                                           status == FAILING else "")})
     return state, events
 
 
