@@ -100,12 +100,15 @@ def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: To
     label_id = {lbl: i for i, lbl in enumerate(labels)}
     tok = load_tokenizer(model_name)
     stats = {"model": model_name, "max_length": cfg.max_length, "labels": labels, "task": task, "splits": {}}
-    frames = {split: pd.read_parquet(data_dir / f"{split}.parquet") for split in SPLITS}
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.read_metadata(data_dir / f"{split}.parquet").num_rows for split in SPLITS)  # the footers only
     ner = task == "token-classification"
-    progress = Progress("tokenize", sum(map(len, frames.values())), "sentences" if ner else "texts")
+    progress = Progress("tokenize", rows, "sentences" if ner else "texts")
     if ner:
         with atomic_dir(out_dir) as tmp:
-            for split, df in frames.items():
+            for split in SPLITS:
+                df = pd.read_parquet(data_dir / f"{split}.parquet")
                 windows, split_stats = tokenize_words(tok, [list(t) for t in df["tokens"]],
                                                       [[label_id[x] for x in t] for t in df["tags"]], labels, cfg,
                                                       progress)
@@ -116,7 +119,8 @@ def tokenize(data_dir: str | Path, out_dir: str | Path, model_name: str, cfg: To
         log.info("tokenize: %s", {s: v["windowed_sentences"] for s, v in stats["splits"].items()})
         return stats
     with atomic_dir(out_dir) as tmp:
-        for split, df in frames.items():
+        for split in SPLITS:
+            df = pd.read_parquet(data_dir / f"{split}.parquet")
             texts = df["text"].tolist()
             ids, full = truncate(tok, texts, cfg.max_length)
             progress.update(len(texts))
