@@ -1,10 +1,11 @@
-"""Length-grouped batches: the cut rule as a pure function, its cost timed on a real tiny model, and the same
-predictions however the batches are cut."""
+"""Length-grouped and packed batches: the cut and packing rules as pure functions, the pass cost timed on a real
+tiny model, and the same predictions however the texts share forward passes."""
 
 import numpy as np
 import pytest
 
-from kftune.predict import length_groups, pass_tokens, predict_logits
+from kftune.predict import (length_groups, pack_rows, packed_logits, packing_unsupported, pass_tokens,
+                            predict_logits)
 
 
 def cost(lengths, groups, per_pass):
@@ -59,3 +60,35 @@ def test_pass_cost_is_timed_on_the_model_and_the_cut_does_not_change_a_predictio
     fixed = predict_logits(model, seqs, 0, 16)
     for cut in (0, 50, per_pass):
         np.testing.assert_allclose(predict_logits(model, seqs, 0, 16, pass_tokens=cut), fixed, atol=1e-5)
+
+
+def test_packed_rows_hold_every_text_once_within_the_width_or_the_longest_text():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        lengths = rng.integers(1, 200, rng.integers(1, 60)).tolist()
+        rows = pack_rows(lengths, 128)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        width = max(128, *lengths)
+        assert all(sum(lengths[i] for i in row) <= width for row in rows)
+        # first fit: no two rows could have been one (so no row is needlessly short)
+        sums = sorted(sum(lengths[i] for i in row) for row in rows)
+        assert len(sums) < 2 or sums[0] + sums[1] > width
+    assert pack_rows([5, 60, 70, 30], 100) == [[2, 3], [1, 0]]
+
+
+def test_packed_texts_get_the_padded_batches_logits(tiny_model):
+    """Many texts per row, positions restarting, attention kept within each text: the same numbers as one
+    text per padded row, in input order, whatever the pass size."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+    assert packing_unsupported(model) is None
+    rng = np.random.default_rng(3)
+    seqs = [[2, *rng.integers(5, 60, n).tolist(), 3] for n in rng.integers(1, 100, 70)]
+    padded = predict_logits(model, seqs, 0, 16)
+    for batch_size, width in ((16, 128), (1, 32), (64, 128)):
+        np.testing.assert_allclose(packed_logits(model, seqs, batch_size, width), padded, atol=1e-5)
+    model.config.model_type = "distilbert"
+    assert "not one of" in packing_unsupported(model)

@@ -34,6 +34,8 @@ class ServedModel:
     precision_reason: str = ""
     measured: dict = field(default_factory=dict)
     pass_tokens: float | None = None  # a forward pass's fixed cost in padded tokens (kftune.predict.length_groups)
+    packed: bool = False  # several texts per row, no padding (kftune.predict.packed_logits)
+    batching: str = ""  # how texts share forward passes, and why
 
     def predict(self, texts: list[str], batch_size: int) -> list[dict]:
         """One answer per text, in order; `batch_size` texts of similar length share a padded forward pass.
@@ -41,14 +43,15 @@ class ServedModel:
         Sequence classification: label, probability, probabilities (every class). Token classification:
         entities (type, text, start, end, score, with character offsets into the text).
         """
-        from kftune.predict import predict_logits, predict_spans, softmax
+        from kftune.predict import packed_logits, predict_logits, predict_spans, softmax
 
         if not texts:
             return []
         if self.task == "token-classification":
             return [{"entities": spans} for spans in predict_spans(self.model, self.tokenizer, texts, batch_size)]
         seqs = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length)["input_ids"]
-        probs = softmax(predict_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size,
+        probs = softmax(packed_logits(self.model, seqs, batch_size) if self.packed else
+                        predict_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size,
                                        pass_tokens=self.pass_tokens))
         best = probs.argmax(axis=1)
         return [{"label": self.labels[b], "probability": float(p[b]),
@@ -198,6 +201,37 @@ def measure_at_registration(name: str, version: str, model_dir, texts: list[str]
     return choice
 
 
+PACKED_MAX_PROB_DIFF = 0.02  # packed and padded answers may differ by rounding only (bf16 rounds to ~0.01)
+
+
+def choose_batching(served: ServedModel, texts: list[str], batch_size: int) -> None:
+    """Packed rows where the model supports them and they give padded batches' answers on `texts` (same label,
+    probabilities within PACKED_MAX_PROB_DIFF: int8's per-batch activation scales do not); else padded batches
+    cut by length where padding costs more than another pass. Sets served.packed, pass_tokens and batching."""
+    import numpy as np
+
+    from kftune.predict import packed_logits, packing_unsupported, pass_tokens, predict_logits, softmax
+
+    why_not = packing_unsupported(served.model)
+    if why_not is None:
+        seqs = served.tokenizer(texts, truncation=True, max_length=served.tokenizer.model_max_length)["input_ids"]
+        packed = softmax(packed_logits(served.model, seqs, batch_size))
+        padded = softmax(predict_logits(served.model, seqs, served.tokenizer.pad_token_id, batch_size))
+        diff = float(np.abs(packed - padded).max())
+        if (packed.argmax(1) == padded.argmax(1)).all() and diff <= PACKED_MAX_PROB_DIFF:
+            served.packed = True
+            served.batching = (f"packed rows, no padding: on {len(texts)} held-out texts the answers match padded "
+                               f"batches' (largest probability difference {diff:.4f})")
+            return
+        why_not = (f"at {served.precision} packed answers differ from padded batches' on {len(texts)} held-out "
+                   f"texts (largest probability difference {diff:.3f})")
+    served.pass_tokens = pass_tokens(served.model, batch_size)
+    served.batching = (f"padded batches ({why_not}); " +
+                       ("of max_batch in length order" if served.pass_tokens is None else
+                        f"a forward pass costs as much as {served.pass_tokens:.0f} padded tokens: batches are cut by "
+                        f"length where padding costs more"))
+
+
 def load_version(name: str, version: str, cfg: ServeConfig, precision: str | None = None) -> ServedModel:
     """Load `name` v`version` from the registry, pick its precision (measuring it for auto), warm it up.
 
@@ -221,7 +255,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     model = model.to(device).eval()
     task = "token-classification" if type(model).__name__.endswith("ForTokenClassification") else \
         "sequence-classification"
-    from kftune.predict import labels_of, pass_tokens
+    from kftune.predict import labels_of
 
     try:
         texts = held_out_texts(name, version, cfg.agreement_rows)
@@ -253,11 +287,9 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)
     if task != "token-classification":
-        served.pass_tokens = pass_tokens(served.model, cfg.max_batch)
-    cuts = ("batches of max_batch in length order" if served.pass_tokens is None else
-            f"a forward pass costs as much as {served.pass_tokens:.0f} padded tokens: batches are cut by length "
-            f"where padding costs more")
-    log.info("%s v%s ready: %s at %s (%s); %s", name, version, task, served.precision, served.precision_reason, cuts)
+        choose_batching(served, (texts or warm)[: 4 * cfg.max_batch], cfg.max_batch)
+    log.info("%s v%s ready: %s at %s (%s); %s", name, version, task, served.precision, served.precision_reason,
+             served.batching)
     if fresh:
         record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped)
     return served

@@ -66,6 +66,7 @@ def test_both_protocols_answer_label_probabilities_and_version(guarded):
     meta = requests.get(f"{guarded.url}/v2/models/{CLASSIFIER}", headers=auth()).json()
     assert meta["versions"] == ["1"] and meta["inputs"][0]["datatype"] == "BYTES"
     assert meta["parameters"]["precision"] == "fp32" and meta["parameters"]["labels"] == labels
+    assert meta["parameters"]["batching"].startswith("packed rows"), "a BERT at fp32 packs its micro-batches"
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{CLASSIFIER}/ready", f"/v1/models/{CLASSIFIER}"):
         assert requests.get(guarded.url + path).status_code == 200, f"{path} is open and ready"
 
