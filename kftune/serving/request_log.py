@@ -77,11 +77,14 @@ def _fs(log_dir: str):
 class RequestLog:
     """Append predictions to Parquet files off the request path; `close()` writes what is left."""
 
-    def __init__(self, log_dir: str, max_queue: int, flush_seconds: float, file_rows: int):
-        self.log_dir, self.flush_seconds, self.file_rows = log_dir, flush_seconds, file_rows
+    def __init__(self, log_dir: str, max_queue: int, flush_seconds: float, file_rows: int, mask=None):
+        """mask: applied to each text by the writer thread, off the request path (kftune.pii.mask), or None."""
+        self.log_dir, self.flush_seconds, self.file_rows, self.mask = log_dir, flush_seconds, file_rows, mask
         self.fs, self.root = _fs(log_dir)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue = queue.Queue()  # one item per request; its bound is `_room`, in rows
+        self._lock = threading.Lock()
+        self._room = max_queue
         self.dropped = 0
         self.written = 0
         self._parts = itertools.count()
@@ -90,21 +93,21 @@ class RequestLog:
         self._thread.start()
 
     def append(self, rows: list[dict]) -> int:
-        """Queue rows without waiting; return how many were dropped because the queue was full."""
-        dropped = 0
+        """Queue one request's rows without waiting, all or none; return how many were dropped because the
+        queue had no room for them."""
+        with self._lock:
+            if len(rows) > self._room:
+                self.dropped += len(rows)
+                return len(rows)
+            self._room -= len(rows)
+        self._queue.put_nowait(rows)
         for row in rows:
-            try:
-                self._queue.put_nowait(row)
-            except queue.Full:
-                dropped += 1
-                continue
             rid = row["request_id"]
             self.recent[rid] = max(self.recent.get(rid, 0), row["index"] + 1)
             self.recent.move_to_end(rid)
         while len(self.recent) > RECENT_IDS:  # older ids are looked up in the files (feedback.logged_requests)
             self.recent.popitem(last=False)
-        self.dropped += dropped
-        return dropped
+        return 0
 
     def close(self, timeout: float = 30) -> None:
         self._queue.put(None)  # blocks only while the writer makes room: shutdown, not a request
@@ -115,18 +118,25 @@ class RequestLog:
         while True:
             wait = self.flush_seconds if since is None else max(0.0, since + self.flush_seconds - time.monotonic())
             try:
-                row = self._queue.get(timeout=wait)
+                rows = self._queue.get(timeout=wait)
             except queue.Empty:
-                row = ...
-            if row is None:
+                rows = ...
+            if rows is None:
                 self._write(buffer)
                 return
-            if row is not ...:
-                buffer.append(row)
+            if rows is not ...:
+                with self._lock:
+                    self._room += len(rows)
+                buffer += [{**r, "text": self.mask(r["text"])} for r in rows] if self.mask else rows
                 since = since or time.monotonic()
-            if buffer and (len(buffer) >= self.file_rows or time.monotonic() - since >= self.flush_seconds):
+            while len(buffer) >= self.file_rows:
+                self._write(buffer[: self.file_rows])
+                buffer = buffer[self.file_rows :]
+            if buffer and time.monotonic() - since >= self.flush_seconds:
                 self._write(buffer)
-                buffer, since = [], None
+                buffer = []
+            if not buffer:
+                since = None
 
     def _write(self, rows: list[dict]) -> None:
         if not rows:
@@ -148,7 +158,8 @@ class RequestLog:
                     pq.write_table(table, f)
             self.written += len(rows)
         except Exception:  # noqa: BLE001 - a failed write loses these rows, not the server
-            self.dropped += len(rows)
+            with self._lock:
+                self.dropped += len(rows)
             log.exception("request log: could not write %d predictions to %s", len(rows), folder)
 
 
