@@ -307,8 +307,8 @@ class ServeConfig:
     max_body_bytes: int = _doc("Largest request body in bytes (more: 413).")
     threads: int = _doc("torch intra-op threads; 0 means the cores this process may use.")
     log_dir: str = _doc("Request log: a local folder or s3://bucket/prefix of Parquet files; empty disables it.")
-    log_queue: int = _doc("Request log: predictions waiting to be written; beyond it they are dropped (and "
-                          "counted), never blocking a request.")
+    log_queue: int = _doc("Request log: predictions waiting to be written; a request whose predictions do not "
+                          "fit is dropped from the log whole (and counted), never blocking it.")
     log_flush_seconds: float = _doc("Request log: write a new Parquet file at least this often while there is "
                                     "traffic.")
     log_file_rows: int = _doc("Request log: most predictions per Parquet file.")
