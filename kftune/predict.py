@@ -158,6 +158,7 @@ def packed_logits(model, seqs: list[list[int]], batch_size: int, width: int = PA
     import torch
 
     device = next(model.parameters()).device
+    width = min(width, getattr(model.config, "max_position_embeddings", width))  # BERT's token-type buffer
     rows = pack_rows([len(s) for s in seqs], width)
     rows_per_pass = max(1, batch_size * 64 // width)
     out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)

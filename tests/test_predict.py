@@ -92,3 +92,23 @@ def test_packed_texts_get_the_padded_batches_logits(tiny_model):
         np.testing.assert_allclose(packed_logits(model, seqs, batch_size, width), padded, atol=1e-5)
     model.config.model_type = "distilbert"
     assert "not one of" in packing_unsupported(model)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_served_model_packs_only_where_packing_is_supported_and_answers_the_same(tiny_model, attention):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kftune.serving.model import ServedModel, choose_batching
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2,
+                                                               attn_implementation=attention).eval()
+    served = ServedModel("m", "1", "sequence-classification", ["a", "b"], model, AutoTokenizer.from_pretrained(tiny_model))
+    texts = [" ".join(["gainoku", "lossira", "said"] * n) for n in range(1, 30)]
+    padded = served.predict(texts, 8)
+    choose_batching(served, texts, 8)
+    assert served.packed == (attention == "sdpa"), served.batching
+    assert ("packed rows" if attention == "sdpa" else "'eager', not 'sdpa'") in served.batching
+    for got, want in zip(served.predict(texts, 8), padded):
+        assert got["label"] == want["label"] and got["probability"] == pytest.approx(want["probability"], abs=1e-5)
