@@ -108,8 +108,8 @@ async def in_own_thread(fn, *args):
 
     For loading a version: its warm-up runs torch's OpenMP parallel regions, and an OpenMP thread pool lives as long
     as the thread that started it. Kept alive in asyncio's executor, that second pool slowed the predict thread's
-    forward passes by 20-30% on 2 cores (MiniLM micro-batches: 42 ms against 34 ms with the loading thread gone);
-    libgomp spins less when it manages more threads than there are CPUs.
+    forward passes by 20-30% on 2 cores (MiniLM micro-batches: 42 ms against 34 ms with the loading thread gone;
+    likely libgomp spinning less once it manages more threads than there are CPUs).
     """
     loop = asyncio.get_running_loop()
     future = loop.create_future()
