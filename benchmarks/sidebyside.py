@@ -425,35 +425,14 @@ def _padded_batch(seqs, pad_id: int, multiple: int):
     return ids, mask
 
 
-def _packed_loss(model, seqs, labels, pad_id: int, row: int = MAX_LENGTH):
+def _packed_loss(model, seqs, labels, row: int = MAX_LENGTH):
     """Padding-free: sequences packed first-fit into rows of `row` tokens with a block-diagonal 4D mask,
     positions restarting per sequence, and each sequence's [CLS] pooled and classified."""
     import torch
 
-    rows, used = [], []
-    for i in np.argsort([-len(s) for s in seqs], kind="stable"):
-        r = next((k for k, u in enumerate(used) if u + len(seqs[i]) <= row), None)
-        if r is None:
-            rows.append([]), used.append(0)
-            r = len(rows) - 1
-        rows[r].append(i)
-        used[r] += len(seqs[i])
-    width = max(used)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    seg = torch.full((len(rows), width), -1, dtype=torch.long)
-    cls_r, cls_c, order = [], [], []
-    for r, members in enumerate(rows):
-        at = 0
-        for j, i in enumerate(members):
-            n = len(seqs[i])
-            ids[r, at: at + n] = torch.as_tensor(seqs[i])
-            pos[r, at: at + n] = torch.arange(n)
-            seg[r, at: at + n] = j
-            cls_r.append(r), cls_c.append(at), order.append(i)
-            at += n
-    mask = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0))[:, None]
-    mask |= torch.eye(width, dtype=torch.bool)[None, None]  # pad rows attend to themselves: no NaN
+    from kftune.predict import pack_rows, packed_batch
+
+    ids, pos, mask, cls_r, cls_c, order = packed_batch(seqs, pack_rows([len(s) for s in seqs], row))
     base = model.bert
     hidden = base(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     pooled = base.pooler.activation(base.pooler.dense(hidden[cls_r, cls_c]))
@@ -523,7 +502,7 @@ def k_like(spec: dict, work: Path) -> dict:
         t1 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if spec.get("pack"):
-                loss, width_tokens = _packed_loss(model, seqs, labels, pad_id)
+                loss, width_tokens = _packed_loss(model, seqs, labels)
             else:
                 loss = net(input_ids=ids, attention_mask=mask, labels=labels).loss
                 width_tokens = int(ids.numel())

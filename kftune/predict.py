@@ -133,6 +133,32 @@ def pack_rows(lengths, width: int) -> list[list[int]]:
     return rows
 
 
+def packed_batch(seqs: list[list[int]], rows: list[list[int]]):
+    """Tensors for rows of packed sequences (pack_rows): input ids, restarting position ids, a block-diagonal
+    (rows, 1, width, width) attention mask, and per sequence its row, first column and index into `seqs`.
+    Padding is a segment of its own, so no query attends to nothing."""
+    import torch
+
+    cols = max(sum(len(seqs[i]) for i in row) for row in rows)
+    ids = torch.zeros((len(rows), cols), dtype=torch.long)
+    pos = torch.zeros((len(rows), cols), dtype=torch.long)
+    seg = torch.full((len(rows), cols), -1, dtype=torch.long)
+    r_at, c_at, order = [], [], []
+    for r, row in enumerate(rows):
+        c = 0
+        for k, i in enumerate(row):
+            n = len(seqs[i])
+            ids[r, c : c + n] = torch.as_tensor(seqs[i])
+            pos[r, c : c + n] = torch.arange(n)
+            seg[r, c : c + n] = k
+            r_at.append(r)
+            c_at.append(c)
+            order.append(i)
+            c += n
+    mask = (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)
+    return ids, pos, mask, r_at, c_at, order
+
+
 def packing_unsupported(model) -> str | None:
     """Why `packed_logits` cannot run this model, or None when it can."""
     cfg = model.config
@@ -173,25 +199,8 @@ def packed_logits(model, seqs: list[list[int]], batch_size: int, width: int = PA
     try:
         with torch.inference_mode():
             for at in range(0, len(rows), rows_per_pass):
-                chunk = rows[at : at + rows_per_pass]
-                cols = max(sum(len(seqs[i]) for i in row) for row in chunk)
-                ids = torch.zeros((len(chunk), cols), dtype=torch.long)
-                pos = torch.zeros((len(chunk), cols), dtype=torch.long)
-                seg = torch.full((len(chunk), cols), -1, dtype=torch.long)  # padding: its own segment
-                r_at, c_at, order = [], [], []
-                for r, row in enumerate(chunk):
-                    c = 0
-                    for k, i in enumerate(row):
-                        n = len(seqs[i])
-                        ids[r, c : c + n] = torch.as_tensor(seqs[i])
-                        pos[r, c : c + n] = torch.arange(n)
-                        seg[r, c : c + n] = k
-                        r_at.append(r)
-                        c_at.append(c)
-                        order.append(i)
-                        c += n
+                ids, pos, mask, r_at, c_at, order = packed_batch(seqs, rows[at : at + rows_per_pass])
                 first[:] = [torch.tensor(r_at, device=device), torch.tensor(c_at, device=device)]
-                mask = (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                position_ids=pos.to(device)).logits
                 out[order] = logits.float().cpu().numpy()

@@ -38,7 +38,8 @@ class ServedModel:
     batching: str = ""  # how texts share forward passes, and why
 
     def predict(self, texts: list[str], batch_size: int) -> list[dict]:
-        """One answer per text, in order; `batch_size` texts of similar length share a padded forward pass.
+        """One answer per text, in order; texts share forward passes packed into rows (`packed`, see
+        choose_batching) or padded in length-sorted batches of `batch_size`.
 
         Sequence classification: label, probability, probabilities (every class). Token classification:
         entities (type, text, start, end, score, with character offsets into the text).

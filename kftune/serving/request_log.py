@@ -79,17 +79,17 @@ class RequestLog:
 
     def __init__(self, log_dir: str, max_queue: int, flush_seconds: float, file_rows: int, mask=None):
         """mask: applied to each text by the writer thread, off the request path (kftune.pii.mask), or None."""
-        self.log_dir, self.flush_seconds, self.file_rows, self.mask = log_dir, flush_seconds, file_rows, mask
+        self.log_dir, self.max_queue, self.flush_seconds, self.file_rows = log_dir, max_queue, flush_seconds, file_rows
+        self.mask = mask
         self.fs, self.root = _fs(log_dir)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         # one list of rows per request, handed over under the lock; the writer wakes every flush_seconds, or
         # once file_rows are waiting (not per request: a wake-up per request cost the forward passes ~10%)
         self._pending: list[list[dict]] = []
-        self._pending_rows = 0
+        self._pending_rows = 0  # beyond max_queue, a request's rows are dropped
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
-        self._room = max_queue  # rows that may still wait; beyond it a request's rows are dropped
         self.dropped = 0
         self.written = 0
         self._parts = itertools.count()
@@ -101,10 +101,9 @@ class RequestLog:
         """Queue one request's rows without waiting, all or none; return how many were dropped because the
         queue had no room for them."""
         with self._lock:
-            if len(rows) > self._room:
+            if self._pending_rows + len(rows) > self.max_queue:
                 self.dropped += len(rows)
                 return len(rows)
-            self._room -= len(rows)
             self._pending.append(rows)
             self._pending_rows += len(rows)
             full = self._pending_rows >= self.file_rows
@@ -130,7 +129,6 @@ class RequestLog:
             closing = self._closing  # read before taking the rows: what was appended before close() is in them
             with self._lock:
                 taken, self._pending, self._pending_rows = self._pending, [], 0
-                self._room += sum(len(rows) for rows in taken)
             rows = [r for request in taken for r in request]
             if self.mask:
                 rows = [{**r, "text": self.mask(r["text"])} for r in rows]
