@@ -64,11 +64,17 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         last_call = loop.time() + MAX_WAITS * self.max_wait
         while n < self.max_batch:
-            wait = min(self.max_wait, last_call - loop.time())
-            try:
-                job = self._queue.get_nowait() if wait <= 0 else await asyncio.wait_for(self._queue.get(), wait)
-            except (asyncio.QueueEmpty, TimeoutError):
-                break
+            if not self._queue.empty():
+                job = self._queue.get_nowait()
+            else:
+                wait = min(self.max_wait, last_call - loop.time())
+                if wait <= 0:
+                    break
+                try:  # asyncio.timeout, not wait_for: no task per arrival
+                    async with asyncio.timeout(wait):
+                        job = await self._queue.get()
+                except TimeoutError:
+                    break
             if job is None:
                 return jobs, True
             jobs.append(job)

@@ -34,6 +34,20 @@ class Metrics:
         self.load_failures = Counter("kftune_serve_model_load_failures", "Versions that failed to load", registry=r)
         self.log_dropped = Counter("kftune_serve_request_log_dropped", "Predictions not written to the request log",
                                    registry=r)
+        self._by_route: dict = {}  # (route, code) -> its series: a labels() lookup per request costs the event loop
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency."""
+        series = self._by_route.get((route, status))
+        if series is None:
+            code = str(status)
+            series = self._by_route[route, status] = (
+                self.requests.labels(route, code), self.errors.labels(route, code) if status >= 400 else None,
+                self.latency.labels(route))
+        series[0].inc()
+        if series[1] is not None:
+            series[1].inc()
+        series[2].observe(seconds)
 
     def serving(self, old: ServedModel | None, new: ServedModel) -> None:
         if old is not None:

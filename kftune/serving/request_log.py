@@ -9,7 +9,7 @@ One row per text (SCHEMA):
 
 | column | type | meaning |
 |---|---|---|
-| request_id | string | the request's id (X-Request-ID or V2 `id` if given, else a UUID) |
+| request_id | string | the request's id (X-Request-ID or V2 `id` if given, else the server's: a random prefix per start and a counter) |
 | index | int32 | position of the text in its request |
 | time | timestamp[ms, UTC] | when the answer was computed |
 | model | string | registered model name |

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -51,6 +52,13 @@ access_log = logging.getLogger("kftune.serving.access")
 TOKEN_ENV, TOKEN_FILE_ENV = "KFTUNE_SERVE_TOKEN", "KFTUNE_SERVE_TOKEN_FILE"
 RETRY_POLLS = 10  # a version that failed to load is tried again after this many polls
 REQUEST_ID = re.compile(r"[\w.:-]{1,64}")
+
+
+def request_ids():
+    """Unique request ids: a random prefix per server start, then a counter (uuid4 per request reads the OS's
+    random source each time: a system call on the event loop for every request)."""
+    prefix = uuid.uuid4().hex[:16]
+    return (f"{prefix}-{n:x}" for n in itertools.count(1)).__next__
 
 
 def load_tokens(env: dict | None = None) -> list[str]:
@@ -174,7 +182,7 @@ class Observe:
     per request, which under load was a fifth of the event loop's time."""
 
     def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+        self.app, self.metrics, self.next_id = app, metrics, request_ids()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -182,7 +190,7 @@ class Observe:
         start = time.perf_counter()
         rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
         st = scope.setdefault("state", {})
-        st["request_id"] = rid if REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
+        st["request_id"] = rid if REQUEST_ID.fullmatch(rid) else self.next_id()
         st["n_texts"], st["version"] = 0, None
         status = None
 
@@ -203,11 +211,7 @@ class Observe:
             status = status or 500
         route = getattr(scope.get("route"), "path", "unmatched")
         seconds = time.perf_counter() - start
-        code = str(status)
-        self.metrics.requests.labels(route, code).inc()
-        if status >= 400:
-            self.metrics.errors.labels(route, code).inc()
-        self.metrics.latency.labels(route).observe(seconds)
+        self.metrics.request(route, status, seconds)
         if route != "/metrics" and not route.startswith("/v2/health"):
             client = scope.get("client")
             access_log.info(json.dumps({"request_id": st["request_id"], "method": scope["method"], "route": route,
@@ -440,6 +444,10 @@ def run(name: str, alias: str | None, cfg: ServeConfig, host: str, port: int, ve
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
+    # The logging HOWTO's "Optimization": records skip the caller's frame, thread and process lookups that the
+    # format never prints; an access-log line per request is then about half as dear on the event loop.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     config = uvicorn.Config(create_app(state), host=host, port=port, access_log=False, log_config=None,
                             timeout_graceful_shutdown=cfg.drain_seconds, lifespan="on")
     Server(config).run()

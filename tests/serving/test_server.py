@@ -248,3 +248,13 @@ def test_an_unknown_model_fails_at_once_with_a_message(serve_store, monkeypatch,
     assert main(["--project-dir", str(serve_store), "serve", "--model", "no-such-model", "--params",
                  str(ROOT / "params.yaml")]) == 2
     assert "no registered model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_request_ids_are_unique_within_a_server_and_across_restarts():
+    from kftune.serving.server import REQUEST_ID, request_ids
+
+    first, restarted = request_ids(), request_ids()
+    ids = [first() for _ in range(10_000)]
+    again = restarted()
+    assert len(set(ids)) == len(ids) and again not in ids
+    assert all(REQUEST_ID.fullmatch(i) for i in [*ids, again])
