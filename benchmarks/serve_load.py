@@ -182,7 +182,6 @@ def main() -> None:
     t0 = time.perf_counter()
     server = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=log_file,
                               start_new_session=True)
-    levels = {}
     try:
         while True:
             if server.poll() is not None:
@@ -205,7 +204,7 @@ def main() -> None:
         load(port, reqs, 32, 3)  # warm-up: first-call costs of the larger shapes
         for clients in (1, 8, 32):
             b0 = batches()
-            r = levels[clients] = load(port, reqs, clients, args.seconds)
+            r = load(port, reqs, clients, args.seconds)
             errors += r["errors"]
             b1 = batches()
             mean_batch = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1)
