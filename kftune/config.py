@@ -298,6 +298,8 @@ class ServeConfig:
                                "loaded and warmed beside the old, then swapped in.")
     max_batch: int = _doc("Most texts in one forward pass; concurrent requests are gathered up to this.")
     max_wait_ms: float = _doc("How long a batch waits for one more request (again after each arrival, 8 times at most).")
+    max_queue: int = _doc("Load shedding: most texts waiting or in the forward pass; a request beyond it gets a 503 "
+                          "with Retry-After at once instead of a long wait. 0: no limit.")
     precision: str = _doc("auto (the fastest of fp32, bf16 where native, int8 whose agreement with fp32 on the "
                           "version's held-out rows is >= min_agreement, measured at load), fp32, bf16 or int8.")
     min_agreement: float = _doc("precision=auto: least share of held-out predictions equal to fp32's.")
@@ -323,7 +325,7 @@ class ServeConfig:
         out = [f"serve.{k}={getattr(self, k)!r}: must be > 0" for k in
                ("poll_seconds", "max_batch", "agreement_rows", "max_texts", "max_text_chars", "max_body_bytes",
                 "log_queue", "log_flush_seconds", "log_file_rows", "drain_seconds") if getattr(self, k) <= 0]
-        out += [f"serve.{k}={getattr(self, k)!r}: must be >= 0" for k in ("max_wait_ms", "threads")
+        out += [f"serve.{k}={getattr(self, k)!r}: must be >= 0" for k in ("max_wait_ms", "max_queue", "threads")
                 if getattr(self, k) < 0]
         if self.precision not in SERVE_PRECISIONS:
             out.append(f"serve.precision={self.precision!r}: must be one of {', '.join(SERVE_PRECISIONS)}")

@@ -5,6 +5,9 @@ request, gathers more until `max_batch` texts or until none came for `max_wait_m
 that version (sorted by length and padded per batch, in `ServedModel.predict`). A request that
 started on the old version during a hot swap therefore finishes on it, and forward passes never run
 concurrently with each other (torch already uses every core for one).
+
+Load shedding: past `max_queue` texts waiting or in the forward pass, a request is refused at once
+(`Overloaded`, a 503 with Retry-After) instead of queueing for longer than any client waits.
 """
 
 from __future__ import annotations
@@ -26,10 +29,17 @@ class _Job:
     future: asyncio.Future
 
 
+class Overloaded(Exception):
+    def __init__(self, waiting: int, limit: int):
+        super().__init__(f"{waiting} texts already waiting; the limit is serve.max_queue={limit}")
+        self.waiting, self.limit = waiting, limit
+
+
 class MicroBatcher:
-    def __init__(self, max_batch: int, max_wait_ms: float, on_batch=None):
-        """on_batch(n_texts) is called after each forward batch group (for metrics)."""
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+    def __init__(self, max_batch: int, max_wait_ms: float, on_batch=None, max_queue: int = 0):
+        """on_batch(n_texts) is called after each forward batch group (for metrics); max_queue=0: no limit."""
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
+        self.waiting = 0  # texts queued or in the forward pass
         self.on_batch = on_batch or (lambda n: None)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kftune-predict")
@@ -42,6 +52,9 @@ class MicroBatcher:
         """The answers for `texts` from `served`, computed in a batch shared with concurrent requests."""
         if self._worker is None or self._worker.done():
             raise RuntimeError("the batcher is not running")
+        if self.max_queue and self.waiting and self.waiting + len(texts) > self.max_queue:
+            raise Overloaded(self.waiting, self.max_queue)
+        self.waiting += len(texts)
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(served, texts, future))
         return await future
@@ -97,11 +110,13 @@ class MicroBatcher:
                 try:
                     answers = await loop.run_in_executor(self._executor, group[0].served.predict, texts, self.max_batch)
                 except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                    self.waiting -= len(texts)
                     log.exception("prediction failed for a batch of %d texts", len(texts))
                     for job in group:
                         if not job.future.done():
                             job.future.set_exception(exc)
                     continue
+                self.waiting -= len(texts)
                 self.on_batch(len(texts))
                 at = 0
                 for job in group:

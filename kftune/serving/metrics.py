@@ -23,6 +23,8 @@ class Metrics:
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.batch = Histogram("kftune_serve_batch_texts", "Texts per micro-batch sent to the model", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.queue = Gauge("kftune_serve_queue_texts", "Texts waiting for or in a forward pass (load shedding past "
+                           "serve.max_queue)", registry=r)
         self.predictions = Counter("kftune_serve_predictions", "Predicted labels (token classification: entities "
                                    "by type)", ["label"], registry=r)
         self.model = Gauge("kftune_serve_model_info", "1 for the version and precision being served", 

@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from kftune.config import ConfigError, ServeConfig
-from kftune.serving.batching import MicroBatcher
+from kftune.serving.batching import MicroBatcher, Overloaded
 from kftune.serving.metrics import Metrics
 from kftune.serving.model import ServedModel, ServingError, load_version
 from kftune.serving.protocol import (HTTPError, check_texts, texts_from_v1, texts_from_v2, v1_response, v2_metadata,
@@ -232,7 +232,8 @@ def create_app(state: State):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_ms, metrics.batch.observe)
+        state.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_ms, metrics.batch.observe, cfg.max_queue)
+        metrics.queue.set_function(lambda: state.batcher.waiting)
         state.batcher.start()
         if cfg.log_dir:
             state.request_log = RequestLog(cfg.log_dir, cfg.log_queue, cfg.log_flush_seconds, cfg.log_file_rows,
@@ -286,7 +287,10 @@ def create_app(state: State):
 
     async def predict(request: Request, served: ServedModel, texts: list[str]) -> list[dict]:
         request.state.n_texts, request.state.version = len(texts), served.version
-        answers = await state.batcher.predict(served, texts)
+        try:
+            answers = await state.batcher.predict(served, texts)
+        except Overloaded as exc:
+            raise HTTPError(503, f"overloaded: {exc}; retry shortly", {"Retry-After": "1"}) from None
         counts = collections.Counter()  # one metrics call per label, not per text
         for a in answers:
             counts.update([a["label"]] if "label" in a else [span["type"] for span in a["entities"]])

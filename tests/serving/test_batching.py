@@ -3,7 +3,9 @@
 import asyncio
 import threading
 
-from kftune.serving.batching import MicroBatcher
+import pytest
+
+from kftune.serving.batching import MicroBatcher, Overloaded
 
 
 class Recorder:
@@ -68,3 +70,24 @@ def test_a_burst_that_keeps_arriving_is_one_batch_and_a_lull_ends_it():
 
     v1 = asyncio.run(main())
     assert v1.batches == [[f"t{i}" for i in range(6)], ["t6"]]
+
+
+def test_past_max_queue_a_request_is_refused_at_once_and_the_count_returns_to_zero():
+    async def main():
+        batcher = MicroBatcher(max_batch=64, max_wait_ms=100, max_queue=3)
+        batcher.start()
+        v1 = Recorder("1")
+        first = asyncio.ensure_future(batcher.predict(v1, ["a", "b"]))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="2 texts already waiting; the limit is serve.max_queue=3"):
+            await batcher.predict(v1, ["c", "d"])
+        fits = await batcher.predict(v1, ["e"])  # 2 + 1 <= 3: queued, and gathered with the first
+        await first
+        idle = batcher.waiting
+        alone = await batcher.predict(v1, list("fghijk"))  # more than max_queue, but nothing waits: served
+        await batcher.close()
+        return v1, fits, idle, alone, batcher.waiting
+
+    v1, fits, idle, alone, after = asyncio.run(main())
+    assert v1.batches == [["a", "b", "e"], list("fghijk")] and fits == [{"n": 1, "version": "1"}]
+    assert idle == 0 and after == 0 and len(alone) == 6

@@ -164,6 +164,24 @@ def test_token_classification_spans_with_character_offsets_and_sigint_stops_clea
     assert [json.loads(e) for e in logged["entities"][:2]] == [p["entities"] for p in preds]
 
 
+def test_past_max_queue_a_request_gets_a_503_with_retry_after_and_the_queued_one_is_answered(start_server):
+    # the first request waits max_wait_ms for company; a second arriving meanwhile would exceed max_queue=1
+    server = start_server(CLASSIFIER, ["serve.precision=fp32", "serve.max_queue=1", "serve.max_wait_ms=1500"])
+    url = f"{server.url}/v1/models/{CLASSIFIER}:predict"
+    first: list = []
+    waiting = threading.Thread(target=lambda: first.append(requests.post(url, json={"instances": ["gainoku"]})))
+    waiting.start()
+    _until(lambda: "kftune_serve_queue_texts 1.0" in requests.get(f"{server.url}/metrics").text, 10, "one queued text")
+    refused = requests.post(url, json={"instances": ["lossira"]})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "serve.max_queue=1" in refused.json()["error"]
+    waiting.join(30)
+    assert first[0].status_code == 200 and first[0].json()["predictions"][0]["model_version"] == "1"
+    assert requests.post(url, json={"instances": ["again"]}).status_code == 200, "served again once the queue emptied"
+    assert 'kftune_serve_request_errors_total{code="503",route="/v1/models/{name}:predict"} 1.0' in \
+        requests.get(f"{server.url}/metrics").text
+
+
 def _hammer(url: str, stop: threading.Event, results: list, n_threads: int = 4, prefix: str = "c"):
     def client(i):
         session = requests.Session()
