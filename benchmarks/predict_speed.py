@@ -3,9 +3,9 @@
 MiniLM-L6 fine-tuned briefly on Financial PhraseBank (all-agree), predicting the test split's texts:
 `pipeline("text-classification")` as people call it (one text at a time) and with batch_size=32, then
 kftune's predictor at fp32, bf16 (only where the CPU has native bf16) and int8 (dynamic quantisation of the
-Linear layers): as registration measures it (length-sorted batches padded per batch), and as `kftune predict`
-and `kftune serve` run it (`ServedModel.predict`: packed rows where they give the padded answers, see
-kftune.serving.model.choose_batching). Prints texts/s, the speed-up over the plain pipeline and the share of
+Linear layers), measured as registration measures it for `serve.precision: auto`, which is how `kftune predict`
+and `kftune serve` run it (packed rows where they give padded batches' answers, else length-sorted padded
+batches: kftune.predict.choose_batching). Prints texts/s, the speed-up over the plain pipeline and the share of
 labels equal to fp32's; no timed assertions.
 
     .venv/bin/python benchmarks/predict_speed.py [--work .kftune/bench-serving] [--steps 60]
@@ -42,9 +42,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from kftune.hardware import cgroup_cpu_limit, choose_threads, usable_cores
-    from kftune.predict import labels_of
-    from kftune.serving.model import ServedModel, choose_batching
-    from kftune.serving.precision import candidates, convert, measure_precisions
+    from kftune.serving.precision import candidates, measure_precisions
 
     model_dir, texts = prepare(Path(args.work), args.steps)
     torch.set_num_threads(int(choose_threads(0, usable_cores(), cgroup_cpu_limit()).value))
@@ -62,20 +60,8 @@ def main() -> None:
     print(f"{'HF pipeline (one text at a time)':<40} {plain:>9.1f} {1:>11.2f}x {'':>10}")
     print(f"{f'HF pipeline batch_size={args.batch_size}':<40} {batched:>9.1f} {batched / plain:>11.2f}x {'':>10}")
     for p, m in measured.items():
-        name = f"kftune {p} (batch {args.batch_size}, length-sorted)"
+        name = f"kftune {p} ({m['batching']}, batch {args.batch_size})"
         print(f"{name:<40} {m['texts_per_s']:>9.1f} {m['texts_per_s'] / plain:>11.2f}x {m['agreement']:>10.4f}")
-    reference = None
-    for p in measured:
-        served = ServedModel("bench", "1", "sequence-classification", labels_of(model), convert(model, p), tokenizer, p)
-        choose_batching(served, texts[: 4 * args.batch_size], args.batch_size)
-        served.predict(texts[: args.batch_size], args.batch_size)  # warm-up
-        t0 = time.perf_counter()
-        labels = [a["label"] for a in served.predict(texts, args.batch_size)]
-        speed = len(texts) / (time.perf_counter() - t0)
-        reference = reference or labels  # fp32 comes first
-        agree = sum(a == b for a, b in zip(labels, reference)) / len(texts)
-        name = f"kftune predict {p} ({'packed' if served.packed else 'padded'})"
-        print(f"{name:<40} {speed:>9.1f} {speed / plain:>11.2f}x {agree:>10.4f}")
     for s in skipped:
         print(f"not measured: {s}")
     print(f"\nmachine after: {machine_line()}")

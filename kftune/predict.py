@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -207,6 +208,52 @@ def packed_logits(model, seqs: list[list[int]], batch_size: int, width: int = PA
     finally:
         hook.remove()
     return out
+
+
+PACKED_MAX_PROB_DIFF = 0.02  # packed and padded answers may differ by rounding only (bf16 rounds to ~0.01)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a text classifier's texts share forward passes: packed rows, or padded batches cut by length."""
+    packed: bool
+    pass_tokens: float | None  # padded batches: a pass's fixed cost in padded tokens (see length_groups)
+    reason: str
+
+
+PADDED = Batching(False, None, "padded batches of max_batch in length order")
+
+
+def choose_batching(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> Batching:
+    """Packed rows where the model supports them and they give padded batches' answers on `seqs` (same label,
+    probabilities within PACKED_MAX_PROB_DIFF: int8's per-batch activation scales do not); else padded batches
+    cut by length where padding costs more than another pass (the pass's cost timed here)."""
+    why_not = packing_unsupported(model)
+    if why_not is None:
+        padded = softmax(predict_logits(model, seqs, pad_id, batch_size))
+        try:
+            packed = softmax(packed_logits(model, seqs, batch_size))
+        except Exception as exc:  # noqa: BLE001 - a model this code did not foresee: serve it padded
+            why_not = f"packing failed: {type(exc).__name__}: {str(exc)[:200]}"
+        else:
+            diff = float(np.abs(packed - padded).max())
+            if (packed.argmax(1) == padded.argmax(1)).all() and diff <= PACKED_MAX_PROB_DIFF:
+                return Batching(True, None, f"packed rows, no padding: on {len(seqs)} held-out texts the answers "
+                                            f"match padded batches' (largest probability difference {diff:.4f})")
+            why_not = (f"packed answers differ from padded batches' on {len(seqs)} held-out texts (largest "
+                       f"probability difference {diff:.3f})")
+    cost = pass_tokens(model, batch_size)
+    return Batching(False, cost, f"padded batches ({why_not}); " + (
+        "of max_batch in length order" if cost is None else
+        f"a forward pass costs as much as {cost:.0f} padded tokens: batches are cut by length where padding "
+        f"costs more"))
+
+
+def batched_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int, batching: Batching) -> np.ndarray:
+    """Classification logits in input order, batched as `batching` says (what serving and `kftune predict` run)."""
+    if batching.packed:
+        return packed_logits(model, seqs, batch_size)
+    return predict_logits(model, seqs, pad_id, batch_size, pass_tokens=batching.pass_tokens)
 
 
 def sentence_embeddings(model, seqs: list[list[int]], pad_id: int, batch_size: int,

@@ -99,16 +99,19 @@ def test_a_served_model_packs_only_where_packing_is_supported_and_answers_the_sa
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kftune.serving.model import ServedModel, choose_batching
+    from kftune.predict import choose_batching
+    from kftune.serving.model import ServedModel
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2,
                                                                attn_implementation=attention).eval()
-    served = ServedModel("m", "1", "sequence-classification", ["a", "b"], model, AutoTokenizer.from_pretrained(tiny_model))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    served = ServedModel("m", "1", "sequence-classification", ["a", "b"], model, tokenizer)
     texts = [" ".join(["gainoku", "lossira", "said"] * n) for n in range(1, 30)]
     padded = served.predict(texts, 8)
-    choose_batching(served, texts, 8)
-    assert served.packed == (attention == "sdpa"), served.batching
-    assert ("packed rows" if attention == "sdpa" else "'eager', not 'sdpa'") in served.batching
+    seqs = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    served.batching = choose_batching(model, seqs, tokenizer.pad_token_id, 8)
+    assert served.batching.packed == (attention == "sdpa"), served.batching
+    assert ("packed rows" if attention == "sdpa" else "'eager', not 'sdpa'") in served.batching.reason
     for got, want in zip(served.predict(texts, 8), padded):
         assert got["label"] == want["label"] and got["probability"] == pytest.approx(want["probability"], abs=1e-5)

@@ -52,8 +52,7 @@ def cmd_predict(args) -> int:
     threads = _torch_threads(params.serve.threads)
     served = load_version(name, version, params.serve, args.precision)
     print(f"{name} v{version}: {served.task}, {served.precision} ({served.precision_reason}); {threads} torch threads")
-    if served.batching:
-        print(f"batching: {served.batching}")
+    print(f"batching: {served.batching.reason}")
     out = predict_file(served, args.input, args.output, args.text_column or params.ingest.text_column,
                        args.chunk_rows, params.serve.max_batch, progress=not args.no_progress)
     print(f"wrote {out['rows']} predictions to {out['output']} in {out['seconds']} s ({out['texts_per_s']} texts/s)")

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from kftune.config import ConfigError, ServeConfig
+from kftune.predict import PADDED, Batching
 from kftune.serving import precision as prec
 
 log = logging.getLogger(__name__)
@@ -33,27 +34,23 @@ class ServedModel:
     precision: str = "fp32"
     precision_reason: str = ""
     measured: dict = field(default_factory=dict)
-    pass_tokens: float | None = None  # a forward pass's fixed cost in padded tokens (kftune.predict.length_groups)
-    packed: bool = False  # several texts per row, no padding (kftune.predict.packed_logits)
-    batching: str = ""  # how texts share forward passes, and why
+    batching: Batching = PADDED  # how texts share forward passes, and why (kftune.predict.choose_batching)
 
     def predict(self, texts: list[str], batch_size: int) -> list[dict]:
-        """One answer per text, in order; texts share forward passes packed into rows (`packed`, see
-        choose_batching) or padded in length-sorted batches of `batch_size`.
+        """One answer per text, in order; texts share forward passes as `batching` says: packed into rows, or
+        padded in length-sorted batches of `batch_size`.
 
         Sequence classification: label, probability, probabilities (every class). Token classification:
         entities (type, text, start, end, score, with character offsets into the text).
         """
-        from kftune.predict import packed_logits, predict_logits, predict_spans, softmax
+        from kftune.predict import batched_logits, predict_spans, softmax
 
         if not texts:
             return []
         if self.task == "token-classification":
             return [{"entities": spans} for spans in predict_spans(self.model, self.tokenizer, texts, batch_size)]
         seqs = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length)["input_ids"]
-        probs = softmax(packed_logits(self.model, seqs, batch_size) if self.packed else
-                        predict_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size,
-                                       pass_tokens=self.pass_tokens))
+        probs = softmax(batched_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.batching))
         best = probs.argmax(axis=1)
         return [{"label": self.labels[b], "probability": float(p[b]),
                  "probabilities": {lbl: float(x) for lbl, x in zip(self.labels, p)}} for b, p in zip(best, probs)]
@@ -122,6 +119,8 @@ def recorded_precisions(tags: dict) -> tuple[dict[str, dict], str]:
         try:
             measured[p] = {"agreement": float(tags[f"{TAG}agreement_{p}"]),
                            "texts_per_s": float(tags[f"{TAG}texts_per_s_{p}"])}
+            if f"{TAG}batching_{p}" in tags:
+                measured[p]["batching"] = tags[f"{TAG}batching_{p}"]
         except (KeyError, ValueError):
             continue
     if "fp32" not in measured:
@@ -155,6 +154,8 @@ def record_precisions(name: str, version: str, precision: str, reason: str, meas
     for p, m in measured.items():
         tags[f"{TAG}agreement_{p}"] = f"{m['agreement']:.4f}"
         tags[f"{TAG}texts_per_s_{p}"] = f"{m['texts_per_s']:g}"
+        if m.get("batching"):
+            tags[f"{TAG}batching_{p}"] = m["batching"]
     if skipped:
         tags[f"{TAG}not_measured"] = "; ".join(skipped)
     line = f"{DESCRIPTION_PREFIX} {precision} on {where} (measured {when}): {reason}"
@@ -200,41 +201,6 @@ def measure_at_registration(name: str, version: str, model_dir, texts: list[str]
     log.info("%s v%s: auto would serve %s (measured on %d test texts in %.1f s)", name, version, choice.value,
              len(texts), time.perf_counter() - start)
     return choice
-
-
-PACKED_MAX_PROB_DIFF = 0.02  # packed and padded answers may differ by rounding only (bf16 rounds to ~0.01)
-
-
-def choose_batching(served: ServedModel, texts: list[str], batch_size: int) -> None:
-    """Packed rows where the model supports them and they give padded batches' answers on `texts` (same label,
-    probabilities within PACKED_MAX_PROB_DIFF: int8's per-batch activation scales do not); else padded batches
-    cut by length where padding costs more than another pass. Sets served.packed, pass_tokens and batching."""
-    import numpy as np
-
-    from kftune.predict import packed_logits, packing_unsupported, pass_tokens, predict_logits, softmax
-
-    why_not = packing_unsupported(served.model)
-    if why_not is None:
-        seqs = served.tokenizer(texts, truncation=True, max_length=served.tokenizer.model_max_length)["input_ids"]
-        padded = softmax(predict_logits(served.model, seqs, served.tokenizer.pad_token_id, batch_size))
-        try:
-            packed = softmax(packed_logits(served.model, seqs, batch_size))
-        except Exception as exc:  # noqa: BLE001 - a model this code did not foresee: serve it padded
-            why_not = f"packing failed: {type(exc).__name__}: {str(exc)[:200]}"
-        else:
-            diff = float(np.abs(packed - padded).max())
-            if (packed.argmax(1) == padded.argmax(1)).all() and diff <= PACKED_MAX_PROB_DIFF:
-                served.packed = True
-                served.batching = (f"packed rows, no padding: on {len(texts)} held-out texts the answers match "
-                                   f"padded batches' (largest probability difference {diff:.4f})")
-                return
-            why_not = (f"at {served.precision} packed answers differ from padded batches' on {len(texts)} "
-                       f"held-out texts (largest probability difference {diff:.3f})")
-    served.pass_tokens = pass_tokens(served.model, batch_size)
-    served.batching = (f"padded batches ({why_not}); " +
-                       ("of max_batch in length order" if served.pass_tokens is None else
-                        f"a forward pass costs as much as {served.pass_tokens:.0f} padded tokens: batches are cut by "
-                        f"length where padding costs more"))
 
 
 def load_version(name: str, version: str, cfg: ServeConfig, precision: str | None = None) -> ServedModel:
@@ -292,9 +258,13 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)
     if task != "token-classification":
-        choose_batching(served, (texts or warm)[: 4 * cfg.max_batch], cfg.max_batch)
+        from kftune.predict import choose_batching
+
+        seqs = tokenizer((texts or warm)[: 4 * cfg.max_batch], truncation=True,
+                         max_length=tokenizer.model_max_length)["input_ids"]
+        served.batching = choose_batching(served.model, seqs, tokenizer.pad_token_id, cfg.max_batch)
     log.info("%s v%s ready: %s at %s (%s); %s", name, version, task, served.precision, served.precision_reason,
-             served.batching)
+             served.batching.reason)
     if fresh:
         record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped)
     return served

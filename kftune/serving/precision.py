@@ -60,20 +60,27 @@ def convert(model, precision: str):
     raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
 
 
-def outputs(model, tokenizer, task: str, texts: list[str], batch_size: int) -> list:
-    """What agreement compares: the label id per text, or the entity spans (type, start, end) per text."""
-    from kftune.predict import predict_logits, predict_spans
+def served_outputs(model, tokenizer, task: str, probe: list[str], batch_size: int):
+    """(texts -> what agreement compares, how texts are batched): the path `kftune serve` and `kftune predict` run
+    at this precision. Text classification: the label id per text, batched as `choose_batching` decides on
+    `probe` (packed rows where they give padded batches' answers). Token classification: the entity spans
+    (type, start, end) per text, in padded batches."""
+    from kftune.predict import PADDED, batched_logits, choose_batching, predict_spans
+
+    def ids(texts):
+        return tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
 
     if task == "token-classification":
-        return [tuple((s["type"], s["start"], s["end"]) for s in spans)
-                for spans in predict_spans(model, tokenizer, texts, batch_size)]
-    seqs = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
-    return predict_logits(model, seqs, tokenizer.pad_token_id, batch_size).argmax(axis=1).tolist()
+        return (lambda texts: [tuple((s["type"], s["start"], s["end"]) for s in spans)
+                               for spans in predict_spans(model, tokenizer, texts, batch_size)]), PADDED
+    batching = choose_batching(model, ids(probe), tokenizer.pad_token_id, batch_size)
+    return (lambda texts: batched_logits(model, ids(texts), tokenizer.pad_token_id, batch_size,
+                                         batching).argmax(axis=1).tolist()), batching
 
 
 def measure_precisions(model, tokenizer, texts: list[str], task: str = "sequence-classification",
                        precisions: list[str] = PRECISIONS, batch_size: int = 32) -> dict[str, dict]:
-    """Agreement with fp32 and texts/s of each precision on `texts`, on this machine.
+    """Agreement with fp32 and texts/s of each precision on `texts`, on this machine, batched as served.
 
     Args:
         model: the fp32 model (left unchanged).
@@ -84,22 +91,26 @@ def measure_precisions(model, tokenizer, texts: list[str], task: str = "sequence
         batch_size: texts per forward pass, as served.
 
     Returns:
-        {precision: {"agreement": share of texts with fp32's prediction, "texts_per_s": float}}.
+        {precision: {"agreement": share of texts with fp32's prediction, "texts_per_s": float,
+        "batching": "packed" or "padded"}}. Packing is faster where it applies, and int8 never keeps it, so
+        speeds measured on padded batches alone could rank the precisions differently from how they serve.
     """
     if not texts:
         raise ValueError("measure_precisions needs at least one text")
     out, reference = {}, None
     for precision in ["fp32", *[p for p in precisions if p != "fp32"]]:
         m = convert(model, precision)
-        outputs(m, tokenizer, task, texts[:batch_size], batch_size)  # warm-up: first-call allocations, kernels
+        run, batching = served_outputs(m, tokenizer, task, texts[: 4 * batch_size], batch_size)
+        run(texts[:batch_size])  # warm-up: first-call allocations, kernels
         start = time.perf_counter()
-        got = outputs(m, tokenizer, task, texts, batch_size)
+        got = run(texts)
         seconds = time.perf_counter() - start
         reference = got if reference is None else reference
         agree = sum(a == b for a, b in zip(got, reference)) / len(texts)
-        out[precision] = {"agreement": round(agree, 6), "texts_per_s": round(len(texts) / seconds, 1)}
-        log.info("precision %s: agreement %.4f with fp32, %.1f texts/s on %d texts", precision, agree,
-                 len(texts) / seconds, len(texts))
+        how = "packed" if batching.packed else "padded"
+        out[precision] = {"agreement": round(agree, 6), "texts_per_s": round(len(texts) / seconds, 1), "batching": how}
+        log.info("precision %s: agreement %.4f with fp32, %.1f texts/s on %d texts (%s)", precision, agree,
+                 len(texts) / seconds, len(texts), how)
     return out
 
 
@@ -111,8 +122,8 @@ def choose_precision(setting: str, measured: dict[str, dict], min_agreement: flo
     ok = {p: m for p, m in measured.items() if m["agreement"] >= min_agreement}
     best = max(ok, key=lambda p: ok[p]["texts_per_s"])
     fp32 = measured["fp32"]["texts_per_s"]
-    numbers = "; ".join(f"{p} {m['texts_per_s']:g} texts/s, agreement {m['agreement']:.4f}"
-                        for p, m in measured.items())
+    numbers = "; ".join(f"{p} {m['texts_per_s']:g} texts/s{' ' + m['batching'] if m.get('batching') else ''}, "
+                        f"agreement {m['agreement']:.4f}" for p, m in measured.items())
     failed = [p for p in measured if p not in ok]
     why = f"fastest with agreement >= {min_agreement:g}: {best} ({ok[best]['texts_per_s'] / fp32:.2f}x fp32)"
     if failed:

@@ -87,4 +87,4 @@ def v2_metadata(served: ServedModel) -> dict:
     return {"name": served.name, "versions": [served.version], "platform": "pytorch_transformers",
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs,
             "parameters": {"task": served.task, "labels": served.labels, "precision": served.precision,
-                           "precision_reason": served.precision_reason, "batching": served.batching}}
+                           "precision_reason": served.precision_reason, "batching": served.batching.reason}}

@@ -41,6 +41,7 @@ def test_measure_on_the_versions_own_held_out_rows(serve_store, monkeypatch):
     out = measure_precisions(parts["model"], parts["tokenizer"], texts, precisions=["fp32", "int8"], batch_size=8)
     assert out["fp32"]["agreement"] == 1 and 0 <= out["int8"]["agreement"] <= 1
     assert all(v["texts_per_s"] > 0 for v in out.values())
+    assert out["fp32"]["batching"] == "packed", "timed as served: a BERT classifier's fp32 micro-batches are packed"
     quantised = convert(parts["model"], "int8")
     assert any(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in quantised.modules())
     assert convert(parts["model"], "bf16").dtype == torch.bfloat16 and parts["model"].dtype == torch.float32
@@ -84,6 +85,8 @@ def test_registration_measures_on_the_test_split_and_says_so_on_the_version(serv
     measured, where = recorded_precisions(mv.tags)
     assert where == machine() and mv.tags["kftune.serve.measured_when"] == "at registration"
     assert measured["fp32"]["agreement"] == 1 and all(m["texts_per_s"] > 0 for m in measured.values())
+    assert measured["fp32"]["batching"] == "packed" and f"fp32 {measured['fp32']['texts_per_s']:g} texts/s packed" \
+        in mv.tags["kftune.serve.precision_reason"], "the version says how each precision was batched"
     assert mv.tags["kftune.serve.precision"] == choice.value == choose_precision("auto", measured, 0.995).value
     said = mv.description.split("\n\n")[-1]  # after the model card
     assert mv.description.startswith(f"# {CLASSIFIER} v2"), "the model card is kept"
