@@ -461,8 +461,9 @@ def k_like(spec: dict, work: Path) -> dict:
     x, y = [list(v) for v in df["input_ids"]], df["label"].to_numpy()
     lengths = np.array([len(v) for v in x])
     pad_id = AutoTokenizer.from_pretrained(work / "tok" / "tokenizer").pad_token_id
+    extra = {"attention_probs_dropout_prob": spec["attn_dropout"]} if "attn_dropout" in spec else {}
     model = AutoModelForSequenceClassification.from_pretrained(base_model_path(), num_labels=3,
-                                                               attn_implementation=spec.get("attn", "sdpa"))
+                                                               attn_implementation=spec.get("attn", "sdpa"), **extra)
     if spec.get("freeze_embeddings"):
         model.bert.embeddings.requires_grad_(False)
     stages["model_loaded"] = rss_mb(peak=False)
@@ -776,7 +777,10 @@ VARIANTS = {  # tag: (label, spec changes from the base: K's step at its default
     "fused-adamw": ("  fused AdamW", {"fused": True}),
     "freeze-emb": ("  freeze embeddings", {"freeze_embeddings": True}),
     "fused-freeze": ("  fused AdamW + freeze emb.", {"fused": True, "freeze_embeddings": True}),
+    "attn-dropout0": ("  attention dropout 0 (SDPA's fused CPU kernel)", {"attn_dropout": 0.0}),
     "compile": ("  torch.compile", {"compile": True}),
+    "compile-dyn": ("  torch.compile dynamic=True", {"compile": True, "dynamic": True}),
+    "compile-pad16": ("  torch.compile, pad to x16", {"compile": True, "pad_multiple": 16}),
     "profile": ("  (torch.profiler, 4 steps)", {}),
 }
 
@@ -796,8 +800,8 @@ def research(work: Path, args, bf16: bool) -> dict:
         label, changes = VARIANTS[tag.split("#")[0]]
         spec = {"batch_size": 32, "precision": "bf16" if bf16 else "fp32", "warmup_steps": 3,
                 "steps": args.research_steps, **changes}
-        if tag == "compile":
-            spec["warmup_steps"] = 8  # compile and the first recompiles for new lengths happen here
+        if tag.startswith("compile"):
+            spec["warmup_steps"] = 12  # compile and the first recompiles for new lengths happen here
         if tag == "profile":
             spec.update(steps=4, profile_steps=4)
         env = spec.pop("env", None)
