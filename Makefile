@@ -7,6 +7,15 @@ DEMO_ROWS ?= 3000
 MODEL ?= kftune-demo
 
 .DEFAULT_GOAL := help
+
+# tcmalloc where it is installed (Debian/Ubuntu: libtcmalloc-minimal4), as in the image: fine-tuning 4-7% faster
+# and a peak RSS 300 MB lower than with glibc's malloc (README, Performance). An LD_PRELOAD of yours wins.
+TCMALLOC := $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4))
+ifneq ($(TCMALLOC),)
+ifeq ($(LD_PRELOAD),)
+run demo-drift demo-loop serve: export LD_PRELOAD := $(TCMALLOC)
+endif
+endif
 .PHONY: help install dev run exp demo-drift test test-fast compile clean image-base image image-cuda lock test-containers test-postgres infra-check serve serve-manifest
 
 help: ## list the targets

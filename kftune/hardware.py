@@ -99,6 +99,16 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def allocator(maps: str | Path = "/proc/self/maps") -> str:
+    """The malloc this process runs with: tcmalloc or jemalloc when preloaded (LD_PRELOAD, as the image and
+    `make run` do where the library is installed), else the C library's."""
+    try:
+        text = Path(maps).read_text(errors="replace")
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in text), "libc malloc")
+
+
 def setup(setting_bf16: str, setting_threads: int) -> dict:
     """Apply the thread rule to torch and decide the precision; return what was chosen and why."""
     import torch
@@ -108,9 +118,9 @@ def setup(setting_bf16: str, setting_threads: int) -> dict:
     cuda = torch.cuda.is_available()
     bf16 = choose_bf16(setting_bf16, "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported(), cpu_flags())
     choice = {"precision": "bf16" if bf16.value else "fp32", "precision_reason": bf16.reason,
-              "threads": int(threads.value), "threads_reason": threads.reason}
-    log.info("precision %s (%s); %d torch threads (%s)", choice["precision"], bf16.reason, threads.value,
-             threads.reason)
+              "threads": int(threads.value), "threads_reason": threads.reason, "allocator": allocator()}
+    log.info("precision %s (%s); %d torch threads (%s); %s", choice["precision"], bf16.reason, threads.value,
+             threads.reason, choice["allocator"])
     return choice
 
 

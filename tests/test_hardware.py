@@ -1,8 +1,13 @@
 """The precision and thread rules, both branches on any machine (the detected facts are inputs)."""
 
+import glob
+import os
+import subprocess
+import sys
+
 import pytest
 
-from kftune.hardware import cgroup_cpu_limit, choose_bf16, choose_threads, cpu_flags
+from kftune.hardware import allocator, cgroup_cpu_limit, choose_bf16, choose_threads, cpu_flags
 from kftune.steps.finetune import finetune
 from tests.conftest import with_changes
 
@@ -70,3 +75,27 @@ def test_a_default_run_trains_in_bf16_only_on_a_cpu_with_native_bf16(prepared, p
     assert summary["precision"] == precision
     assert ("avx512_bf16" in summary["precision_reason"]) is (precision == "bf16")
     assert summary["threads"] >= 1 and summary["threads_reason"]
+    assert summary["allocator"] in ("libc malloc", "tcmalloc", "jemalloc")
+
+
+def test_the_allocator_is_read_from_the_process_memory_map(tmp_path):
+    maps = tmp_path / "maps"
+    line = "7f1c2a000000-7f1c2a021000 r-xp 00000000 08:01 1234 /usr/lib/x86_64-linux-gnu/{}\n"
+    maps.write_text(line.format("libc.so.6") + line.format("libtcmalloc_minimal.so.4.5.10"))
+    assert allocator(maps) == "tcmalloc"
+    maps.write_text(line.format("libc.so.6") + line.format("libjemalloc.so.2"))
+    assert allocator(maps) == "jemalloc"
+    maps.write_text(line.format("libc.so.6"))
+    assert allocator(maps) == "libc malloc"
+    assert allocator(tmp_path / "missing") == "unknown"
+
+
+TCMALLOC = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4"))
+
+
+@pytest.mark.skipif(not TCMALLOC, reason="libtcmalloc-minimal4 is not installed here")
+def test_a_preloaded_tcmalloc_is_detected():
+    code = "from kftune.hardware import allocator; print(allocator())"
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": TCMALLOC[0]},
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "tcmalloc"

@@ -216,5 +216,6 @@ def test_every_module_imports_in_the_image():
               "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
               "        if not m.name.endswith('__main__'):\n"
               "            importlib.import_module(m.name)\n"
-              "print('ok')")
-    assert docker("run", "--rm", "--network", "host", "-e", "HF_HUB_OFFLINE=1", IMAGE, "python", "-c", script) == "ok"
+              "print('ok', kftune.hardware.allocator())")
+    assert docker("run", "--rm", "--network", "host", "-e", "HF_HUB_OFFLINE=1", IMAGE, "python", "-c", script) \
+        == "ok tcmalloc", "every module imports, under the image's preloaded tcmalloc"
