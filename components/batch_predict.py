@@ -9,6 +9,10 @@ def batch_predict_op(model: str, input_path: str, params: dict, predictions: Out
                      output_format: str = "parquet") -> str:
     """Predict every row of `input_path` (CSV/TSV/JSONL/Parquet, local or s3://) with a registered model
     (NAME for its champion, NAME@alias or NAME/VERSION); returns the version that predicted."""
+    from kftune.taskexit import skip_teardown
+
+    skip_teardown()  # the process ends once the outputs are written (kftune/taskexit.py)
+
     from kftune.base_models import hub_offline
 
     hub_offline()  # before anything imports transformers

@@ -7,6 +7,10 @@ from components import BASE_IMAGE
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def drift_op(data: Input[Dataset], champion: Input[Model], params: dict, force: bool, report: Output[Dataset]) -> str:
     """Drift tests of the new rows against the champion's held-out rows; returns retrain or skip."""
+    from kftune.taskexit import skip_teardown
+
+    skip_teardown()  # the process ends once the outputs are written (kftune/taskexit.py)
+
     from kftune.base_models import hub_offline
 
     hub_offline()  # before anything imports transformers

@@ -17,6 +17,10 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
     settings after a crash resumes instead of starting over. Empty checkpoint_root disables that.
     With cluster.finetune_gpus > 1 the training runs under torchrun, one process per GPU.
     """
+    from kftune.taskexit import skip_teardown
+
+    skip_teardown()  # the process ends once the outputs are written (kftune/taskexit.py)
+
     from kftune.base_models import hub_offline
 
     hub_offline(params["model"]["name"])  # before anything imports transformers

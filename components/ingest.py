@@ -13,6 +13,10 @@ def ingest_op(data_path: str, data_repo: str, data_rev: str, data_hash: str, par
     when given, is the SHA-256 the submitter saw; it is part of the cache key (kfp hashes artifact
     URIs, not contents), and a mismatch fails the run instead of training on other data.
     """
+    from kftune.taskexit import skip_teardown
+
+    skip_teardown()  # the process ends once the outputs are written (kftune/taskexit.py)
+
     import tempfile
 
     from kftune.config import params_from_dict

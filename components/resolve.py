@@ -12,6 +12,10 @@ def resolve_op(data_path: str, data_repo: str, data_rev: str, params: dict, run_
     Returns first-training, nothing-new or new-data. Opens the MLflow run that records this
     retraining decision; its id travels in the dataset card (lineage.retrain_run_id).
     """
+    from kftune.taskexit import skip_teardown
+
+    skip_teardown()  # the process ends once the outputs are written (kftune/taskexit.py)
+
     from kftune.base_models import hub_offline
 
     hub_offline()  # before anything imports transformers
