@@ -4,7 +4,7 @@ A task imports torch, transformers and MLflow; after the kfp executor has writte
 teardown of those modules took 0.5-2 s per task (the fine-tune task: 1.3 s; about 6 s of a `make run`, in
 which each task is its own process, as it is its own pod on a cluster). `skip_teardown()`, called first in a
 task, makes the executor end the process right after writing the outputs, once every non-daemon thread has
-finished and every exit handler (MLflow's flushes, logging's) has run, as at a normal exit. A task that fails
+finished and every exit handler (MLflow's flushes, logging's) has run, in the order of a normal exit. A task that fails
 never reaches that point: it exits through Python's normal path, with its error and exit status.
 """
 
@@ -33,9 +33,9 @@ def skip_teardown() -> bool:
     def write_then_exit(self, *args, **kwargs):
         path = write(self, *args, **kwargs)
         logging.getLogger(__name__).info("outputs written (%s); ending the task without interpreter teardown", path)
-        for thread in threading.enumerate():  # what the interpreter's shutdown does first
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        # what the interpreter's own shutdown does, in its order: threading's exit callbacks (they stop
+        # concurrent.futures' idle workers), then it waits for non-daemon threads, then the atexit handlers
+        threading._shutdown()
         atexit._run_exitfuncs()
         logging.shutdown()
         sys.stdout.flush()
