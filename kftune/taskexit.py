@@ -4,8 +4,8 @@ A task imports torch, transformers and MLflow; after the kfp executor has writte
 teardown of those modules took 0.5-2 s per task (the fine-tune task: 1.3 s; about 6 s of a `make run`, in
 which each task is its own process, as it is its own pod on a cluster). `skip_teardown()`, called first in a
 task, makes the executor end the process right after writing the outputs, once every non-daemon thread has
-finished and every exit handler (MLflow's flushes, logging's) has run, in the order of a normal exit. A task that fails
-never reaches that point: it exits through Python's normal path, with its error and exit status.
+finished and every exit handler (MLflow's flushes, logging's) has run, in the order of a normal exit. A task
+that fails never reaches that point: it exits through Python's normal path, with its error and exit status.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ def skip_teardown() -> bool:
         # concurrent.futures' idle workers), then it waits for non-daemon threads, then the atexit handlers
         threading._shutdown()
         atexit._run_exitfuncs()
-        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
