@@ -99,6 +99,9 @@ class FinetuneConfig:
     freeze_embeddings: bool = _doc("Freeze the embedding layer.")
     freeze_layers: int = _doc("Freeze the bottom k encoder layers.")
     group_by_length: bool = _doc("Batch texts of similar length (batches are still shuffled).")
+    micro_batch_tokens: int = _doc("A batch with more padded tokens than this runs as several forward and backward "
+                                   "passes: the same gradient without the long batch's activations in memory; "
+                                   "0 disables.")
     bf16: str = _doc("bf16 autocast for training, evaluation and drift embeddings: auto (only where the hardware "
                      "computes bf16 natively: a CUDA device with bf16, a CPU with AVX512_BF16 or AMX), true "
                      "(force; warns where emulated, which is many times slower), false.")
@@ -127,7 +130,8 @@ class FinetuneConfig:
         out = []
         positive = ("batch_size", "grad_accum_steps", "log_every_steps")
         non_negative = ("epochs", "max_steps", "eval_every_steps", "early_stopping_patience", "freeze_layers",
-                        "threads", "checkpoint_every_steps", "weight_decay", "max_grad_norm", "restarts")
+                        "threads", "checkpoint_every_steps", "weight_decay", "max_grad_norm", "restarts",
+                        "micro_batch_tokens")
         out += [f"finetune.{k}={getattr(self, k)!r}: must be > 0" for k in positive if getattr(self, k) <= 0]
         out += [f"finetune.{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
         for key in ("learning_rate", "lora_learning_rate"):

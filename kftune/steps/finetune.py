@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -171,6 +172,10 @@ class Job:
                                                  "bad_evals": 0, "history": []})
     best_weights: dict | None = None
 
+    @functools.cached_property
+    def train_lengths(self) -> np.ndarray:
+        return np.array([len(s) for s in self.train[0]])
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
@@ -290,27 +295,55 @@ def _patience_out(job: Job) -> bool:
 
 def _groups(job: Job) -> list[list]:
     """This epoch's batches for this process, cut into groups of grad_accum_steps (the last may be shorter)."""
-    x = job.train[0]
-    batches = epoch_batches(np.array([len(s) for s in x]), job.cfg.batch_size, job.cfg.seed, job.state["epoch"],
+    batches = epoch_batches(job.train_lengths, job.cfg.batch_size, job.cfg.seed, job.state["epoch"],
                             job.cfg.group_by_length)
     batches = batches[: len(batches) // job.world * job.world][job.rank :: job.world]  # every process the same count
     k = job.cfg.grad_accum_steps
     return [batches[i : i + k] for i in range(0, len(batches), k)]
 
 
+def micro_batches(idx, lengths, token_budget: int) -> list:
+    """A batch cut into parts of at most `token_budget` padded tokens (0: no limit), shortest texts first so each
+    part pads less; a single text longer than the budget is its own part."""
+    width = max(lengths[i] for i in idx)
+    if not token_budget or len(idx) * width <= token_budget:
+        return [idx]
+    idx = sorted(idx, key=lambda i: lengths[i])
+    parts, part = [], []
+    for i in idx:  # sorted, so the part's widest text is the one being added
+        if part and (len(part) + 1) * lengths[i] > token_budget:
+            parts.append(part)
+            part = []
+        part.append(i)
+    return parts + [part]
+
+
 def _train_step(job: Job, group: list) -> float:
-    """One optimizer step over a group of batches (gradient accumulation); returns the mean loss."""
+    """One optimizer step over a group of batches (gradient accumulation); returns the mean loss.
+
+    A batch over finetune.micro_batch_tokens runs in parts, each loss weighted by its share of the batch's
+    labelled rows (tokens, for tagging): the same gradient as one pass, without the long batch's activations."""
     import torch
+
+    from kftune.ner import IGNORE
 
     x, y, _ = job.train
     losses = []
     for idx in group:
-        ids, mask = pad_batch([x[i] for i in idx], job.pad_id)
-        with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=job.bf16):
-            loss = job.train_model(input_ids=ids.to(job.device), attention_mask=mask.to(job.device),
-                                   labels=_batch_labels(y, idx, ids.shape[1], job.ner).to(job.device)).loss
-        (loss / len(group)).backward()
-        losses.append(loss.item())
+        parts = []
+        for part in micro_batches(idx, job.train_lengths, job.cfg.micro_batch_tokens):
+            ids, mask = pad_batch([x[i] for i in part], job.pad_id)
+            labels = _batch_labels(y, part, ids.shape[1], job.ner)
+            parts.append((ids, mask, labels, int((labels != IGNORE).sum())))
+        labelled = max(sum(p[3] for p in parts), 1)
+        batch_loss = 0.0
+        for ids, mask, labels, n in parts:
+            with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=job.bf16):
+                loss = job.train_model(input_ids=ids.to(job.device), attention_mask=mask.to(job.device),
+                                       labels=labels.to(job.device)).loss
+            (loss * (n / labelled / len(group))).backward()
+            batch_loss += loss.item() * n / labelled
+        losses.append(batch_loss)
     if job.cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.cfg.max_grad_norm)
     job.optimizer.step()

@@ -162,3 +162,56 @@ def test_a_collapsed_run_is_trained_again_from_the_next_seed_and_the_better_run_
 
     healthy = finetune(prepared / "tokenized", prepared / "healthy", params.model.name, with_changes(cfg, restarts=0))
     assert healthy["collapsed_runs"] == [] and healthy["seed"] == cfg.seed
+
+
+def test_micro_batches_cut_a_long_batch_under_the_token_budget_and_keep_every_row():
+    from kftune.steps.finetune import micro_batches
+
+    lengths = np.array([90, 12, 88, 93, 40, 91, 85, 7])
+    batch = list(range(8))
+    assert micro_batches(batch, lengths, 0) == [batch], "0: no limit"
+    assert micro_batches(batch, lengths, 8 * 93) == [batch], "a batch that fits stays one pass"
+    parts = micro_batches(batch, lengths, 200)
+    assert sorted(i for p in parts for i in p) == batch
+    assert all(len(p) * max(lengths[i] for i in p) <= 200 for p in parts), parts
+    assert micro_batches([3, 7], lengths, 50) == [[7], [3]], "a text over the budget alone is its own part"
+
+
+@pytest.mark.parametrize("ner", [False, True])
+def test_a_batch_run_in_parts_takes_the_same_step_as_one_pass(ner):
+    """Weighted by labelled rows (tokens, for tagging), the parts' gradients add up to the whole batch's."""
+    import types
+
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    from kftune.ner import IGNORE
+    from kftune.steps.finetune import _train_step
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    lengths = [3, 4, 9, 10, 12, 5, 11, 2]
+    x = [rng.integers(1, 50, n).tolist() for n in lengths]
+    if ner:  # unequal labelled tokens per row, as with sub-tokens and special tokens
+        y = [np.where(rng.random(n) < 0.3, IGNORE, rng.integers(0, 3, n)) for n in lengths]
+    else:
+        y = rng.integers(0, 3, len(x))
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3)
+    base = (BertForTokenClassification if ner else BertForSequenceClassification)(config).eval()  # no dropout
+    after = []
+    for budget in (0, 24):
+        model = type(base)(config).eval()
+        model.load_state_dict(base.state_dict())
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        job = types.SimpleNamespace(
+            train=(x, y, None), train_lengths=np.array(lengths), pad_id=0, ner=ner, bf16=False,
+            device=torch.device("cpu"), model=model, train_model=model, optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            cfg=types.SimpleNamespace(micro_batch_tokens=budget, max_grad_norm=0))
+        loss = _train_step(job, [list(range(8))])
+        after.append((loss, model.state_dict()))
+    (loss_whole, whole), (loss_parts, parts) = after
+    assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(parts[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+    assert any(not torch.equal(whole[n], base.state_dict()[n]) for n in whole), "the step must move the weights"
