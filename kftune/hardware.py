@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 # CPU flags under which torch's bf16 kernels run natively (x86: AVX512_BF16 / AMX; Arm: FEAT_BF16)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 BF16_SETTINGS = ("auto", "true", "false")
+KERNEL_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
+KERNEL_CACHE_CAPACITY = 64
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,33 @@ def allocator(maps: str | Path = "/proc/self/maps") -> str:
     return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in text), "libc malloc")
 
 
+def apply_threads(setting: int) -> Choice:
+    """Give torch as many intra-op threads as the thread rule says."""
+    import torch
+
+    threads = choose_threads(setting, usable_cores(), cgroup_cpu_limit())
+    torch.set_num_threads(int(threads.value))
+    return threads
+
+
+def bound_kernel_caches() -> None:
+    """Keep at most KERNEL_CACHE_CAPACITY compiled kernels in oneDNN's and ideep's caches (1,024 each by default).
+
+    They hold one kernel per distinct shape, some MB apiece, and length-grouped training batches bring many
+    shapes: over a MiniLM fine-tune they grew the process by about 300 MB. With 64 the speed was the same
+    (AMD EPYC, Zen 4, bf16: a default fine-tune's peak RSS 1,664-1,751 -> 1,379-1,389 MB with tcmalloc,
+    1,948 -> 1,623 MB with glibc). Training only: batch prediction's int8 path was 10-15% slower with 64.
+    Read once, at the first kernel, so call it before any tensor work; a value in the environment wins.
+    """
+    for var in KERNEL_CACHE_VARS:
+        os.environ.setdefault(var, str(KERNEL_CACHE_CAPACITY))
+
+
 def setup(setting_bf16: str, setting_threads: int) -> dict:
     """Apply the thread rule to torch and decide the precision; return what was chosen and why."""
     import torch
 
-    threads = choose_threads(setting_threads, usable_cores(), cgroup_cpu_limit())
-    torch.set_num_threads(int(threads.value))
+    threads = apply_threads(setting_threads)
     cuda = torch.cuda.is_available()
     bf16 = choose_bf16(setting_bf16, "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported(), cpu_flags())
     choice = {"precision": "bf16" if bf16.value else "fp32", "precision_reason": bf16.reason,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kftune.hardware import allocator, cgroup_cpu_limit, choose_bf16, choose_threads, cpu_flags
+from kftune.hardware import KERNEL_CACHE_VARS, allocator, bound_kernel_caches, cgroup_cpu_limit, choose_bf16, choose_threads, cpu_flags
 from kftune.steps.finetune import finetune
 from tests.conftest import with_changes
 
@@ -49,6 +49,14 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 ])
 def test_threads_default_to_the_cores_this_process_may_use(setting, affinity, quota, expected):
     assert choose_threads(setting, affinity, quota).value == expected
+
+
+def test_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
+    onednn, ideep = KERNEL_CACHE_VARS
+    monkeypatch.delenv(onednn, raising=False)
+    monkeypatch.setenv(ideep, "8")
+    bound_kernel_caches()
+    assert os.environ[onednn] == "64" and os.environ[ideep] == "8"
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):

@@ -30,13 +30,9 @@ def cmd_serve(args) -> int:
 def _torch_threads(setting: int) -> int:
     """torch intra-op threads by the server's rule (serve.threads; 0 = the cores this process may use), so
     predict and serve run alike."""
-    import torch
+    from kftune.hardware import apply_threads
 
-    from kftune.hardware import cgroup_cpu_limit, choose_threads, usable_cores
-
-    threads = int(choose_threads(setting, usable_cores(), cgroup_cpu_limit()).value)
-    torch.set_num_threads(threads)
-    return threads
+    return int(apply_threads(setting).value)
 
 
 def cmd_predict(args) -> int:

@@ -417,13 +417,10 @@ def run(name: str, alias: str | None, cfg: ServeConfig, host: str, port: int, ve
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests and flush the log."""
     import uvicorn
 
-    from kftune.hardware import cgroup_cpu_limit, choose_threads, usable_cores
-
-    import torch
+    from kftune.hardware import apply_threads
 
     _require_model(name)
-    threads = choose_threads(cfg.threads, usable_cores(), cgroup_cpu_limit())
-    torch.set_num_threads(int(threads.value))
+    threads = apply_threads(cfg.threads)
     state = State(name, alias, cfg, load_tokens(), pinned_version=version, precision=precision)
     log.info("serving %s%s on http://%s:%d with %d torch threads (%s); auth %s", name,
              f"@{alias}" if not version else f" v{version}", host, port, threads.value, threads.reason,

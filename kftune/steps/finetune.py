@@ -197,9 +197,10 @@ def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfi
                               get_linear_schedule_with_warmup, set_seed)
 
     from kftune.base_models import load_pretrained, resolve_base_model
-    from kftune.hardware import setup
+    from kftune.hardware import bound_kernel_caches, setup
 
     labels, ner = stats["labels"], stats.get("task") == "token-classification"
+    bound_kernel_caches()
     hw = setup(cfg.bf16, cfg.threads)
     set_seed(cfg.seed)
     train, val = _read_split(tokenized_dir, "train", ner), _read_split(tokenized_dir, "validation", ner)
