@@ -323,13 +323,15 @@ def _train_step(job: Job, group: list) -> float:
     """One optimizer step over a group of batches (gradient accumulation); returns the mean loss.
 
     A batch over finetune.micro_batch_tokens runs in parts, each loss weighted by its share of the batch's
-    labelled rows (tokens, for tagging): the same gradient as one pass, without the long batch's activations."""
+    labelled rows (tokens, for tagging): the same gradient as one pass, without the long batch's activations.
+    Under DDP only the step's last backward pass synchronises: processes may cut their batches into different
+    numbers of parts, and every process must all-reduce the same number of times."""
     import torch
 
     from kftune.ner import IGNORE
 
     x, y, _ = job.train
-    losses = []
+    passes, losses = [], []
     for idx in group:
         parts = []
         for part in micro_batches(idx, job.train_lengths, job.cfg.micro_batch_tokens):
@@ -337,14 +339,16 @@ def _train_step(job: Job, group: list) -> float:
             labels = _batch_labels(y, part, ids.shape[1], job.ner)
             parts.append((ids, mask, labels, int((labels != IGNORE).sum())))
         labelled = max(sum(p[3] for p in parts), 1)
-        batch_loss = 0.0
-        for ids, mask, labels, n in parts:
+        passes += [(len(losses), ids, mask, labels, n / labelled) for ids, mask, labels, n in parts]
+        losses.append(0.0)
+    for k, (batch, ids, mask, labels, share) in enumerate(passes):
+        last = k == len(passes) - 1
+        with contextlib.nullcontext() if job.world == 1 or last else job.train_model.no_sync():
             with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=job.bf16):
                 loss = job.train_model(input_ids=ids.to(job.device), attention_mask=mask.to(job.device),
                                        labels=labels.to(job.device)).loss
-            (loss * (n / labelled / len(group))).backward()
-            batch_loss += loss.item() * n / labelled
-        losses.append(batch_loss)
+            (loss * (share / len(group))).backward()
+        losses[batch] += loss.item() * share
     if job.cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.cfg.max_grad_norm)
     job.optimizer.step()

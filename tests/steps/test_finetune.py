@@ -126,10 +126,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(prepared, 
 
 
 def test_two_processes_under_torchrun_train_one_model(prepared, params):
-    """DDP as on a multi-GPU node, here with two gloo workers on the CPU."""
-    from kftune.steps.finetune import launch
+    """DDP as on a multi-GPU node, here with two gloo workers on the CPU; with a token budget that cuts only
+    the longer batches, so in some steps one process runs more passes than the other (and must not hang)."""
+    from kftune.steps.finetune import launch, micro_batches
 
-    launch(str(prepared / "tokenized"), str(prepared / "ddp"), params.model.name, params.finetune, processes=2)
+    lengths = pd.read_parquet(prepared / "tokenized" / "train.parquet")["input_ids"].map(len).to_numpy()
+    cfg = with_changes(params.finetune, micro_batch_tokens=int(params.finetune.batch_size * np.median(lengths)))
+    batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
+    assert len({len(micro_batches(b, lengths, cfg.micro_batch_tokens)) for b in batches}) > 1
+    launch(str(prepared / "tokenized"), str(prepared / "ddp"), params.model.name, cfg, processes=2)
     summary = read_json(prepared / "ddp" / "train_summary.json")
     assert summary["processes"] == 2 and summary["best_val_macro_f1"] > 0.9
     assert summary["steps"] == params.finetune.max_steps
@@ -204,7 +209,7 @@ def test_a_batch_run_in_parts_takes_the_same_step_as_one_pass(ner):
         model.load_state_dict(base.state_dict())
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         job = types.SimpleNamespace(
-            train=(x, y, None), train_lengths=np.array(lengths), pad_id=0, ner=ner, bf16=False,
+            train=(x, y, None), train_lengths=np.array(lengths), pad_id=0, ner=ner, bf16=False, world=1,
             device=torch.device("cpu"), model=model, train_model=model, optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
             cfg=types.SimpleNamespace(micro_batch_tokens=budget, max_grad_norm=0))
