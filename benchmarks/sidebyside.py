@@ -120,7 +120,7 @@ def matmul_gflops(dtype_name: str, n: int = 1024, reps: int = 30) -> float:
 def machine(spec: dict, work: Path) -> dict:
     import torch
 
-    from kftune.hardware import cpu_flags
+    from kftune.hardware import allocator, cpu_flags
 
     flags = cpu_flags()
     bf16, reason = native_bf16()
@@ -128,6 +128,7 @@ def machine(spec: dict, work: Path) -> dict:
             "usable_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": bf16, "bf16_reason": reason, "python": platform.python_version(),
+            "allocator": allocator(),  # every child's: they inherit this one's environment (LD_PRELOAD)
             "matmul_gflops_fp32": matmul_gflops("float32"),
             # emulated bf16 runs at ~1 GFLOP/s: 30 repetitions of it took 4 minutes on an AVX2 CPU
             "matmul_gflops_bf16": matmul_gflops("bfloat16", reps=30 if bf16 else 1)}
@@ -607,7 +608,7 @@ def time_to(points: list[dict], target: float) -> float | None:
 def table(report: dict) -> str:
     m, eq, ttq, inf = report["machine"], report["equal_settings"], report["time_to_quality"], report["inference"]
     lines = [f"CPU {m['cpu']}, {m['usable_cores']} cores, flags {' '.join(f for f, on in m['flags'].items() if on)}; "
-             f"torch {m['torch']} ({m['torch_threads']} threads); matmul fp32 {m['matmul_gflops_fp32']:.1f} / bf16 "
+             f"torch {m['torch']} ({m['torch_threads']} threads, {m.get('allocator', 'libc malloc')}); matmul fp32 {m['matmul_gflops_fp32']:.1f} / bf16 "
              f"{m['matmul_gflops_bf16']:.1f} GFLOP/s (start), {report['machine_end']['matmul_gflops_fp32']:.1f} / "
              f"{report['machine_end']['matmul_gflops_bf16']:.1f} (end); {m['bf16_reason']}",
              "", "Equal settings: lr 2e-5, 1 epoch, batch 16, 1,811 train rows, macro-F1 on the 453 held-out rows",
@@ -621,12 +622,12 @@ def table(report: dict) -> str:
     for k, v in report["ratios"].items():
         lines.append(f"  {k}: {v:.2f}x")
     lines += ["", f"Time to quality (own defaults; target = A's final macro-F1 {report['target_f1']:.3f})",
-              f"{'recipe':<50}{'train s':>9}{'to target':>11}{'final F1':>9}{'best F1':>8}{'load 1m':>13}"]
+              f"{'recipe':<50}{'train s':>9}{'to target':>11}{'final F1':>9}{'best F1':>8}{'peak RSS':>10}{'load 1m':>13}"]
     for tag, r in ttq.items():
         reach = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] is not None else "never"
         lines.append(f"{r['label']:<50}{r['train_seconds']:9.1f}{reach:>11}{r['macro_f1']:9.3f}"
                      f"{r.get('best_macro_f1', max(p['macro_f1'] for p in r['points'])):8.3f}"
-                     f"{r['load_start'][0]:7.2f}->{r['load_end'][0]:.2f}")
+                     f"{r['peak_rss_mb'] / 1024:8.2f} GB{r['load_start'][0]:7.2f}->{r['load_end'][0]:.2f}")
     lines += [f"  K to target / A's training time: {report['k_time_to_target_over_a']}", "",
               "Inference on the 453 held-out texts (model: K with its defaults)",
               f"{'path':<34}{'texts/s':>9}{'x pipeline':>11}{'agree fp32':>11}{'macro-F1':>9}{'peak RSS':>10}{'load 1m':>13}"]
