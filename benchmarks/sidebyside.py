@@ -608,7 +608,8 @@ def time_to(points: list[dict], target: float) -> float | None:
 def table(report: dict) -> str:
     m, eq, ttq, inf = report["machine"], report["equal_settings"], report["time_to_quality"], report["inference"]
     lines = [f"CPU {m['cpu']}, {m['usable_cores']} cores, flags {' '.join(f for f, on in m['flags'].items() if on)}; "
-             f"torch {m['torch']} ({m['torch_threads']} threads, {m.get('allocator', 'libc malloc')}); matmul fp32 {m['matmul_gflops_fp32']:.1f} / bf16 "
+             f"torch {m['torch']} ({m['torch_threads']} threads, {m.get('allocator', 'libc malloc')}); "
+             f"matmul fp32 {m['matmul_gflops_fp32']:.1f} / bf16 "
              f"{m['matmul_gflops_bf16']:.1f} GFLOP/s (start), {report['machine_end']['matmul_gflops_fp32']:.1f} / "
              f"{report['machine_end']['matmul_gflops_bf16']:.1f} (end); {m['bf16_reason']}",
              "", "Equal settings: lr 2e-5, 1 epoch, batch 16, 1,811 train rows, macro-F1 on the 453 held-out rows",

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from kftune.hardware import KERNEL_CACHE_VARS, allocator, bound_kernel_caches, cgroup_cpu_limit, choose_bf16, choose_threads, cpu_flags
+from kftune.hardware import (KERNEL_CACHE_VARS, allocator, bound_kernel_caches, cgroup_cpu_limit, choose_bf16,
+                             choose_threads, cpu_flags)
 from kftune.steps.finetune import finetune
 from tests.conftest import with_changes
 
