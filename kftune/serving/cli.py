@@ -27,15 +27,8 @@ def cmd_serve(args) -> int:
     return run(name, alias, cfg, args.host, args.port, version=version, precision=args.precision)
 
 
-def _torch_threads(setting: int) -> int:
-    """torch intra-op threads by the server's rule (serve.threads; 0 = the cores this process may use), so
-    predict and serve run alike."""
-    from kftune.hardware import apply_threads
-
-    return int(apply_threads(setting).value)
-
-
 def cmd_predict(args) -> int:
+    from kftune.hardware import apply_threads
     from kftune.serving.batch import predict_file
     from kftune.serving.model import load_version, parse_model_ref, resolve_version
     from kftune.tracking import configure
@@ -45,7 +38,7 @@ def cmd_predict(args) -> int:
     configure(args.project_dir)
     name, alias, version = parse_model_ref(args.model)
     version = resolve_version(name, alias, version)
-    threads = _torch_threads(params.serve.threads)
+    threads = int(apply_threads(params.serve.threads).value)  # the server's rule, so predict and serve run alike
     served = load_version(name, version, params.serve, args.precision)
     print(f"{name} v{version}: {served.task}, {served.precision} ({served.precision_reason}); {threads} torch threads")
     print(f"batching: {served.batching.reason}")
