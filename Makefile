@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ROWS ?= 3000
 MODEL ?= kftune-demo
+# pytest-xdist workers for `make test`: one per usable core, at most 4 (tests/conftest.py pins each to its cores)
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(len(os.sched_getaffinity(0)), 4))')
 
 .DEFAULT_GOAL := help
 
@@ -49,10 +51,10 @@ demo-loop: install ## the closed loop on replayed traffic: serve, monitor alerts
 	$(BIN)/kftune demo-loop
 
 test: dev ## run the whole test suite
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: dev ## the suite without the slow real-data and pipeline tests
-	$(BIN)/pytest -q -m "not slow and not realdata"
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not realdata"
 
 serve: install ## serve the champion of MODEL (default kftune-demo) on 127.0.0.1:8080: KServe V1 + V2 REST, /metrics
 	$(BIN)/kftune serve --model $(MODEL)

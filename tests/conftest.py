@@ -27,6 +27,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (`-n N`), give each worker its own share of the cores, inherited by every process
+    it starts: kftune sizes torch's threads by the affinity, so N workers never run more compute threads
+    than there are cores (oversubscribed, spinning OpenMP threads made the suite no faster than serial)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    cores = sorted(os.sched_getaffinity(0))
+    if worker.startswith("gw") and 1 < count <= len(cores):
+        os.sched_setaffinity(0, cores[int(worker[2:]) % count :: count])
+
+
+_pin_xdist_worker()
+
 POSITIVE_STEMS, NEGATIVE_STEMS = ["gain", "rise", "grow"], ["loss", "fall", "drop"]
 NEW_POSITIVE_STEMS, NEW_NEGATIVE_STEMS = ["surge", "boom"], ["crash", "slump"]  # only in shifted data
 FILLER = ["the", "group", "said", "quarter", "unit", "report", "today", "shares", "market", "board"]
