@@ -38,6 +38,7 @@ MODEL = "minilm-l6"
 MAX_LENGTH = 128
 SEED = 42
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "KFTUNE_CPUINFO")
 EQUAL = {"learning_rate": 2e-5, "epochs": 1, "batch_size": 16}
 CHILDREN = {}
 REUSE = {"on": False}  # --resume: a child whose result (for the same spec) is already in the work dir is not rerun
@@ -129,6 +130,8 @@ def machine(spec: dict, work: Path) -> dict:
             "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": bf16, "bf16_reason": reason, "python": platform.python_version(),
             "allocator": allocator(),  # every child's: they inherit this one's environment (LD_PRELOAD)
+            # an AVX2-only CPU imitated on a bigger one: kernels capped at AVX2, flags read from an edited cpuinfo
+            "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
             "matmul_gflops_fp32": matmul_gflops("float32"),
             # emulated bf16 runs at ~1 GFLOP/s: 30 repetitions of it took 4 minutes on an AVX2 CPU
             "matmul_gflops_bf16": matmul_gflops("bfloat16", reps=30 if bf16 else 1)}
@@ -611,7 +614,8 @@ def table(report: dict) -> str:
              f"torch {m['torch']} ({m['torch_threads']} threads, {m.get('allocator', 'libc malloc')}); "
              f"matmul fp32 {m['matmul_gflops_fp32']:.1f} / bf16 "
              f"{m['matmul_gflops_bf16']:.1f} GFLOP/s (start), {report['machine_end']['matmul_gflops_fp32']:.1f} / "
-             f"{report['machine_end']['matmul_gflops_bf16']:.1f} (end); {m['bf16_reason']}",
+             f"{report['machine_end']['matmul_gflops_bf16']:.1f} (end); {m['bf16_reason']}"
+             + "".join(f"; {k}={v}" for k, v in m.get("isa_caps", {}).items()),
              "", "Equal settings: lr 2e-5, 1 epoch, batch 16, 1,811 train rows, macro-F1 on the 453 held-out rows",
              f"{'recipe':<34}{'prec':>5}{'ex/s':>8}{'real tok/s':>11}{'% fp32 peak':>12}{'pad %':>7}{'macro-F1':>9}"
              f"{'peak RSS':>10}{'load 1m':>13}"]
@@ -690,6 +694,7 @@ def main() -> None:
     report["load_end"] = os.getloadavg()
     cpu_tag = "-".join(report["machine"]["cpu"].lower().replace("(r)", "").split()[:3])
     cpu_tag += "-bf16" if bf16 else "-fp32"  # one CPU name covers machines with and without native bf16
+    cpu_tag += "-isa-capped" if report["machine"].get("isa_caps") else ""
     out = args.out or ROOT / "benchmarks" / "results" / f"sidebyside-{cpu_tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=float) + "\n")
