@@ -7,8 +7,7 @@ DEMO_ROWS ?= 3000
 MODEL ?= kftune-demo
 # pytest-xdist workers for `make test`: as many as kftune would give torch threads (usable cores, cgroup quota),
 # at most 4; tests/conftest.py pins each worker to its share of the cores. Read once .venv exists.
-TEST_WORKERS ?= $(shell $(BIN)/python -c 'from kftune import hardware as h; \
-    print(min(int(h.choose_threads(0, h.usable_cores(), h.cgroup_cpu_limit()).value), 4))')
+TEST_WORKERS ?= $(shell $(BIN)/python -c 'from kftune.hardware import threads_here; print(min(threads_here().value, 4))')
 
 .DEFAULT_GOAL := help
 

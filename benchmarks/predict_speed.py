@@ -41,11 +41,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kftune.hardware import cgroup_cpu_limit, choose_threads, usable_cores
+    from kftune.hardware import apply_threads
     from kftune.serving.precision import candidates, measure_precisions
 
     model_dir, texts = prepare(Path(args.work), args.steps)
-    torch.set_num_threads(int(choose_threads(0, usable_cores(), cgroup_cpu_limit()).value))
+    apply_threads(0)
     print(f"machine: {machine_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"data: {len(texts)} Financial PhraseBank test texts; model: minilm-l6 fine-tuned {args.steps} steps\n")
 

@@ -111,11 +111,16 @@ def allocator(maps: str | Path = "/proc/self/maps") -> str:
     return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in text), "libc malloc")
 
 
+def threads_here(setting: int = 0) -> Choice:
+    """The thread rule applied to this process: its affinity and its cgroup's CPU quota."""
+    return choose_threads(setting, usable_cores(), cgroup_cpu_limit())
+
+
 def apply_threads(setting: int) -> Choice:
     """Give torch as many intra-op threads as the thread rule says."""
     import torch
 
-    threads = choose_threads(setting, usable_cores(), cgroup_cpu_limit())
+    threads = threads_here(setting)
     torch.set_num_threads(int(threads.value))
     return threads
 
