@@ -308,6 +308,11 @@ class ServeConfig:
                           "version's held-out rows is >= min_agreement, measured at load), fp32, bf16 or int8.")
     min_agreement: float = _doc("precision=auto: least share of held-out predictions equal to fp32's.")
     agreement_rows: int = _doc("precision=auto: held-out rows (test, then validation) measured per precision.")
+    int8_smoothing: float = _doc("int8: SmoothQuant migration strength alpha in [0, 1]: activation outliers moved into "
+                                 "the per-channel weight scales before quantising; 0 turns it off.")
+    int8_calibration_rows: int = _doc("int8: training rows of the version whose activations calibrate the smoothing.")
+    int8_fallback_margin: float = _doc("int8: a text whose top-two probability margin is below this is recomputed in "
+                                       "fp32 (token classification: its least certain token); 0 never recomputes.")
     max_texts: int = _doc("Most texts in one request (more: 413).")
     max_text_chars: int = _doc("Most characters in one text (more: 422).")
     max_body_bytes: int = _doc("Largest request body in bytes (more: 413).")
@@ -329,8 +334,10 @@ class ServeConfig:
         out = [f"serve.{k}={getattr(self, k)!r}: must be > 0" for k in
                ("poll_seconds", "max_batch", "agreement_rows", "max_texts", "max_text_chars", "max_body_bytes",
                 "log_queue", "log_flush_seconds", "log_file_rows", "drain_seconds") if getattr(self, k) <= 0]
-        out += [f"serve.{k}={getattr(self, k)!r}: must be >= 0" for k in ("max_wait_ms", "max_queue", "threads")
-                if getattr(self, k) < 0]
+        out += [f"serve.{k}={getattr(self, k)!r}: must be >= 0" for k in ("max_wait_ms", "max_queue", "threads",
+                                                                        "int8_calibration_rows") if getattr(self, k) < 0]
+        out += [f"serve.{k}={getattr(self, k)!r}: must be in [0, 1]" for k in ("int8_smoothing", "int8_fallback_margin")
+                if not 0 <= getattr(self, k) <= 1]
         if self.precision not in SERVE_PRECISIONS:
             out.append(f"serve.precision={self.precision!r}: must be one of {', '.join(SERVE_PRECISIONS)}")
         if not 0 < self.min_agreement <= 1:

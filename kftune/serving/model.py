@@ -83,16 +83,36 @@ def resolve_version(name: str, alias: str | None, version: str | None) -> str:
     return found
 
 
-def held_out_texts(name: str, version: str, limit: int) -> list[str]:
-    """The version's own test rows, then validation rows, up to `limit` (from its `reference/` artifact)."""
+def version_texts(name: str, version: str, limit: int, calibration_rows: int) -> tuple[list[str], list[str]]:
+    """The version's held-out and calibration texts (see `split_texts`), from its `reference/` artifact."""
     from kftune.steps.resolve import download_reference
 
     with tempfile.TemporaryDirectory() as tmp:
         rows, _ = download_reference(name, version, tmp)
-    rows = rows[rows["split"].isin(HELD_OUT)]
-    order = rows["split"].map({s: i for i, s in enumerate(HELD_OUT)})
-    rows = rows.assign(order=order).sort_values("order", kind="stable")
-    return rows["text"].astype(str).head(limit).tolist()
+    return split_texts(rows, limit, calibration_rows)
+
+
+def split_texts(rows, limit: int, calibration_rows: int) -> tuple[list[str], list[str]]:
+    """(test rows, then validation rows, up to `limit`: what agreement is measured on; the first
+    `calibration_rows` training rows: what int8's smoothing is calibrated on) of a data version's rows."""
+    held = rows[rows["split"].isin(HELD_OUT)]
+    order = held["split"].map({s: i for i, s in enumerate(HELD_OUT)})
+    held = held.assign(order=order).sort_values("order", kind="stable")
+    train = rows[rows["split"] == "train"]
+    return held["text"].astype(str).head(limit).tolist(), train["text"].astype(str).head(calibration_rows).tolist()
+
+
+def int8_settings(cfg: ServeConfig) -> str:
+    """serve.int8_* in words: tagged with the measurements, which hold only for the int8 they measured."""
+    return (f"smoothing {cfg.int8_smoothing:g}, calibration rows {cfg.int8_calibration_rows}, "
+            f"fallback margin {cfg.int8_fallback_margin:g}")
+
+
+def int8_recipe(cfg: ServeConfig, tokenizer, calibration: list[str]) -> prec.Int8Recipe:
+    """serve.int8_* as an Int8Recipe; without calibration texts (an older version), int8 is not smoothed."""
+    seqs = tokenizer(calibration, truncation=True, max_length=tokenizer.model_max_length)["input_ids"] \
+        if calibration else []
+    return prec.Int8Recipe(cfg.int8_smoothing, seqs, tokenizer.pad_token_id, cfg.int8_fallback_margin)
 
 
 def machine() -> str:
@@ -128,11 +148,11 @@ def recorded_precisions(tags: dict) -> tuple[dict[str, dict], str]:
     return measured, tags.get(f"{TAG}measured_on", "")
 
 
-def measure_and_choose(model, tokenizer, task: str, texts: list[str], cfg: ServeConfig,
-                       device: str) -> tuple[prec.Choice, dict, list[str]]:
+def measure_and_choose(model, tokenizer, task: str, texts: list[str], cfg: ServeConfig, device: str,
+                       int8: prec.Int8Recipe) -> tuple[prec.Choice, dict, list[str]]:
     """Measure the precisions worth trying on this device on `texts` and apply the auto rule."""
     todo, skipped = prec.candidates(device)
-    measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch)
+    measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch, int8)
     choice = prec.choose_precision("auto", measured, cfg.min_agreement)
     if skipped:
         choice = prec.Choice(choice.value, f"{choice.reason}; not measured: {'; '.join(skipped)}")
@@ -140,7 +160,7 @@ def measure_and_choose(model, tokenizer, task: str, texts: list[str], cfg: Serve
 
 
 def record_precisions(name: str, version: str, precision: str, reason: str, measured: dict,
-                      skipped: list[str] = (), when: str = "at load") -> None:
+                      skipped: list[str] = (), when: str = "at load", int8: str = "") -> None:
     """Tag a version with each measured precision's agreement and texts/s and the choice with its reason,
     and say the choice in the version's description (what its page in the MLflow UI shows first).
 
@@ -150,12 +170,14 @@ def record_precisions(name: str, version: str, precision: str, reason: str, meas
 
     where = machine()
     tags = {f"{TAG}precision": precision, f"{TAG}precision_reason": reason, f"{TAG}measured_on": where,
-            f"{TAG}measured_when": when}
+            f"{TAG}measured_when": when, f"{TAG}int8_settings": int8}
     for p, m in measured.items():
         tags[f"{TAG}agreement_{p}"] = f"{m['agreement']:.4f}"
         tags[f"{TAG}texts_per_s_{p}"] = f"{m['texts_per_s']:g}"
         if m.get("batching"):
             tags[f"{TAG}batching_{p}"] = m["batching"]
+        if "fp32_share" in m:
+            tags[f"{TAG}fp32_share_{p}"] = f"{m['fp32_share']:.4f}"
     if skipped:
         tags[f"{TAG}not_measured"] = "; ".join(skipped)
     line = f"{DESCRIPTION_PREFIX} {precision} on {where} (measured {when}): {reason}"
@@ -172,17 +194,18 @@ def record_precisions(name: str, version: str, precision: str, reason: str, meas
         log.warning("could not tag %s v%s with its serving precision: %s", name, version, exc)
 
 
-def measure_at_registration(name: str, version: str, model_dir, texts: list[str], task: str,
+def measure_at_registration(name: str, version: str, model_dir, rows, task: str,
                             cfg: ServeConfig) -> prec.Choice | None:
-    """Measure a just-registered version's precisions on (at most `cfg.agreement_rows` of) its test texts
-    from the fine-tuned folder, and record them on the version, so `serve.precision=auto` on this
-    machine needs no measurement at load. Best effort: a failure is a warning (serving measures then)."""
+    """Measure a just-registered version's precisions on its held-out texts (`split_texts` of `rows`, its data
+    version, as load_version reads them back from the reference artifact) from the fine-tuned folder, and
+    record them on the version, so `serve.precision=auto` on this machine needs no measurement at load.
+    Best effort: a failure is a warning (serving measures then)."""
     import time
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-    texts = texts[: cfg.agreement_rows]
+    texts, calibration = split_texts(rows, cfg.agreement_rows, cfg.int8_calibration_rows)
     if not texts:
         return None
     start = time.perf_counter()
@@ -192,13 +215,15 @@ def measure_at_registration(name: str, version: str, model_dir, texts: list[str]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = auto.from_pretrained(model_dir).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device)
+        int8 = int8_recipe(cfg, tokenizer, calibration)
+        choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device, int8)
     except Exception as exc:  # noqa: BLE001 - a registered version is still servable; `auto` measures at load
         log.warning("%s v%s: could not measure serving precisions (serving will measure at load): %s: %s",
                     name, version, type(exc).__name__, exc)
         return None
-    record_precisions(name, version, choice.value, choice.reason, measured, skipped, when="at registration")
-    log.info("%s v%s: auto would serve %s (measured on %d test texts in %.1f s)", name, version, choice.value,
+    record_precisions(name, version, choice.value, choice.reason, measured, skipped, when="at registration",
+                      int8=int8_settings(cfg))
+    log.info("%s v%s: auto would serve %s (measured on %d held-out texts in %.1f s)", name, version, choice.value,
              len(texts), time.perf_counter() - start)
     return choice
 
@@ -229,21 +254,23 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     from kftune.predict import labels_of
 
     try:
-        texts = held_out_texts(name, version, cfg.agreement_rows)
+        texts, calibration = version_texts(name, version, cfg.agreement_rows, cfg.int8_calibration_rows)
     except Exception as exc:  # noqa: BLE001 - an older version without reference rows can still be served
         log.warning("%s v%s: no held-out rows to measure precision on (%s)", name, version, exc)
-        texts = []
+        texts, calibration = [], []
+    int8 = int8_recipe(cfg, tokenizer, calibration)
     measured, skipped, fresh = {}, [], False
     if setting == "auto":
-        measured, where = recorded_precisions(mlflow.MlflowClient().get_model_version(name, version).tags)
+        tags = mlflow.MlflowClient().get_model_version(name, version).tags
+        measured, where = recorded_precisions(tags)
         usable = {p: m for p, m in measured.items() if p in prec.candidates(device)[0]}
-        if measured and where == machine():
+        if measured and where == machine() and tags.get(f"{TAG}int8_settings") == int8_settings(cfg):
             choice = prec.choose_precision("auto", usable, cfg.min_agreement)
             choice = prec.Choice(choice.value, f"{choice.reason} (as measured earlier on this machine, tagged "
                                                f"on the version)")
         elif texts:
             fresh = True
-            choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device)
+            choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device, int8)
         else:
             choice = prec.Choice("fp32", "serve.precision=auto, but the version has no held-out rows to measure "
                                          "agreement on: fp32")
@@ -252,7 +279,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
             log.warning("serve.precision=bf16 but %s: expect it to be much slower than fp32",
                         prec.bf16_native(device).reason)
         choice = prec.choose_precision(setting, {}, cfg.min_agreement)
-    served = ServedModel(name, str(version), task, labels_of(model), prec.convert(model, choice.value), tokenizer,
+    served = ServedModel(name, str(version), task, labels_of(model), prec.convert(model, choice.value, int8), tokenizer,
                          choice.value, choice.reason, measured)
     warm = (texts or ["warm up"])[: cfg.max_batch]
     served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
@@ -266,6 +293,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     log.info("%s v%s ready: %s at %s (%s); %s", name, version, task, served.precision, served.precision_reason,
              served.batching.reason)
     if fresh:
-        record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped)
+        record_precisions(name, str(version), served.precision, served.precision_reason, measured, skipped,
+                          int8=int8_settings(cfg))
     return served
 

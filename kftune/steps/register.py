@@ -172,7 +172,9 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         mlflow.log_text(card_text, "model_card.md")
         if verdict.decision != gate.HOLD:  # what `serve.precision=auto` will serve, measured once, not per start;
             # a held version is not served (promoted by hand, the server measures it at load)
-            measure_at_registration(cfg.model_name, version, model_dir, test["text"].tolist(), task, params.serve)
+            from kftune.steps.resolve import reference_rows
+
+            measure_at_registration(cfg.model_name, version, model_dir, reference_rows(data_dir), task, params.serve)
         mlflow.set_tags({"kftune.decision": verdict.decision, "kftune.status": "finished"})
         mlflow.log_dict(verdict.to_dict(), "decision.json")
     progress.update(1)

@@ -3,8 +3,8 @@
 import pytest
 
 from kftune.config import load_params
-from kftune.serving.model import held_out_texts, load_version, recorded_precisions
-from kftune.serving.precision import choose_precision, convert, measure_precisions
+from kftune.serving.model import int8_recipe, load_version, recorded_precisions, split_texts, version_texts
+from kftune.serving.precision import Int8Recipe, choose_precision, convert, measure_precisions
 from tests.conftest import ROOT, use_mlflow_store
 from tests.serving.conftest import CLASSIFIER, TAGGER
 
@@ -35,15 +35,20 @@ def test_measure_on_the_versions_own_held_out_rows(serve_store, monkeypatch):
     import torch
 
     use_mlflow_store(serve_store, monkeypatch)
-    texts = held_out_texts(CLASSIFIER, "1", 30)
-    assert len(texts) == 30
+    texts, calibration = version_texts(CLASSIFIER, "1", 30, 20)
+    assert len(texts) == 30 and len(calibration) == 20 and not set(texts) & set(calibration)
     parts = mlflow.transformers.load_model(f"models:/{CLASSIFIER}/1", return_type="components")
-    out = measure_precisions(parts["model"], parts["tokenizer"], texts, precisions=["fp32", "int8"], batch_size=8)
+    cfg = load_params(ROOT / "params.yaml").serve
+    recipe = int8_recipe(cfg, parts["tokenizer"], calibration)
+    out = measure_precisions(parts["model"], parts["tokenizer"], texts, precisions=["fp32", "int8"], batch_size=8,
+                             int8=recipe)
     assert out["fp32"]["agreement"] == 1 and 0 <= out["int8"]["agreement"] <= 1
     assert all(v["texts_per_s"] > 0 for v in out.values())
+    assert 0 <= out["int8"]["fp32_share"] <= 1 and "fp32_share" not in out["fp32"]
     assert out["fp32"]["batching"] == "packed", "timed as served: a BERT classifier's fp32 micro-batches are packed"
     quantised = convert(parts["model"], "int8")
     assert any(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in quantised.modules())
+    assert type(convert(parts["model"], "int8", recipe)).__name__ == "FallbackToFp32"
     assert convert(parts["model"], "bf16").dtype == torch.bfloat16 and parts["model"].dtype == torch.float32
     with pytest.raises(ValueError, match="unknown precision"):
         convert(parts["model"], "fp8")
@@ -64,10 +69,10 @@ def test_load_version_records_the_choice_on_the_version(serve_store, monkeypatch
 
 
 def test_registration_measures_on_the_test_split_and_says_so_on_the_version(serve_store, monkeypatch):
-    import pandas as pd
     from mlflow import MlflowClient
 
     from kftune.serving.model import DESCRIPTION_PREFIX, machine, measure_at_registration
+    from kftune.steps.resolve import reference_rows
 
     use_mlflow_store(serve_store, monkeypatch)
     client = MlflowClient()
@@ -77,9 +82,9 @@ def test_registration_measures_on_the_test_split_and_says_so_on_the_version(serv
 
     # what the register step calls for a version the gate passes, on the version's own test split
     cfg = load_params(ROOT / "params.yaml", ["serve.agreement_rows=40", "serve.max_batch=8"]).serve
-    texts = pd.read_parquet(serve_store / "clf" / "data" / "test.parquet")["text"].tolist()
+    rows = reference_rows(serve_store / "clf" / "data")
     with _retagged(CLASSIFIER, "2", {}):
-        choice = measure_at_registration(CLASSIFIER, "2", serve_store / "clf" / "model", texts, "sequence-classification",
+        choice = measure_at_registration(CLASSIFIER, "2", serve_store / "clf" / "model", rows, "sequence-classification",
                                          cfg)
         mv = client.get_model_version(CLASSIFIER, "2")
     measured, where = recorded_precisions(mv.tags)
@@ -119,9 +124,11 @@ def _retagged(name: str, version: str, changes: dict):
 
 def _recorded(int8_agreement: str, where: str | None = None) -> dict:
     """Tags as record_precisions writes them: fp32 and bf16 slower than an int8 of the given agreement."""
-    from kftune.serving.model import machine
+    from kftune.serving.model import int8_settings, machine
 
-    return {"kftune.serve.measured_on": where or machine(), "kftune.serve.agreement_fp32": "1.0000",
+    settings = int8_settings(load_params(ROOT / "params.yaml").serve)
+    return {"kftune.serve.measured_on": where or machine(), "kftune.serve.int8_settings": settings,
+            "kftune.serve.agreement_fp32": "1.0000",
             "kftune.serve.texts_per_s_fp32": "100", "kftune.serve.agreement_bf16": "1.0000",
             "kftune.serve.texts_per_s_bf16": "120", "kftune.serve.agreement_int8": int8_agreement,
             "kftune.serve.texts_per_s_int8": "1e6"}
@@ -133,7 +140,8 @@ def test_auto_at_load_serves_what_was_recorded_on_this_machine_without_measuring
     use_mlflow_store(serve_store, monkeypatch)
     cfg = load_params(ROOT / "params.yaml", ["serve.max_batch=8"]).serve
     measured_again = []
-    monkeypatch.setattr(served_model.prec, "measure_precisions", lambda *a, **k: measured_again.append(1) or {})
+    monkeypatch.setattr(served_model.prec, "measure_precisions",
+                        lambda *a, **k: measured_again.append(1) or {"fp32": m(1.0, 100)})
     # recorded: int8 agrees fully and is far faster, so auto must pick it from the tags alone
     with _retagged(CLASSIFIER, "2", _recorded("1.0000")):
         served = load_version(CLASSIFIER, "2", cfg)
@@ -141,6 +149,11 @@ def test_auto_at_load_serves_what_was_recorded_on_this_machine_without_measuring
     assert "as measured earlier on this machine" in served.precision_reason
     with _retagged(CLASSIFIER, "2", _recorded("0.9000")):
         assert load_version(CLASSIFIER, "2", cfg).precision != "int8"  # serve.min_agreement applies at load
+    assert not measured_again
+    other = load_params(ROOT / "params.yaml", ["serve.max_batch=8", "serve.int8_fallback_margin=0"]).serve
+    with _retagged(CLASSIFIER, "2", _recorded("1.0000")):
+        load_version(CLASSIFIER, "2", other)
+    assert measured_again, "numbers measured with other serve.int8_* settings are measured again"
 
 
 def test_auto_at_load_measures_when_the_numbers_come_from_another_machine(serve_store, monkeypatch):

@@ -1,0 +1,89 @@
+"""int8 inference: smoothing keeps each layer's function and cuts its quantisation error; the fp32 fallback
+recomputes exactly the texts int8 is unsure of; calibration and agreement texts come from different rows."""
+
+import pandas as pd
+import pytest
+
+from kftune.config import ConfigError, load_params
+from kftune.serving.model import split_texts
+from tests.conftest import ROOT
+
+
+def _outlier_layer():
+    """A Linear layer and inputs whose channels 3 and 17 are 30x the others, as in a BERT's LayerNorm outputs."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    x = torch.randn(512, 64)
+    x[:, [3, 17]] *= 30
+    return layer, x
+
+
+def test_smoothing_keeps_the_layers_function_and_cuts_the_int8_error():
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from kftune.serving.int8 import Smoothed, smooth_linears
+
+    layer, x = _outlier_layer()
+    smoothed = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    smoothed.load_state_dict(layer.state_dict())
+    smooth_linears(smoothed, {"0": x.abs().amax(0)}, 0.8)
+    assert isinstance(smoothed[0], Smoothed)
+    with torch.no_grad():
+        exact = layer(x)
+        assert torch.allclose(smoothed(x), exact, atol=1e-4), "smoothing alone must not change the function"
+
+        def int8_error(model):
+            q = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+            return float((q(x) - exact).abs().mean() / exact.abs().mean())
+
+        plain, smooth = int8_error(layer), int8_error(smoothed)
+    assert smooth < plain / 2, f"int8 error relative to the output: plain {plain:.4f}, smoothed {smooth:.4f}"
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "token-classification"])
+def test_fallback_recomputes_exactly_the_unsure_texts_in_fp32(tiny_model, task):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    from kftune.predict import pad_batch
+    from kftune.serving.precision import Int8Recipe, convert
+
+    auto = AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model = auto.from_pretrained(tiny_model, num_labels=3).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    seqs = tok(["gainoku said the lossira", "dropmek", "the the the gainoku lossira dropmek said"])["input_ids"]
+    ids, mask = pad_batch(seqs, tok.pad_token_id)
+    with torch.inference_mode():
+        fp32 = model(input_ids=ids, attention_mask=mask).logits
+        always = convert(model, "int8", Int8Recipe(0.8, seqs, tok.pad_token_id, fallback_margin=1.0))
+        got = always(input_ids=ids, attention_mask=mask).logits
+        assert always.recomputed == always.seen == 3
+        real = mask.bool()
+        same = got[real] if task == "token-classification" else got
+        assert torch.allclose(same, fp32[real] if task == "token-classification" else fp32, atol=1e-5)
+
+        never = convert(model, "int8", Int8Recipe(0.8, seqs, tok.pad_token_id, fallback_margin=1e-9))
+        int8 = never(input_ids=ids, attention_mask=mask).logits
+        assert never.recomputed == 0 and never.seen == 3
+        assert not torch.equal(int8, fp32), "without recomputing, the answers are int8's own"
+
+
+def test_calibration_rows_are_training_rows_and_agreement_rows_are_held_out():
+    rows = pd.DataFrame({"text": [f"t{i}" for i in range(10)],
+                         "split": ["train"] * 5 + ["validation"] * 2 + ["test"] * 3})
+    held, calibration = split_texts(rows, 4, 3)
+    assert held == ["t7", "t8", "t9", "t5"], "test rows first, then validation, up to the limit"
+    assert calibration == ["t0", "t1", "t2"]
+    assert split_texts(rows, 4, 0)[1] == []
+
+
+def test_int8_settings_are_validated():
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", ["serve.int8_smoothing=1.5", "serve.int8_fallback_margin=-0.1",
+                                           "serve.int8_calibration_rows=-1"])
+    for key in ("serve.int8_smoothing=1.5", "serve.int8_fallback_margin=-0.1", "serve.int8_calibration_rows=-1"):
+        assert key in str(err.value)
