@@ -360,7 +360,7 @@ def infer(spec: dict, work: Path) -> dict:
     split = read_split(work)
     texts, y = split["test"]["text"], split["test"]["label"]
     model_dir = str(work / spec["model"])
-    kind = spec["kind"]
+    kind, model = spec["kind"], None
     if kind.startswith("pipeline"):
         from transformers import pipeline
 
