@@ -307,6 +307,8 @@ class ServeConfig:
     precision: str = _doc("auto (the fastest of fp32, bf16 where native, int8 whose agreement with fp32 on the "
                           "version's held-out rows is >= min_agreement, measured at load), fp32, bf16 or int8.")
     min_agreement: float = _doc("precision=auto: least share of held-out predictions equal to fp32's.")
+    min_speedup: float = _doc("precision=auto: bf16 or int8 is served only if measured at least this many times as "
+                              "fast as fp32 (a tie within the measurement's noise keeps fp32).")
     agreement_rows: int = _doc("precision=auto: held-out rows (test, then validation) measured per precision.")
     int8_smoothing: float = _doc("int8: SmoothQuant migration strength alpha in [0, 1]: activation outliers moved into "
                                  "the per-channel weight scales before quantising; 0 turns it off.")
@@ -342,6 +344,8 @@ class ServeConfig:
             out.append(f"serve.precision={self.precision!r}: must be one of {', '.join(SERVE_PRECISIONS)}")
         if not 0 < self.min_agreement <= 1:
             out.append(f"serve.min_agreement={self.min_agreement!r}: must be in (0, 1]")
+        if self.min_speedup < 1:
+            out.append(f"serve.min_speedup={self.min_speedup!r}: must be >= 1")
         return out
 
 

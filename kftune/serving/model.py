@@ -153,7 +153,7 @@ def measure_and_choose(model, tokenizer, task: str, texts: list[str], cfg: Serve
     """Measure the precisions worth trying on this device on `texts` and apply the auto rule."""
     todo, skipped = prec.candidates(device)
     measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch, int8)
-    choice = prec.choose_precision("auto", measured, cfg.min_agreement)
+    choice = prec.choose_precision("auto", measured, cfg.min_agreement, cfg.min_speedup)
     if skipped:
         choice = prec.Choice(choice.value, f"{choice.reason}; not measured: {'; '.join(skipped)}")
     return choice, measured, skipped
@@ -265,7 +265,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
         measured, where = recorded_precisions(tags)
         usable = {p: m for p, m in measured.items() if p in prec.candidates(device)[0]}
         if measured and where == machine() and tags.get(f"{TAG}int8_settings") == int8_settings(cfg):
-            choice = prec.choose_precision("auto", usable, cfg.min_agreement)
+            choice = prec.choose_precision("auto", usable, cfg.min_agreement, cfg.min_speedup)
             choice = prec.Choice(choice.value, f"{choice.reason} (as measured earlier on this machine, tagged "
                                                f"on the version)")
         elif texts:

@@ -144,20 +144,24 @@ def measure_precisions(model, tokenizer, texts: list[str], task: str = "sequence
     return out
 
 
-def choose_precision(setting: str, measured: dict[str, dict], min_agreement: float) -> Choice:
-    """The rule: a fixed setting is served as set; auto serves the fastest measured precision whose
-    agreement with fp32 is >= min_agreement (fp32 itself always qualifies)."""
+def choose_precision(setting: str, measured: dict[str, dict], min_agreement: float, min_speedup: float = 1.0) -> Choice:
+    """The rule: a fixed setting is served as set; auto serves the fastest measured precision whose agreement
+    with fp32 is >= min_agreement and, unless it is fp32, whose speed is >= min_speedup x fp32's (a tie within
+    the measurement's noise keeps fp32)."""
     if setting != "auto":
         return Choice(setting, f"serve.precision={setting}")
-    ok = {p: m for p, m in measured.items() if m["agreement"] >= min_agreement}
-    best = max(ok, key=lambda p: ok[p]["texts_per_s"])
     fp32 = measured["fp32"]["texts_per_s"]
+    agree = {p for p, m in measured.items() if m["agreement"] >= min_agreement}
+    fast = {p for p, m in measured.items() if p == "fp32" or m["texts_per_s"] >= min_speedup * fp32}
+    ok = {p: measured[p] for p in agree & fast}
+    best = max(ok, key=lambda p: ok[p]["texts_per_s"])
     numbers = "; ".join(f"{p} {m['texts_per_s']:g} texts/s{' ' + m['batching'] if m.get('batching') else ''}, "
                         f"agreement {m['agreement']:.4f}"
                         + (f" ({m['fp32_share']:.1%} recomputed in fp32)" if "fp32_share" in m else "")
                         for p, m in measured.items())
-    failed = [p for p in measured if p not in ok]
     why = f"fastest with agreement >= {min_agreement:g}: {best} ({ok[best]['texts_per_s'] / fp32:.2f}x fp32)"
-    if failed:
+    if failed := [p for p in measured if p not in agree]:
         why += f"; below the agreement bar: {', '.join(failed)}"
+    if slow := [p for p in measured if p in agree and p not in fast]:
+        why += f"; less than {min_speedup:g}x fp32: {', '.join(slow)}"
     return Choice(best, f"serve.precision=auto, {why} [{numbers}]")

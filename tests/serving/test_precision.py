@@ -27,6 +27,9 @@ def test_auto_skips_a_faster_precision_below_the_agreement_bar():
 
 def test_auto_keeps_fp32_when_nothing_else_is_faster_and_a_fixed_setting_is_kept():
     assert choose_precision("auto", {"fp32": m(1.0, 100), "int8": m(1.0, 90)}, 0.995).value == "fp32"
+    tie = choose_precision("auto", {"fp32": m(1.0, 100), "int8": m(1.0, 105)}, 0.995, min_speedup=1.1)
+    assert tie.value == "fp32" and "less than 1.1x fp32: int8" in tie.reason, "within the noise, fp32 is kept"
+    assert choose_precision("auto", {"fp32": m(1.0, 100), "int8": m(1.0, 111)}, 0.995, 1.1).value == "int8"
     assert choose_precision("int8", {}, 0.995).value == "int8"
 
 
@@ -92,7 +95,7 @@ def test_registration_measures_on_the_test_split_and_says_so_on_the_version(serv
     assert measured["fp32"]["agreement"] == 1 and all(m["texts_per_s"] > 0 for m in measured.values())
     assert measured["fp32"]["batching"] == "packed" and f"fp32 {measured['fp32']['texts_per_s']:g} texts/s packed" \
         in mv.tags["kftune.serve.precision_reason"], "the version says how each precision was batched"
-    assert mv.tags["kftune.serve.precision"] == choice.value == choose_precision("auto", measured, 0.995).value
+    assert mv.tags["kftune.serve.precision"] == choice.value == choose_precision("auto", measured, 0.995, 1.1).value
     said = mv.description.split("\n\n")[-1]  # after the model card
     assert mv.description.startswith(f"# {CLASSIFIER} v2"), "the model card is kept"
     assert said.startswith(f"{DESCRIPTION_PREFIX} {choice.value} on {machine()}")
