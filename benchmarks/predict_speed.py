@@ -3,9 +3,10 @@
 MiniLM-L6 fine-tuned briefly on Financial PhraseBank (all-agree), predicting the test split's texts:
 `pipeline("text-classification")` as people call it (one text at a time) and with batch_size=32, then
 kftune's predictor at fp32, bf16 (only where the CPU has native bf16) and int8 (as served: smoothed, per-channel
-dynamic quantisation of the Linear layers, fp32 for the texts it is unsure of; serve.int8_*), measured as registration measures it for `serve.precision: auto`, which is how `kftune predict`
-and `kftune serve` run it (packed rows where they give padded batches' answers, else length-sorted padded
-batches: kftune.predict.choose_batching). Prints texts/s, the speed-up over the plain pipeline and the share of
+dynamic quantisation of the Linear layers, fp32 for the texts it is unsure of; serve.int8_*), measured as
+registration measures it for `serve.precision: auto`, which is how `kftune predict` and `kftune serve` run it
+(packed rows where they give padded batches' answers, else length-sorted padded batches:
+kftune.predict.choose_batching). Prints texts/s, the speed-up over the plain pipeline and the share of
 labels equal to fp32's; no timed assertions.
 
     .venv/bin/python benchmarks/predict_speed.py [--work .kftune/bench-serving] [--steps 60]
