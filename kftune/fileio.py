@@ -52,6 +52,12 @@ def spreadsheet_safe(value):
     return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
 
 
+def spreadsheet_value(value):
+    """The inverse of spreadsheet_safe: a cell read back from such a CSV, without the apostrophe it was given."""
+    return value[1:] if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA_START) \
+        else value
+
+
 def write_csv(df, path: str | Path) -> None:
     """A CSV for people and spreadsheets: every text cell made spreadsheet_safe."""
     df.map(spreadsheet_safe).to_csv(path, index=False)

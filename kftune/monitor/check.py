@@ -144,8 +144,10 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
     labelled = joined(R.window(served, now_ts, live_window) if live_window else served, feedback)
     labels = list(served["labels"].iloc[0]) if len(served) else []
     live = live_quality(labelled, labels, cfg.confidence_level) if len(labelled) else {"n": 0}
+    state["seen_traffic"] = bool(state.get("seen_traffic") or len(logged)
+                                 or any(h.get("requests") for h in state["history"]))  # older state files
     ctx = R.Context(ref_stats.get("shares", {}), ref_stats.get("confidence"), drifted, why, live,
-                    test.get("accuracy"), ever_traffic=bool(len(logged)) or bool(state["history"]))
+                    test.get("accuracy"), ever_traffic=state["seen_traffic"])
     verdicts = [R.judge(r, served, now_ts, ctx) for r in rules]
     state["alerts"], events = R.transitions(verdicts, state["alerts"], str(now_ts))
 
@@ -172,8 +174,12 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
              "rules": [{"name": v.rule.name, "kind": v.rule.kind, "status": v.status, "value": v.value,
                         "requests": v.requests, "why": v.why} for v in verdicts],
              "events": events, "live": live, "test_accuracy": test.get("accuracy"), "point": point}
-    _log_run(client, run_id, check, state["history"], out_dir, int(now_ts.timestamp() * 1000))
-    save_state(log_dir, state)
+    save_state(log_dir, state)  # first: the alerts went out, a failure below must not send them again
+    try:
+        _log_run(client, run_id, check, state["history"], out_dir, int(now_ts.timestamp() * 1000))
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
     return check
 
 

@@ -120,9 +120,18 @@ def cmd_label(args) -> int:
         raise ConfigError("label import needs FILE (a filled queue.csv or a Label Studio JSON export)")
     out = import_labels(args.file, params, args.project_dir, log_dir, args.labeller or "", args.tag,
                         push=not args.no_push, cache_dir=cache)
-    print(plain(f"added {out['added']} labelled texts as {', '.join(out['files'])} -> commit {out['commit'][:10]} "
-                f"({out['dropped_existing']} already in the dataset, {out['unlabelled']} unlabelled, skipped)"))
-    print("the retraining pipeline reads them as new rows: kftune retrain")
+    skipped = f"{out['dropped_existing']} already in the dataset, {out['unlabelled']} unlabelled, skipped"
+    if out["commit"]:
+        print(plain(f"added {out['added']} labelled texts as {', '.join(out['files'])} -> commit {out['commit'][:10]} "
+                    f"({skipped})"))
+    else:
+        print(f"nothing new for the dataset ({skipped})")
+    if log_dir:
+        print(f"feedback stored for {out['feedback']} logged predictions"
+              + (f"; {out['feedback_unmatched']} rows name no prediction of {params.register.model_name} in "
+                 f"{log_dir}" if out["feedback_unmatched"] else ""))
+    if out["commit"]:
+        print("the retraining pipeline reads them as new rows: kftune retrain")
     return 0
 
 

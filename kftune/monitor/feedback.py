@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from kftune.config import KftuneError
+from kftune.fileio import spreadsheet_value
 from kftune.serving.request_log import _fs
 
 FEEDBACK = "_feedback"
@@ -30,6 +31,20 @@ _parts = itertools.count()
 
 class FeedbackError(KftuneError):
     pass
+
+
+def whole_number(value) -> int | None:
+    """A text's index as a file gives it: missing or empty -> 0; a whole number ≥ 0 (7, 7.0, "7", "7.0": a
+    spreadsheet may have rewritten it) -> int; anything else -> None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(number) and not isinstance(value, str):
+        return 0  # a JSON Lines row without `index`, beside rows with one
+    return int(number) if math.isfinite(number) and number.is_integer() and number >= 0 else None
 
 
 def write_feedback(log_dir: str, rows: list[dict]) -> int:
@@ -94,12 +109,12 @@ def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, la
             problems.append(f"{path}:{i}: empty request_id")
         if labels is not None and str(r["label"]) not in labels:
             problems.append(f"{path}:{i}: label {str(r['label'])[:50]!r} is not one of the model's labels {labels}")
-        if "index" in r and str(r["index"]).strip() and not str(r["index"]).strip().isdigit():
+        if whole_number(r.get("index")) is None:
             problems.append(f"{path}:{i}: index {str(r['index'])[:20]!r} is not a whole number")
     if problems:
         raise FeedbackError("feedback not imported:\n  " + "\n  ".join(problems[:20]) +
                             (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    rows = [{"request_id": str(r["request_id"]).strip(), "index": int(str(r.get("index") or 0).strip() or 0),
+    rows = [{"request_id": spreadsheet_value(str(r["request_id"]).strip()), "index": whole_number(r.get("index")),
              "label": str(r["label"]), "labeller": str(r.get("labeller") or labeller), "source": "import",
              "sample": str(r.get("sample") or "")} for r in df.to_dict("records")]
     known = logged_requests(log_dir, [r["request_id"] for r in rows], model)

@@ -11,7 +11,7 @@ It writes queue.csv (fill in `label`), a Label Studio import file and its labell
 `import_labels`: a filled CSV or a Label Studio export; labels checked against the champion's label
 set, texts already in the dataset dropped, the rest added through `kftune.data.add_batches` as a new
 batch with provenance columns (source, request_id, index, sample, labeller, labelled_at), and every
-label also stored as feedback (so live quality sees the random sample).
+label that names a logged prediction also stored as feedback (so live quality sees the random sample).
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import pandas as pd
 
 from kftune.config import KftuneError, Params
 from kftune.drift_tests import words
+from kftune.fileio import spreadsheet_value
 
 log = logging.getLogger(__name__)
 
 RANDOM, DRIFT, UNCERTAIN = "random", "drift", "uncertain"
+COLUMNS = ["request_id", "index", "text", "label", "sample", "labeller", "row"]  # read_labelled's
 QUEUE_COLUMNS = ["request_id", "index", "time", "version", "sample", "unbiased", "predicted", "probability", "text",
                  "label", "labeller"]
 
@@ -148,10 +150,10 @@ def read_labelled(path: str | Path, labeller: str = "") -> pd.DataFrame:
                     choice = (res.get("value", {}).get("choices") or [""])[0]
                 by = done[-1].get("completed_by")
                 who = labeller or str(by.get("email", by.get("id", "")) if isinstance(by, dict) else by or "")
-            rows.append({"request_id": str(data.get("request_id", "")), "index": int(data.get("index", 0) or 0),
+            rows.append({"request_id": str(data.get("request_id", "")), "index": data.get("index"),
                          "text": str(data.get("text", "")), "label": str(choice), "sample": str(data.get("sample", "")),
                          "labeller": who, "row": f"task {i}"})
-        return pd.DataFrame(rows, columns=["request_id", "index", "text", "label", "sample", "labeller", "row"])
+        return _indexed(pd.DataFrame(rows, columns=COLUMNS), path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
@@ -162,29 +164,54 @@ def read_labelled(path: str | Path, labeller: str = "") -> pd.DataFrame:
     for c in ("request_id", "index", "sample", "labeller"):
         if c not in df.columns:
             df[c] = ""
-    df["text"] = df["text"].map(lambda t: t[1:] if t.startswith("'") and t[1:2] in "=+-@\t\r" else t)
-    df["index"] = [int(x) if str(x).isdigit() else 0 for x in df["index"]]
+    df = df.map(spreadsheet_value)  # queue.csv was written spreadsheet-safe
     df["labeller"] = [x or labeller for x in df["labeller"]]
     df["row"] = [f"line {i}" for i in range(2, len(df) + 2)]
-    return df[["request_id", "index", "text", "label", "sample", "labeller", "row"]]
+    return _indexed(df[COLUMNS], path)
+
+
+def _indexed(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """`index` as whole numbers (empty: 0); anything else is refused, naming the row: a wrong index would put
+    the label on another text of the request."""
+    from kftune.monitor.feedback import whole_number
+
+    index = [whole_number(x) for x in df["index"]]
+    bad = [f"{row}: {str(x)[:20]!r}" for row, x, i in zip(df["row"], df["index"], index) if i is None]
+    if bad:
+        raise LabelError(f"{path}: index is not a whole number ({'; '.join(bad[:10])}{' ...' if len(bad) > 10 else ''})")
+    return df.assign(index=index)
 
 
 def _dataset_texts(project_dir: Path, params: Params) -> set[str]:
+    """The dataset's texts as import_labels compares them: normalised, PII masked (as label imports store them)."""
     from kftune.data import DATASET
+    from kftune.pii import mask
     from kftune.tables import normalise, read_tables
 
     folder = project_dir / DATASET
     if not folder.is_dir() or not any(folder.iterdir()):
         return set()
-    return {normalise(t) for t in read_tables(str(folder), params.ingest)[0]["text"]}
+    return {mask(normalise(t)) for t in read_tables(str(folder), params.ingest)[0]["text"]}
+
+
+def _store_feedback(df: pd.DataFrame, log_dir: str, model: str) -> tuple[int, int]:
+    """Every label that names a logged prediction of `model` also becomes feedback (live quality's sample);
+    returns (stored, naming no logged prediction)."""
+    from kftune.monitor.feedback import logged_requests, unknown_requests, write_feedback
+
+    rows = [{"request_id": r.request_id, "index": r.index, "label": r.label, "labeller": r.labeller,
+             "source": "label-import", "sample": r.sample} for r in df[df["request_id"] != ""].itertuples()]
+    unknown = {pos for pos, _ in unknown_requests(rows, logged_requests(log_dir, [r["request_id"] for r in rows],
+                                                                        model))}
+    return write_feedback(log_dir, [r for pos, r in enumerate(rows) if pos not in unknown]), len(unknown)
 
 
 def import_labels(path: str | Path, params: Params, project_dir: str | Path, log_dir: str = "", labeller: str = "",
                   tag: str | None = None, push: bool = True, cache_dir: str | Path = ".kftune/monitor",
                   now: datetime | None = None) -> dict:
-    """Check the labels, drop texts the dataset has, add the rest as a new data version; see the module doc."""
+    """Check the labels, store them as feedback, add the texts the dataset lacks as a new data version (none
+    new: no version, the run is still a success); see the module doc."""
     from kftune.data import add_batches
-    from kftune.monitor.feedback import write_feedback
     from kftune.pii import mask
     from kftune.tables import normalise
 
@@ -193,7 +220,9 @@ def import_labels(path: str | Path, params: Params, project_dir: str | Path, log
     labels = card["labels"]
     df = read_labelled(path, labeller)
     unlabelled = df["label"].str.strip() == ""
-    df = df[~unlabelled].assign(label=lambda d: d["label"].str.strip(), text=lambda d: d["text"].map(normalise))
+    # compared as stored: normalised and masked (two texts differing only in an e-mail address are one text)
+    df = df[~unlabelled].assign(label=lambda d: d["label"].str.strip(), text=lambda d: d["text"].map(normalise)
+                                .map(mask))
     if df.empty:
         raise LabelError(f"{path}: no labelled rows ({int(unlabelled.sum())} rows have an empty label)")
     unknown = df[~df["label"].isin(labels)]
@@ -207,15 +236,19 @@ def import_labels(path: str | Path, params: Params, project_dir: str | Path, log
         text = conflicts.index[0]
         rows = ", ".join(df[df["text"] == text]["row"])
         raise LabelError(f"{path}: the same text has different labels ({rows}): {text[:80]!r}; settle on one")
+    # feedback first: it is keyed by (request_id, index), so storing it again on a re-run changes nothing, and
+    # a failed dataset commit or push cannot lose it
+    stored, unmatched = _store_feedback(df, log_dir, params.register.model_name) if log_dir else (0, 0)
     df = df.drop_duplicates("text")
-    existing = _dataset_texts(project_dir, params)
-    already = df["text"].isin(existing)
+    already = df["text"].isin(_dataset_texts(project_dir, params))
     new = df[~already]
-    when = now or datetime.now(timezone.utc)
+    out = {"added": len(new), "dropped_existing": int(already.sum()), "unlabelled": int(unlabelled.sum()),
+           "feedback": stored, "feedback_unmatched": unmatched, "commit": None, "files": [],
+           "champion_version": version, "by_sample": new["sample"].value_counts().to_dict()}
     if new.empty:
-        raise LabelError(f"{path}: all {len(df)} labelled texts are already in the dataset "
-                         f"({project_dir / 'data/dataset'}): nothing to add")
-    batch = pd.DataFrame({"text": new["text"].map(mask), "label": new["label"], "source": "label-import",
+        return out
+    when = now or datetime.now(timezone.utc)
+    batch = pd.DataFrame({"text": new["text"], "label": new["label"], "source": "label-import",
                           "request_id": new["request_id"], "index": new["index"], "sample": new["sample"],
                           "labeller": new["labeller"], "labelled_at": when.isoformat(timespec="seconds"),
                           "champion_version": version})
@@ -223,11 +256,4 @@ def import_labels(path: str | Path, params: Params, project_dir: str | Path, log
         file = Path(tmp) / f"labels-{when:%Y%m%dT%H%M%S}.csv"
         batch.to_csv(file, index=False)
         added = add_batches([str(file)], project_dir, params.ingest, tag=tag, push=push)
-    if log_dir:
-        with_ids = df[df["request_id"] != ""]
-        write_feedback(log_dir, [{"request_id": r.request_id, "index": r.index, "label": r.label,
-                                  "labeller": r.labeller, "source": "label-import", "sample": r.sample}
-                                 for r in with_ids.itertuples()])
-    return {"added": len(new), "dropped_existing": int(already.sum()), "unlabelled": int(unlabelled.sum()),
-            "commit": added["commit"], "files": added["files"], "champion_version": version,
-            "by_sample": new["sample"].value_counts().to_dict()}
+    return {**out, "commit": added["commit"], "files": added["files"]}

@@ -67,9 +67,10 @@ def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) 
                        f"live accuracy {live['accuracy']:.3f} [{live['accuracy_low']:.3f}, {live['accuracy_high']:.3f}] "
                        f"on {live['n']} random-sample labels vs test {ctx.test_accuracy:.3f}; alert when the interval "
                        f"lies more than {rule.max_gap:g} below the test score")
-    if n < rule.min_requests:
+    needed = rule.min_requests if rule.kind == "drift" else max(rule.min_requests, 1)  # no share of nothing
+    if n < needed:
         return Verdict(rule, UNKNOWN, None, n, f"{n} predictions in the last {_dur(rule.window)}, "
-                                               f"{rule.min_requests} needed")
+                                               f"{needed} needed")
     if rule.kind == "label_share":
         share = float((w["label"] == rule.label).mean())
         return verdict(share > rule.max_share, share, f"{rule.label} {share:.1%} of {n} predictions in the last "

@@ -98,6 +98,15 @@ def test_bulk_feedback_import_checks_every_row_first(tmp_path):
                   "label": ["positive", "negative", "negative"]}).to_csv(f, index=False)
     assert import_feedback(str(f), log_dir, ["negative", "positive"], model=MODEL) == 3
     assert read_feedback(log_dir).set_index("request_id")["label"].to_dict() == {"a": "negative", "b": "negative"}
+    # JSON Lines where only some rows give `index`; a digit that is not a whole number is refused, not a crash
+    (tmp_path / "fb.jsonl").write_text('{"request_id": "b", "label": "positive", "index": 1}\n'
+                                       '{"request_id": "a", "label": "positive"}\n')
+    assert import_feedback(str(tmp_path / "fb.jsonl"), log_dir, ["negative", "positive"], model=MODEL) == 2
+    assert read_feedback(log_dir).set_index(["request_id", "index"])["label"].to_dict() == {
+        ("a", 0): "positive", ("b", 1): "positive"}
+    pd.DataFrame({"request_id": ["a"], "index": ["²"], "label": ["positive"]}).to_csv(f, index=False)
+    with pytest.raises(FeedbackError, match=r"fb.csv:2: index '²' is not a whole number"):
+        import_feedback(str(f), log_dir, ["negative", "positive"], model=MODEL)
 
 
 def test_kftune_feedback_import_refuses_an_unknown_request_id(store, tiny_model, tmp_path, capsys):

@@ -87,10 +87,42 @@ def test_queue_then_import_refuses_unknown_labels_and_known_texts_and_adds_a_ver
     fb = read_feedback(str(log_dir))
     assert len(fb) == 60 and (fb["sample"] == RANDOM).sum() == 30
 
-    with pytest.raises(LabelError, match="all 60 labelled texts are already in the dataset"):
-        import_labels(tmp_path / "good.csv", params, dvc_project, str(log_dir), push=False)
+    again = import_labels(tmp_path / "good.csv", params, dvc_project, str(log_dir), push=False)  # idempotent
+    assert again["added"] == 0 and again["commit"] is None and again["dropped_existing"] == 60
+    assert len(read_feedback(str(log_dir))) == 60
     # the feedback removed the labelled requests from the next queue
     assert queue(str(log_dir), params, 500, tmp_path / "queue2")["candidates"] == 200 - 60
+
+
+def test_label_import_keeps_feedback_when_the_push_fails_and_reads_spreadsheet_edits(store, tiny_model, tmp_path,
+                                                                                      dvc_project):
+    from kftune.data import _dvc
+
+    params = monitor_params(tiny_model)
+    log_dir = tmp_path / "log"
+    rows = write_traffic(log_dir, START, [0.5], per_hour=20)
+    (tmp_path / "file").write_text("")
+    _dvc(dvc_project, "remote", "add", "-d", "broken", str(tmp_path / "file" / "remote"))  # under a file
+    labelled = pd.DataFrame({"request_id": [r["request_id"] for r in rows[:3]] + ["-not-logged"],
+                             "index": ["0", "0.0", "", "0"], "text": ["mail a@x.com now", "mail b@y.com now",
+                                                                     rows[2]["text"], "another text"],
+                             "label": ["negative", "negative", "positive", "positive"]})
+    labelled["request_id"] = labelled["request_id"].map(lambda r: "'" + r if r.startswith("-") else r)  # as written
+    labelled.to_csv(tmp_path / "l.csv", index=False)
+    with pytest.raises(Exception, match="push to the DVC remote failed"):
+        import_labels(tmp_path / "l.csv", params, dvc_project, str(log_dir), labeller="ann")
+    fb = read_feedback(str(log_dir))  # stored before the dataset changed; the unlogged id is not feedback
+    assert sorted(fb["request_id"]) == sorted(r["request_id"] for r in rows[:3]) and set(fb["index"]) == {0}
+    again = import_labels(tmp_path / "l.csv", params, dvc_project, str(log_dir), push=False)
+    assert again["added"] == 0 and again["feedback"] == 3 and again["feedback_unmatched"] == 1
+    batch = pd.read_csv(dvc_project / "data/dataset" / sorted(p.name for p in (dvc_project / "data/dataset").iterdir()
+                                                               if p.name.startswith("batch-"))[-1], dtype=str)
+    # the two e-mail texts are one text once masked: stored once; the escaped request id read back unescaped
+    assert batch["text"].tolist().count("mail <EMAIL> now") == 1 and "-not-logged" in set(batch["request_id"])
+    labelled["index"] = ["0", "1.5", "", "x"]
+    labelled.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(LabelError, match=r"index is not a whole number \(line 3: '1.5'; line 5: 'x'\)"):
+        import_labels(tmp_path / "bad.csv", params, dvc_project, str(log_dir), push=False)
 
 
 def test_label_studio_export_is_read_with_its_annotator(store, tiny_model, tmp_path, dvc_project):

@@ -50,6 +50,18 @@ def test_a_second_check_without_new_traffic_keeps_the_watermark_and_fires_no_tra
     assert second["watermark"] == first["watermark"]
 
 
+def test_no_traffic_is_not_an_alert_before_the_first_prediction(store, tiny_model, tmp_path):
+    params = monitor_params(tiny_model, f"monitor.rules={SURGE}")
+    log_dir = tmp_path / "log"
+    for hour in (1, 2, 3):  # a fresh deployment nobody has called yet
+        check = monitor_once(str(log_dir), params, now=START + hour * 3600)
+        assert check["events"] == [] and [r["status"] for r in check["rules"]] == ["unknown", "unknown"]
+    write_traffic(log_dir, START + 3 * 3600, [0.3], per_hour=60)
+    assert monitor_once(str(log_dir), params, now=START + 4 * 3600)["events"] == []
+    quiet = monitor_once(str(log_dir), params, now=START + 6 * 3600)
+    assert [(e["alert"], e["status"]) for e in quiet["events"]] == [("no-traffic", "firing")]
+
+
 def test_report_escapes_markdown_in_labels_and_reasons(store, tiny_model, tmp_path):
     from kftune.monitor.report import md
 

@@ -58,3 +58,18 @@ def test_a_bad_for_checks_is_named(value):
     rule = f"[{{name: s, kind: volume, window: 1h, min_requests: 1, for_checks: {value}}}]"
     with pytest.raises(ConfigError, match=r"monitor.rules\[0\].for_checks=.*must be a whole number >= 1"):
         load_params(ROOT / "params.yaml", [f"monitor.rules={rule}"])
+
+
+def test_min_requests_0_judges_no_share_of_an_empty_window():
+    rules, problems = parse_rules([
+        {"name": "surge", "kind": "label_share", "label": "negative", "max_share": 0.4, "window": "1h",
+         "min_requests": 0},
+        {"name": "shift", "kind": "label_shift", "max_points": 20, "window": "1h", "min_requests": 0},
+        {"name": "conf", "kind": "confidence", "max_drop": 0.1, "window": "1h", "min_requests": 0}])
+    assert not problems
+    ctx = Context(reference_shares={"negative": 0.7, "positive": 0.3}, reference_confidence=0.9, drifted=None,
+                  drift_why="", live={}, test_accuracy=None, ever_traffic=True)
+    empty = pd.DataFrame({"time": pd.Series([], dtype="datetime64[ns, UTC]"), "label": [], "probability": []})
+    assert [judge(r, empty, NOW, ctx).status for r in rules] == ["unknown"] * 3
+    one = pd.DataFrame({"time": [NOW], "label": ["negative"], "probability": [0.5]})
+    assert [judge(r, one, NOW, ctx).status for r in rules] == ["failing"] * 3
