@@ -178,7 +178,8 @@ def _indexed(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     index = [whole_number(x) for x in df["index"]]
     bad = [f"{row}: {str(x)[:20]!r}" for row, x, i in zip(df["row"], df["index"], index) if i is None]
     if bad:
-        raise LabelError(f"{path}: index is not a whole number ({'; '.join(bad[:10])}{' ...' if len(bad) > 10 else ''})")
+        raise LabelError(f"{path}: index is not a whole number ({'; '.join(bad[:10])}"
+                         f"{' ...' if len(bad) > 10 else ''})")
     return df.assign(index=index)
 
 

@@ -107,8 +107,9 @@ class _Writer:
             import pyarrow.parquet as pq
 
             table = pa.Table.from_pandas(df, preserve_index=False)
-            if self.parquet is None:
-                self.parquet = pq.ParquetWriter(str(self.path), table.schema)
+            if self.parquet is None:  # a column with no value in the first chunk: text, whatever comes later
+                self.parquet = pq.ParquetWriter(str(self.path), pa.schema(
+                    [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]))
             self.parquet.write_table(table.cast(self.parquet.schema))
         elif self.fmt == "jsonl":
             with open(self.path, "a", encoding="utf-8") as f:

@@ -13,7 +13,8 @@ import torch
 from kftune.predict import _forward
 
 
-def quantise(model, smoothing: float, calibration: list, pad_id: int, fallback_margin: float):
+def quantise(model, smoothing: float, calibration: list, pad_id: int, fallback_margin: float,
+             special_ids: tuple = ()):
     """An int8 copy of `model` (left unchanged): smoothed where `calibration` is given, every Linear quantised
     with per-output-channel weight scales, wrapped in FallbackToFp32 when `fallback_margin` > 0."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -24,7 +25,7 @@ def quantise(model, smoothing: float, calibration: list, pad_id: int, fallback_m
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice, once per load
         quantised = quantize_dynamic(copied, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    return FallbackToFp32(quantised, model, fallback_margin) if fallback_margin > 0 else quantised
+    return FallbackToFp32(quantised, model, fallback_margin, special_ids) if fallback_margin > 0 else quantised
 
 
 def activation_max(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> dict:
@@ -54,9 +55,12 @@ def smooth_linears(model, act_max: dict, alpha: float) -> None:
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, torch.nn.Linear) and full in act_max:
-                x = act_max[full].clamp(min=1e-5)
+                x = act_max[full]
                 w = child.weight.detach().abs().amax(0).float().clamp(min=1e-5)
-                setattr(parent, name, Smoothed(child, (x.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)))
+                s = (x.clamp(min=1e-5).pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+                # a channel silent on every calibration row keeps s = 1: a tiny s would turn its first
+                # non-zero input into the outlier that sets the whole batch's int8 scale
+                setattr(parent, name, Smoothed(child, torch.where(x > 1e-5, s, torch.ones_like(s))))
 
 
 class Smoothed(torch.nn.Module):
@@ -77,11 +81,14 @@ class Smoothed(torch.nn.Module):
 
 class FallbackToFp32(torch.nn.Module):
     """The int8 model's answers, except for texts it is unsure of (top-two probability margin below `margin`),
-    which the fp32 model recomputes. Only `logits` are recomputed; `recomputed / seen` counts texts."""
+    which the fp32 model recomputes. Only `logits` are recomputed; `recomputed / seen` counts texts (a tagger's
+    long sentence: its windows). A tagger's margin skips the special tokens ([CLS], [SEP]), whose tags no one reads.
+    """
 
-    def __init__(self, int8, fp32, margin: float):
+    def __init__(self, int8, fp32, margin: float, special_ids: tuple = ()):
         super().__init__()
         self.int8, self.fp32, self.margin = int8, fp32, margin
+        self.special_ids = torch.tensor(sorted(special_ids), dtype=torch.long)
         self.config = int8.config
         self.reset_counts()
 
@@ -96,7 +103,8 @@ class FallbackToFp32(torch.nn.Module):
         top = out.logits.float().softmax(-1).topk(2, dim=-1).values
         margin = top[..., 0] - top[..., 1]
         if margin.dim() == 2:  # token classification: the text's least certain real token
-            margin = margin.masked_fill(attention_mask == 0, 1.0).amin(1)
+            read = (attention_mask != 0) & ~torch.isin(input_ids, self.special_ids)
+            margin = margin.masked_fill(~read, 1.0).amin(1)
         rows = (margin < self.margin).nonzero().flatten()
         if len(rows):
             n = int(attention_mask[rows].sum(1).max())  # pad_batch pads on the right

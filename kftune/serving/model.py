@@ -102,9 +102,13 @@ def split_texts(rows, limit: int, calibration_rows: int) -> tuple[list[str], lis
     return held["text"].astype(str).head(limit).tolist(), train["text"].astype(str).head(calibration_rows).tolist()
 
 
+INT8_RECIPE = 2  # kftune.serving.int8's own version: a change to how int8 is built makes versions measure again
+
+
 def int8_settings(cfg: ServeConfig) -> str:
-    """serve.int8_* in words: tagged with the measurements, which hold only for the int8 they measured."""
-    return (f"smoothing {cfg.int8_smoothing:g}, calibration rows {cfg.int8_calibration_rows}, "
+    """serve.int8_* in words, and INT8_RECIPE: tagged with the measurements, which hold only for the int8 they
+    measured."""
+    return (f"recipe {INT8_RECIPE}, smoothing {cfg.int8_smoothing:g}, calibration rows {cfg.int8_calibration_rows}, "
             f"fallback margin {cfg.int8_fallback_margin:g}")
 
 
@@ -112,11 +116,16 @@ def int8_recipe(cfg: ServeConfig, tokenizer, calibration: list[str]) -> prec.Int
     """serve.int8_* as an Int8Recipe; without calibration texts (an older version), int8 is not smoothed."""
     seqs = tokenizer(calibration, truncation=True, max_length=tokenizer.model_max_length)["input_ids"] \
         if calibration else []
-    return prec.Int8Recipe(cfg.int8_smoothing, seqs, tokenizer.pad_token_id, cfg.int8_fallback_margin)
+    return prec.Int8Recipe(cfg.int8_smoothing, seqs, tokenizer.pad_token_id, cfg.int8_fallback_margin,
+                           tuple(i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id,
+                                             tokenizer.eos_token_id) if i is not None))  # not [UNK]: it is read
 
 
 def machine() -> str:
-    """Where a measurement was taken: CPU model and its bf16/AVX-512 flags."""
+    """Where a measurement was taken: CPU model and its bf16/AVX-512 flags, and the GPU when there is one
+    (measuring and serving use it whenever torch sees it)."""
+    import torch
+
     from kftune.hardware import NATIVE_BF16_FLAGS, cpu_flags
 
     model = "unknown CPU"
@@ -128,7 +137,8 @@ def machine() -> str:
     except OSError:
         model = platform.processor() or model
     flags = sorted(f for f in cpu_flags() if f in NATIVE_BF16_FLAGS or f in ("avx512f", "avx512_vnni", "avx2"))
-    return f"{model} ({', '.join(flags) or 'no AVX-512/bf16 flags'}), {len(os.sched_getaffinity(0))} cores"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{model} ({', '.join(flags) or 'no AVX-512/bf16 flags'}), {len(os.sched_getaffinity(0))} cores{gpu}"
 
 
 def recorded_precisions(tags: dict) -> tuple[dict[str, dict], str]:

@@ -1,7 +1,7 @@
 """The request log: every served prediction, appended to rotating Parquet files, for monitoring.
 
-Layout: `<log_dir>/date=YYYY-MM-DD/part-<UTC time>-<pid>-<n>.parquet`, a local folder or
-s3://bucket/prefix. A file appears whole (local: written under a hidden temp name, then renamed;
+Layout: `<log_dir>/date=YYYY-MM-DD/part-<UTC time>-<pid>-<n>.parquet` (the rows' UTC date), a local
+folder or s3://bucket/prefix. A file appears whole (local: written under a hidden temp name, then renamed;
 S3: an object exists only once its upload completes). A new file starts every `log_flush_seconds`
 of traffic or `log_file_rows` predictions, so readers can take finished files at any time.
 
@@ -131,17 +131,32 @@ class RequestLog:
                 taken, self._pending, self._pending_rows = self._pending, [], 0
             rows = [r for request in taken for r in request]
             if self.mask:
-                rows = [{**r, "text": self.mask(r["text"])} for r in rows]
+                rows = [self._masked(r) for r in rows]
             for at in range(0, len(rows), self.file_rows):
                 self._write(rows[at : at + self.file_rows])
             if closing:
                 return
 
+    def _masked(self, row: dict) -> dict:
+        """The row with its text masked, and each entity's text (its start and end still count characters of
+        the text the model saw)."""
+        out = {**row, "text": self.mask(row["text"])}
+        if row["entities"]:
+            out["entities"] = json.dumps([{**e, "text": self.mask(e["text"])} for e in json.loads(row["entities"])],
+                                         ensure_ascii=False)
+        return out
+
     def _write(self, rows: list[dict]) -> None:
-        if not rows:
-            return
+        """One file per UTC date of the rows' times (a replay's rows carry the client's time), so a reader's
+        `since` can skip whole folders."""
+        days: dict[str, list[dict]] = {}
+        for r in rows:
+            days.setdefault(f"{r['time'].astimezone(timezone.utc):%Y-%m-%d}", []).append(r)
+        for day, part in days.items():
+            self._write_file(f"{self.root}/date={day}", part)
+
+    def _write_file(self, folder: str, rows: list[dict]) -> None:
         now = datetime.now(timezone.utc)
-        folder = f"{self.root}/date={now:%Y-%m-%d}"
         name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(self._parts):05d}.parquet"
         try:
             import pyarrow.parquet as pq
@@ -173,8 +188,8 @@ def read_request_log(log_dir: str, since: datetime | None = None):
     fs, root = _fs(log_dir)
     files = sorted(f for f in fs.glob(f"{root}/date=*/part-*.parquet"))
     if since is not None:
-        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
-        files = [f for f in files if f.rsplit("date=", 1)[1][:10] >= f"{since:%Y-%m-%d}"]
+        since = (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        files = [f for f in files if f.rsplit("date=", 1)[1][:10] >= f"{since:%Y-%m-%d}"]  # folders: UTC dates
     tables = []
     for f in files:
         with fs.open(f, "rb") as fh:

@@ -129,3 +129,15 @@ def test_component_and_pipeline(tmp_path, serve_store, monkeypatch):
     assert spec["root"]["inputDefinitions"]["parameters"]["model"]["defaultValue"] == "kftune-demo@champion"
     secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-batch-predict-op"]["secretAsEnv"]
     assert {s["secretName"] for s in secrets} == {"kftune-mlflow", "kftune-s3"}
+
+
+def test_parquet_output_takes_a_column_empty_in_the_first_chunk(tmp_path):
+    import pandas as pd
+
+    from kftune.serving.batch import _Writer
+
+    out = _Writer(tmp_path / "out.parquet", "parquet")
+    out.write(pd.DataFrame({"text": ["a"], "note": [None], "label": ["x"]}))
+    out.write(pd.DataFrame({"text": ["b"], "note": ["later"], "label": ["y"]}))
+    out.close()
+    assert pd.read_parquet(tmp_path / "out.parquet")["note"].fillna("").tolist() == ["", "later"]

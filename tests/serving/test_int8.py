@@ -72,6 +72,55 @@ def test_fallback_recomputes_exactly_the_unsure_texts_in_fp32(tiny_model, task):
         assert not torch.equal(int8, fp32), "without recomputing, the answers are int8's own"
 
 
+def test_a_channel_silent_in_calibration_is_left_unsmoothed():
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from kftune.serving.int8 import smooth_linears
+
+    layer, x = _outlier_layer()
+    calibration = x.clone()
+    calibration[:, 5] = 0  # e.g. a ReLU unit that never fired on the calibration rows
+    x[:, 5] = 0.3  # and fires when serving
+    smoothed = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    smoothed.load_state_dict(layer.state_dict())
+    smooth_linears(smoothed, {"0": calibration.abs().amax(0)}, 0.8)
+    assert float(smoothed[0].inv_s[5]) == 1.0
+    with torch.no_grad():
+        exact = layer(x)
+        q = quantize_dynamic(smoothed, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        assert float((q(x) - exact).abs().mean() / exact.abs().mean()) < 0.02
+
+
+def test_a_taggers_fallback_ignores_the_special_tokens_margins():
+    from types import SimpleNamespace
+
+    import torch
+
+    from kftune.serving.int8 import FallbackToFp32
+
+    class Fixed(torch.nn.Module):  # a model whose logits are given: margins chosen per token
+        config = None
+
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=self.logits[: len(input_ids), : input_ids.shape[1]].clone())
+
+    ids = torch.tensor([[101, 5, 6, 102, 0], [101, 7, 102, 0, 0], [101, 8, 9, 102, 0]])
+    logits = torch.tensor([5.0, 0.0, 0.0]).repeat(3, 5, 1)
+    coin = torch.tensor([1.0, 1.0, 0.0])  # top-two margin 0
+    logits[:, 0] = coin  # [CLS] of every text
+    logits[0, 3] = coin  # [SEP] of text 0
+    logits[1, 1] = coin  # a word of text 1: the only text int8 is unsure of
+    logits[2, 4] = coin  # padding of text 2
+    fallback = FallbackToFp32(Fixed(logits), Fixed(torch.zeros_like(logits)), 0.25, special_ids=(101, 102))
+    fallback(input_ids=ids, attention_mask=(ids != 0).long())
+    assert (fallback.seen, fallback.recomputed) == (3, 1)
+
+
 def test_calibration_rows_are_training_rows_and_agreement_rows_are_held_out():
     rows = pd.DataFrame({"text": [f"t{i}" for i in range(10)],
                          "split": ["train"] * 5 + ["validation"] * 2 + ["test"] * 3})

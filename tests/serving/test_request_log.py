@@ -1,5 +1,6 @@
 """The request log: rows written whole, read back in order and by time; a full queue drops and counts."""
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
@@ -42,3 +43,23 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path):
     assert dropped > 0 and log.dropped == dropped
     assert log.written + log.dropped == 20000 == log.written + dropped
     assert len(read_request_log(str(tmp_path / "log"))) == log.written
+
+
+def test_masking_covers_entities_and_folders_follow_the_rows_utc_dates(tmp_path):
+    from kftune.pii import mask
+
+    log = RequestLog(str(tmp_path / "log"), max_queue=100, flush_seconds=60, file_rows=100, mask=mask)
+    spans = [{"type": "per", "text": "Ann", "start": 0, "end": 3, "score": 0.8},
+             {"type": "misc", "text": "ann@example.com", "start": 12, "end": 27, "score": 0.7}]
+    log.append(records("r1", served("token-classification"), ["Ann mailed ann@example.com"], [{"entities": spans}]))
+    replayed = datetime(2030, 1, 2, 23, 30, tzinfo=timezone.utc).timestamp()  # a replay's client time, ahead
+    answers = [{"label": "pos", "probability": 0.9, "probabilities": {"neg": 0.1, "pos": 0.9}}]
+    log.append(records("r2", served(), ["late"], answers, at=replayed))
+    log.close()
+    df = read_request_log(str(tmp_path / "log"))
+    assert df["text"][0] == "Ann mailed <EMAIL>" and "ann@example.com" not in df["entities"][0]
+    assert [e["text"] for e in json.loads(df["entities"][0])] == ["Ann", "<EMAIL>"]
+    assert (tmp_path / "log" / "date=2030-01-02").is_dir()
+    # one minute before the replayed row, written in UTC+23:00 (already 2030-01-03 there): the row is found
+    since = datetime(2030, 1, 3, 22, 29, tzinfo=timezone(timedelta(hours=23)))
+    assert read_request_log(str(tmp_path / "log"), since=since)["request_id"].tolist() == ["r2"]
