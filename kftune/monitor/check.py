@@ -4,7 +4,8 @@ State (`<log_dir>/_monitor/state.json`, written whole): the watermark (the newes
 tests have consumed), each alert rule's state, the champion's reference statistics per version, and
 the history of checks the report draws. The drift tests run only once `monitor.min_requests`
 predictions of the champion have arrived since the watermark; until then the watermark stays and
-the rows accumulate. Alert rules are judged on every check, each over its own window.
+the rows accumulate. Rows younger than 2 × `serve.log_flush_seconds` wait for the next check: a replica
+sharing the log may not have written its rows of that time yet. Alert rules are judged on every check, each over its own window.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
     logged = read_request_log(log_dir, since=since.to_pydatetime() if since is not None else None)
     logged = logged[(logged["model"] == name) & (logged["time"] <= now_ts) & logged["label"].notna()]
     served = logged[logged["version"] == version] if version else logged.iloc[:0]
-    new = served if watermark is None else served[served["time"] > watermark]
+    # the drift tests take rows older than two flush intervals only: another replica may still hold younger
+    # ones, and a row written after the watermark passed its time would never be tested
+    settled = served[served["time"] <= now_ts - pd.Timedelta(seconds=2 * params.serve.log_flush_seconds)]
+    new = settled if watermark is None else settled[settled["time"] > watermark]
     previous = pd.Timestamp(state["history"][-1]["now"]) if state["history"] else None
     interval = logged if previous is None else logged[logged["time"] > previous]
 

@@ -50,6 +50,16 @@ def test_a_second_check_without_new_traffic_keeps_the_watermark_and_fires_no_tra
     assert second["watermark"] == first["watermark"]
 
 
+def test_rows_younger_than_two_flushes_wait_for_the_next_check(store, tiny_model, tmp_path):
+    params = monitor_params(tiny_model, f"monitor.rules={SURGE}", "serve.log_flush_seconds=5")
+    log_dir = tmp_path / "log"
+    write_traffic(log_dir, START, [0.3], per_hour=60)  # one row a minute, the last at START + 59 min
+    first = monitor_once(str(log_dir), params, now=START + 3540 + 9)  # the last row is 9 s old: not yet
+    assert first["new_requests"] == 59 and first["drifted"] is not None
+    second = monitor_once(str(log_dir), params, now=START + 2 * 3600)
+    assert second["new_requests"] == 1 and second["watermark"] == first["watermark"]
+
+
 def test_no_traffic_is_not_an_alert_before_the_first_prediction(store, tiny_model, tmp_path):
     params = monitor_params(tiny_model, f"monitor.rules={SURGE}")
     log_dir = tmp_path / "log"
