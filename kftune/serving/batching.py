@@ -94,6 +94,19 @@ class MicroBatcher:
             n += len(job.texts)
         return jobs, False
 
+    async def _run_alone(self, loop, job: _Job) -> None:
+        """After a failed batch that `job` shared: its own texts again, then its answer or its error."""
+        try:
+            answers = await loop.run_in_executor(self._executor, job.served.predict, job.texts, self.max_batch)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the server keeps serving
+            log.exception("prediction failed for a request of %d texts", len(job.texts))
+            if not job.future.done():
+                job.future.set_exception(exc)
+            return
+        self.on_batch(len(job.texts))
+        if not job.future.done():
+            job.future.set_result(answers)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stop = False
@@ -109,12 +122,13 @@ class MicroBatcher:
                 texts = [t for job in group for t in job.texts]
                 try:
                     answers = await loop.run_in_executor(self._executor, group[0].served.predict, texts, self.max_batch)
-                except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                except Exception as exc:  # noqa: BLE001 - only the request that fails gets the error
+                    log.exception("prediction failed for a batch of %d texts from %d requests", len(texts), len(group))
+                    if len(group) == 1 and not group[0].future.done():
+                        group[0].future.set_exception(exc)
+                    for job in group if len(group) > 1 else ():
+                        await self._run_alone(loop, job)
                     self.waiting -= len(texts)
-                    log.exception("prediction failed for a batch of %d texts", len(texts))
-                    for job in group:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
                     continue
                 self.waiting -= len(texts)
                 self.on_batch(len(texts))

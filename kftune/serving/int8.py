@@ -14,7 +14,7 @@ from kftune.predict import _forward
 
 
 def quantise(model, smoothing: float, calibration: list, pad_id: int, fallback_margin: float,
-             special_ids: tuple = ()):
+             unread_ids: tuple = ()):
     """An int8 copy of `model` (left unchanged): smoothed where `calibration` is given, every Linear quantised
     with per-output-channel weight scales, wrapped in FallbackToFp32 when `fallback_margin` > 0."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -25,7 +25,7 @@ def quantise(model, smoothing: float, calibration: list, pad_id: int, fallback_m
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice, once per load
         quantised = quantize_dynamic(copied, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    return FallbackToFp32(quantised, model, fallback_margin, special_ids) if fallback_margin > 0 else quantised
+    return FallbackToFp32(quantised, model, fallback_margin, unread_ids) if fallback_margin > 0 else quantised
 
 
 def activation_max(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> dict:
@@ -82,13 +82,13 @@ class Smoothed(torch.nn.Module):
 class FallbackToFp32(torch.nn.Module):
     """The int8 model's answers, except for texts it is unsure of (top-two probability margin below `margin`),
     which the fp32 model recomputes. Only `logits` are recomputed; `recomputed / seen` counts texts (a tagger's
-    long sentence: its windows). A tagger's margin skips the special tokens ([CLS], [SEP]), whose tags no one reads.
+    long sentence: its windows). A tagger's margin skips `unread_ids`, tokens whose tags no answer reads.
     """
 
-    def __init__(self, int8, fp32, margin: float, special_ids: tuple = ()):
+    def __init__(self, int8, fp32, margin: float, unread_ids: tuple = ()):
         super().__init__()
         self.int8, self.fp32, self.margin = int8, fp32, margin
-        self.special_ids = torch.tensor(sorted(special_ids), dtype=torch.long)
+        self.unread_ids = torch.tensor(sorted(unread_ids), dtype=torch.long)
         self.config = int8.config
         self.reset_counts()
 
@@ -103,7 +103,7 @@ class FallbackToFp32(torch.nn.Module):
         top = out.logits.float().softmax(-1).topk(2, dim=-1).values
         margin = top[..., 0] - top[..., 1]
         if margin.dim() == 2:  # token classification: the text's least certain real token
-            read = (attention_mask != 0) & ~torch.isin(input_ids, self.special_ids)
+            read = (attention_mask != 0) & ~torch.isin(input_ids, self.unread_ids)
             margin = margin.masked_fill(~read, 1.0).amin(1)
         rows = (margin < self.margin).nonzero().flatten()
         if len(rows):

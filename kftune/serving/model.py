@@ -117,8 +117,19 @@ def int8_recipe(cfg: ServeConfig, tokenizer, calibration: list[str]) -> prec.Int
     seqs = tokenizer(calibration, truncation=True, max_length=tokenizer.model_max_length)["input_ids"] \
         if calibration else []
     return prec.Int8Recipe(cfg.int8_smoothing, seqs, tokenizer.pad_token_id, cfg.int8_fallback_margin,
-                           tuple(i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id,
-                                             tokenizer.eos_token_id) if i is not None))  # not [UNK]: it is read
+                           unread_ids(tokenizer))
+
+
+def unread_ids(tokenizer) -> tuple:
+    """Token ids whose tag a tagger's answer never reads (kftune.predict.word_predictions reads each word's
+    first sub-token): [CLS]/[SEP]-like specials (not [UNK]: it can start a word) and WordPiece's continuation
+    pieces (`##...`), which never start a word."""
+    ids = {i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id,
+                       tokenizer.eos_token_id) if i is not None}
+    prefix = getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None)
+    if prefix:
+        ids |= {i for piece, i in tokenizer.get_vocab().items() if piece.startswith(prefix)}
+    return tuple(sorted(ids))
 
 
 def machine() -> str:

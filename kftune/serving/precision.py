@@ -59,7 +59,7 @@ class Int8Recipe:
     calibration: list = field(default_factory=list, repr=False)
     pad_id: int = 0
     fallback_margin: float = 0.0
-    special_ids: tuple = ()  # the tokenizer's special tokens: a tagger's fallback ignores their margins
+    unread_ids: tuple = ()  # tokens whose tag no answer reads: a tagger's fallback ignores their margins
 
 
 def convert(model, precision: str, int8: Int8Recipe = Int8Recipe()):
@@ -78,7 +78,7 @@ def convert(model, precision: str, int8: Int8Recipe = Int8Recipe()):
     if precision == "int8":
         from kftune.serving.int8 import quantise
 
-        return quantise(model, int8.smoothing, int8.calibration, int8.pad_id, int8.fallback_margin, int8.special_ids)
+        return quantise(model, int8.smoothing, int8.calibration, int8.pad_id, int8.fallback_margin, int8.unread_ids)
     raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
 
 

@@ -38,8 +38,10 @@ def texts_from_v2(body) -> list:
     if data and all(isinstance(d, list) and len(d) == 1 for d in data):  # shape [N, 1]
         data = [d[0] for d in data]
     shape = tensor.get("shape")
-    if shape is not None and (not isinstance(shape, list) or not shape or shape[0] != len(data)):
-        raise HTTPError(422, f"inputs[0].shape={shape!r} does not match {len(data)} texts in data")
+    if shape is not None and (not isinstance(shape, list) or not shape or shape[0] != len(data)
+                              or any(d != 1 for d in shape[1:])):
+        raise HTTPError(422, f"inputs[0].shape={str(shape)[:50]}: expected [{len(data)}] or [{len(data)}, 1] for "
+                             f"the {len(data)} texts in data")
     return data
 
 
@@ -55,6 +57,10 @@ def check_texts(texts: list, cfg: ServeConfig) -> list[str]:
         if len(t) > cfg.max_text_chars:
             raise HTTPError(422, f"text {i} has {len(t)} characters; the limit is "
                                  f"serve.max_text_chars={cfg.max_text_chars}")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows a lone surrogate ("\ud800"); the tokenizer does not
+            raise HTTPError(422, f"text {i} is not valid Unicode (a lone surrogate)") from None
     return texts
 
 

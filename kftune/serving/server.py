@@ -36,6 +36,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from kftune import __version__
 from kftune.config import ConfigError, ServeConfig
 from kftune.serving.batching import MicroBatcher, Overloaded
 from kftune.serving.metrics import Metrics
@@ -266,6 +267,10 @@ def create_app(state: State):
         served = state.current
         if served is None or state.draining:
             raise HTTPError(503, "draining" if state.draining else "no model version is warm yet; retry shortly")
+        version = request.path_params.get("version")
+        if version is not None and version != served.version:
+            raise HTTPError(404, f"{name} version {version[:20]!r} is not served here; this server serves version "
+                                 f"{served.version} (the /v2/models/{name}/... routes take whichever it serves)")
         return served
 
     async def read_json(request: Request):
@@ -280,8 +285,8 @@ def create_app(state: State):
                 raise HTTPError(413, f"request body over serve.max_body_bytes={cfg.max_body_bytes} bytes")
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+        except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, an int of > 4300 digits
+            raise HTTPError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
         except RecursionError:
             raise HTTPError(400, "request body is JSON nested too deeply") from None
 
@@ -358,10 +363,11 @@ def create_app(state: State):
         return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
 
     async def model_ready(request: Request):
-        name = request.path_params["name"]
+        name, version = request.path_params["name"], request.path_params.get("version")
         if name != state.name:
             return error(404, f"unknown model {name[:100]!r}; this server serves {state.name!r}")
-        return JSONResponse({"name": name, "ready": state.ready}, status_code=200 if state.ready else 503)
+        ready = state.ready and (version is None or version == getattr(state.current, "version", None))
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     async def metadata(request: Request):
         return JSONResponse(v2_metadata(guard(request)))
@@ -371,10 +377,15 @@ def create_app(state: State):
         body = await read_json(request)
         texts = check_texts(texts_from_v2(body), cfg)
         rid = body.get("id")
-        if isinstance(rid, str) and rid:
-            request.state.request_id = rid[:64]
+        if isinstance(rid, str) and REQUEST_ID.fullmatch(rid):  # also the header's and the log's key
+            request.state.request_id = rid
         answers = await predict(request, served, texts)
-        return JSONResponse(v2_response(served, answers, request.state.request_id))
+        # V2 echoes the body's id as given; the X-Request-Id header and the log keep a safe one
+        return JSONResponse(v2_response(served, answers, rid if isinstance(rid, str) and rid
+                                        else request.state.request_id))
+
+    async def server_metadata(request: Request):
+        return JSONResponse({"name": "kftune", "version": __version__, "extensions": []})
 
     async def v1_predict(request: Request):
         served = guard(request)
@@ -394,7 +405,10 @@ def create_app(state: State):
               Route("/v2/models/{name}/ready", model_ready), Route("/v1/models/{name}:predict", v1_predict,
                                                                   methods=["POST"]),
               Route("/v1/models/{name}", model_ready), Route("/v2/models/{name}", metadata),
-              Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+              Route("/v2/models/{name}/infer", infer, methods=["POST"]), Route("/v2", server_metadata),
+              Route("/v2/models/{name}/versions/{version}", metadata),
+              Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+              Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
               Route("/v2/models/{name}/feedback", feedback, methods=["POST"]), Route("/metrics", prometheus)]
     return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Observe, metrics=metrics)],
                      exception_handlers={HTTPError: on_http_error, HTTPException: on_starlette})
@@ -434,6 +448,7 @@ def run(name: str, alias: str | None, cfg: ServeConfig, host: str, port: int, ve
             def on_signal(sig, frame):
                 log.info("%s: draining (no new connections; in-flight requests finish)", signal.Signals(sig).name)
                 state.draining = True
+                state.metrics.ready.set(0)
                 if self.should_exit and sig == signal.SIGINT:
                     self.force_exit = True
                 self.should_exit = True

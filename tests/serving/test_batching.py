@@ -21,6 +21,28 @@ class Recorder:
         return [{"n": len(t), "version": self.version} for t in texts]
 
 
+def test_a_request_that_breaks_its_batch_fails_alone():
+    class Fragile(Recorder):
+        def predict(self, texts, batch_size):
+            if "bad" in texts:
+                raise ValueError("the tokenizer refused a text")
+            return super().predict(texts, batch_size)
+
+    async def main():
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50)
+        batcher.start()
+        v1 = Fragile("1")
+        results = await asyncio.gather(batcher.predict(v1, ["good", "ok"]), batcher.predict(v1, ["bad"]),
+                                       batcher.predict(v1, ["fine"]), return_exceptions=True)
+        waiting = batcher.waiting
+        await batcher.close()
+        return results, waiting
+
+    (good, bad, fine), waiting = asyncio.run(main())
+    assert [a["n"] for a in good] == [4, 2] and [a["n"] for a in fine] == [4]
+    assert isinstance(bad, ValueError) and waiting == 0
+
+
 def test_concurrent_requests_are_gathered_up_to_max_batch():
     async def main():
         batcher = MicroBatcher(max_batch=8, max_wait_ms=50)

@@ -116,9 +116,25 @@ def test_a_taggers_fallback_ignores_the_special_tokens_margins():
     logits[0, 3] = coin  # [SEP] of text 0
     logits[1, 1] = coin  # a word of text 1: the only text int8 is unsure of
     logits[2, 4] = coin  # padding of text 2
-    fallback = FallbackToFp32(Fixed(logits), Fixed(torch.zeros_like(logits)), 0.25, special_ids=(101, 102))
+    fallback = FallbackToFp32(Fixed(logits), Fixed(torch.zeros_like(logits)), 0.25, unread_ids=(101, 102))
     fallback(input_ids=ids, attention_mask=(ids != 0).long())
     assert (fallback.seen, fallback.recomputed) == (3, 1)
+
+
+def test_unread_ids_are_the_specials_and_continuation_pieces(tiny_model):
+    from transformers import AutoTokenizer
+
+    from kftune.serving.model import unread_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    unread, vocab = set(unread_ids(tok)), tok.get_vocab()
+    assert {tok.cls_token_id, tok.sep_token_id} <= unread and tok.unk_token_id not in unread
+    pieces = {p for p in vocab if p.startswith("##")}
+    assert pieces and {vocab[p] for p in pieces} <= unread and len(unread) == len(pieces) + 2
+    enc = tok(["gainoku", "said"], is_split_into_words=True)  # what word_predictions reads: first sub-tokens
+    read = {enc["input_ids"][pos] for pos, w in enumerate(enc.word_ids()) if w is not None
+            and (pos == 0 or enc.word_ids()[pos - 1] != w)}
+    assert not read & unread
 
 
 def test_calibration_rows_are_training_rows_and_agreement_rows_are_held_out():

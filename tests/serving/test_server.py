@@ -70,6 +70,18 @@ def test_both_protocols_answer_label_probabilities_and_version(guarded):
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{CLASSIFIER}/ready", f"/v1/models/{CLASSIFIER}"):
         assert requests.get(guarded.url + path).status_code == 200, f"{path} is open and ready"
 
+    # the versioned V2 routes answer for the served version only; the body's id comes back as sent
+    odd = "line\nbreak " + "x" * 100
+    r = requests.post(f"{guarded.url}/v2/models/{CLASSIFIER}/versions/1/infer", json=v2_body(texts, id=odd),
+                      headers=auth())
+    assert r.status_code == 200 and r.json()["id"] == odd and r.headers["x-request-id"] != odd
+    assert requests.post(f"{guarded.url}/v2/models/{CLASSIFIER}/versions/9/infer", json=v2_body(texts),
+                         headers=auth()).status_code == 404
+    assert requests.get(f"{guarded.url}/v2/models/{CLASSIFIER}/versions/1", headers=auth()).json()["versions"] == ["1"]
+    assert requests.get(f"{guarded.url}/v2/models/{CLASSIFIER}/versions/1/ready").status_code == 200
+    assert requests.get(f"{guarded.url}/v2/models/{CLASSIFIER}/versions/9/ready").status_code == 503
+    assert requests.get(f"{guarded.url}/v2").json()["name"] == "kftune"
+
 
 @pytest.mark.parametrize("headers", [{}, auth("wrong"), {"Authorization": TOKEN}, {"Authorization": "Basic x"}])
 def test_prediction_endpoints_need_a_valid_bearer_token(guarded, headers):
@@ -108,6 +120,9 @@ def test_malformed_input_never_causes_a_500(guarded):
         (json.dumps(v2_body(["", " ", "\u0000\u200b", "😀 émoji ünïcode", "[CLS] [SEP] [PAD]"])).encode(), 413),
         (json.dumps(v2_body(["", " ", "\u0000\u200b", "😀 émoji [SEP] [PAD]"])).encode(), 200),
         (json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": [["a"], ["b"]]}]}).encode(), 200),
+        (json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 3], "data": ["a", "b"]}]}).encode(),
+         422),
+        (json.dumps(v2_body(["a \ud800 b"])).encode(), 422),  # a lone surrogate: valid JSON, not valid text
     ]
     for raw, code in cases:
         r = requests.post(url, data=raw, headers={**auth(), "Content-Type": "application/json"})
