@@ -52,7 +52,8 @@ class IngestConfig:
     bio_repair: bool = _doc("Token classification: turn an I-X that does not continue an X entity into B-X (and "
                             "count it) instead of failing.")
     mask_pii: bool = _doc("Replace e-mail addresses, phone numbers, payment cards, IBANs, IP addresses and URLs in "
-                          "the texts with typed placeholders (<EMAIL>, ...) as they are read (kftune/pii.py).")
+                          "the texts with typed placeholders (<EMAIL>, ...) as they are read (kftune/pii.py); "
+                          "tagged sentences token by token.")
 
     def problems(self) -> list[str]:
         out = []
@@ -181,6 +182,8 @@ class RegisterConfig:
 
     def problems(self) -> list[str]:
         out = []
+        if not 0 <= self.min_delta < 1:  # NaN fails this too; a negative delta would promote a worse model
+            out.append(f"register.min_delta={self.min_delta!r}: must be in [0, 1)")
         if not 0 <= self.max_forgetting < 1:
             out.append(f"register.max_forgetting={self.max_forgetting!r}: must be in [0, 1)")
         if not self.model_name.strip():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -59,7 +60,7 @@ def check_batch(path: str | Path, cfg: IngestConfig, task: str = "sequence-class
     df, drops = clean(read_tables(str(path), cfg)[0])
     if df.empty:
         raise DataError(f"{path}: no usable rows after cleaning (dropped {drops})")
-    check_labels(df, cfg, str(path))
+    check_labels(df, cfg, str(path), min_labels=1)  # a batch of one label is fine; ingest checks the dataset
     return len(df)
 
 
@@ -91,6 +92,8 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
     Returns:
         commit, tag, the files added, the dataset's DVC md5 and whether it was pushed.
     """
+    from kftune import tables
+
     root = Path(root).resolve()
     if not (root / ".dvc").is_dir():
         raise DataVersionError(f"{root}: not a DVC repository (run `dvc init` there)")
@@ -99,17 +102,24 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
     if tag and _run(["git", "tag", "--list", tag], root):
         raise DataVersionError(f"git tag {tag!r} already exists in {root}; choose another --tag")
     target = root / dataset
+    dvc_file = root / f"{dataset}.dvc"
+    if dvc_file.exists() and json.loads(_dvc(root, "status", "--json", str(dvc_file.relative_to(root))) or "{}"):
+        raise DataVersionError(f"{target}: the files differ from the version in {dvc_file.name} (not pulled, or "
+                               f"changed by hand); a new version from them would drop or change earlier batches. "
+                               f"Run `dvc pull` (or `dvc checkout`) there first")
     target.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in target.iterdir() if (m := re.match(r"batch-(\d+)", p.name))]
     start = max(numbers, default=-1) + 1
-    dvc_file = root / f"{dataset}.dvc"
     meta = [dvc_file, dvc_file.parent / ".gitignore"]  # what `dvc add` writes and git commits
     paths = [str(p.relative_to(root)) for p in meta]
     before = {p: p.read_bytes() for p in meta if p.exists()}
     added = []
     try:
         for i, f in enumerate(files):
-            dest = target / f"batch-{start + i:03d}{Path(f).suffix.lower()}"
+            suffix = Path(f).suffix.lower()
+            if task == "token-classification" and suffix not in tables.NER_SUFFIXES:
+                suffix = ".conll"  # read as CoNLL when checked (one file, any name): so it is read in the folder
+            dest = target / f"batch-{start + i:03d}{suffix}"
             shutil.copy2(f, dest)
             added.append(dest)
         _dvc(root, "add", dataset)

@@ -44,6 +44,12 @@ def write_json(path: str | Path, obj, sort_keys: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def reading(encoding: str) -> str:
+    """The codec to read a file declared `encoding` with: UTF-8 also drops a byte-order mark (Excel's and
+    Notepad's UTF-8 files start with one)."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 

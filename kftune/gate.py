@@ -196,7 +196,12 @@ def promote(name: str, version: str, reason: str, who: str | None = None,
     """
     event = registry.promote(name, version, reason, who=who, expected_champion=expected_champion)
     if keep_versions:
-        gone = registry.prune(name, keep_versions)
+        try:
+            gone = registry.prune(name, keep_versions)
+        except Exception as exc:  # noqa: BLE001 - the champion has moved: a failed cleanup must not fail the run
+            log.warning("register.keep_versions=%d: pruning failed (the promotion stands; the next one prunes "
+                        "again): %s: %s", keep_versions, type(exc).__name__, exc)
+            return event
         log.info("register.keep_versions=%d: deleted %s", keep_versions, ", ".join(f"v{v}" for v in gone) or "nothing")
     return event
 

@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from kftune.fileio import reading
+
 IGNORE = -100  # label id the loss and the metrics skip (special tokens, non-first sub-tokens)
 
 
@@ -32,7 +34,7 @@ def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> li
     `-DOCSTART-` lines are skipped. Every non-blank line must have as many columns as the first.
     """
     sentences, tokens, tags, numbers, start, width = [], [], [], [], 0, None
-    lines = Path(path).read_text(encoding=encoding).splitlines()
+    lines = Path(path).read_text(encoding=reading(encoding)).splitlines()
     for number, raw in enumerate(lines + [""], start=1):
         cols = raw.split("\t") if "\t" in raw else raw.split()
         if not raw.strip():
@@ -61,7 +63,7 @@ def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> li
 def read_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Sentence]:
     """One {"tokens": [...], "tags": [...]} object per line."""
     sentences = []
-    for number, raw in enumerate(Path(path).read_text(encoding=encoding).splitlines(), start=1):
+    for number, raw in enumerate(Path(path).read_text(encoding=reading(encoding)).splitlines(), start=1):
         if not raw.strip():
             continue
         try:

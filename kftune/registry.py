@@ -83,8 +83,14 @@ def history(name: str) -> list[Event]:
 def _history_runs(name: str) -> list[tuple[Event, str]]:
     from mlflow.entities import ViewType
 
-    runs = _client().search_runs([history_experiment(name)], run_view_type=ViewType.ACTIVE_ONLY,
-                                 order_by=["attributes.start_time ASC"], max_results=10000)
+    runs, token = [], None
+    while True:  # every event, a page at a time (one page would be the oldest 10,000)
+        page = _client().search_runs([history_experiment(name)], run_view_type=ViewType.ACTIVE_ONLY,
+                                     order_by=["attributes.start_time ASC"], max_results=5000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            break
     out = []
     for run in runs:
         t = {k.removeprefix(TAG): v for k, v in run.data.tags.items() if k.startswith(TAG)}
@@ -103,7 +109,8 @@ def _history_runs(name: str) -> list[tuple[Event, str]]:
 # first finishes an intent left by a killed process, so aliases, tags and history always agree.
 
 LEASE_PREFIX, INTENT = "kftune-lease.", f"{TAG}intent"
-LEASE_WAIT_S, LEASE_STALE_S = 30.0, 120.0
+LEASE_STALE_S = 120.0  # a holder that cannot be checked (another host or container) counts as dead after this
+LEASE_WAIT_S = LEASE_STALE_S + 30.0  # so a waiter outlives a dead holder's lease rather than failing first
 
 
 def _fault(point: str) -> None:
@@ -114,15 +121,39 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _where() -> dict:
+    """The lease holder's address: host and pid namespace (containers on the host network share its name,
+    not its pids)."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return {"host": socket.gethostname(), "pid_namespace": namespace}
+
+
 def _holder_gone(tags: dict) -> bool:
-    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+    """A holder this process can see (same host and pid namespace) is gone when its pid is; any other when its
+    lease is older than LEASE_STALE_S."""
+    here = _where()
+    if tags.get("host") == here["host"] and tags.get("pid_namespace", "") == here["pid_namespace"] \
+            and tags.get("pid", "").isdigit():
         try:
             os.kill(int(tags["pid"]), 0)
         except ProcessLookupError:
             return True
         except PermissionError:
-            return False
+            pass
+        return False
     return time.time() - float(tags.get("since", "0")) > LEASE_STALE_S
+
+
+def _delete_lease(client, lock: str, token: str) -> None:
+    """Delete the lease only while it is still the one with `token` (another holder's is left alone)."""
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):
+        if client.get_registered_model(lock).tags.get("token") == token:
+            client.delete_registered_model(lock)
 
 
 @contextlib.contextmanager
@@ -130,13 +161,13 @@ def lease(name: str):
     """Hold the registry lease of `name` while the block runs (waits up to LEASE_WAIT_S)."""
     from mlflow.exceptions import MlflowException
 
-    client, lock = _client(), f"{LEASE_PREFIX}{name}"
+    client, lock, token = _client(), f"{LEASE_PREFIX}{name}", uuid.uuid4().hex
     deadline = time.monotonic() + LEASE_WAIT_S
     while True:
         try:
             client.create_registered_model(lock, description=f"kftune: held while {name}'s champion moves",
-                                           tags={"host": socket.gethostname(), "pid": str(os.getpid()),
-                                                 "actor": actor(), "since": str(time.time())})
+                                           tags={**_where(), "pid": str(os.getpid()), "actor": actor(),
+                                                 "since": str(time.time()), "token": token})
             break
         except MlflowException:
             try:
@@ -144,8 +175,7 @@ def lease(name: str):
             except MlflowException:
                 continue  # released in between: try again
             if _holder_gone(holder):
-                with contextlib.suppress(MlflowException):
-                    client.delete_registered_model(lock)
+                _delete_lease(client, lock, holder.get("token", ""))
                 continue
             if time.monotonic() > deadline:
                 raise RegistryError(f"{name}: another promotion holds the registry lease ({holder.get('actor')}, "
@@ -154,8 +184,7 @@ def lease(name: str):
     try:
         yield
     finally:
-        with contextlib.suppress(MlflowException):
-            client.delete_registered_model(lock)
+        _delete_lease(client, lock, token)
 
 
 def _intent(name: str) -> dict | None:
@@ -215,8 +244,16 @@ def reconcile(name: str) -> list[str]:
 def _reconcile(name: str) -> list[str]:
     done = []
     if intent := _intent(name):
-        event = _apply(name, dict(intent, reason=intent["reason"] + " (completed after an interruption)"))
-        done.append(f"finished an interrupted {event.action}: v{event.from_version or '-'} -> v{event.to_version}")
+        now = version_by_alias(name, CHAMPION) or ""
+        if now in (intent["from"], intent["to"]):  # where the interrupted move left it
+            event = _apply(name, dict(intent, reason=intent["reason"] + " (completed after an interruption)"))
+            done.append(f"finished an interrupted {event.action}: v{event.from_version or '-'} -> "
+                        f"v{event.to_version}")
+        else:  # moved by hand since: a person's choice is not overridden by an old intent
+            _client().delete_registered_model_tag(name, INTENT)
+            record("refuse", name, intent["from"] or None, intent["to"], f"an interrupted {intent['action']} "
+                   f"(v{intent['from'] or '-'} -> v{intent['to']}) was dropped: the champion is v{now or '-'} now")
+            done.append(f"dropped an interrupted {intent['action']}: the champion was moved to v{now or '-'} since")
     if moved := _outside_move(name):
         if moved[1]:
             _client().set_model_version_tag(name, moved[1], f"{TAG}decision", "promoted")

@@ -30,9 +30,12 @@ def check_cron(cron: str) -> str:
 
 
 def next_fire(cron: str, after: float) -> float:
+    """The first fire time after `after` (Unix seconds), the cron read in the machine's local time zone.
+
+    croniter reads a naive datetime as UTC, so the start is given with the local zone attached."""
     from croniter import croniter
 
-    return croniter(cron, datetime.fromtimestamp(after)).get_next(float)
+    return croniter(cron, datetime.fromtimestamp(after).astimezone()).get_next(float)
 
 
 class Clock:

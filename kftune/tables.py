@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from kftune.config import IngestConfig, KftuneError
-from kftune.fileio import atomic_dir, file_sha256, write_json
+from kftune.fileio import atomic_dir, file_sha256, reading, write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
         if kind == "parquet":
             df = pd.read_parquet(path)
         elif kind == "jsonl":
-            df = pd.read_json(path, lines=True, dtype=False, encoding=cfg.encoding)
+            df = pd.read_json(path, lines=True, dtype=False, encoding=reading(cfg.encoding))
         else:
-            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=cfg.encoding, dtype=str,
+            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=reading(cfg.encoding), dtype=str,
                              keep_default_na=False, quoting=3 if kind == "tsv" else 0)
     except UnicodeDecodeError:
         raise DataError(f"{path}:{_bad_byte_line(path, cfg.encoding)}: not valid {cfg.encoding}; set ingest.encoding "
@@ -187,8 +187,9 @@ def quantiles(values: pd.Series) -> dict[str, float]:
             "max": int(values.max())}
 
 
-def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str) -> list[str]:
-    """The label set: ingest.labels if configured (every row must use one), else the sorted labels seen."""
+def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str, min_labels: int = 2) -> list[str]:
+    """The label set: ingest.labels if configured (every row must use one), else the sorted labels seen.
+    A dataset needs two labels; one batch added to it may have one (`min_labels`)."""
     if cfg.labels:
         unknown = Counter(lbl for lbl in df["label"] if lbl not in cfg.labels)
         if unknown:
@@ -196,8 +197,9 @@ def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str) -> list[str]:
             raise DataError(f"{source}: column {cfg.label_column!r} has labels outside ingest.labels "
                             f"{cfg.labels}: {listed}")
     present = df["label"].nunique()
-    if present < 2:
-        raise DataError(f"{source}: column {cfg.label_column!r} has {present} distinct label(s); need at least 2")
+    if present < min_labels:
+        raise DataError(f"{source}: column {cfg.label_column!r} has {present} distinct label(s); need at least "
+                        f"{min_labels}")
     return list(cfg.labels) if cfg.labels else sorted(df["label"].unique())
 
 
@@ -227,7 +229,8 @@ def load_rows(source: str, cfg: IngestConfig, split_files: dict[str, str] | None
     labels = check_labels(df, cfg, source)
     df["split"] = splits.assign(df["text"], df["split"].tolist() if given else None, cfg)
     info = {"sources": sources, "rows_read": len(raw), "dropped": drops, "drop_reasons": reasons, "labels": labels,
-            "split_salt": cfg.split_salt, "split": split_settings(cfg), "warnings": drop_warnings(raw, df, drops)}
+            "split_salt": cfg.split_salt, "split": split_settings(cfg),
+            "warnings": drop_warnings(raw, df, drops) + untrained_labels(df, labels)}
     if given:
         info["split_given"] = splits.card("files" if split_files else "column 'split'", set(raw["split"]))
     return df, info
@@ -240,6 +243,18 @@ def drop_warnings(raw: pd.DataFrame, kept: pd.DataFrame, drops: dict[str, int]) 
         why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in drops.items() if n)
         out.append(f"only {len(kept)} of {len(raw)} rows are usable ({why}); a duplicate is an exact repeat "
                    f"of (text, label), a conflict the same text with two labels")
+    for w in out:
+        log.warning("ingest: %s", w)
+    return out
+
+
+def untrained_labels(df: pd.DataFrame, labels: list[str]) -> list[str]:
+    """Say (log and data card) when a label has no training row: the model cannot learn it."""
+    trained = set(df[df["split"] == "train"]["label"])
+    missing = [lbl for lbl in labels if lbl not in trained]
+    out = [f"label(s) {', '.join(repr(m) for m in missing[:10])} have no training row (only "
+           f"{int(df['label'].isin(missing).sum())} rows, all in validation or test): the model cannot learn them; "
+           f"add rows"] if missing else []
     for w in out:
         log.warning("ingest: %s", w)
     return out
@@ -291,6 +306,7 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     """Token classification: every sentence under `source` (CoNLL or JSONL) as text, tokens, tags and label
     (the tags joined, so that `clean` can drop duplicates and conflicts); bad lines fail with file:line."""
     from kftune import ner
+    from kftune.pii import mask
 
     files = list_files(source, NER_SUFFIXES, any_single_file=True)
     allowed = set(cfg.labels) or None
@@ -308,7 +324,9 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
         if not sentences:
             raise DataError(f"{f}: no sentences (expected one token per line, blank lines between sentences)")
         sources.append({"file": str(f), "sha256": file_sha256(f), "rows": len(sentences)})
-        rows += [(" ".join(s.tokens), " ".join(s.tags), s.tokens, s.tags) for s in sentences]
+        for s in sentences:
+            tokens = [mask(t) for t in s.tokens] if cfg.mask_pii else s.tokens  # token by token: tags stay aligned
+            rows.append((" ".join(tokens), " ".join(s.tags), tokens, s.tags))
     df = pd.DataFrame(rows, columns=["text", "label", "tokens", "tags"])
     return df, {"sources": sources, "bio_repairs": repairs}
 

@@ -32,6 +32,12 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
     assert len(re.findall(r"^\s+- ", msg, re.M)) == 7
 
 
+@pytest.mark.parametrize("delta", ["-0.1", ".nan", "1"])
+def test_a_negative_or_nan_min_delta_is_refused(delta):
+    with pytest.raises(ConfigError, match=r"register.min_delta=.*must be in \[0, 1\)"):
+        load_params(ROOT / "params.yaml", [f"register.min_delta={delta}"])
+
+
 def test_missing_and_unknown_keys_in_the_file_are_named(tmp_path):
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     del data["finetune"]["seed"]

@@ -61,6 +61,20 @@ def test_the_same_file_twice_is_refused_and_conll_batches_are_versioned(project,
     assert added["files"] == ["data/dataset/batch-001.conll"] and added["rows"] == {str(conll): 50}
 
 
+def test_a_dataset_not_pulled_is_not_overwritten_and_odd_batches_are_kept_readable(project, params):
+    add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    shutil.rmtree(project / "data" / "dataset")  # a clone without `dvc pull`
+    with pytest.raises(DataVersionError, match="not pulled, or changed by hand.*dvc pull"):
+        add_batches([str(project.parent / "batch1.csv")], project, params.ingest)
+    sh(project, f"{BIN}/dvc", "checkout", "-q", "data/dataset.dvc")
+    one_label = project.parent / "positive.csv"  # a labelling round where every text was positive
+    one_label.write_text("text,label\nprofit rose,positive\nsales up,positive\n")
+    assert add_batches([str(one_label)], project, params.ingest)["files"] == ["data/dataset/batch-001.csv"]
+    tagged = write_conll(project.parent / "more.annotated", ner_sentences(20))  # CoNLL under another suffix
+    added = add_batches([str(tagged)], project, params.ingest, task="token-classification")
+    assert added["files"] == ["data/dataset/batch-002.conll"]
+
+
 def test_a_refused_commit_puts_the_working_tree_back(project, params):
     add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
     hook = project / ".git" / "hooks" / "pre-commit"

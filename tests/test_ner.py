@@ -16,6 +16,22 @@ def test_read_conll_skips_docstart_and_reads_the_configured_column(tmp_path):
     assert ner.read_conll(path, tag_column=1)[0].tags == ["NNP", "NNP", "VBD"]
 
 
+def test_a_byte_order_mark_is_not_a_token_and_pii_masking_keeps_tags_aligned(tmp_path):
+    from kftune.config import load_params
+    from kftune.tables import read_sentences
+    from tests.conftest import ROOT
+
+    path = tmp_path / "bom.conll"  # Excel and Notepad start UTF-8 files with a BOM
+    path.write_bytes("\ufeff-DOCSTART- O\n\nmail O\njohn.doe@example.com O\nor O\nAnn B-PER\n".encode())
+    assert [s.tokens for s in ner.read_conll(path, -1)] == [["mail", "john.doe@example.com", "or", "Ann"]]
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"tokens": ["Ann"], "tags": ["B-PER"]}\n'.encode())
+    assert ner.read_jsonl(tmp_path / "bom.jsonl")[0].tokens == ["Ann"]
+    cfg = load_params(ROOT / "params.yaml", ["ingest.mask_pii=true"]).ingest
+    df, _ = read_sentences(str(path), cfg)
+    assert list(df["tokens"][0]) == ["mail", "<EMAIL>", "or", "Ann"] and list(df["tags"][0])[3] == "B-PER"
+    assert df["text"][0] == "mail <EMAIL> or Ann"
+
+
 def test_a_malformed_conll_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.conll"
     path.write_text("Ann\tB-PER\nLee\tI-PER\textra\n")

@@ -97,6 +97,41 @@ def test_a_dead_lease_holder_does_not_block(store):
     _consistent()
 
 
+def test_a_live_holder_keeps_the_lease_past_its_age(store, monkeypatch):
+    holder = _in_subprocess(f"import time\nwith registry.lease({NAME!r}):\n    print('held', flush=True)\n"
+                            f"    time.sleep(60)")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(registry, "LEASE_STALE_S", 0.0)  # every lease "old": only a dead pid may be broken
+        monkeypatch.setattr(registry, "LEASE_WAIT_S", 2.0)
+        with pytest.raises(registry.RegistryError, match="another promotion holds the registry lease"):
+            registry.promote(NAME, "2", "must wait")
+        assert registry.version_by_alias(NAME, registry.CHAMPION) == "1"
+    finally:
+        holder.kill()
+        holder.communicate(timeout=60)
+
+
+def test_an_interrupted_promote_does_not_undo_a_later_move_by_hand(store):
+    p = _in_subprocess(f"registry.promote({NAME!r}, '2', 'killed midway', expected_champion='1')", KFTUNE_FAULT="intent")
+    p.communicate(timeout=120)
+    MlflowClient().set_registered_model_alias(NAME, registry.CHAMPION, "4")  # a person, in the MLflow UI
+    done = registry.reconcile(NAME)
+    assert done[0] == "dropped an interrupted promote: the champion was moved to v4 since"
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "4" and registry.check(NAME) == []
+
+
+def test_a_failed_prune_after_a_promotion_does_not_fail_it(store, monkeypatch, caplog):
+    from kftune import gate
+
+    def unreachable(name, keep):
+        raise OSError("the artifact store is unreachable")
+
+    monkeypatch.setattr(registry, "prune", unreachable)  # S3 down between the promotion and the cleanup
+    assert gate.promote(NAME, "2", "better", keep_versions=2).to_version == "2"
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "2" and "pruning failed" in caplog.text
+
+
 def test_an_alias_moved_outside_kftune_is_detected_and_recorded(store):
     MlflowClient().set_registered_model_alias(NAME, registry.CHAMPION, "4")  # MLflow UI's alias editor
     assert any("moved outside kftune" in p for p in registry.check(NAME))

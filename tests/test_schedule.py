@@ -44,6 +44,20 @@ def test_runs_one_at_a_time_and_skips_missed_runs(tmp_path, caplog):
     assert "skipped 2 run(s)" in caplog.text and "next run at 2026-11-22T14:00:00" in caplog.text
 
 
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Asia/Tokyo"])
+def test_cron_hours_are_the_local_time_zone_s(zone, monkeypatch):
+    from kftune.schedule import next_fire
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:  # 21:30 local: the next '0 3 * * *' is 03:00 local tomorrow, not 03:00 UTC read as local
+        fire = next_fire("0 3 * * *", datetime(2026, 12, 7, 21, 30).timestamp())
+        assert datetime.fromtimestamp(fire) == datetime(2026, 12, 8, 3, 0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_a_failing_run_does_not_stop_the_schedule(tmp_path, caplog):
     clock = FakeClock(datetime(2026, 11, 22, 2, 0))
     calls = []

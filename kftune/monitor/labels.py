@@ -249,7 +249,8 @@ def import_labels(path: str | Path, params: Params, project_dir: str | Path, log
     if new.empty:
         return out
     when = now or datetime.now(timezone.utc)
-    batch = pd.DataFrame({"text": new["text"], "label": new["label"], "source": "label-import",
+    batch = pd.DataFrame({params.ingest.text_column: new["text"], params.ingest.label_column: new["label"],
+                          "source": "label-import",
                           "request_id": new["request_id"], "index": new["index"], "sample": new["sample"],
                           "labeller": new["labeller"], "labelled_at": when.isoformat(timespec="seconds"),
                           "champion_version": version})

@@ -151,3 +151,18 @@ def test_mostly_duplicate_data_is_said_loudly(tmp_path, params, caplog):
     assert info["warnings"] == ["only 10 of 2000 rows are usable (1990 duplicate); a duplicate is an exact repeat "
                                 "of (text, label), a conflict the same text with two labels"]
     assert "only 10 of 2000 rows are usable" in caplog.text
+
+
+def test_a_label_without_training_rows_is_said_loudly(tmp_path, params, caplog):
+    from kftune.tables import load_rows
+
+    rows = [(f"headline number {i}", ["negative", "positive"][i % 2]) for i in range(200)]
+    cfg = params.ingest
+    rare = [t for t in (f"bankrupt firm {i}" for i in range(100))
+            if split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) != "train"][:2]
+    pd.DataFrame(rows + [(t, "bankrupt") for t in rare], columns=["text", "label"]).to_csv(tmp_path / "d.csv",
+                                                                                         index=False)
+    _, info = load_rows(str(tmp_path / "d.csv"), params.ingest)
+    assert info["warnings"] == ["label(s) 'bankrupt' have no training row (only 2 rows, all in validation or test): "
+                                "the model cannot learn them; add rows"]
+    assert "no training row" in caplog.text
