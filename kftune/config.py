@@ -317,7 +317,8 @@ class ServeConfig:
                                  "the per-channel weight scales before quantising; 0 turns it off.")
     int8_calibration_rows: int = _doc("int8: training rows of the version whose activations calibrate the smoothing.")
     int8_fallback_margin: float = _doc("int8: a text whose top-two probability margin is below this is recomputed in "
-                                       "fp32 (token classification: its least certain token); 0 never recomputes.")
+                                       "fp32 (token classification: its least certain word, at the sub-token the "
+                                       "answer reads); 0 never recomputes.")
     max_texts: int = _doc("Most texts in one request (more: 413).")
     max_text_chars: int = _doc("Most characters in one text (more: 422).")
     max_body_bytes: int = _doc("Largest request body in bytes (more: 413).")

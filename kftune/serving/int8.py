@@ -102,7 +102,7 @@ class FallbackToFp32(torch.nn.Module):
             return out
         top = out.logits.float().softmax(-1).topk(2, dim=-1).values
         margin = top[..., 0] - top[..., 1]
-        if margin.dim() == 2:  # token classification: the text's least certain real token
+        if margin.dim() == 2:  # token classification: the least certain token an answer reads
             read = (attention_mask != 0) & ~torch.isin(input_ids, self.unread_ids)
             margin = margin.masked_fill(~read, 1.0).amin(1)
         rows = (margin < self.margin).nonzero().flatten()

@@ -53,7 +53,7 @@ class Int8Recipe:
         the layer computes the same function while activation outliers move into the (per-channel) weights.
     calibration: token-id sequences whose activations give max|x_j| (training rows, not the measured ones).
     fallback_margin: a text whose int8 top-two probability margin is below this (for token classification: at
-        its least certain token) is recomputed in fp32; 0 never recomputes.
+        its least certain token an answer reads) is recomputed in fp32; 0 never recomputes.
     """
     smoothing: float = 0.0
     calibration: list = field(default_factory=list, repr=False)
