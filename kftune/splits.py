@@ -1,7 +1,8 @@
 """User-given splits: a `split` column, or one file per split (`kftune step ingest --train/--validation/--test`).
 
 The hash split (kftune.tables.split_of) stays the default. A given split is honoured as is; a split the user
-did not give (say no validation file) is hashed out of the given train rows with ingest's fractions. A text
+did not give (say no validation file) is hashed out of the given train rows with ingest's fractions (with a
+`split` column: per file, so a later batch that gives test rows moves no earlier row out of test). A text
 in two splits is kept only in the one a test set lives in: test, then validation, then train, so a golden
 test set is never thinned by a leak from train.
 """
@@ -35,16 +36,19 @@ def by_priority(df: pd.DataFrame) -> pd.DataFrame:
     return df.iloc[np.argsort(df[COLUMN].map(PRIORITY).to_numpy(), kind="stable")]
 
 
-def assign(texts, given, cfg: IngestConfig) -> list[str]:
-    """Every row's split: the hash of its text, or the given split with any split not given hashed out of train."""
+def assign(texts, given, cfg: IngestConfig, present: list[set] | None = None) -> list[str]:
+    """Every row's split: the hash of its text, or the given split with any split not given hashed out of train.
+
+    present: per row, the splits its file gives (a `split` column); None: the splits given anywhere (split files).
+    """
     if given is None:
         return [split_of(t, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction) for t in texts]
-    present = set(given)
+    present = present or [set(given)] * len(given)
     out = []
-    for text, split in zip(texts, given):
+    for text, split, gives in zip(texts, given, present):
         if split == "train":
             hashed = split_of(text, cfg.split_salt, cfg.validation_fraction, cfg.test_fraction)
-            split = hashed if hashed not in present else "train"
+            split = hashed if hashed not in gives else "train"
         out.append(split)
     return out
 

@@ -53,12 +53,15 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
         if col not in df.columns:
             raise DataError(f"{path}: no {role} column {col!r} (columns: {', '.join(map(str, df.columns))}); "
                             f"set ingest.{role}_column")
+    if kind == "tsv":
+        _check_tsv_rows(path, cfg)
     out = df[[cfg.text_column, cfg.label_column]].copy()
     out.columns = ["text", "label"]
     if "split" in df.columns:  # a user-given split (kftune.splits)
         from kftune.splits import read_column
 
         out["split"] = read_column(df["split"], path, header_lines=int(kind in ("csv", "tsv")))
+        out["given_splits"] = ",".join(sorted(set(out["split"])))  # what this file gives (splits.assign)
     labels = out["label"]
     if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
         out["label"] = labels.astype("Int64")  # a gap in an int column turns 1 into 1.0; labels stay "1"
@@ -68,6 +71,20 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
 
         out["text"] = out["text"].map(mask)
     return out
+
+
+def _check_tsv_rows(path: Path, cfg: IngestConfig) -> None:
+    """TSV is read without quote handling (GLUE's files have unbalanced quotes), so a row shorter than the
+    header, such as half of a text quoted across a line break, would be read as a row with an empty field."""
+    width = None
+    for number, line in enumerate(path.read_text(encoding=reading(cfg.encoding)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.count("\t") + 1
+        width = width or fields
+        if fields < width:
+            raise DataError(f"{path}:{number}: {fields} field(s), the header has {width} (TSV is read without quote "
+                            f"handling, so a text quoted across a line break splits in two; write such texts as CSV)")
 
 
 def _download_s3(uri: str, dest: Path) -> Path:
@@ -153,8 +170,10 @@ WHY_DROPPED = {  # reason -> (texts, tagged sentences): what the data card says 
                   "is kept; every copy hashes to the same split, so a repeat cannot leak between splits, it "
                   "would only count boilerplate several times in the loss and the test score)"),
     "conflicting_labels": ("the same text with two or more labels: every copy is dropped, as no one label "
-                           "is right for all of them",
-                           "the same words tagged two or more ways: every copy is dropped"),
+                           "is right for all of them (with given splits, a copy in a split of higher priority, "
+                           "test first, is kept)",
+                           "the same words tagged two or more ways: every copy is dropped (with given splits, a "
+                           "copy in a split of higher priority, test first, is kept)"),
 }
 
 
@@ -171,6 +190,12 @@ def clean(df: pd.DataFrame, reasons: dict | None = None, tagged: bool = False) -
             mask = (df["text"] == "") | (df["label"] == "")
         elif reason == "duplicate":
             mask = df.duplicated(["text", "label"])
+        elif "split" in df.columns:  # given splits: a text's copy in the split of higher priority (test first)
+            from kftune.splits import PRIORITY  # is kept; a conflict inside one split drops every copy
+
+            rank = df["split"].map(PRIORITY)
+            lower = rank > rank.groupby(df["text"]).transform("min")
+            mask = lower | df[~lower]["text"].duplicated(keep=False).reindex(df.index, fill_value=False)
         else:
             mask = df["text"].duplicated(keep=False)
         drops[reason] = int(mask.sum())
@@ -227,7 +252,10 @@ def load_rows(source: str, cfg: IngestConfig, split_files: dict[str, str] | None
     if df.empty:
         raise DataError(f"{source}: no usable rows after cleaning ({len(raw)} read; dropped {drops})")
     labels = check_labels(df, cfg, source)
-    df["split"] = splits.assign(df["text"], df["split"].tolist() if given else None, cfg)
+    # a split a file does not give is hashed out of that file's train rows: another file's test rows must not
+    # pull earlier rows out of the test split they were hashed into
+    present = [set(g.split(",")) for g in df["given_splits"]] if given and not split_files else None
+    df["split"] = splits.assign(df["text"], df["split"].tolist() if given else None, cfg, present)
     info = {"sources": sources, "rows_read": len(raw), "dropped": drops, "drop_reasons": reasons, "labels": labels,
             "split_salt": cfg.split_salt, "split": split_settings(cfg),
             "warnings": drop_warnings(raw, df, drops) + untrained_labels(df, labels)}

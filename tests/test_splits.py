@@ -36,6 +36,25 @@ def test_a_split_column_round_trips_and_a_test_copy_wins_over_train(tmp_path, pa
     assert saved["split_given"] == card["split_given"]
 
 
+def test_a_later_batch_that_gives_test_rows_moves_no_earlier_row_and_a_conflict_keeps_the_test_copy(tmp_path,
+                                                                                                     params):
+    first = subword_texts(300, seed=4).assign(split="train")  # v1 gives train only: test is hashed out of it
+    (tmp_path / "v").mkdir()
+    first.to_csv(tmp_path / "v" / "batch-000.csv", index=False)
+    ingest(str(tmp_path / "v"), tmp_path / "d1", params.ingest)
+    before = _splits(tmp_path / "d1")
+    later = subword_texts(60, seed=5).assign(split="test")
+    clash = first.iloc[[0]].assign(label="negative" if first["label"].iloc[0] == "positive" else "positive",
+                                   split="test")  # a golden test row whose text a train row labels otherwise
+    pd.concat([later, clash]).to_csv(tmp_path / "v" / "batch-001.csv", index=False)
+    card = ingest(str(tmp_path / "v"), tmp_path / "d2", params.ingest)
+    after = _splits(tmp_path / "d2")
+    assert before["test"] - {clash["text"].iloc[0]} <= after["test"], "v1's hashed test rows stay in test"
+    assert clash["text"].iloc[0] in after["test"] and clash["text"].iloc[0] not in after["train"]
+    test = pd.read_parquet(tmp_path / "d2" / "test.parquet").set_index("text")["label"]
+    assert test[clash["text"].iloc[0]] == clash["label"].iloc[0] and card["dropped"]["conflicting_labels"] == 1
+
+
 def test_split_files_with_validation_hashed_out_of_train(tmp_path, params):
     train, test = subword_texts(400, seed=2), subword_texts(80, seed=3)
     train.to_csv(tmp_path / "train.csv", index=False)

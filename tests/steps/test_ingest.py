@@ -166,3 +166,10 @@ def test_a_label_without_training_rows_is_said_loudly(tmp_path, params, caplog):
     assert info["warnings"] == ["label(s) 'bankrupt' have no training row (only 2 rows, all in validation or test): "
                                 "the model cannot learn them; add rows"]
     assert "no training row" in caplog.text
+
+
+def test_a_tsv_row_split_by_a_quoted_line_break_is_named_not_read_as_two(tmp_path, params):
+    pd.DataFrame({"text": ["line one\nline two", "ok"], "label": ["a", "b"]}).to_csv(tmp_path / "q.tsv", sep="\t",
+                                                                                    index=False)
+    with pytest.raises(DataError, match=r"q.tsv:2: 1 field\(s\), the header has 2 .*write such texts as CSV"):
+        ingest(str(tmp_path / "q.tsv"), tmp_path / "out", params.ingest)
