@@ -73,7 +73,9 @@ def read_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Sentence]:
                 raise TypeError("'tokens' and 'tags' must be lists")
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise NerDataError(f"{path}:{number}: expected a JSON object with 'tokens' and 'tags' lists: {exc}") from None
-        if len(tokens) != len(tags) or not tokens:
+        if not tokens and not tags:
+            continue  # an empty sentence, as a blank line is in CoNLL
+        if len(tokens) != len(tags):
             raise NerDataError(f"{path}:{number}: {len(tokens)} tokens but {len(tags)} tags")
         sentences.append(Sentence([str(t) for t in tokens], [str(t) for t in tags], number))
     return sentences

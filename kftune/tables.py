@@ -51,6 +51,9 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
         raise DataError(f"{path}: cannot be read as {kind}: {exc}") from None
     for role, col in (("text", cfg.text_column), ("label", cfg.label_column)):
         if col not in df.columns:
+            if len(df.columns) == 1 and ";" in str(df.columns[0]):
+                raise DataError(f"{path}: one column {df.columns[0]!r}: the file is separated by ';' (a spreadsheet's "
+                                f"export in some locales); save it comma-separated")
             raise DataError(f"{path}: no {role} column {col!r} (columns: {', '.join(map(str, df.columns))}); "
                             f"set ingest.{role}_column")
     if kind == "tsv":
@@ -96,7 +99,9 @@ def _download_s3(uri: str, dest: Path) -> Path:
     try:
         s3 = boto3.client("s3")
         keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in READERS]
+                for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in READERS
+                and (prefix.endswith("/") or o["Key"] == prefix or o["Key"].startswith(f"{prefix}/") or not prefix)]
+        # a folder-like prefix: s3://b/data/v1 is data/v1 or data/v1/..., never data/v10/...
         if not keys:
             raise DataError(f"{uri}: no {'/'.join(READERS)} objects under this prefix")
         for key in keys:
@@ -146,8 +151,9 @@ def normalise(text: str) -> str:
 
 
 def split_settings(cfg: IngestConfig) -> dict:
-    """What decides every row's split; a data version's splits are only comparable under the same settings."""
-    return {"split_salt": cfg.split_salt, "validation_fraction": cfg.validation_fraction,
+    """What decides every row's split (mask_pii: the hash is of the masked text); a data version's splits are
+    only comparable under the same settings."""
+    return {"split_salt": cfg.split_salt, "mask_pii": cfg.mask_pii, "validation_fraction": cfg.validation_fraction,
             "test_fraction": cfg.test_fraction}
 
 

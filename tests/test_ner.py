@@ -44,6 +44,8 @@ def test_read_jsonl_checks_lengths(tmp_path):
     path.write_text('{"tokens": ["Ann", "sang"], "tags": ["B-PER", "O"]}\n{"tokens": ["x"], "tags": []}\n')
     with pytest.raises(NerDataError, match=r"a.jsonl:2: 1 tokens but 0 tags"):
         ner.read_jsonl(path)
+    path.write_text('{"tokens": [], "tags": []}\n{"tokens": ["Ann"], "tags": ["B-PER"]}\n')  # empty: skipped
+    assert [s.line for s in ner.read_jsonl(path)] == [2]
     path.write_text('{"tokens": 5, "tags": 5}\n')
     with pytest.raises(NerDataError, match=r"a.jsonl:1: expected a JSON object with 'tokens' and 'tags' lists"):
         ner.read_jsonl(path)

@@ -99,6 +99,12 @@ def test_bad_inputs_fail_with_a_message_naming_the_problem(tmp_path, params):
     assert "split is empty" in msg
 
 
+def test_a_semicolon_separated_file_is_named_as_such(tmp_path, params):
+    (tmp_path / "excel.csv").write_text("text;label\nprofit rose;positive\n")
+    with pytest.raises(DataError, match="separated by ';'.*save it comma-separated"):
+        ingest(str(tmp_path / "excel.csv"), tmp_path / "out", params.ingest)
+
+
 def test_missing_file_and_unsupported_type(tmp_path, params):
     with pytest.raises(DataError, match="no such file or folder"):
         ingest(str(tmp_path / "nope.csv"), tmp_path / "out", params.ingest)
@@ -133,6 +139,7 @@ def test_reads_from_s3_through_an_endpoint_url(tmp_path, params, monkeypatch):
         df = pd.DataFrame(ROWS[6:], columns=["text", "label"])
         s3.put_object(Bucket="data", Key="batches/b1.csv", Body=df.iloc[:150].to_csv(index=False).encode())
         s3.put_object(Bucket="data", Key="batches/b2.csv", Body=df.iloc[150:].to_csv(index=False).encode())
+        s3.put_object(Bucket="data", Key="batches2/other.csv", Body=b"not,a\ndataset,at all\n")  # a sibling prefix
         card = ingest("s3://data/batches", tmp_path / "out", params.ingest)
     finally:
         server.stop()

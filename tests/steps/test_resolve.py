@@ -70,3 +70,6 @@ def test_changed_split_settings_are_refused(tmp_path, params, champion):
     wider = dataclasses.replace(params, ingest=with_changes(params.ingest, test_fraction=0.3))
     with pytest.raises(DataError, match=r"ingest.test_fraction=0.3 \(champion v1: 0.15\)"):
         resolve(str(champion), tmp_path / "r1", tmp_path / "c1", wider)
+    masked = dataclasses.replace(params, ingest=with_changes(params.ingest, mask_pii=True))  # hashes masked texts
+    with pytest.raises(DataError, match=r"ingest.mask_pii=True \(champion v1: False\)"):
+        resolve(str(champion), tmp_path / "r1", tmp_path / "c1", masked)
