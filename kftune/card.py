@@ -44,6 +44,7 @@ def _data_lines(card: dict) -> list[str]:
 
 def _limits(metrics: dict, card: dict) -> list[str]:
     per = metrics["model"].get("per_class") or metrics["model"].get("per_type", {})
+    per = {k: v for k, v in per.items() if v.get("support", 1)}  # a label with no test example has no F1
     out = []
     if per:
         worst, c = min(per.items(), key=lambda kv: kv[1]["f1"])

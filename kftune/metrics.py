@@ -6,9 +6,12 @@ import numpy as np
 
 
 def macro_f1(y_true, y_pred, n_labels: int) -> float:
+    """Mean F1 over the labels in y_true or y_pred (sklearn's default): a label absent from both has no F1,
+    and counting it as 0 would understate a file that uses only some of the labels."""
     from sklearn.metrics import f1_score
 
-    return float(f1_score(y_true, y_pred, average="macro", labels=list(range(n_labels)), zero_division=0))
+    present = [i for i in range(n_labels) if i in set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist())]
+    return float(f1_score(y_true, y_pred, average="macro", labels=present, zero_division=0)) if present else 0.0
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int) -> float:
@@ -31,7 +34,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
     p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=ids, zero_division=0)
     return {
         "accuracy": float((pred == y_true).mean()),
-        "macro_f1": float(f.mean()),
+        "macro_f1": float(f[(s > 0) | np.isin(ids, pred)].mean()),  # labels in truth or prediction, as macro_f1
         "ece": expected_calibration_error(probs, y_true, ece_bins),
         "per_class": {lbl: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, lbl in enumerate(labels)},

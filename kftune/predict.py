@@ -321,12 +321,19 @@ def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> l
         out = []
         for _, (a, b) in pieces:
             raw = text[a:b]
-            a, b = a + len(raw) - len(raw.lstrip()), b - len(raw) + len(raw.rstrip())
-            if b > a:
-                out.append((text[a:b], (a, b)))
+            word = raw.strip().strip("\ufeff").strip()  # no spaces or byte-order mark around a word
+            if word:
+                start = a + raw.find(word)
+                out.append((word, (start, start + len(word))))
         return out
 
     split = [words(t) for t in texts]
+    # a word the tokenizer turns into nothing (a lone combining mark, U+200B, U+FE0F) gets no tag of its own:
+    # left in, its default O would cut the entity around it in two
+    if any(split):
+        encoded = tokenizer([[w for w, _ in ws] or [""] for ws in split], is_split_into_words=True,
+                            add_special_tokens=False)
+        split = [[x for i, x in enumerate(ws) if i in set(encoded.word_ids(n))] for n, ws in enumerate(split)]
     tags, scores = word_predictions(model, tokenizer, [[w for w, _ in ws] or [""] for ws in split], batch_size)
     return [char_spans(text, [o for _, o in ws], t, s) if ws else [] for text, ws, t, s in zip(texts, split, tags, scores)]
 

@@ -115,3 +115,21 @@ def test_a_served_model_packs_only_where_packing_is_supported_and_answers_the_sa
     assert ("packed rows" if attention == "sdpa" else "'eager', not 'sdpa'") in served.batching.reason
     for got, want in zip(served.predict(texts, 8), padded):
         assert got["label"] == want["label"] and got["probability"] == pytest.approx(want["probability"], abs=1e-5)
+
+
+def test_a_word_the_tokenizer_drops_does_not_cut_an_entity(tiny_model):
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from kftune.predict import predict_spans
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForTokenClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label={0: "O", 1: "B-PER", 2: "I-PER"}, label2id={"O": 0, "B-PER": 1, "I-PER": 2})
+    with torch.no_grad():  # every token I-PER: each text is one entity from its first word to its last
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    texts = ["gain \u0301 loss", "gain \u200b loss", "\ufeffgain loss", "gain  loss"]
+    got = [[(e["text"], e["start"], e["end"]) for e in spans] for spans in predict_spans(model.eval(), tok, texts)]
+    assert got == [[("gain \u0301 loss", 0, 11)], [("gain \u200b loss", 0, 11)], [("gain loss", 1, 10)],
+                   [("gain  loss", 0, 10)]]

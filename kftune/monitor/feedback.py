@@ -189,12 +189,14 @@ def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
 
 
 def macro_f1(y_true, y_pred, labels: list[str]) -> float:
-    """Mean over `labels` of 2TP / (2TP + FP + FN), 0 where a label is in neither (sklearn's zero_division=0)."""
+    """Mean of 2TP / (2TP + FP + FN) over the `labels` found in y_true or y_pred (as kftune.metrics.macro_f1: a
+    label in neither has no F1)."""
     y, p = np.asarray(y_true), np.asarray(y_pred)
     scores = []
     for lbl in labels:
         tp, fp, fn = np.sum((y == lbl) & (p == lbl)), np.sum((y != lbl) & (p == lbl)), np.sum((y == lbl) & (p != lbl))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores)) if scores else 0.0
 
 

@@ -69,3 +69,15 @@ def test_hostile_data_is_escaped_in_the_report_and_neutralised_in_the_csv(tmp_pa
     assert "\x1b" not in report and "pos\\|red" in report
     csv = (tmp_path / "eval" / "predictions.csv").read_text()
     assert "\n=HYPERLINK" not in csv and "'=HYPERLINK" in csv
+
+
+def test_macro_f1_averages_the_labels_in_truth_or_prediction_only():
+    import numpy as np
+
+    from kftune.metrics import classification_metrics, macro_f1
+
+    y = np.array([0, 0, 2, 2])  # a file with no 'neutral' row, predicted perfectly
+    assert macro_f1(y, y, 3) == 1.0
+    m = classification_metrics(y, np.eye(3)[y], ["negative", "neutral", "positive"], 10)
+    assert m["macro_f1"] == 1.0 and m["per_class"]["neutral"]["support"] == 0
+    assert macro_f1(y, np.array([0, 1, 2, 2]), 3) == pytest.approx((2 / 3 + 0 + 1) / 3), "a predicted label counts"
