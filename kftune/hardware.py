@@ -49,7 +49,8 @@ def choose_bf16(setting: str, device: str, cuda_bf16: bool, flags: set[str]) -> 
     Args:
         setting: finetune.bf16 — auto, true (force, warn where emulated) or false.
         device: "cuda" or "cpu", where the model runs.
-        cuda_bf16: whether the CUDA device supports bf16 (torch.cuda.is_bf16_supported()).
+        cuda_bf16: whether the CUDA device computes bf16 natively (Ampere or later:
+            torch.cuda.is_bf16_supported(including_emulation=False)).
         flags: the CPU's feature flags (cpu_flags()).
     """
     if device == "cuda":
@@ -144,7 +145,9 @@ def setup(setting_bf16: str, setting_threads: int) -> dict:
 
     threads = apply_threads(setting_threads)
     cuda = torch.cuda.is_available()
-    bf16 = choose_bf16(setting_bf16, "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported(), cpu_flags())
+    # including_emulation=False: torch's default also says yes on pre-Ampere GPUs, which only emulate bf16
+    native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16 = choose_bf16(setting_bf16, "cuda" if cuda else "cpu", native, cpu_flags())
     choice = {"precision": "bf16" if bf16.value else "fp32", "precision_reason": bf16.reason,
               "threads": int(threads.value), "threads_reason": threads.reason, "allocator": allocator()}
     log.info("precision %s (%s); %d torch threads (%s); %s", choice["precision"], bf16.reason, threads.value,

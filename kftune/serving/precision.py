@@ -28,7 +28,7 @@ def bf16_native(device: str) -> Choice:
     """Whether bf16 is computed natively here (a CPU without AVX512_BF16/AMX emulates it, many times slower)."""
     import torch
 
-    cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return choose_bf16("auto", device, cuda_bf16, cpu_flags())
 
 

@@ -225,6 +225,10 @@ def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfi
         torch.manual_seed(cfg.seed + rank)  # the same weights everywhere (DDP broadcasts them), other dropout
     optimizer = _optimizer(model, cfg)
     steps_per_epoch = math.ceil(math.ceil(len(train[0]) / cfg.batch_size) // world / cfg.grad_accum_steps)
+    if not steps_per_epoch:
+        raise KftuneError(f"{len(train[0])} training rows make fewer batches of finetune.batch_size="
+                          f"{cfg.batch_size} than the {world} processes training: lower the batch size or use "
+                          f"fewer processes")
     total_steps = cfg.max_steps or planned_epochs(cfg, stats) * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     job = Job(cfg, labels, ner, train, val, AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer"), model,
@@ -249,7 +253,14 @@ def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
 
     if not (ckpt_path and ckpt_path.exists()):
         return 0
-    ckpt = torch.load(ckpt_path, weights_only=True, map_location=job.device)
+    try:
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location=job.device)
+    except Exception as exc:  # noqa: BLE001 - damaged (a node lost power mid-write): start over, keep the file
+        damaged = ckpt_path.with_name(ckpt_path.name + ".damaged")
+        os.replace(ckpt_path, damaged)
+        log.warning("fine-tune: %s cannot be read (%s: %s); moved to %s, training from the start", ckpt_path,
+                    type(exc).__name__, str(exc)[:200], damaged.name)
+        return 0
     if ckpt["fingerprint"] != json.loads(json.dumps(fingerprint)):
         log.warning("fine-tune: ignoring %s, it was made with other data or settings", ckpt_path)
         return 0
@@ -257,6 +268,8 @@ def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
     job.optimizer.load_state_dict(ckpt["optimizer"])
     job.scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["torch_rng"].cpu())
+    if "cuda_rng" in ckpt and torch.cuda.is_available():  # GPU dropout draws from the CUDA generators
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
     job.state, job.best_weights = ckpt["state"], ckpt["best_weights"]
     log.info("fine-tune: resuming from %s at step %d", ckpt_path, job.state["step"])
     return job.state["step"]
@@ -267,9 +280,13 @@ def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict) -> None:
 
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_path.with_suffix(".tmp")
-    torch.save({"fingerprint": json.loads(json.dumps(fingerprint)), "model": job.model.state_dict(),
-                "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "state": job.state, "best_weights": job.best_weights}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"fingerprint": json.loads(json.dumps(fingerprint)), "model": job.model.state_dict(),
+                    "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "state": job.state, "best_weights": job.best_weights,
+                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a power loss leaves the old checkpoint, not an empty one
     os.replace(tmp, ckpt_path)
 
 

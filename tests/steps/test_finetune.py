@@ -125,6 +125,16 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(prepared, 
     assert not (prepared / "ckpt").exists(), "a finished run removes its checkpoint and its emptied folder"
 
 
+def test_a_damaged_checkpoint_is_set_aside_and_training_starts_over(prepared, params, caplog):
+    cfg = with_changes(params.finetune, max_steps=10, checkpoint_every_steps=5)
+    (prepared / "ck").mkdir()
+    (prepared / "ck" / "checkpoint.pt").write_bytes(b"\x80" + bytes(999))  # a write cut short by a power loss
+    summary = finetune(prepared / "tokenized", prepared / "fresh", params.model.name, cfg,
+                       checkpoint_dir=prepared / "ck")
+    assert summary["resumed_from_step"] == 0 and summary["steps"] == 10
+    assert (prepared / "ck" / "checkpoint.pt.damaged").exists() and "cannot be read" in caplog.text
+
+
 def test_two_processes_under_torchrun_train_one_model(prepared, params):
     """DDP as on a multi-GPU node, here with two gloo workers on the CPU; with a token budget that cuts only
     the longer batches, so in some steps one process runs more passes than the other (and must not hang)."""
