@@ -24,6 +24,10 @@ def register_op(data: Input[Dataset], model: Input[Model], evaluation: Input[Dat
     from kftune.config import params_from_dict
     from kftune.steps.register import register
 
-    d = register(data.path, model.path, evaluation.path, gate.path, params_from_dict(params), run_id, git_commit)
+    import os
+
+    # the image's commit (set when it was built) is the code that ran; the parameter is the submitter's checkout
+    commit = os.environ.get("KFTUNE_GIT_COMMIT") or git_commit
+    d = register(data.path, model.path, evaluation.path, gate.path, params_from_dict(params), run_id, commit)
     gate.metadata.update({"decision": d.decision, "version": d.version, "champion_version": d.champion_version})
     return d.decision

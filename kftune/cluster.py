@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -34,9 +35,23 @@ def compile_pipeline(params: Params, out: str | Path, which: str = "training", i
     """Write the cluster flavour of a pipeline as KFP IR YAML, every task on `image_tag` (default: image())."""
     from kfp import compiler
 
+    if not Path(out).resolve().parent.is_dir():
+        raise ClusterError(f"{out}: the folder {Path(out).resolve().parent} does not exist")
     pipeline = pipeline_factory(which)(params.to_dict(), image=image_tag or image(), cluster=True)
     compiler.Compiler().compile(pipeline, str(out))
     return Path(out)
+
+
+@contextlib.contextmanager
+def _api(host: str, action: str):
+    """KFP's API errors (404 for an unknown id, 403, ...) as one line naming the host and what was asked."""
+    from kfp_server_api.exceptions import ApiException
+
+    try:
+        yield
+    except ApiException as exc:
+        raise ClusterError(f"{action} on {host}: HTTP {exc.status} {exc.reason}: "
+                           f"{str(exc.body or '')[:300]}") from None
 
 
 def kfp_client(host: str):
@@ -59,9 +74,10 @@ def submit(host: str, params: Params, arguments: dict[str, str], experiment: str
     client = kfp_client(host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", which, image_tag)
-        run = client.create_run_from_pipeline_package(
-            str(package), arguments={"git_commit": git_commit(), **arguments}, experiment_name=experiment,
-            run_name=f"kftune-{which}-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        with _api(host, f"starting a {which} run"):
+            run = client.create_run_from_pipeline_package(
+                str(package), arguments={"git_commit": git_commit(), **arguments}, experiment_name=experiment,
+                run_name=f"kftune-{which}-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
 
@@ -76,8 +92,8 @@ def schedule_on_cluster(host: str, params: Params, cron: str, arguments: dict[st
                         experiment: str = "kftune", image_tag: str = "") -> str:
     """Create a KFP recurring run of the retraining pipeline: max_concurrency=1, no catch-up. Returns its id."""
     client = kfp_client(host)
-    exp = client.create_experiment(experiment)  # returns the existing one if there is one
-    with tempfile.TemporaryDirectory() as tmp:
+    with _api(host, "creating the recurring run"), tempfile.TemporaryDirectory() as tmp:
+        exp = client.create_experiment(experiment)  # returns the existing one if there is one
         package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", "retraining", image_tag)
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id, job_name=f"kftune-retraining-{params.register.model_name}",
@@ -90,11 +106,13 @@ def manage_on_cluster(host: str, action: str, recurring_run_id: str = "") -> lis
     """list | pause | resume | delete KFP recurring runs."""
     client = kfp_client(host)
     if action == "list":
-        runs = client.list_recurring_runs(page_size=100).recurring_runs or []
+        with _api(host, "listing recurring runs"):
+            runs = client.list_recurring_runs(page_size=100).recurring_runs or []
         return [{"id": r.recurring_run_id, "name": r.display_name, "status": r.status,
                  "cron": r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else ""} for r in runs]
     if not recurring_run_id:
         raise ClusterError(f"schedule {action} needs the recurring run's id (see `kftune schedule list --host ...`)")
-    {"pause": client.disable_recurring_run, "resume": client.enable_recurring_run,
-     "delete": client.delete_recurring_run}[action](recurring_run_id)
+    with _api(host, f"schedule {action} {recurring_run_id}"):
+        {"pause": client.disable_recurring_run, "resume": client.enable_recurring_run,
+         "delete": client.delete_recurring_run}[action](recurring_run_id)
     return [{"id": recurring_run_id, "action": action}]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -520,9 +521,14 @@ def _coerce(value, tp, key: str, problems: list[str]):
         return _BAD if _BAD in items else items
     if tp is float and not isinstance(value, bool):
         try:
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         except (TypeError, ValueError):
             pass
+        else:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{key}={value!r}: expected a finite number")  # NaN passes every < or > check
+            return _BAD
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)  # KFP passes dict parameters as protobuf Structs, where every number is a float
     if tp is str and isinstance(value, bool):
@@ -603,6 +609,9 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (finetune:, ingest:, ...), got a "
+                          f"{type(data).__name__}")
     return params_from_dict(data or {}, overrides, source=str(path))
 
 

@@ -74,6 +74,8 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
     from kftune.tracking import close_runs, configure, git_commit
 
     configure(project_dir)
+    # every step's MLflow run names this command as its owner (containers too: kftune.containers passes it)
+    os.environ["KFTUNE_OWNER_PID"] = str(os.getpid())
     outputs = project_dir / "local_outputs"
     run_id = f"{which}-{time.strftime('%Y%m%d-%H%M%S')}"
     if runner == "docker":  # every task in the component image (kftune.containers), against a tracking server
@@ -89,7 +91,6 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
     console = StepConsole(outputs / f"{which}-{time.strftime('%Y%m%d-%H%M%S')}.log", sys.stdout, verbose)
     print(f"{which} pipeline (full log: {console.log_path})", flush=True)
     arguments.update(checkpoint_root=str(project_dir / ".kftune" / "checkpoints"), git_commit=git_commit(project_dir))
-    os.environ["KFTUNE_OWNER_PID"] = str(os.getpid())  # every step's MLflow run names this command as its owner
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(console):
             warnings.filterwarnings("ignore", message=".*(no effect in the current local runner|non-Python base image)")

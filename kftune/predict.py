@@ -228,7 +228,7 @@ def choose_batching(model, seqs: list[list[int]], pad_id: int, batch_size: int) 
     """Packed rows where the model supports them and they give padded batches' answers on `seqs` (same label,
     probabilities within PACKED_MAX_PROB_DIFF: int8's per-batch activation scales do not); else padded batches
     cut by length where padding costs more than another pass (the pass's cost timed here)."""
-    why_not = packing_unsupported(model)
+    why_not = packing_unsupported(model) or ("no texts to compare packed and padded answers on" if not seqs else None)
     if why_not is None:
         padded = softmax(predict_logits(model, seqs, pad_id, batch_size))
         try:

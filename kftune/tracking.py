@@ -82,6 +82,20 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+SECRET_PARAMS = ("monitor.webhook_url",)  # a Slack or Teams webhook URL is a credential
+
+
+def redact_url(url: str) -> str:
+    """scheme://host/... of a URL: where it points, without the token its path or query carries."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.hostname:
+        return url
+    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}" + \
+        ("/..." if parts.path.strip("/") or parts.query else "")
+
+
 def start_run(params, run_name: str = "") -> str:
     """Create the MLflow run that one pipeline run logs into, with every setting as a param."""
     import mlflow
@@ -91,7 +105,8 @@ def start_run(params, run_name: str = "") -> str:
     run = client.create_run(experiment_id(params.register.experiment), run_name=run_name or None,
                             tags={"kftune.params_hash": params.digest(), "kftune.model": params.model.name,
                                   "kftune.owner": owner()})
-    items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(params.to_dict()).items()]
+    items = [mlflow.entities.Param(k, redact_url(str(v)) if k in SECRET_PARAMS else str(v))
+             for k, v in flatten(params.to_dict()).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id

@@ -100,6 +100,40 @@ def test_compile_writes_ir_yaml_with_the_image_given_on_every_task(tmp_path, cap
         "registry.example/kftune:7"}, "the image is handed in when the pipeline is built, not read at import"
 
 
+def test_compile_into_a_missing_folder_and_a_kfp_api_error_are_one_line_each(tmp_path, capsys):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    assert main(["compile", "-o", str(tmp_path / "no" / "p.yaml"), "--params", str(ROOT / "params.yaml")]) == 2
+    assert "the folder" in capsys.readouterr().err
+
+    class KfpSaysNotFound(BaseHTTPRequestHandler):  # healthy, but knows no recurring run
+        def answer(self):
+            ok = "healthz" in self.path
+            body = json.dumps({"commit_sha": "x", "tag_name": "2.17.3", "multi_user": False} if ok else
+                              {"error": "not found", "code": 5, "message": "recurring run BADID not found"}).encode()
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), KfpSaysNotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert main(["schedule", "pause", "BADID", "--host", f"http://127.0.0.1:{server.server_port}"]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "schedule pause BADID on http://127.0.0.1" in err and "HTTP 404" in err and "Traceback" not in err
+
+
 def test_version_and_global_options_after_the_subcommand(capsys, tmp_path):
     with pytest.raises(SystemExit) as done:
         main(["--version"])

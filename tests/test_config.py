@@ -32,7 +32,20 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
     assert len(re.findall(r"^\s+- ", msg, re.M)) == 7
 
 
-@pytest.mark.parametrize("delta", ["-0.1", ".nan", "1"])
+@pytest.mark.parametrize("setting", ["retrain.cooldown_hours=nan", "drift.psi_threshold=.nan",
+                                     "finetune.weight_decay=inf"])
+def test_nan_and_infinity_are_refused_for_numbers(setting):
+    with pytest.raises(ConfigError, match=r"expected a finite number"):
+        load_params(ROOT / "params.yaml", [setting])
+
+
+def test_a_params_file_that_is_not_a_mapping_says_so(tmp_path):
+    (tmp_path / "list.yaml").write_text("- finetune\n- ingest\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: expected a mapping of sections.*got a list"):
+        load_params(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("delta", ["-0.1", "1"])
 def test_a_negative_or_nan_min_delta_is_refused(delta):
     with pytest.raises(ConfigError, match=r"register.min_delta=.*must be in \[0, 1\)"):
         load_params(ROOT / "params.yaml", [f"register.min_delta={delta}"])

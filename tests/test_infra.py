@@ -31,6 +31,11 @@ def test_every_manifest_renders_and_validates(overlay):
     for doc in docs:
         kubernetes_validate.validate(doc, desired_version="1.37.0", strict=True)
         assert doc["metadata"].get("namespace", "kftune") == "kftune"
+    for name in ("kftune-mlflow-ingress", "kftune-minio-ingress"):  # the InferenceService's predictor gets in
+        policy = next(d for d in docs if d["metadata"]["name"] == name)
+        assert any(f.get("podSelector", {}).get("matchExpressions") == [
+            {"key": "serving.kserve.io/inferenceservice", "operator": "Exists"}]
+            for rule in policy["spec"]["ingress"] for f in rule["from"])
 
 
 def test_secrets_are_placeholders_only():

@@ -8,6 +8,7 @@ import time
 
 from kftune.config import MonitorConfig
 from kftune.console import plain
+from kftune.tracking import redact_url
 
 log = logging.getLogger("kftune.monitor.alerts")
 
@@ -49,7 +50,7 @@ def deliver(events: list[dict], cfg: MonitorConfig, run_id: str = "", sleep=time
             delivery["webhook"] = detail
             if not ok:
                 log.error("alert %s %s: webhook %s undelivered: %s", plain(e["alert"]), e["status"],
-                          cfg.webhook_url, detail)
+                          redact_url(cfg.webhook_url), detail)
         if "mlflow" in cfg.sinks and run_id:
             import mlflow
 

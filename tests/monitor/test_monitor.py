@@ -141,3 +141,12 @@ def test_schedule_monitor_needs_a_cron_of_its_own_that_parses(capsys):
 
     assert main(["schedule", "--cron", "0 3 * * *", "--monitor", "every 15 minutes"]) == 2
     assert "--cron 'every 15 minutes': not a 5-field cron expression" in capsys.readouterr().err
+
+
+def test_a_webhook_url_is_a_credential_and_never_an_mlflow_param(store, tiny_model):
+    from kftune.tracking import start_run
+
+    params = monitor_params(tiny_model, "monitor.webhook_url=https://hooks.example.com/services/T0/B0/s3cret")
+    logged = mlflow.MlflowClient().get_run(start_run(params)).data.params
+    assert logged["monitor.webhook_url"] == "https://hooks.example.com/..."
+    assert not any("s3cret" in v for v in logged.values())
