@@ -91,12 +91,17 @@ def kfp_cron(cron: str) -> str:
 def schedule_on_cluster(host: str, params: Params, cron: str, arguments: dict[str, str],
                         experiment: str = "kftune", image_tag: str = "") -> str:
     """Create a KFP recurring run of the retraining pipeline: max_concurrency=1, no catch-up. Returns its id."""
-    client = kfp_client(host)
+    client, name = kfp_client(host), f"kftune-retraining-{params.register.model_name}"
+    existing = [r for r in manage_on_cluster(host, "list") if r["name"] == name]
+    if existing:  # two would overlap and register two challengers per fire time
+        raise ClusterError(f"{host} already has the recurring run {name} (id {existing[0]['id']}, "
+                           f"{existing[0]['status']}); `kftune schedule delete {existing[0]['id']} --host {host}` "
+                           f"first to replace it")
     with _api(host, "creating the recurring run"), tempfile.TemporaryDirectory() as tmp:
         exp = client.create_experiment(experiment)  # returns the existing one if there is one
         package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", "retraining", image_tag)
         job = client.create_recurring_run(
-            experiment_id=exp.experiment_id, job_name=f"kftune-retraining-{params.register.model_name}",
+            experiment_id=exp.experiment_id, job_name=name,
             cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True, params=arguments,
             pipeline_package_path=str(package))
     return job.recurring_run_id

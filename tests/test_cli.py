@@ -100,7 +100,7 @@ def test_compile_writes_ir_yaml_with_the_image_given_on_every_task(tmp_path, cap
         "registry.example/kftune:7"}, "the image is handed in when the pipeline is built, not read at import"
 
 
-def test_compile_into_a_missing_folder_and_a_kfp_api_error_are_one_line_each(tmp_path, capsys):
+def test_a_missing_folder_a_kfp_api_error_and_a_second_recurring_run_are_one_line_errors(tmp_path, capsys):
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -108,10 +108,13 @@ def test_compile_into_a_missing_folder_and_a_kfp_api_error_are_one_line_each(tmp
     assert main(["compile", "-o", str(tmp_path / "no" / "p.yaml"), "--params", str(ROOT / "params.yaml")]) == 2
     assert "the folder" in capsys.readouterr().err
 
-    class KfpSaysNotFound(BaseHTTPRequestHandler):  # healthy, but knows no recurring run
+    class KfpSaysNotFound(BaseHTTPRequestHandler):  # healthy; one recurring run, no other
         def answer(self):
-            ok = "healthz" in self.path
-            body = json.dumps({"commit_sha": "x", "tag_name": "2.17.3", "multi_user": False} if ok else
+            listing = self.command == "GET" and self.path.startswith("/apis/v2beta1/recurringruns?")
+            ok = "healthz" in self.path or listing
+            body = json.dumps({"recurringRuns": [{"recurring_run_id": "r-1", "status": "ENABLED",
+                                                  "display_name": "kftune-retraining-kftune-demo"}]} if listing else
+                              {"commit_sha": "x", "tag_name": "2.17.3", "multi_user": False} if ok else
                               {"error": "not found", "code": 5, "message": "recurring run BADID not found"}).encode()
             self.send_response(200 if ok else 404)
             self.send_header("Content-Type", "application/json")
@@ -127,11 +130,15 @@ def test_compile_into_a_missing_folder_and_a_kfp_api_error_are_one_line_each(tmp
     server = HTTPServer(("127.0.0.1", 0), KfpSaysNotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        assert main(["schedule", "pause", "BADID", "--host", f"http://127.0.0.1:{server.server_port}"]) == 2
+        host = f"http://127.0.0.1:{server.server_port}"
+        assert main(["schedule", "pause", "BADID", "--host", host]) == 2
+        err = capsys.readouterr().err
+        assert f"schedule pause BADID on {host}" in err and "HTTP 404" in err and "Traceback" not in err
+        # a second recurring retraining of the same model would overlap the first: refused, naming it
+        assert main(["schedule", "--cron", "0 3 * * *", "--host", host, "--params", str(ROOT / "params.yaml")]) == 2
+        assert "already has the recurring run kftune-retraining-kftune-demo (id r-1" in capsys.readouterr().err
     finally:
         server.shutdown()
-    err = capsys.readouterr().err
-    assert "schedule pause BADID on http://127.0.0.1" in err and "HTTP 404" in err and "Traceback" not in err
 
 
 def test_version_and_global_options_after_the_subcommand(capsys, tmp_path):
