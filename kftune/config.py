@@ -531,6 +531,8 @@ def _coerce(value, tp, key: str, problems: list[str]):
             return _BAD
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)  # KFP passes dict parameters as protobuf Structs, where every number is a float
+    if tp is bool and isinstance(value, str) and value.lower() in ("yes", "no", "on", "off"):
+        return value.lower() in ("yes", "on")  # YAML 1.1's booleans, still meant as such for a yes/no setting
     if tp is str and isinstance(value, bool):
         return str(value).lower()  # bf16: true / false / auto
     if tp is str and isinstance(value, (int, float)):
@@ -565,6 +567,23 @@ def _build(cls, data, prefix: str, problems: list[str]):
     return obj
 
 
+class _Yaml12(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads plain scalars: only true/false are booleans and `010` is text, not the octal 8
+    (YAML 1.1 turned `labels: [no, yes]` into [false, true] and a split_salt of 010 into 8)."""
+
+
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_Yaml12.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^[-+]?0x[0-9a-fA-F_]+$"),
+                              list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12)  # noqa: S506 - a SafeLoader with YAML 1.2's plain scalars
+
+
 def _apply_override(data: dict, assignment: str, problems: list[str]) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
@@ -581,7 +600,7 @@ def _apply_override(data: dict, assignment: str, problems: list[str]) -> None:
         problems.append(f"override {key}: unknown key")
         return
     try:
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = read_yaml(raw) if raw else ""
     except yaml.YAMLError as exc:
         problems.append(f"override {key}={raw!r}: not a YAML value ({str(exc).splitlines()[0]}); quote text, "
                         f"e.g. -S '{key}=[a, b]'")
@@ -606,7 +625,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project folder or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is not None and not isinstance(data, dict):

@@ -39,6 +39,13 @@ def test_nan_and_infinity_are_refused_for_numbers(setting):
         load_params(ROOT / "params.yaml", [setting])
 
 
+def test_text_settings_keep_their_text_and_yes_no_still_work_for_switches():
+    p = load_params(ROOT / "params.yaml", ["ingest.labels=[no, yes]", "ingest.split_salt=010",
+                                           "ingest.bio_repair=no", "finetune.group_by_length=on"])
+    assert p.ingest.labels == ["no", "yes"] and p.ingest.split_salt == "010", "YAML 1.1 read false, true and 8"
+    assert p.ingest.bio_repair is False and p.finetune.group_by_length is True
+
+
 def test_a_params_file_that_is_not_a_mapping_says_so(tmp_path):
     (tmp_path / "list.yaml").write_text("- finetune\n- ingest\n")
     with pytest.raises(ConfigError, match=r"list.yaml: expected a mapping of sections.*got a list"):
