@@ -46,13 +46,15 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
                 lora_learning_rate=warm(p.finetune.lora_learning_rate))
     ckpt = os.path.join(checkpoint_root, f"{tokenized_digest(tokenized.path)[:16]}-{p.digest()}") if checkpoint_root else None
     run_id = start_run(p, run_name)
-    if p.cluster.finetune_gpus > 1:
-        launch(tokenized.path, model.path, start, cfg, p.cluster.finetune_gpus, run_id, ckpt)
-        model.metadata.update({"mlflow_run_id": run_id, "processes": p.cluster.finetune_gpus})
-        return run_id
     with mlflow.start_run(run_id=run_id):
-        summary = finetune(tokenized.path, model.path, start, cfg, checkpoint_dir=ckpt,
-                           on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
+        if p.cluster.finetune_gpus > 1:  # one process per GPU under torchrun; rank 0 logs the steps and
+            # writes the model with its train_summary.json, which the run's records below come from
+            launch(tokenized.path, model.path, start, cfg, p.cluster.finetune_gpus, run_id, ckpt)
+            summary = read_json(os.path.join(model.path, "train_summary.json"))
+            model.metadata["processes"] = p.cluster.finetune_gpus
+        else:
+            summary = finetune(tokenized.path, model.path, start, cfg, checkpoint_dir=ckpt,
+                               on_log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
         best = {k: v for k, v in summary.items() if k.startswith("best_val_")}
         mlflow.log_metrics({**best, "train_examples_per_second": summary["examples_per_second"]})
         mlflow.set_tags({**{f"kftune.{k}": summary[k] for k in ("precision", "precision_reason", "threads",

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ def _delete_lease(client, lock: str, token: str) -> None:
     from mlflow.exceptions import MlflowException
 
     with contextlib.suppress(MlflowException):
-        if client.get_registered_model(lock).tags.get("token") == token:
+        if client.get_registered_model(lock).tags.get("token", "") == token:  # "": a lease from before tokens
             client.delete_registered_model(lock)
 
 
@@ -181,9 +182,20 @@ def lease(name: str):
                 raise RegistryError(f"{name}: another promotion holds the registry lease ({holder.get('actor')}, "
                                     f"pid {holder.get('pid')} on {holder.get('host')}); try again") from None
             time.sleep(0.05 + random.random() * 0.2)
+    beating = threading.Event()
+
+    def heartbeat():  # a long block (prune on S3) stays fresh for waiters that judge it by age
+        while not beating.wait(max(LEASE_STALE_S / 4, 1.0)):
+            with contextlib.suppress(Exception):
+                _client().set_registered_model_tag(lock, "since", str(time.time()))
+
+    beat = threading.Thread(target=heartbeat, name="kftune-lease-heartbeat", daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        beating.set()
+        beat.join(10)  # no beat lands on the next holder's lease
         _delete_lease(client, lock, token)
 
 

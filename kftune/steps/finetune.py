@@ -467,7 +467,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     fingerprint = _fingerprint(tokenized_dir, model_name, job)
     resumed_from = _resume(job, ckpt_path, fingerprint)
     run = _train(job, ckpt_path, fingerprint, resumed_from)
-    last, last_seconds, tries, offset = job, run["train_seconds"], [], job.total_steps
+    first, last, last_seconds, tries, offset = job, job, run["train_seconds"], [], job.total_steps
     while job.world == 1 and len(tries) < cfg.restarts and (missing := _labels_never_predicted(last)):
         tries.append({"seed": last.cfg.seed, f"best_{last.score_key}": last.state["best_f1"],
                       "labels_never_predicted": missing, "train_seconds": last_seconds})
@@ -488,7 +488,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
                "epochs_planned": 0 if cfg.max_steps else planned_epochs(cfg, stats),
                "total_steps_planned": job.total_steps,
                f"best_{job.score_key}": state["best_f1"], "best_step": state["best_step"],
-               "stopped_early": run["stopped_early"], "resumed_from_step": resumed_from,
+               "stopped_early": run["stopped_early"], "resumed_from_step": resumed_from if job is first else 0,
                "learning_rate": cfg.peak_learning_rate, "method": cfg.method, "seed": job.cfg.seed,
                "collapsed_runs": tries,
                "trainable_parameters": sum(p.numel() for p in job.model.parameters() if p.requires_grad),
