@@ -69,10 +69,10 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
     if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
         out["label"] = labels.astype("Int64")  # a gap in an int column turns 1 into 1.0; labels stay "1"
     out = out.astype(object).fillna("").astype(str)
-    if cfg.mask_pii:
+    if cfg.mask_pii:  # on the normalised text: `555 123  4567` (two spaces) is a phone number too
         from kftune.pii import mask
 
-        out["text"] = out["text"].map(mask)
+        out["text"] = out["text"].map(lambda t: mask(normalise(t)))
     return out
 
 

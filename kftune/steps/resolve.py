@@ -80,13 +80,33 @@ def warm_start(champion: dict, labels: list[str], params: Params) -> str:
     return f"champion v{champion['version']}"
 
 
-def split_new(latest: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(new, historical): rows of `latest` the reference lacks, and rows it has (a relabelled text is new).
+def _texts(df: pd.DataFrame) -> pd.Series:
+    """A row's text as retraining compares it; tagged sentences by their words (a word may hold a space)."""
+    return df["tokens"].map("\x1f".join) if "tokens" in df.columns else df["text"]
 
-    Tagged sentences match the same way: `label` is their tags joined, so a retagged sentence is new.
+
+def _labels(df: pd.DataFrame) -> pd.Series:
+    return df["tags"].map("\x1f".join) if "tags" in df.columns else df["label"]
+
+
+def split_new(latest: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(new, historical): rows of `latest` the reference lacks, and rows it has (a relabelled text is new;
+    tagged sentences the same, by words and tags, so a retagged sentence is new).
+
+    A text the reference has keeps the reference's split, relabelled or not, whatever split this data
+    version gives it: the historical test stays frozen, and a text the champion trained on never becomes a
+    test row (nor a test row a training one).
     """
-    key = lambda df: df["text"] + "\t" + df["label"]  # noqa: E731
-    seen = key(latest).isin(set(key(reference)))
+    frozen = pd.Series(reference["split"].to_numpy(), index=_texts(reference).to_numpy())
+    frozen = frozen[~frozen.index.duplicated()]
+    texts = _texts(latest)
+    was = texts.map(frozen)
+    moved = int((was.notna() & (was != latest["split"])).sum())
+    if moved:
+        log.info("resolve: %d rows keep the champion's split for their text (this data version gives another)", moved)
+    latest = latest.assign(split=was.fillna(latest["split"]))
+    key = texts + "\t" + _labels(latest)
+    seen = key.isin(set(_texts(reference) + "\t" + _labels(reference)))
     return latest[~seen].reset_index(drop=True), latest[seen].reset_index(drop=True)
 
 

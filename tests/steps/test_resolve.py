@@ -73,3 +73,20 @@ def test_changed_split_settings_are_refused(tmp_path, params, champion):
     masked = dataclasses.replace(params, ingest=with_changes(params.ingest, mask_pii=True))  # hashes masked texts
     with pytest.raises(DataError, match=r"ingest.mask_pii=True \(champion v1: False\)"):
         resolve(str(champion), tmp_path / "r1", tmp_path / "c1", masked)
+
+
+def test_a_text_the_champion_has_keeps_its_split_and_tagged_rows_match_by_words_and_tags():
+    from kftune.steps.resolve import split_new
+
+    reference = pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "y", "x"], "split": ["train", "test", "train"]})
+    latest = pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["x", "y", "y", "x"],
+                           "split": ["test", "train", "test", "test"]})  # this version gives other splits
+    new, history = split_new(latest, reference)
+    assert history[["text", "split"]].values.tolist() == [["a", "train"], ["b", "test"]], "the historical test is frozen"
+    assert new[["text", "label", "split"]].values.tolist() == [["c", "y", "train"], ["d", "x", "test"]], \
+        "a relabelled text the champion trained on stays a training row"
+    # tagged sentences as `kftune run`'s ingest writes them (no `label` column); a word may hold a space
+    tagged = pd.DataFrame({"text": ["x New York City"], "tokens": [["x", "New York", "City"]],
+                           "tags": [["O", "B-LOC", "I-LOC"]], "split": ["train"]})
+    other = tagged.assign(tokens=[["x", "New", "York City"]])
+    assert len(split_new(tagged, tagged)[0]) == 0 and len(split_new(other, tagged)[0]) == 1
