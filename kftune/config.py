@@ -183,8 +183,8 @@ class RegisterConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if not 0 <= self.min_delta < 1:  # NaN fails this too; a negative delta would promote a worse model
-            out.append(f"register.min_delta={self.min_delta!r}: must be in [0, 1)")
+        if not -1 <= self.min_delta < 1:  # negative: a challenger up to that much worse is promoted
+            out.append(f"register.min_delta={self.min_delta!r}: must be in [-1, 1)")
         if not 0 <= self.max_forgetting < 1:
             out.append(f"register.max_forgetting={self.max_forgetting!r}: must be in [0, 1)")
         if not self.model_name.strip():

@@ -52,10 +52,12 @@ def test_a_params_file_that_is_not_a_mapping_says_so(tmp_path):
         load_params(tmp_path / "list.yaml")
 
 
-@pytest.mark.parametrize("delta", ["-0.1", "1"])
-def test_a_negative_or_nan_min_delta_is_refused(delta):
-    with pytest.raises(ConfigError, match=r"register.min_delta=.*must be in \[0, 1\)"):
+@pytest.mark.parametrize("delta", ["-1.5", "1"])
+def test_a_min_delta_outside_minus_one_to_one_is_refused(delta):
+    with pytest.raises(ConfigError, match=r"register.min_delta=.*must be in \[-1, 1\)"):
         load_params(ROOT / "params.yaml", [f"register.min_delta={delta}"])
+    with pytest.raises(ConfigError, match=r"register.min_delta='nan': expected a finite number"):
+        load_params(ROOT / "params.yaml", ["register.min_delta=nan"])
 
 
 def test_missing_and_unknown_keys_in_the_file_are_named(tmp_path):
