@@ -128,6 +128,10 @@ class FinetuneConfig:
     def peak_learning_rate(self) -> float:
         return self.lora_learning_rate if self.method == "lora" else self.learning_rate
 
+    def __post_init__(self):
+        # YAML 1.1's yes/no/on/off, meant as a switch (params.yaml is read as YAML 1.2: they are text there)
+        self.bf16 = {"yes": "true", "on": "true", "no": "false", "off": "false"}.get(str(self.bf16).lower(), self.bf16)
+
     def problems(self) -> list[str]:
         out = []
         positive = ("batch_size", "grad_accum_steps", "log_every_steps")

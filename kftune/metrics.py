@@ -10,7 +10,8 @@ def macro_f1(y_true, y_pred, n_labels: int) -> float:
     and counting it as 0 would understate a file that uses only some of the labels."""
     from sklearn.metrics import f1_score
 
-    present = [i for i in range(n_labels) if i in set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist())]
+    seen = set(np.unique(y_true).tolist()) | set(np.unique(y_pred).tolist())
+    present = [i for i in range(n_labels) if i in seen]
     return float(f1_score(y_true, y_pred, average="macro", labels=present, zero_division=0)) if present else 0.0
 
 

@@ -333,7 +333,8 @@ def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> l
     if any(split):
         encoded = tokenizer([[w for w, _ in ws] or [""] for ws in split], is_split_into_words=True,
                             add_special_tokens=False)
-        split = [[x for i, x in enumerate(ws) if i in set(encoded.word_ids(n))] for n, ws in enumerate(split)]
+        kept = [set(encoded.word_ids(n)) for n in range(len(split))]
+        split = [[x for i, x in enumerate(ws) if i in kept[n]] for n, ws in enumerate(split)]
     tags, scores = word_predictions(model, tokenizer, [[w for w, _ in ws] or [""] for ws in split], batch_size)
     return [char_spans(text, [o for _, o in ws], t, s) if ws else [] for text, ws, t, s in zip(texts, split, tags, scores)]
 

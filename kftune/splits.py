@@ -53,10 +53,12 @@ def assign(texts, given, cfg: IngestConfig, present: list[set] | None = None) ->
     return out
 
 
-def card(given_by, given: set[str]) -> dict:
-    """What the data card says about a given split."""
+def card(given_by, given: set[str], hashed: set[str] | None = None) -> dict:
+    """What the data card says about a given split; `hashed`: the splits train rows were hashed into (default:
+    those given nowhere), which a `split` column decides per file."""
+    hashed = {s for s in SPLITS if s not in given} if hashed is None else hashed
     return {"given_by": given_by, "given": [s for s in SPLITS if s in given],
-            "hashed_from_train": [s for s in SPLITS if s not in given]}
+            "hashed_from_train": [s for s in SPLITS if s in hashed]}
 
 
 def read_golden(path: str, cfg: IngestConfig, task: str) -> pd.DataFrame:

@@ -80,14 +80,17 @@ def _check_tsv_rows(path: Path, cfg: IngestConfig) -> None:
     """TSV is read without quote handling (GLUE's files have unbalanced quotes), so a row shorter than the
     header, such as half of a text quoted across a line break, would be read as a row with an empty field."""
     width = None
-    for number, line in enumerate(path.read_text(encoding=reading(cfg.encoding)).splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.count("\t") + 1
-        width = width or fields
-        if fields < width:
-            raise DataError(f"{path}:{number}: {fields} field(s), the header has {width} (TSV is read without quote "
-                            f"handling, so a text quoted across a line break splits in two; write such texts as CSV)")
+    with open(path, encoding=reading(cfg.encoding), newline="") as lines:  # \n, \r, \r\n only, as pandas
+        for number, line in enumerate(lines, start=1):
+            if not line.strip("\r\n"):
+                continue
+            fields = line.count("\t") + 1
+            width = width or fields
+            if fields >= width:
+                continue
+            raise DataError(f"{path}:{number}: {fields} field(s), the header has {width} (TSV is read without "
+                            f"quote handling, so a text quoted across a line break splits in two; write such texts "
+                            f"as CSV)")
 
 
 def _download_s3(uri: str, dest: Path) -> Path:
@@ -261,12 +264,15 @@ def load_rows(source: str, cfg: IngestConfig, split_files: dict[str, str] | None
     # a split a file does not give is hashed out of that file's train rows: another file's test rows must not
     # pull earlier rows out of the test split they were hashed into
     present = [set(g.split(",")) for g in df["given_splits"]] if given and not split_files else None
+    # the splits some train rows are hashed into: those their own file does not give
+    hashed = {x for gives, split in zip(present, df["split"]) if split == "train" for x in SPLITS
+              if x not in gives} if present else None
     df["split"] = splits.assign(df["text"], df["split"].tolist() if given else None, cfg, present)
     info = {"sources": sources, "rows_read": len(raw), "dropped": drops, "drop_reasons": reasons, "labels": labels,
             "split_salt": cfg.split_salt, "split": split_settings(cfg),
             "warnings": drop_warnings(raw, df, drops) + untrained_labels(df, labels)}
     if given:
-        info["split_given"] = splits.card("files" if split_files else "column 'split'", set(raw["split"]))
+        info["split_given"] = splits.card("files" if split_files else "column 'split'", set(raw["split"]), hashed)
     return df, info
 
 

@@ -47,14 +47,13 @@ def test_a_free_pass_pads_nothing_and_a_dear_one_fills_batches():
     assert len(length_groups(lengths * 3, 8, 1e9)) == 3  # the fewest passes; padding only breaks ties
 
 
-def test_pass_cost_is_timed_on_the_model_and_the_cut_does_not_change_a_prediction(tiny_model):
+def test_a_cut_by_pass_cost_does_not_change_a_prediction(tiny_model):
     import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
-    per_pass = pass_tokens(model, 16)
-    assert per_pass is None or per_pass >= 0
+    per_pass = pass_tokens(model, 16)  # timed on this model: None where a pass costs nothing measurable
     rng = np.random.default_rng(1)
     seqs = [[2, *rng.integers(5, 60, n).tolist(), 3] for n in rng.integers(1, 60, 40)]
     fixed = predict_logits(model, seqs, 0, 16)

@@ -53,6 +53,8 @@ def test_a_later_batch_that_gives_test_rows_moves_no_earlier_row_and_a_conflict_
     assert clash["text"].iloc[0] in after["test"] and clash["text"].iloc[0] not in after["train"]
     test = pd.read_parquet(tmp_path / "d2" / "test.parquet").set_index("text")["label"]
     assert test[clash["text"].iloc[0]] == clash["label"].iloc[0] and card["dropped"]["conflicting_labels"] == 1
+    assert card["split_given"]["given"] == ["train", "test"], card["split_given"]
+    assert card["split_given"]["hashed_from_train"] == ["validation", "test"], "batch-000 gives no test: hashed"
 
 
 def test_split_files_with_validation_hashed_out_of_train(tmp_path, params):

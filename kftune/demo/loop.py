@@ -253,7 +253,7 @@ def run_loop(workdir: str | Path, params_path: str | Path = "params.yaml", overr
                             tag="labels-1", cache_dir=workdir / ".kftune" / "monitor")
         timeline["labels"] = n
         mark(f"labelling queue {q['by_sample']} labelled by the simulated labeller; {imp['added']} texts -> data "
-             f"version {imp['commit'][:8]}")
+             f"version {(imp['commit'] or 'unchanged')[:8]}")
         before = monitor_once(str(log_dir), params, now=START + hour * HOUR + 1, cache_dir=workdir / ".kftune" /
                               "monitor")
         checks.append(before)

@@ -192,7 +192,8 @@ def _dataset_texts(project_dir: Path, params: Params) -> set[str]:
     folder = project_dir / DATASET
     if not folder.is_dir() or not any(folder.iterdir()):
         return set()
-    return {mask(normalise(t)) for t in read_tables(str(folder), params.ingest)[0]["text"]}
+    texts = read_tables(str(folder), params.ingest)[0]["text"].map(normalise)
+    return set(texts if params.ingest.mask_pii else texts.map(mask))  # with mask_pii, read_tables masked them
 
 
 def _store_feedback(df: pd.DataFrame, log_dir: str, model: str) -> tuple[int, int]:

@@ -127,7 +127,8 @@ class MicroBatcher:
                     if len(group) == 1 and not group[0].future.done():
                         group[0].future.set_exception(exc)
                     for job in group if len(group) > 1 else ():
-                        await self._run_alone(loop, job)
+                        if not job.future.done():  # a client that went away gets no second pass
+                            await self._run_alone(loop, job)
                     self.waiting -= len(texts)
                     continue
                 self.waiting -= len(texts)

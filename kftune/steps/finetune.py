@@ -255,10 +255,16 @@ def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
         return 0
     try:
         ckpt = torch.load(ckpt_path, weights_only=True, map_location=job.device)
+    except FileNotFoundError:
+        return 0  # set aside by rank 0 (below) while this rank was about to read it
+    except (OSError, torch.cuda.OutOfMemoryError):
+        raise  # the disk or the device, not the file: the task's retry may succeed
     except Exception as exc:  # noqa: BLE001 - damaged (a node lost power mid-write): start over, keep the file
         damaged = ckpt_path.with_name(ckpt_path.name + ".damaged")
-        os.replace(ckpt_path, damaged)
-        log.warning("fine-tune: %s cannot be read (%s: %s); moved to %s, training from the start", ckpt_path,
+        if job.rank == 0:  # under torchrun every rank reads it and fails the same way; one sets it aside
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(ckpt_path, damaged)
+        log.warning("fine-tune: %s cannot be read (%s: %s); set aside as %s, training from the start", ckpt_path,
                     type(exc).__name__, str(exc)[:200], damaged.name)
         return 0
     if ckpt["fingerprint"] != json.loads(json.dumps(fingerprint)):
@@ -269,7 +275,7 @@ def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
     job.scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     if "cuda_rng" in ckpt and torch.cuda.is_available():  # GPU dropout draws from the CUDA generators
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]][: torch.cuda.device_count()])
     job.state, job.best_weights = ckpt["state"], ckpt["best_weights"]
     log.info("fine-tune: resuming from %s at step %d", ckpt_path, job.state["step"])
     return job.state["step"]

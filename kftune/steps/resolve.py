@@ -200,6 +200,8 @@ def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, li
     with tempfile.TemporaryDirectory() as tmp:
         reference, ref_card = download_reference(name, champion, tmp)
     then, now = ref_card.get("split") or {"split_salt": ref_card.get("split_salt")}, split_settings(params.ingest)
+    if tagged and "split" in ref_card:  # before mask_pii was a split setting it did nothing to tagged sentences
+        then = {"mask_pii": False, **then}
     changed = [f"ingest.{k}={now[k]!r} (champion v{champion}: {v!r})" for k, v in then.items() if now[k] != v]
     if changed:
         raise DataError(f"{', '.join(changed)}: rows would change split, and the champion's training rows would "

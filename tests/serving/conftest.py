@@ -55,7 +55,7 @@ def serve_store(tmp_path_factory, tiny_model) -> Path:
         _train(root / "clf", root / "texts.csv", clf, steps=8)
         registry.promote(CLASSIFIER, _register(root / "clf", clf), "serving tests")
         assert _register(root / "clf", clf) == "2"  # challenger
-        _train(root / "ner", root / "ner.conll", ner, steps=8)
+        _train(root / "ner", root / "ner.conll", ner, steps=60)  # enough to find entities: span checks run
         registry.promote(TAGGER, _register(root / "ner", ner), "serving tests")
     return root
 
