@@ -44,6 +44,7 @@ def test_racing_promotions_one_wins_the_others_are_refused(store, tmp_path, tria
     champion = registry.version_by_alias(NAME, registry.CHAMPION)
     go = tmp_path / f"go-{trial}"
     code = ("import pathlib, sys, time\n"
+            "print('ready', flush=True)\n"
             f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
             "try:\n"
             f"    registry.promote({NAME!r}, sys.argv[1], 'race', expected_champion={champion!r})\n"
@@ -53,7 +54,7 @@ def test_racing_promotions_one_wins_the_others_are_refused(store, tmp_path, tria
     versions = [v for v in ("2", "3", "4", "5") if v != champion][:4]
     procs = [subprocess.Popen([sys.executable, "-c", f"from kftune import registry\n{code}", v], env=os.environ.copy(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in versions]
-    time.sleep(3)  # every process imported mlflow and waits
+    assert all(p.stdout.readline().strip() == "ready" for p in procs)  # every one imported mlflow and waits
     go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -110,6 +111,21 @@ def test_a_live_holder_keeps_the_lease_past_its_age(store, monkeypatch):
     finally:
         holder.kill()
         holder.communicate(timeout=60)
+
+
+def test_a_stale_lease_from_another_host_is_broken_and_a_lease_is_deleted_only_by_its_holder(store):
+    import time as clock
+
+    client, lock = MlflowClient(), f"{registry.LEASE_PREFIX}{NAME}"
+    client.create_registered_model(lock, tags={"host": "another-host", "pid": "1", "token": "theirs",
+                                               "since": str(clock.time() - registry.LEASE_STALE_S - 1)})
+    registry.promote(NAME, "2", "after a holder on another host died")  # breaks the stale lease, then moves
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "2"
+    client.create_registered_model(lock, tags={"token": "theirs", "since": str(clock.time())})
+    registry._delete_lease(client, lock, "mine")  # not this process's lease: left alone
+    assert client.get_registered_model(lock).tags["token"] == "theirs"
+    registry._delete_lease(client, lock, "theirs")
+    assert not client.search_registered_models(f"name = '{lock}'")
 
 
 def test_an_interrupted_promote_does_not_undo_a_later_move_by_hand(store):

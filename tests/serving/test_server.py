@@ -182,7 +182,7 @@ def test_token_classification_spans_with_character_offsets_and_sigint_stops_clea
 
 def test_past_max_queue_a_request_gets_a_503_with_retry_after_and_the_queued_one_is_answered(start_server):
     # the first request waits max_wait_ms for company; a second arriving meanwhile would exceed max_queue=1
-    server = start_server(CLASSIFIER, ["serve.precision=fp32", "serve.max_queue=1", "serve.max_wait_ms=1500"])
+    server = start_server(CLASSIFIER, ["serve.precision=fp32", "serve.max_queue=1", "serve.max_wait_ms=4000"])
     url = f"{server.url}/v1/models/{CLASSIFIER}:predict"
     first: list = []
     waiting = threading.Thread(target=lambda: first.append(requests.post(url, json={"instances": ["gainoku"]})))
