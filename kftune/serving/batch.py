@@ -10,6 +10,7 @@ not at all (written under a temp name, then renamed).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -66,11 +67,14 @@ def read_chunks(path: str, fmt: str, chunk_rows: int):
         if fmt == "parquet":
             with _open(path) as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
-                    yield batch.to_pandas()
+                    df = batch.to_pandas()
+                    # a named index (`df.set_index("id").to_parquet()`) is a column of the input too
+                    yield df if isinstance(df.index, pd.RangeIndex) else df.reset_index()
             return
-        if fmt in ("csv", "tsv"):
+        if fmt in ("csv", "tsv"):  # TSV without quote handling, as ingest reads it
             reader = pd.read_csv(path, sep="," if fmt == "csv" else "\t", chunksize=chunk_rows, dtype=str,
-                                 keep_default_na=False)
+                                 keep_default_na=False,
+                                 quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
         else:
             reader = pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
         with reader:
@@ -99,9 +103,17 @@ def answer_columns(served: ServedModel, answers: list[dict], fmt: str) -> dict[s
 
 class _Writer:
     def __init__(self, path: Path, fmt: str):
-        self.path, self.fmt, self.parquet, self.rows = path, fmt, None, 0
+        self.path, self.fmt, self.parquet, self.rows, self.columns = path, fmt, None, 0, None
 
     def write(self, df: pd.DataFrame) -> None:
+        if self.fmt != "jsonl":  # a header or schema: every chunk in the first chunk's columns
+            if self.columns is None:
+                self.columns = list(df.columns)
+            extra = [c for c in df.columns if c not in self.columns]
+            if extra:
+                raise ServingError(f"rows {self.rows + 1}-{self.rows + len(df)} have field(s) {extra} that the first "
+                                   f"rows lack, which a {self.fmt} file's columns cannot hold; write JSON Lines")
+            df = df.reindex(columns=self.columns)
         if self.fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -110,10 +122,16 @@ class _Writer:
             if self.parquet is None:  # a column with no value in the first chunk: text, whatever comes later
                 self.parquet = pq.ParquetWriter(str(self.path), pa.schema(
                     [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]))
-            self.parquet.write_table(table.cast(self.parquet.schema))
+            try:
+                table = table.cast(self.parquet.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+                raise ServingError(f"rows {self.rows + 1}-{self.rows + len(df)}: a column's type differs from the "
+                                   f"first rows' ({exc}); write JSON Lines or CSV") from None
+            self.parquet.write_table(table)
         elif self.fmt == "jsonl":
             with open(self.path, "a", encoding="utf-8") as f:
-                for row in df.to_dict(orient="records"):
+                for row in df.to_dict(orient="records"):  # a field a row lacks is null, not NaN (invalid JSON)
+                    row = {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
                     f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         else:
             df.to_csv(self.path, mode="a", header=self.rows == 0, index=False, sep="," if self.fmt == "csv" else "\t")
@@ -161,7 +179,10 @@ def predict_file(served: ServedModel, source: str, output: str, text_column: str
                 raise ServingError(f"{source}: row {writer.rows + bad + 1}: {text_column!r} is "
                                    f"{type(texts[bad]).__name__} {texts[bad]!r}, not a text")
             answers = served.predict(texts, batch_size)
-            writer.write(chunk.reset_index(drop=True).assign(**answer_columns(served, answers, out_fmt)))
+            found = answer_columns(served, answers, out_fmt)
+            # an input column with an answer's name (a test file's true `label`) is kept, as input_<name>
+            chunk = chunk.reset_index(drop=True).rename(columns={c: f"input_{c}" for c in found if c in chunk.columns})
+            writer.write(chunk.assign(**found))
             bar.update(len(texts))
         writer.close()
         if writer.rows == 0:

@@ -142,3 +142,25 @@ def test_parquet_output_takes_a_column_empty_in_the_first_chunk(tmp_path):
     out.write(pd.DataFrame({"text": ["b"], "note": ["later"], "label": ["y"]}))
     out.close()
     assert pd.read_parquet(tmp_path / "out.parquet")["note"].fillna("").tolist() == ["", "later"]
+
+
+def test_columns_keep_their_place_and_name_whatever_the_input(tmp_path, classifier):
+    rows = [{"id": "x1", "text": "gainoku said", "label": "positive"}, {"text": "the lossira", "id": "x2"}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    predict_file(classifier, str(tmp_path / "in.jsonl"), str(tmp_path / "out.csv"), chunk_rows=1, progress=False)
+    got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert got["id"].tolist() == ["x1", "x2"] and got["text"].tolist() == ["gainoku said", "the lossira"]
+    assert got["input_label"].tolist() == ["positive", ""], "a true label is kept beside the predicted one"
+    predict_file(classifier, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), chunk_rows=1, progress=False)
+    second = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[1])  # strict JSON: no NaN
+    assert "input_label" not in second or second["input_label"] is None
+    (tmp_path / "more.jsonl").write_text(json.dumps(rows[1]) + "\n" + json.dumps({**rows[1], "extra": "E"}) + "\n")
+    with pytest.raises(ServingError, match=r"rows 2-2 have field\(s\) \['extra'\].*write JSON Lines"):
+        predict_file(classifier, str(tmp_path / "more.jsonl"), str(tmp_path / "o.csv"), chunk_rows=1, progress=False)
+    pd.DataFrame({"id": ["a", "b"], "text": ["x y", "z"]}).set_index("id").to_parquet(tmp_path / "ix.parquet")
+    predict_file(classifier, str(tmp_path / "ix.parquet"), str(tmp_path / "ix.csv"), progress=False)
+    assert pd.read_csv(tmp_path / "ix.csv")["id"].tolist() == ["a", "b"], "a named index is a column of the input"
+    (tmp_path / "q.tsv").write_text('text\n"open quote\nplain\nclose" quote\n"Quoted" said he\n')
+    predict_file(classifier, str(tmp_path / "q.tsv"), str(tmp_path / "q.jsonl"), progress=False)
+    texts = [json.loads(line)["text"] for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert texts == ['"open quote', "plain", 'close" quote', '"Quoted" said he'], "TSV is read without quoting"
