@@ -129,8 +129,8 @@ class FinetuneConfig:
         return self.lora_learning_rate if self.method == "lora" else self.learning_rate
 
     def __post_init__(self):
-        # YAML 1.1's yes/no/on/off, meant as a switch (params.yaml is read as YAML 1.2: they are text there)
-        self.bf16 = {"yes": "true", "on": "true", "no": "false", "off": "false"}.get(str(self.bf16).lower(), self.bf16)
+        if str(self.bf16).lower() in YAML11_SWITCHES:  # a switch as well as `auto`
+            self.bf16 = str(YAML11_SWITCHES[self.bf16.lower()]).lower()
 
     def problems(self) -> list[str]:
         out = []
@@ -535,8 +535,8 @@ def _coerce(value, tp, key: str, problems: list[str]):
             return _BAD
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)  # KFP passes dict parameters as protobuf Structs, where every number is a float
-    if tp is bool and isinstance(value, str) and value.lower() in ("yes", "no", "on", "off"):
-        return value.lower() in ("yes", "on")  # YAML 1.1's booleans, still meant as such for a yes/no setting
+    if tp is bool and isinstance(value, str) and value.lower() in YAML11_SWITCHES:
+        return YAML11_SWITCHES[value.lower()]
     if tp is str and isinstance(value, bool):
         return str(value).lower()  # bf16: true / false / auto
     if tp is str and isinstance(value, (int, float)):
@@ -577,6 +577,8 @@ class _Yaml12(yaml.SafeLoader):
 
 
 _BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+# YAML 1.1's other booleans: text under YAML 1.2, still taken as such where a setting is a switch
+YAML11_SWITCHES = {"yes": True, "on": True, "no": False, "off": False}
 _Yaml12.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
                                    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Yaml12.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))

@@ -35,7 +35,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
     p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=ids, zero_division=0)
     return {
         "accuracy": float((pred == y_true).mean()),
-        "macro_f1": float(f[(s > 0) | np.isin(ids, pred)].mean()),  # labels in truth or prediction, as macro_f1
+        "macro_f1": macro_f1(y_true, pred, len(labels)),
         "ece": expected_calibration_error(probs, y_true, ece_bins),
         "per_class": {lbl: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, lbl in enumerate(labels)},

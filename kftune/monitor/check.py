@@ -5,7 +5,8 @@ tests have consumed), each alert rule's state, the champion's reference statisti
 the history of checks the report draws. The drift tests run only once `monitor.min_requests`
 predictions of the champion have arrived since the watermark; until then the watermark stays and
 the rows accumulate. Rows younger than 2 × `serve.log_flush_seconds` wait for the next check: a replica
-sharing the log may not have written its rows of that time yet. Alert rules are judged on every check, each over its own window.
+sharing the log may not have written its rows of that time yet. Alert rules are judged on every check, each
+over its own window.
 """
 
 from __future__ import annotations

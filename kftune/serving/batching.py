@@ -124,10 +124,12 @@ class MicroBatcher:
                     answers = await loop.run_in_executor(self._executor, group[0].served.predict, texts, self.max_batch)
                 except Exception as exc:  # noqa: BLE001 - only the request that fails gets the error
                     log.exception("prediction failed for a batch of %d texts from %d requests", len(texts), len(group))
-                    if len(group) == 1 and not group[0].future.done():
-                        group[0].future.set_exception(exc)
-                    for job in group if len(group) > 1 else ():
-                        if not job.future.done():  # a client that went away gets no second pass
+                    for job in group:
+                        if job.future.done():  # a client that went away gets no second pass
+                            continue
+                        if len(group) == 1:
+                            job.future.set_exception(exc)
+                        else:
                             await self._run_alone(loop, job)
                     self.waiting -= len(texts)
                     continue

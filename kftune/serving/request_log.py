@@ -63,7 +63,7 @@ def records(request_id: str, served, texts: list[str], answers: list[dict], at: 
                     "label": None if ner else a["label"], "probability": None if ner else a["probability"],
                     "labels": served.labels,
                     "probabilities": [] if ner else [a["probabilities"][lbl] for lbl in served.labels],
-                    "entities": json.dumps(a["entities"], ensure_ascii=False) if ner else None})
+                    "entities": a["entities"] if ner else None})  # encoded by the writer (SCHEMA: JSON text)
     return out
 
 
@@ -129,22 +129,20 @@ class RequestLog:
             closing = self._closing  # read before taking the rows: what was appended before close() is in them
             with self._lock:
                 taken, self._pending, self._pending_rows = self._pending, [], 0
-            rows = [r for request in taken for r in request]
-            if self.mask:
-                rows = [self._masked(r) for r in rows]
+            rows = [self._encoded(r) for request in taken for r in request]
             for at in range(0, len(rows), self.file_rows):
                 self._write(rows[at : at + self.file_rows])
             if closing:
                 return
 
-    def _masked(self, row: dict) -> dict:
-        """The row with its text masked, and each entity's text (its start and end still count characters of
-        the text the model saw)."""
-        out = {**row, "text": self.mask(row["text"])}
-        if row["entities"]:
-            out["entities"] = json.dumps([{**e, "text": self.mask(e["text"])} for e in json.loads(row["entities"])],
-                                         ensure_ascii=False)
-        return out
+    def _encoded(self, row: dict) -> dict:
+        """The row as written: its text and each entity's text masked (when asked; an entity's start and end
+        still count characters of the text the model saw), its entities as JSON text."""
+        mask = self.mask or (lambda text: text)
+        entities = row["entities"]
+        if entities is not None:
+            entities = json.dumps([{**e, "text": mask(e["text"])} for e in entities], ensure_ascii=False)
+        return {**row, "text": mask(row["text"]), "entities": entities}
 
     def _write(self, rows: list[dict]) -> None:
         """One file per UTC date of the rows' times (a replay's rows carry the client's time), so a reader's
