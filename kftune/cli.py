@@ -14,6 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kftune.cluster import PIPELINES
 from kftune.config import KftuneError, load_params, params_help
 
 DATASET = "data/dataset"  # kftune.data.DATASET, repeated so that --help imports nothing heavy
@@ -95,13 +96,15 @@ def cmd_schedule(args) -> int:
         raise schedule.ScheduleError("schedule needs --cron, e.g. --cron '0 3 * * *'")
     schedule.check_cron(args.cron)
     params = _params(args)
-    if args.host and args.monitor:
-        raise schedule.ScheduleError("--monitor runs the checks in this local scheduler; on a cluster the check is "
-                                     "the monitoring pipeline (pipelines/monitoring.py), scheduled on its own")
-    if args.host:
-        job = cluster.schedule_on_cluster(args.host, params, args.cron, _cluster_arguments(args), args.experiment,
-                                          args.image or "")
-        print(f"recurring run {job}: {args.cron!r}, max_concurrency=1, no catch-up")
+    if args.host:  # a recurring run of the retraining pipeline, and of the monitoring one with --monitor
+        monitor_cron = schedule.check_cron(args.cron if args.monitor == "same" else args.monitor) if args.monitor else ""
+        arguments = _cluster_arguments(args)
+        job = cluster.schedule_on_cluster(args.host, params, args.cron, arguments, args.experiment, args.image or "")
+        print(f"recurring run {job} (retraining): {args.cron!r}, max_concurrency=1, no catch-up")
+        if monitor_cron:
+            job = cluster.schedule_on_cluster(args.host, params, monitor_cron, {}, args.experiment, args.image or "",
+                                              which="monitoring")
+            print(f"recurring run {job} (monitoring): {monitor_cron!r}, max_concurrency=1, no catch-up")
         return 0
     from kftune.local import describe_outcome, run_retraining_local
 
@@ -368,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline argument, e.g. -p data_path=s3://kftune-data/batches (repeatable)")
     p.add_argument("--experiment", default="kftune", help="KFP experiment, created if missing")
     p.add_argument("--image", help="component image (default: $KFTUNE_IMAGE or kftune:0.1.0)")
-    p.add_argument("--pipeline", choices=["training", "retraining"], default="training", help="default: %(default)s")
+    p.add_argument("--pipeline", choices=PIPELINES, default="training", help="default: %(default)s")
     _add_params_args(p)
     p.set_defaults(func=cmd_submit)
 
@@ -399,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a pipeline for a cluster (KFP IR YAML)")
     p.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: %(default)s)")
-    p.add_argument("--pipeline", choices=["training", "retraining"], default="training", help="default: %(default)s")
+    p.add_argument("--pipeline", choices=PIPELINES, default="training", help="default: %(default)s")
     p.add_argument("--image", help="component image for every task (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     _add_params_args(p)
     p.set_defaults(func=cmd_compile)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -10,8 +11,9 @@ from pathlib import Path
 
 from kftune.config import ConfigError, KftuneError, Params
 
-PIPELINES = ("training", "retraining")
+PIPELINES = ("training", "retraining", "monitoring", "batch-predict")
 DEFAULT_IMAGE = "kftune:0.1.0"
+log = logging.getLogger(__name__)
 
 
 class ClusterError(KftuneError):
@@ -26,20 +28,46 @@ def image() -> str:
 def pipeline_factory(which: str):
     if which not in PIPELINES:
         raise ConfigError(f"pipeline {which!r}: choose one of {', '.join(PIPELINES)}")
-    from pipelines import retraining, training
+    from pipelines import batch_predict, monitoring, retraining, training
 
-    return {"training": training, "retraining": retraining}[which].create_pipeline
+    return {"training": training, "retraining": retraining, "monitoring": monitoring,
+            "batch-predict": batch_predict}[which].create_pipeline
 
 
 def compile_pipeline(params: Params, out: str | Path, which: str = "training", image_tag: str = "") -> Path:
     """Write the cluster flavour of a pipeline as KFP IR YAML, every task on `image_tag` (default: image())."""
     from kfp import compiler
 
+    from kftune.config import WEBHOOK_ENV
+    from kftune.tracking import SECRET_PARAMS
+
     if not Path(out).resolve().parent.is_dir():
         raise ClusterError(f"{out}: the folder {Path(out).resolve().parent} does not exist")
-    pipeline = pipeline_factory(which)(params.to_dict(), image=image_tag or image(), cluster=True)
+    defaults = params.to_dict()
+    for key in SECRET_PARAMS:  # a credential stays out of the compiled file: tasks read it from a Secret
+        section, name = key.split(".")
+        if defaults[section][name]:
+            log.warning("%s is not compiled into the pipeline: the monitoring task reads it as %s from the Secret "
+                        "%s (kubectl create secret generic %s --from-literal=%s=URL)", key, WEBHOOK_ENV,
+                        params.cluster.webhook_secret, params.cluster.webhook_secret, WEBHOOK_ENV)
+        defaults[section][name] = ""
+    pipeline = pipeline_factory(which)(defaults, image=image_tag or image(), cluster=True)
     compiler.Compiler().compile(pipeline, str(out))
     return Path(out)
+
+
+def pipeline_arguments(package: str | Path, arguments: dict, git_commit: str = "") -> dict:
+    """`arguments` checked against the compiled pipeline's inputs (one clear error for an unknown name),
+    plus git_commit where the pipeline takes it."""
+    import yaml
+
+    spec = next(yaml.safe_load_all(Path(package).read_text()))
+    inputs = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    unknown = sorted(set(arguments) - set(inputs))
+    if unknown:
+        raise ClusterError(f"{spec['pipelineInfo']['name']} has no input {', '.join(unknown)} "
+                           f"(its inputs: {', '.join(sorted(inputs))})")
+    return {**({"git_commit": git_commit} if "git_commit" in inputs and git_commit else {}), **arguments}
 
 
 @contextlib.contextmanager
@@ -74,9 +102,10 @@ def submit(host: str, params: Params, arguments: dict[str, str], experiment: str
     client = kfp_client(host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", which, image_tag)
+        arguments = pipeline_arguments(package, arguments, git_commit())
         with _api(host, f"starting a {which} run"):
             run = client.create_run_from_pipeline_package(
-                str(package), arguments={"git_commit": git_commit(), **arguments}, experiment_name=experiment,
+                str(package), arguments=arguments, experiment_name=experiment,
                 run_name=f"kftune-{which}-{params.register.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
@@ -89,21 +118,24 @@ def kfp_cron(cron: str) -> str:
 
 
 def schedule_on_cluster(host: str, params: Params, cron: str, arguments: dict[str, str],
-                        experiment: str = "kftune", image_tag: str = "") -> str:
-    """Create a KFP recurring run of the retraining pipeline: max_concurrency=1, no catch-up. Returns its id."""
-    client, name = kfp_client(host), f"kftune-retraining-{params.register.model_name}"
+                        experiment: str = "kftune", image_tag: str = "", which: str = "retraining") -> str:
+    """Create a KFP recurring run of the retraining (or monitoring) pipeline: max_concurrency=1, no catch-up.
+    Returns its id."""
+    client, name = kfp_client(host), f"kftune-{which}-{params.register.model_name}"
     existing = [r for r in manage_on_cluster(host, "list") if r["name"] == name]
-    if existing:  # two would overlap and register two challengers per fire time
+    if existing:  # two would overlap: two challengers per fire time, or each alert sent twice
         raise ClusterError(f"{host} already has the recurring run {name} (id {existing[0]['id']}, "
                            f"{existing[0]['status']}); `kftune schedule delete {existing[0]['id']} --host {host}` "
                            f"first to replace it")
-    with _api(host, "creating the recurring run"), tempfile.TemporaryDirectory() as tmp:
-        exp = client.create_experiment(experiment)  # returns the existing one if there is one
-        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", "retraining", image_tag)
-        job = client.create_recurring_run(
-            experiment_id=exp.experiment_id, job_name=name,
-            cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True, params=arguments,
-            pipeline_package_path=str(package))
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", which, image_tag)
+        arguments = pipeline_arguments(package, arguments)
+        with _api(host, "creating the recurring run"):
+            exp = client.create_experiment(experiment)  # returns the existing one if there is one
+            job = client.create_recurring_run(
+                experiment_id=exp.experiment_id, job_name=name,
+                cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True, params=arguments,
+                pipeline_package_path=str(package))
     return job.recurring_run_id
 
 

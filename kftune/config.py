@@ -19,6 +19,8 @@ import yaml
 
 from kftune.hardware import BF16_SETTINGS
 
+WEBHOOK_ENV = "KFTUNE_WEBHOOK_URL"  # the webhook URL from the environment: a cluster Secret, never a parameter
+
 TASKS = ("sequence-classification", "token-classification")
 
 
@@ -287,6 +289,9 @@ class ClusterConfig:
     retries: int = _doc("Retries of each task after a transient failure (pod eviction, node loss).")
     mlflow_secret: str = _doc("Kubernetes Secret whose keys become env vars of every task (MLflow URI).")
     s3_secret: str = _doc("Kubernetes Secret with the S3/MinIO keys and endpoints, as env vars of every task.")
+    webhook_secret: str = _doc(f"Kubernetes Secret whose key {WEBHOOK_ENV} the monitoring task reads as the webhook "
+                               "URL when monitor.sinks has webhook (a compiled pipeline never carries "
+                               "monitor.webhook_url).")
 
     def problems(self) -> list[str]:
         out = []
@@ -435,7 +440,8 @@ class MonitorConfig:
                              "live_quality (max_gap); any rule may add for_checks: N (fire only after N failing "
                              "checks in a row). See README, Monitoring and feedback.")
     sinks: list[str] = _doc(f"Where an alert goes when it fires and when it resolves: {', '.join(ALERT_SINKS)}.")
-    webhook_url: str = _doc("Webhook sink: URL that receives each alert as a JSON POST (empty: no webhook).")
+    webhook_url: str = _doc(f"Webhook sink: URL that receives each alert as a JSON POST (empty: the environment's "
+                            f"{WEBHOOK_ENV}, which a cluster's cluster.webhook_secret sets).")
     webhook_retries: int = _doc("Webhook sink: attempts after the first before an alert is logged as undelivered.")
     webhook_backoff_seconds: float = _doc("Webhook sink: wait before the first retry; doubled after each.")
     webhook_timeout_seconds: float = _doc("Webhook sink: timeout of one POST.")
@@ -451,12 +457,22 @@ class MonitorConfig:
     def parsed_rules(self) -> list[AlertRule]:
         return parse_rules(self.rules)[0]
 
+    def webhook_target(self) -> str:
+        """The webhook URL: monitor.webhook_url, else the environment's KFTUNE_WEBHOOK_URL ('' if neither)."""
+        import os
+
+        return self.webhook_url or os.environ.get(WEBHOOK_ENV, "")
+
     def problems(self) -> list[str]:
         out = parse_rules(self.rules)[1]
         out += [f"monitor.sinks: unknown sink {s!r} (known: {', '.join(ALERT_SINKS)})" for s in self.sinks
                 if s not in ALERT_SINKS]
-        if "webhook" in self.sinks and not self.webhook_url.startswith(("http://", "https://")):
-            out.append(f"monitor.webhook_url={self.webhook_url!r}: the webhook sink needs an http(s) URL")
+        if "webhook" in self.sinks and not self.webhook_target().startswith(("http://", "https://")):
+            from kftune.tracking import redact_url
+
+            where = "monitor.webhook_url" if self.webhook_url else WEBHOOK_ENV
+            out.append(f"{where}={redact_url(self.webhook_target())!r}: the webhook sink needs an http(s) URL in "
+                       f"monitor.webhook_url or in the environment's {WEBHOOK_ENV}")
         out += [f"monitor.{k}={getattr(self, k)!r}: must be > 0" for k in
                 ("min_requests", "webhook_timeout_seconds", "history") if getattr(self, k) <= 0]
         out += [f"monitor.{k}={getattr(self, k)!r}: must be >= 0" for k in ("webhook_retries", "webhook_backoff_seconds")

@@ -30,7 +30,14 @@ def create_pipeline(defaults: dict, image: str = BASE_IMAGE, cluster: bool = Fal
         task.set_caching_options(False)  # reads the live request log and the registry
         task.set_container_image(image)
         if cluster:
+            from kfp import kubernetes
+
+            from kftune.config import WEBHOOK_ENV
+
             use_secrets([task], defaults["cluster"])
+            # the webhook sink's URL is a credential: from a Secret, optional (only the webhook sink needs it)
+            kubernetes.use_secret_as_env(task, defaults["cluster"]["webhook_secret"], {WEBHOOK_ENV: WEBHOOK_ENV},
+                                         optional=True)
         return task.outputs["report"]
 
     return monitoring_pipeline

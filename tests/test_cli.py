@@ -259,7 +259,7 @@ def test_bash_completion_completes_commands_actions_and_choices(capsys):
              'c kftune models list --pro')
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True,
                          env={"KFTUNE_COMPLETION": script, "PATH": os.environ["PATH"]}).stdout.splitlines()
-    assert out == ["models monitor", "promote", "training retraining", "", "--project-dir"]
+    assert out == ["models monitor", "promote", "training retraining monitoring batch-predict", "", "--project-dir"]
 
 
 def test_pipeline_arguments_for_typed_inputs_travel_typed():

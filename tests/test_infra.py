@@ -101,6 +101,44 @@ def test_cluster_retraining_pipeline_has_its_branches_retries_and_secrets(tmp_pa
     assert set(env) == set(executors), "every task reads its credentials from Secrets"
 
 
+def test_cluster_monitoring_and_batch_pipelines_take_credentials_from_secrets_never_the_webhook_url(tmp_path,
+                                                                                                    monkeypatch):
+    monkeypatch.setenv("KFTUNE_IMAGE", "registry.example.com/kftune:9.9")
+    out = tmp_path / "monitoring.yaml"
+    done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", "--pipeline", "monitoring", "-o", str(out),
+                           "--params", str(ROOT / "params.yaml"), "-S", "monitor.sinks=[log, webhook]",
+                           "-S", "monitor.webhook_url=https://hooks.example.com/services/T0/s3cret"],
+                          check=True, capture_output=True, text=True)
+    assert "s3cret" not in out.read_text() and "not compiled into the pipeline" in done.stderr
+    spec, platform = yaml.safe_load_all(out.read_text())
+    assert spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]["monitor"]["webhook_url"] == ""
+    secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-monitor-op"]["secretAsEnv"]
+    assert {s["secretName"]: ([k["envVar"] for k in s["keyToEnv"]], s.get("optional", False)) for s in secrets} == {
+        "kftune-mlflow": (["MLFLOW_TRACKING_URI"], False),
+        "kftune-s3": (["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"], False),
+        "kftune-webhook": (["KFTUNE_WEBHOOK_URL"], True)}
+    out = tmp_path / "batch.yaml"
+    subprocess.run([sys.executable, "-m", "kftune.cli", "compile", "--pipeline", "batch-predict", "-o", str(out),
+                    "--params", str(ROOT / "params.yaml")], check=True, capture_output=True)
+    spec, platform = yaml.safe_load_all(out.read_text())
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+        "registry.example.com/kftune:9.9"}
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {"exec-batch-predict-op"}
+
+
+def test_run_arguments_are_checked_against_the_pipeline_inputs(tmp_path):
+    from kftune.cluster import ClusterError, compile_pipeline, pipeline_arguments
+
+    params = load_params(ROOT / "params.yaml")
+    training = compile_pipeline(params, tmp_path / "t.yaml", "training")
+    assert pipeline_arguments(training, {"epochs": 1}, "abc123") == {"git_commit": "abc123", "epochs": 1}
+    monitoring = compile_pipeline(params, tmp_path / "m.yaml", "monitoring")
+    assert pipeline_arguments(monitoring, {"log_dir": "s3://b/log"}, "abc123") == {"log_dir": "s3://b/log"}
+    with pytest.raises(ClusterError, match=r"kftune-monitoring has no input epochs \(its inputs: log_dir, now, "
+                                           r"params\)"):
+        pipeline_arguments(monitoring, {"epochs": 1})
+
+
 def test_local_pipeline_has_no_cluster_settings(tmp_path):
     from kfp import compiler
 

@@ -117,6 +117,12 @@ def test_cluster_schedule_commands_need_a_reachable_host(capsys):
     assert main(["schedule", "--cron", "0 3 * * *", "--host", "http://127.0.0.1:9",
                  "--params", str(ROOT / "params.yaml")]) == 2
     assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:9" in capsys.readouterr().err
+    # --monitor with --host: a second recurring run, of the monitoring pipeline; its cron is checked first
+    assert main(["schedule", "--cron", "0 3 * * *", "--host", "http://127.0.0.1:9", "--monitor", "*/15 * *"]) == 2
+    assert "--cron '*/15 * *': not a 5-field cron" in capsys.readouterr().err
+    assert main(["schedule", "--cron", "0 3 * * *", "--host", "http://127.0.0.1:9", "--monitor", "*/15 * * * *",
+                 "--params", str(ROOT / "params.yaml")]) == 2
+    assert "cannot reach Kubeflow Pipelines at http://127.0.0.1:9" in capsys.readouterr().err
     assert main(["schedule", "pause", "abc"]) == 2
     assert "pass --host URL" in capsys.readouterr().err
 

@@ -37,20 +37,20 @@ def post_webhook(url: str, document: dict, retries: int, backoff: float, timeout
 
 def deliver(events: list[dict], cfg: MonitorConfig, run_id: str = "", sleep=time.sleep) -> list[dict]:
     """Send every event to every configured sink; returns the events with a `delivery` record each."""
-    out = []
+    out, url = [], cfg.webhook_target()
     for e in events:
         delivery = {}
         if "log" in cfg.sinks:
             (log.warning if e["status"] == "firing" else log.info)(
                 "ALERT %s %s: %s", plain(e["alert"]), e["status"].upper(), plain(e["why"]))
             delivery["log"] = "logged"
-        if "webhook" in cfg.sinks and cfg.webhook_url:
-            ok, detail = post_webhook(cfg.webhook_url, {**e, "check_run_id": run_id}, cfg.webhook_retries,
+        if "webhook" in cfg.sinks and url:
+            ok, detail = post_webhook(url, {**e, "check_run_id": run_id}, cfg.webhook_retries,
                                       cfg.webhook_backoff_seconds, cfg.webhook_timeout_seconds, sleep)
             delivery["webhook"] = detail
             if not ok:
                 log.error("alert %s %s: webhook %s undelivered: %s", plain(e["alert"]), e["status"],
-                          redact_url(cfg.webhook_url), detail)
+                          redact_url(url), detail)
         if "mlflow" in cfg.sinks and run_id:
             import mlflow
 

@@ -150,3 +150,28 @@ def test_a_webhook_url_is_a_credential_and_never_an_mlflow_param(store, tiny_mod
     logged = mlflow.MlflowClient().get_run(start_run(params)).data.params
     assert logged["monitor.webhook_url"] == "https://hooks.example.com/..."
     assert not any("s3cret" in v for v in logged.values())
+
+
+def test_the_webhook_url_may_come_from_the_environment_as_a_cluster_secret_sets_it(receiver, monkeypatch):
+    import pytest
+
+    from kftune.config import ConfigError, load_params
+    from kftune.monitor.sinks import deliver
+    from tests.conftest import ROOT
+
+    monkeypatch.delenv("KFTUNE_WEBHOOK_URL", raising=False)
+    with pytest.raises(ConfigError, match="monitor.webhook_url or in the environment's KFTUNE_WEBHOOK_URL"):
+        load_params(ROOT / "params.yaml", ["monitor.sinks=[log, webhook]"])
+    monkeypatch.setenv("KFTUNE_WEBHOOK_URL", "hooks.example.com/T0/s3cret")
+    with pytest.raises(ConfigError, match="KFTUNE_WEBHOOK_URL='hooks.example.com/T0/s3cret': the webhook sink needs"):
+        load_params(ROOT / "params.yaml", ["monitor.sinks=[log, webhook]"])
+    hook = receiver()
+    monkeypatch.setenv("KFTUNE_WEBHOOK_URL", hook.url)
+    cfg = load_params(ROOT / "params.yaml", ["monitor.sinks=[log, webhook]"]).monitor
+    delivered = deliver([{"alert": "drift", "status": "firing", "why": "p < 0.01"}], cfg)
+    assert [d["alert"] for d in hook.documents] == ["drift"] and "webhook" in delivered[0]["delivery"]
+    # a URL in params.yaml wins over the environment
+    other = receiver()
+    cfg = load_params(ROOT / "params.yaml", ["monitor.sinks=[log, webhook]", f"monitor.webhook_url={other.url}"]).monitor
+    deliver([{"alert": "drift", "status": "resolved", "why": "p = 0.4"}], cfg)
+    assert len(hook.documents) == 1 and [d["status"] for d in other.documents] == ["resolved"]
