@@ -449,8 +449,9 @@ def _broken_file(name: str, version: str) -> str:
     from safetensors import safe_open
 
     try:
-        model_id = logged_model_id(_client().get_model_version(name, version))
-        location = _client().get_logged_model(model_id).artifact_location
+        mv = _client().get_model_version(name, version)
+        model_id = logged_model_id(mv)  # else a version registered from a path: its source is the folder
+        location = _client().get_logged_model(model_id).artifact_location if model_id else mv.source
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
             for f in sorted(root.rglob("*.safetensors")) + sorted(root.rglob("config.json")):

@@ -2,6 +2,7 @@
 rollback, SIGTERM drain and the request log."""
 
 import json
+from pathlib import Path
 import signal
 import threading
 import time
@@ -292,3 +293,34 @@ def test_request_ids_are_unique_within_a_server_and_across_restarts():
     again = restarted()
     assert len(set(ids)) == len(ids) and again not in ids
     assert all(REQUEST_ID.fullmatch(i) for i in [*ids, again])
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(start_server, serve_store, tmp_path, monkeypatch):
+    """champion moves to a version whose weights are cut short: the server says so, counts it, stays ready and
+    answers from the old version; once the alias moves back it never stopped."""
+    import mlflow
+
+    from tests.conftest import use_mlflow_store
+
+    use_mlflow_store(serve_store, monkeypatch)
+    client, name = MlflowClient(), "tiny-broken"
+    good = client.get_model_version(CLASSIFIER, "1")
+    client.create_registered_model(name)
+    client.create_model_version(name, good.source, run_id=good.run_id)  # v1: the classifier's v1 files
+    files = next(Path(mlflow.artifacts.download_artifacts(f"models:/{CLASSIFIER}/1", dst_path=str(tmp_path))).rglob(
+        "model.safetensors"))
+    files.write_bytes(files.read_bytes()[: files.stat().st_size // 2])
+    client.create_model_version(name, str(files.parents[1]), run_id=good.run_id)  # v2: the same, weights cut
+    client.set_registered_model_alias(name, "champion", "1")
+    server = start_server(name, ["serve.precision=fp32"])
+    url = f"{server.url}/v1/models/{name}:predict"
+    assert requests.post(url, json={"instances": ["the lossira"]}, timeout=10).json()["model_version"] == "1"
+
+    client.set_registered_model_alias(name, "champion", "2")
+    _until(lambda: "could not load tiny-broken v2, still serving 1" in server.log(), what="the failed load")
+    answer = requests.post(url, json={"instances": ["the lossira"]}, timeout=10)
+    assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
+    metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+    assert "kftune_serve_model_load_failures_total 1.0" in metrics
+    assert "model.safetensors" in server.log() and "Traceback" not in server.log()
