@@ -288,6 +288,9 @@ def cmd_params(args) -> int:
 
     values = flatten(_params(args).to_dict())
     shipped = Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults kftune ships with
+    if args.changed and not shipped.exists():
+        raise KftuneError(f"--changed compares with kftune's own params.yaml, which is not at {shipped} (an install "
+                          f"that is not editable: `pip install -e .` from the project keeps it beside the package)")
     defaults = flatten(load_params(shipped).to_dict()) if shipped.exists() else {}
     for key, text in params_help().items():
         value = values.get(key)

@@ -1,7 +1,8 @@
 """`kftune completion bash`: a bash (and zsh, through bashcompinit) completion script made from the parser.
 
 The script holds, for every command path ("kftune", "kftune models", "kftune models list", ...), the words
-that may follow it (subcommands and options), and for each option with fixed choices those choices. An option
+that may follow it (subcommands, the values of a positional with fixed choices, options), and for each option
+with fixed choices those choices. An option
 that takes a free value (a file, a model name) falls back to the shell's file completion.
 """
 
@@ -36,21 +37,28 @@ complete -o default -F _kftune kftune
 
 
 def _walk(parser: argparse.ArgumentParser, path: str, words: dict, choices: dict) -> None:
-    own = []
+    subcommands, values, options, mine = [], [], [], {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, child in action.choices.items():
-                own.append(name)
+                subcommands.append(name)
                 _walk(child, f"{path} {name}", words, choices)
         elif action.option_strings and action.help != argparse.SUPPRESS:
-            own += action.option_strings
+            options += action.option_strings
             if action.choices:
                 for opt in action.option_strings:
-                    choices[f"{path} {opt}"] = " ".join(map(str, action.choices))
+                    mine[f" {opt}"] = " ".join(map(str, action.choices))
             elif action.nargs != 0:  # takes a free value: marked so the script leaves it to file completion
                 for opt in action.option_strings:
-                    choices[f"{path} {opt}="] = ""
-    words[path] = " ".join(dict.fromkeys(own))
+                    mine[f" {opt}="] = ""
+        elif action.choices and not values:  # the first positional with fixed values (schedule list, step ingest)
+            values = list(map(str, action.choices))
+    words[path] = " ".join(dict.fromkeys(subcommands + values + options))
+    # after such a value the same options follow: it is a path of its own (kftune schedule list --host ...)
+    for at in [path, *(f"{path} {v}" for v in values)]:
+        if at != path:
+            words[at] = " ".join(dict.fromkeys(options))
+        choices.update({at + k: v for k, v in mine.items()})
 
 
 def bash_script(parser: argparse.ArgumentParser) -> str:

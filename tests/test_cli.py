@@ -201,6 +201,15 @@ def test_params_prints_values_and_changed_only_what_differs(capsys):
     assert line.startswith("finetune.epochs") and line.endswith("(default 0)")
 
 
+def test_params_changed_outside_an_editable_install_says_why_it_cannot_compare(monkeypatch, tmp_path, capsys):
+    import kftune.cli
+
+    monkeypatch.setattr(kftune.cli, "__file__", str(tmp_path / "site-packages" / "kftune" / "cli.py"))
+    assert main(["params", "--changed", "--params", str(ROOT / "params.yaml")]) == 2
+    assert "not editable" in capsys.readouterr().err
+    assert main(["params", "--params", str(ROOT / "params.yaml")]) == 0  # listing the values still works
+
+
 def test_history_says_a_hold_moved_nothing():
     from kftune.cli import _event_versions
 
@@ -256,10 +265,13 @@ def test_bash_completion_completes_commands_actions_and_choices(capsys):
     probe = ('source /dev/stdin <<<"$KFTUNE_COMPLETION"\n'
              'c() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _kftune; echo "${COMPREPLY[*]}"; }\n'
              'c kftune mo; c kftune -v models pro; c kftune compile --pipeline ""; c kftune run --data ""; '
-             'c kftune models list --pro')
+             'c kftune models list --pro; c kftune schedule ""; c kftune schedule list --ho; c kftune step ingest --da; '
+             'c kftune completion ""')
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True,
                          env={"KFTUNE_COMPLETION": script, "PATH": os.environ["PATH"]}).stdout.splitlines()
-    assert out == ["models monitor", "promote", "training retraining monitoring batch-predict", "", "--project-dir"]
+    assert out[:5] == ["models monitor", "promote", "training retraining monitoring batch-predict", "", "--project-dir"]
+    assert out[5].startswith("start list pause resume delete -h --help --cron") and out[6:8] == ["--host", "--data"]
+    assert out[8].startswith("bash zsh -h")
 
 
 def test_pipeline_arguments_for_typed_inputs_travel_typed():
