@@ -170,10 +170,11 @@ def recorded_precisions(tags: dict) -> tuple[dict[str, dict], str]:
 
 
 def measure_and_choose(model, tokenizer, task: str, texts: list[str], cfg: ServeConfig, device: str,
-                       int8: prec.Int8Recipe) -> tuple[prec.Choice, dict, list[str]]:
-    """Measure the precisions worth trying on this device on `texts` and apply the auto rule."""
+                       int8: prec.Int8Recipe, built: dict | None = None) -> tuple[prec.Choice, dict, list[str]]:
+    """Measure the precisions worth trying on this device on `texts` and apply the auto rule (`built`: see
+    measure_precisions)."""
     todo, skipped = prec.candidates(device)
-    measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch, int8)
+    measured = prec.measure_precisions(model, tokenizer, texts, task, todo, cfg.max_batch, int8, built)
     choice = prec.choose_precision("auto", measured, cfg.min_agreement, cfg.min_speedup)
     if skipped:
         choice = prec.Choice(choice.value, f"{choice.reason}; not measured: {'; '.join(skipped)}")
@@ -280,7 +281,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
         log.warning("%s v%s: no held-out rows to measure precision on (%s)", name, version, exc)
         texts, calibration = [], []
     int8 = int8_recipe(cfg, tokenizer, calibration)
-    measured, skipped, fresh = {}, [], False
+    measured, skipped, fresh, built = {}, [], False, {}
     if setting == "auto":
         tags = mlflow.MlflowClient().get_model_version(name, version).tags
         measured, where = recorded_precisions(tags)
@@ -291,7 +292,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
                                                f"on the version)")
         elif texts:
             fresh = True
-            choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device, int8)
+            choice, measured, skipped = measure_and_choose(model, tokenizer, task, texts, cfg, device, int8, built)
         else:
             choice = prec.Choice("fp32", "serve.precision=auto, but the version has no held-out rows to measure "
                                          "agreement on: fp32")
@@ -300,8 +301,10 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
             log.warning("serve.precision=bf16 but %s: expect it to be much slower than fp32",
                         prec.bf16_native(device).reason)
         choice = prec.choose_precision(setting, {}, cfg.min_agreement)
-    served = ServedModel(name, str(version), task, labels_of(model), prec.convert(model, choice.value, int8), tokenizer,
-                         choice.value, choice.reason, measured)
+    converted = built.pop(choice.value, None) or prec.convert(model, choice.value, int8)  # measured: built already
+    built.clear()
+    served = ServedModel(name, str(version), task, labels_of(model), converted, tokenizer, choice.value, choice.reason,
+                         measured)
     warm = (texts or ["warm up"])[: cfg.max_batch]
     served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)

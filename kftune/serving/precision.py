@@ -102,7 +102,7 @@ def served_outputs(model, tokenizer, task: str, probe: list[str], batch_size: in
 
 def measure_precisions(model, tokenizer, texts: list[str], task: str = "sequence-classification",
                        precisions: list[str] = PRECISIONS, batch_size: int = 32,
-                       int8: Int8Recipe = Int8Recipe()) -> dict[str, dict]:
+                       int8: Int8Recipe = Int8Recipe(), built: dict | None = None) -> dict[str, dict]:
     """Agreement with fp32 and texts/s of each precision on `texts`, on this machine, batched as served.
 
     Args:
@@ -113,6 +113,7 @@ def measure_precisions(model, tokenizer, texts: list[str], task: str = "sequence
         precisions: which to measure; fp32 is always measured, as the reference.
         batch_size: texts per forward pass, as served.
         int8: how the int8 copy is built, as served.
+        built: if given, receives each measured copy by precision, so the one chosen need not be built again.
 
     Returns:
         {precision: {"agreement": share of texts with fp32's prediction, "texts_per_s": float,
@@ -139,6 +140,9 @@ def measure_precisions(model, tokenizer, texts: list[str], task: str = "sequence
         out[precision] = {"agreement": round(agree, 6), "texts_per_s": round(len(texts) / seconds, 1), "batching": how}
         if fallback and m.seen:
             out[precision]["fp32_share"] = round(m.recomputed / m.seen, 4)
+            m.reset_counts()
+        if built is not None:
+            built[precision] = m
         log.info("precision %s: agreement %.4f with fp32, %.1f texts/s on %d texts (%s)%s", precision, agree,
                  len(texts) / seconds, len(texts), how,
                  f", {out[precision]['fp32_share']:.1%} recomputed in fp32" if "fp32_share" in out[precision] else "")

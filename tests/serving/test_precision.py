@@ -171,3 +171,6 @@ def test_auto_at_load_measures_when_the_numbers_come_from_another_machine(serve_
         tags = MlflowClient().get_model_version(CLASSIFIER, "2").tags
     assert "as measured earlier" not in served.precision_reason and served.measured["fp32"]["agreement"] == 1
     assert tags["kftune.serve.measured_on"] == machine() and tags["kftune.serve.measured_when"] == "at load"
+    # the copy that was measured is the one served (not built a second time): it answers as measured
+    assert [a["label"] in ("negative", "positive") for a in served.predict(["gainoku said", "the lossira"], 8)] == [
+        True, True]
