@@ -453,6 +453,9 @@ class MonitorConfig:
     queue_seed: int = _doc("Seed of the labelling queue's random sample.")
     confidence_level: float = _doc("Confidence level of the live accuracy and macro-F1 intervals.")
     history: int = _doc("Checks kept in the monitor's state file for the report's time series.")
+    log_retention_days: int = _doc("Each check deletes the request log's day folders older than this many days "
+                                   "(0: keep every day). Days 2 or more days old are compacted into one file "
+                                   "either way.")
 
     def parsed_rules(self) -> list[AlertRule]:
         return parse_rules(self.rules)[0]
@@ -475,7 +478,8 @@ class MonitorConfig:
                        f"monitor.webhook_url or in the environment's {WEBHOOK_ENV}")
         out += [f"monitor.{k}={getattr(self, k)!r}: must be > 0" for k in
                 ("min_requests", "webhook_timeout_seconds", "history") if getattr(self, k) <= 0]
-        out += [f"monitor.{k}={getattr(self, k)!r}: must be >= 0" for k in ("webhook_retries", "webhook_backoff_seconds")
+        out += [f"monitor.{k}={getattr(self, k)!r}: must be >= 0" for k in ("webhook_retries", "webhook_backoff_seconds",
+                                                                           "log_retention_days")
                 if getattr(self, k) < 0]
         for k in ("queue_random_share", "queue_drift_share"):
             if not 0 <= getattr(self, k) <= 1:

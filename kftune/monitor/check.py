@@ -21,7 +21,7 @@ import pandas as pd
 
 from kftune.config import Params
 from kftune.monitor import rules as R
-from kftune.serving.request_log import _fs, read_request_log
+from kftune.serving.request_log import _fs, compact_request_log, read_request_log
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,11 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
                         "requests": v.requests, "why": v.why} for v in verdicts],
              "events": events, "live": live, "test_accuracy": test.get("accuracy"), "point": point}
     save_state(log_dir, state)  # first: the alerts went out, a failure below must not send them again
+    try:  # after the check: housekeeping never delays an alert
+        check["log"] = compact_request_log(log_dir, now_ts.timestamp(), cfg.log_retention_days)
+    except Exception as exc:  # noqa: BLE001 - the next check tries again
+        log.warning("request log %s: compaction failed (next check tries again): %s: %s", log_dir,
+                    type(exc).__name__, exc)
     try:
         _log_run(client, run_id, check, state["history"], out_dir, int(now_ts.timestamp() * 1000))
     except Exception:

@@ -55,6 +55,9 @@ def describe_check(c: dict) -> str:
         parts.append(f"live accuracy {live['accuracy']:.3f} [{live['accuracy_low']:.3f}, {live['accuracy_high']:.3f}] "
                      f"on {live['n']} random-sample labels (test {c['test_accuracy'] or 0:.3f})")
     parts += [f"ALERT {e['alert']} {e['status']}: {e['why']}" for e in c["events"]]
+    if any(c.get("log", {}).values()):
+        parts.append("request log: {compacted} day(s) compacted from {files} file(s), {deleted} day(s) past "
+                     "monitor.log_retention_days deleted".format(**c["log"]))
     return plain("\n  ".join(parts))
 
 

@@ -131,14 +131,12 @@ def logged_requests(log_dir: str, request_ids, model: str | None = None) -> dict
     """How many texts each of `request_ids` has in the request log's files (answered by `model`, if given);
     ids the log does not have are absent."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from kftune.serving.request_log import read_log_tables
 
     wanted = pa.array(sorted(set(map(str, request_ids))), pa.string())
-    fs, root = _fs(log_dir)
     found: dict[str, int] = {}
-    for f in fs.glob(f"{root}/date=*/part-*.parquet"):
-        with fs.open(f, "rb") as fh:
-            t = pq.read_table(fh, columns=["request_id", "index", "model"])
+    for t in read_log_tables(log_dir, columns=["request_id", "index", "model"]):
         mask = pc.is_in(t["request_id"], value_set=wanted)
         if model is not None:
             mask = pc.and_(mask, pc.equal(t["model"], model))

@@ -23,6 +23,12 @@ One row per text (SCHEMA):
 | probabilities | list<float64> | every class's probability, in `labels` order (empty for token classification) |
 | entities | string | token classification: JSON list of {type, text, start, end, score}; else null |
 
+Compaction (`compact_request_log`, run by each monitoring check): a day folder two or more days old is merged
+into one `compact-<day>-<digest>.parquet` whose footer lists the files it holds (SOURCES), which are then deleted.
+Readers skip any file a compacted file lists, so rows are never read twice, even while the sources outlive it
+for a moment; a reader whose file vanished under it lists the folder again. With `monitor.log_retention_days`
+> 0, day folders older than that are deleted.
+
 Writes go through a bounded queue (`max_queue` rows) drained by one thread: a request whose rows do not fit
 is dropped whole and counted (`dropped`); a request never waits. The writer masks PII (when asked) and writes
 every `flush_seconds`, or as soon as `file_rows` are waiting.
@@ -50,6 +56,8 @@ SCHEMA = pa.schema([
     ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float64())), ("entities", pa.string()),
 ])
 RECENT_IDS = 100_000  # request ids kept in memory, so feedback can name a prediction not yet in a file
+SOURCES = b"kftune.sources"  # footer key of a compacted file: JSON list of the file names it holds
+COMPACT_AFTER_DAYS = 2  # a day folder this many UTC days old is closed: no server writes there any more
 
 
 def records(request_id: str, served, texts: list[str], answers: list[dict], at: float | None = None) -> list[dict]:
@@ -175,23 +183,102 @@ class RequestLog:
             log.exception("request log: could not write %d predictions to %s", len(rows), folder)
 
 
-def read_request_log(log_dir: str, since: datetime | None = None):
-    """Every logged prediction (a DataFrame with SCHEMA's columns), oldest first; `since` keeps time >= since.
-
-    Only finished files are read (a file being written has a hidden temp name).
-    """
-    import pandas as pd
+def log_files(log_dir: str, day_from: str = "") -> tuple[object, list[str], list[str]]:
+    """(filesystem, the request log's files to read, oldest day first, the files that a compacted file already
+    holds and that are still there): part and compacted files of the days >= day_from ('YYYY-MM-DD')."""
     import pyarrow.parquet as pq
 
     fs, root = _fs(log_dir)
-    files = sorted(f for f in fs.glob(f"{root}/date=*/part-*.parquet"))
+    files = sorted(f for f in fs.glob(f"{root}/date=*/part-*.parquet") + fs.glob(f"{root}/date=*/compact-*.parquet")
+                   if f.rsplit("date=", 1)[1][:10] >= day_from)
+    held = set()
+    for f in (f for f in files if f.rsplit("/", 1)[1].startswith("compact-")):
+        with fs.open(f, "rb") as fh:
+            names = json.loads((pq.read_schema(fh).metadata or {}).get(SOURCES, b"[]"))
+        held |= {f"{f.rsplit('/', 1)[0]}/{n}" for n in names}
+    return fs, [f for f in files if f not in held], [f for f in files if f in held]
+
+
+def read_log_tables(log_dir: str, columns: list[str] | None = None, day_from: str = "") -> list:
+    """The Arrow tables of the request log's files (days >= day_from, 'YYYY-MM-DD'); listed again if a
+    compaction removes a file while it is read."""
+    import pyarrow.parquet as pq
+
+    for attempt in range(3):
+        fs, files, _ = log_files(log_dir, day_from)
+        try:
+            tables = []
+            for f in files:
+                with fs.open(f, "rb") as fh:
+                    tables.append(pq.read_table(fh, schema=SCHEMA, columns=columns))
+            return tables
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    return []
+
+
+def compact_request_log(log_dir: str, now: float, retention_days: int = 0) -> dict:
+    """Merge each closed day folder (COMPACT_AFTER_DAYS old; the day of `now`, Unix seconds, counts as 0) with
+    more than one file into one compacted file, then delete the merged files; with retention_days > 0, delete
+    the day folders older than that. Returns {"compacted": days merged, "files": files merged, "deleted": days
+    deleted}."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    today = datetime.fromtimestamp(now, tz=timezone.utc).date()
+    fs, files, merged = log_files(log_dir)
+    for f in merged:  # a compaction stopped between writing its file and deleting what it holds
+        fs.rm(f)
+    by_day: dict[str, list[str]] = {}
+    for f in files:
+        by_day.setdefault(f.rsplit("date=", 1)[1][:10], []).append(f)
+    out = {"compacted": 0, "files": 0, "deleted": 0}
+    for day, day_files in sorted(by_day.items()):
+        age = (today - datetime.strptime(day, "%Y-%m-%d").date()).days
+        folder = day_files[0].rsplit("/", 1)[0]
+        if retention_days > 0 and age > retention_days:
+            fs.rm(folder, recursive=True)
+            out["deleted"] += 1
+            continue
+        if age < COMPACT_AFTER_DAYS or len(day_files) < 2:
+            continue
+        tables = []
+        for f in day_files:
+            with fs.open(f, "rb") as fh:
+                tables.append(pq.read_table(fh, schema=SCHEMA))
+        table = pa.concat_tables(tables).sort_by([("time", "ascending"), ("request_id", "ascending"),
+                                                 ("index", "ascending")])
+        names = sorted(f.rsplit("/", 1)[1] for f in day_files)
+        # named by what it holds: two checks compacting the same files at once write the same file
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+        name = f"compact-{day}-{digest}.parquet"
+        table = table.replace_schema_metadata({SOURCES: json.dumps(names).encode()})
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            tmp = f"{folder}/.{name}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, f"{folder}/{name}")
+        else:
+            with fs.open(f"{folder}/{name}", "wb") as f:
+                pq.write_table(table, f)
+        for f in day_files:
+            fs.rm(f)
+        out["compacted"] += 1
+        out["files"] += len(day_files)
+    return out
+
+
+def read_request_log(log_dir: str, since: datetime | None = None):
+    """Every logged prediction (a DataFrame with SCHEMA's columns), oldest first; `since` keeps time >= since.
+
+    Only finished files are read (a file being written has a hidden temp name), each row once (log_files).
+    """
+    import pandas as pd
+
     if since is not None:
         since = (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-        files = [f for f in files if f.rsplit("date=", 1)[1][:10] >= f"{since:%Y-%m-%d}"]  # folders: UTC dates
-    tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh, schema=SCHEMA))
+    tables = read_log_tables(log_dir, day_from=f"{since:%Y-%m-%d}" if since is not None else "")  # UTC dates
     df = pa.concat_tables(tables).to_pandas() if tables else SCHEMA.empty_table().to_pandas()
     if since is not None:
         df = df[df["time"] >= pd.Timestamp(since)]

@@ -63,3 +63,65 @@ def test_masking_covers_entities_and_folders_follow_the_rows_utc_dates(tmp_path)
     # one minute before the replayed row, written in UTC+23:00 (already 2030-01-03 there): the row is found
     since = datetime(2030, 1, 3, 22, 29, tzinfo=timezone(timedelta(hours=23)))
     assert read_request_log(str(tmp_path / "log"), since=since)["request_id"].tolist() == ["r2"]
+
+
+DAY = 86400
+T0 = datetime(2026, 3, 1, 12, tzinfo=timezone.utc).timestamp()  # day 0 of a four-day log
+
+
+def four_days(log_dir, file_rows=3):
+    """Ten requests a day on days 0-3, written three rows per file."""
+    log = RequestLog(str(log_dir), max_queue=1000, flush_seconds=60, file_rows=file_rows)
+    answer = {"label": "pos", "probability": 0.9, "probabilities": {"neg": 0.1, "pos": 0.9}}
+    for day in range(4):
+        for i in range(10):
+            log.append(records(f"d{day}-{i}", served(), [f"text {day} {i}"], [answer], at=T0 + day * DAY + i))
+    log.close()
+
+
+def test_closed_days_are_compacted_into_one_file_and_every_row_is_read_once(tmp_path):
+    from kftune.monitor.feedback import logged_requests
+    from kftune.serving.request_log import compact_request_log
+
+    log_dir = tmp_path / "log"
+    four_days(log_dir)
+    before = read_request_log(str(log_dir))
+    parts = {p.name: p.read_bytes() for p in (log_dir / "date=2026-03-01").glob("part-*.parquet")}
+    assert len(before) == 40 and len(parts) == 4
+
+    # checked on day 3: days 0 and 1 are closed (2 and more days old), days 2 and 3 are not
+    assert compact_request_log(str(log_dir), T0 + 3 * DAY) == {"compacted": 2, "files": 8, "deleted": 0}
+    assert [len(list((log_dir / f"date=2026-03-0{d + 1}").glob("*.parquet"))) for d in range(4)] == [1, 1, 4, 4]
+    assert next((log_dir / "date=2026-03-01").glob("*.parquet")).name.startswith("compact-2026-03-01-")
+    pd.testing.assert_frame_equal(read_request_log(str(log_dir)), before)
+
+    # a compaction stopped before deleting what it merged: those files are not read twice, and go next time
+    for name, data in parts.items():
+        (log_dir / "date=2026-03-01" / name).write_bytes(data)
+    pd.testing.assert_frame_equal(read_request_log(str(log_dir)), before)
+    assert logged_requests(str(log_dir), ["d0-1", "d3-9"]) == {"d0-1": 1, "d3-9": 1}
+    assert compact_request_log(str(log_dir), T0 + 3 * DAY) == {"compacted": 0, "files": 0, "deleted": 0}
+    assert len(list((log_dir / "date=2026-03-01").glob("*.parquet"))) == 1
+
+    # a late row for a compacted day (a replay): merged with the compacted file at the next check
+    late = RequestLog(str(log_dir), max_queue=10, flush_seconds=60, file_rows=10)
+    late.append(records("late", served(), ["late text"], [{"label": "neg", "probability": 0.7,
+                                                           "probabilities": {"neg": 0.7, "pos": 0.3}}], at=T0 + 99))
+    late.close()
+    assert compact_request_log(str(log_dir), T0 + 4 * DAY) == {"compacted": 2, "files": 6, "deleted": 0}  # d0, d2
+    after = read_request_log(str(log_dir))
+    assert len(after) == 41 and after["request_id"].value_counts().max() == 1
+    assert [len(list((log_dir / f"date=2026-03-0{d + 1}").glob("*.parquet"))) for d in range(4)] == [1, 1, 1, 4]
+
+
+def test_retention_deletes_old_days_only_and_never_the_feedback(tmp_path):
+    from kftune.serving.request_log import compact_request_log
+
+    log_dir = tmp_path / "log"
+    four_days(log_dir)
+    (log_dir / "_feedback").mkdir()
+    (log_dir / "_feedback" / "part-1.parquet").write_bytes(b"kept")
+    assert compact_request_log(str(log_dir), T0 + 3 * DAY, retention_days=1) == {"compacted": 0, "files": 0,
+                                                                                 "deleted": 2}
+    assert sorted(read_request_log(str(log_dir))["request_id"].str[:2].unique()) == ["d2", "d3"]
+    assert sorted(p.name for p in log_dir.iterdir()) == ["_feedback", "date=2026-03-03", "date=2026-03-04"]

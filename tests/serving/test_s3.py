@@ -54,3 +54,26 @@ def test_request_log_and_batch_prediction_on_s3(s3, serve_store, monkeypatch):
 
     got = pd.read_parquet(io.BytesIO(body))
     assert got["text"].tolist() == subword_texts(12, seed=4)["text"].tolist() and got["model_version"].eq("1").all()
+
+
+def test_request_log_compaction_and_retention_on_s3(s3):
+    from datetime import datetime, timezone
+
+    from kftune.serving.model import ServedModel
+    from kftune.serving.request_log import compact_request_log
+
+    t0 = datetime(2026, 3, 1, 12, tzinfo=timezone.utc).timestamp()
+    served = ServedModel("m", "1", "sequence-classification", ["neg", "pos"], None, None)
+    answer = {"label": "pos", "probability": 0.7, "probabilities": {"neg": 0.3, "pos": 0.7}}
+    log = RequestLog("s3://logs/compaction", max_queue=100, flush_seconds=60, file_rows=2)
+    for day in range(3):
+        log.append(records(f"r{day}", served, ["a", "b", "c"], [answer] * 3, at=t0 + day * 86400))
+    log.close()
+    before = read_request_log("s3://logs/compaction")
+    assert compact_request_log("s3://logs/compaction", t0 + 3 * 86400, retention_days=2) == {
+        "compacted": 1, "files": 2, "deleted": 1}
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="compaction/")["Contents"])
+    assert [k.split("/")[1] for k in keys] == ["date=2026-03-02", "date=2026-03-03", "date=2026-03-03"]
+    assert keys[0].split("/")[2].startswith("compact-2026-03-02-")
+    pd.testing.assert_frame_equal(read_request_log("s3://logs/compaction"), before[before["request_id"] != "r0"]
+                                  .reset_index(drop=True))
