@@ -135,19 +135,27 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_over(prepared, pa
     assert (prepared / "ck" / "checkpoint.pt.damaged").exists() and "cannot be read" in caplog.text
 
 
-def test_two_processes_under_torchrun_train_one_model(prepared, params):
+def test_two_processes_under_torchrun_train_one_model(prepared, params, mlflow_store):
     """DDP as on a multi-GPU node, here with two gloo workers on the CPU; with a token budget that cuts only
-    the longer batches, so in some steps one process runs more passes than the other (and must not hang)."""
+    the longer batches, so in some steps one process runs more passes than the other (and must not hang).
+    Rank 0 alone logs the steps to the MLflow run, as a single process would."""
+    import mlflow
+
     from kftune.steps.finetune import launch, micro_batches
 
     lengths = pd.read_parquet(prepared / "tokenized" / "train.parquet")["input_ids"].map(len).to_numpy()
     cfg = with_changes(params.finetune, micro_batch_tokens=int(params.finetune.batch_size * np.median(lengths)))
     batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
     assert len({len(micro_batches(b, lengths, cfg.micro_batch_tokens)) for b in batches}) > 1
-    launch(str(prepared / "tokenized"), str(prepared / "ddp"), params.model.name, cfg, processes=2)
+    run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("ddp").experiment_id).info.run_id
+    launch(str(prepared / "tokenized"), str(prepared / "ddp"), params.model.name, cfg, processes=2, run_id=run_id)
     summary = read_json(prepared / "ddp" / "train_summary.json")
     assert summary["processes"] == 2 and summary["best_val_macro_f1"] > 0.9
     assert summary["steps"] == params.finetune.max_steps
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_macro_f1")
+    steps = [m.step for m in history]
+    assert steps and steps == sorted(set(steps)), "each validation logged once (rank 0), not once per process"
+    assert max(m.value for m in history) == pytest.approx(summary["best_val_macro_f1"], abs=1e-6)
     AutoModelForSequenceClassification.from_pretrained(prepared / "ddp")
 
 
