@@ -185,6 +185,13 @@ def test_pipelines_run_task_by_task_in_the_image(stack):
         assert "fine-tune" in out, out
         assert client.get_model_version_by_alias(MODEL, "champion").version == champion.version
         assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == before
+        # the task's MLflow run names the host command as its owner (KFTUNE_OWNER_PID), which closed it
+        import socket
+
+        owned = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   f"tags.`kftune.owner` = '{socket.gethostname()}:{proc.pid}'")
+        assert owned and all(r.info.status == "FAILED" and r.data.tags.get("kftune.status") == "failed"
+                             for r in owned), [(r.info.status, r.data.tags.get("kftune.owner")) for r in owned]
 
         # 3. the next run proceeds: one retraining cycle in containers
         logs.append(kftune(env, project, "retrain", "--data", str(project / "batch2.csv"), "--force"))
