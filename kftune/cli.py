@@ -97,14 +97,12 @@ def cmd_schedule(args) -> int:
     schedule.check_cron(args.cron)
     params = _params(args)
     if args.host:  # a recurring run of the retraining pipeline, and of the monitoring one with --monitor
-        monitor_cron = schedule.check_cron(args.cron if args.monitor == "same" else args.monitor) if args.monitor else ""
-        arguments = _cluster_arguments(args)
-        job = cluster.schedule_on_cluster(args.host, params, args.cron, arguments, args.experiment, args.image or "")
-        print(f"recurring run {job} (retraining): {args.cron!r}, max_concurrency=1, no catch-up")
-        if monitor_cron:
-            job = cluster.schedule_on_cluster(args.host, params, monitor_cron, {}, args.experiment, args.image or "",
-                                              which="monitoring")
-            print(f"recurring run {job} (monitoring): {monitor_cron!r}, max_concurrency=1, no catch-up")
+        runs = [("retraining", args.cron, _cluster_arguments(args))]
+        if args.monitor:
+            runs.append(("monitoring", schedule.check_cron(args.cron if args.monitor == "same" else args.monitor), {}))
+        for job, (which, cron, _) in zip(cluster.schedule_on_cluster(args.host, params, runs, args.experiment,
+                                                                     args.image or ""), runs):
+            print(f"recurring run {job} ({which}): {cron!r}, max_concurrency=1, no catch-up")
         return 0
     from kftune.local import describe_outcome, run_retraining_local
 
@@ -117,6 +115,7 @@ def cmd_schedule(args) -> int:
         from kftune.monitor.cli import monitor_job
         from kftune.tracking import configure
 
+        params.monitor.check_webhook()
         configure(args.project_dir)
         monitor_cron = args.cron if args.monitor == "same" else schedule.check_cron(args.monitor)
         tasks.insert(0, schedule.Task("monitor", monitor_cron, monitor_job(params, params.serve.log_dir,

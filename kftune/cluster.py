@@ -57,17 +57,48 @@ def compile_pipeline(params: Params, out: str | Path, which: str = "training", i
 
 
 def pipeline_arguments(package: str | Path, arguments: dict, git_commit: str = "") -> dict:
-    """`arguments` checked against the compiled pipeline's inputs (one clear error for an unknown name),
-    plus git_commit where the pipeline takes it."""
+    """`arguments` checked against the compiled pipeline's inputs and typed as they are (KFP refuses "1" for a
+    number), plus git_commit where the pipeline takes it. One clear error for an unknown name, a value of the
+    wrong type, a required input left out, or a request log or input file on this machine's disk."""
     import yaml
 
     spec = next(yaml.safe_load_all(Path(package).read_text()))
-    inputs = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    name, inputs = spec["pipelineInfo"]["name"], spec["root"].get("inputDefinitions", {}).get("parameters", {})
     unknown = sorted(set(arguments) - set(inputs))
     if unknown:
-        raise ClusterError(f"{spec['pipelineInfo']['name']} has no input {', '.join(unknown)} "
-                           f"(its inputs: {', '.join(sorted(inputs))})")
-    return {**({"git_commit": git_commit} if "git_commit" in inputs and git_commit else {}), **arguments}
+        raise ClusterError(f"{name} has no input {', '.join(unknown)} (its inputs: {', '.join(sorted(inputs))})")
+    out = {**({"git_commit": git_commit} if "git_commit" in inputs and git_commit else {}),
+           **{k: _typed(name, k, v, inputs[k]["parameterType"]) for k, v in arguments.items()}}
+    missing = [k for k, d in sorted(inputs.items()) if k not in out and "defaultValue" not in d and not d.get("isOptional")]
+    if missing:
+        raise ClusterError(f"{name} needs {' '.join(f'-p {k}=...' for k in missing)}")
+    for key in ("log_dir", "input_path"):  # read by a pod: a path on this machine means nothing there
+        value = str(out.get(key, inputs.get(key, {}).get("defaultValue", "")))
+        if key in inputs and value and "://" not in value:
+            raise ClusterError(f"{name}: {key}={value!r} is a path on this machine; a pod reads an s3:// prefix (the "
+                               f"InferenceService writes its request log there): -p {key}=s3://..."
+                               + (" or -S serve.log_dir=s3://..." if key == "log_dir" else ""))
+    return out
+
+
+def _typed(pipeline: str, key: str, value, kind: str):
+    """A -p value as the input's KFP type."""
+    if not isinstance(value, str) or kind == "STRING":
+        return value
+    try:
+        if kind == "NUMBER_INTEGER":
+            return int(value)
+        if kind == "NUMBER_DOUBLE":
+            return float(value)
+        if kind == "BOOLEAN":
+            return {"true": True, "false": False}[value.lower()]
+        if kind in ("STRUCT", "LIST"):
+            import json
+
+            return json.loads(value)
+    except (ValueError, KeyError):
+        raise ClusterError(f"-p {key}={value}: {pipeline}'s input {key} is of type {kind}") from None
+    return value
 
 
 @contextlib.contextmanager
@@ -117,26 +148,27 @@ def kfp_cron(cron: str) -> str:
     return f"0 {check_cron(cron)}"
 
 
-def schedule_on_cluster(host: str, params: Params, cron: str, arguments: dict[str, str],
-                        experiment: str = "kftune", image_tag: str = "", which: str = "retraining") -> str:
-    """Create a KFP recurring run of the retraining (or monitoring) pipeline: max_concurrency=1, no catch-up.
-    Returns its id."""
-    client, name = kfp_client(host), f"kftune-{which}-{params.register.model_name}"
-    existing = [r for r in manage_on_cluster(host, "list") if r["name"] == name]
-    if existing:  # two would overlap: two challengers per fire time, or each alert sent twice
-        raise ClusterError(f"{host} already has the recurring run {name} (id {existing[0]['id']}, "
-                           f"{existing[0]['status']}); `kftune schedule delete {existing[0]['id']} --host {host}` "
+def schedule_on_cluster(host: str, params: Params, runs: list[tuple[str, str, dict]], experiment: str = "kftune",
+                        image_tag: str = "") -> list[str]:
+    """Create a KFP recurring run per (pipeline, cron, arguments) in `runs` (retraining, monitoring):
+    max_concurrency=1, no catch-up. All are checked (no run of that name yet, arguments valid) before any is
+    created. Returns their ids."""
+    client = kfp_client(host)
+    names = [f"kftune-{which}-{params.register.model_name}" for which, _, _ in runs]
+    for existing in (r for r in manage_on_cluster(host, "list") if r["name"] in names):
+        # two would overlap: two challengers per fire time, or each alert sent twice
+        raise ClusterError(f"{host} already has the recurring run {existing['name']} (id {existing['id']}, "
+                           f"{existing['status']}); `kftune schedule delete {existing['id']} --host {host}` "
                            f"first to replace it")
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(params, Path(tmp) / "pipeline.yaml", which, image_tag)
-        arguments = pipeline_arguments(package, arguments)
+        packages = [compile_pipeline(params, Path(tmp) / f"{which}.yaml", which, image_tag) for which, _, _ in runs]
+        arguments = [pipeline_arguments(p, a) for p, (_, _, a) in zip(packages, runs)]
         with _api(host, "creating the recurring run"):
             exp = client.create_experiment(experiment)  # returns the existing one if there is one
-            job = client.create_recurring_run(
-                experiment_id=exp.experiment_id, job_name=name,
-                cron_expression=kfp_cron(cron), max_concurrency=1, no_catchup=True, params=arguments,
-                pipeline_package_path=str(package))
-    return job.recurring_run_id
+            return [client.create_recurring_run(
+                experiment_id=exp.experiment_id, job_name=name, cron_expression=kfp_cron(cron), max_concurrency=1,
+                no_catchup=True, params=args, pipeline_package_path=str(package)).recurring_run_id
+                for name, (_, cron, _), package, args in zip(names, runs, packages, arguments)]
 
 
 def manage_on_cluster(host: str, action: str, recurring_run_id: str = "") -> list[dict]:

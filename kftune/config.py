@@ -464,18 +464,22 @@ class MonitorConfig:
         """The webhook URL: monitor.webhook_url, else the environment's KFTUNE_WEBHOOK_URL ('' if neither)."""
         import os
 
-        return self.webhook_url or os.environ.get(WEBHOOK_ENV, "")
+        return self.webhook_url or os.environ.get(WEBHOOK_ENV, "").strip()
+
+    def check_webhook(self) -> None:
+        """Where alerts are sent (not at load: a cluster task without the Secret reads these params too): the
+        webhook sink needs an http(s) URL from monitor.webhook_url or KFTUNE_WEBHOOK_URL."""
+        if "webhook" in self.sinks and not self.webhook_target().startswith(("http://", "https://")):
+            where = "is not an http(s) URL" if self.webhook_target() else "is not set"
+            raise ConfigError(f"monitor.sinks has webhook, but monitor.webhook_url is empty and {WEBHOOK_ENV} {where} "
+                              f"(on a cluster: the key {WEBHOOK_ENV} of the Secret cluster.webhook_secret)")
 
     def problems(self) -> list[str]:
         out = parse_rules(self.rules)[1]
         out += [f"monitor.sinks: unknown sink {s!r} (known: {', '.join(ALERT_SINKS)})" for s in self.sinks
                 if s not in ALERT_SINKS]
-        if "webhook" in self.sinks and not self.webhook_target().startswith(("http://", "https://")):
-            from kftune.tracking import redact_url
-
-            where = "monitor.webhook_url" if self.webhook_url else WEBHOOK_ENV
-            out.append(f"{where}={redact_url(self.webhook_target())!r}: the webhook sink needs an http(s) URL in "
-                       f"monitor.webhook_url or in the environment's {WEBHOOK_ENV}")
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            out.append("monitor.webhook_url: not an http(s) URL (the value is a credential: not shown)")
         out += [f"monitor.{k}={getattr(self, k)!r}: must be > 0" for k in
                 ("min_requests", "webhook_timeout_seconds", "history") if getattr(self, k) <= 0]
         out += [f"monitor.{k}={getattr(self, k)!r}: must be >= 0" for k in ("webhook_retries", "webhook_backoff_seconds",

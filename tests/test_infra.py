@@ -131,12 +131,27 @@ def test_run_arguments_are_checked_against_the_pipeline_inputs(tmp_path):
 
     params = load_params(ROOT / "params.yaml")
     training = compile_pipeline(params, tmp_path / "t.yaml", "training")
-    assert pipeline_arguments(training, {"epochs": 1}, "abc123") == {"git_commit": "abc123", "epochs": 1}
+    data = {"data_path": "s3://b/batches"}
+    assert pipeline_arguments(training, {"epochs": 1, **data}, "abc123") == {"git_commit": "abc123", "epochs": 1,
+                                                                             **data}
+    assert pipeline_arguments(training, {"epochs": "2", "learning_rate": "3e-5", "require_approval": "true",
+                                         **data}) == {"epochs": 2, "learning_rate": 3e-5, "require_approval": True,
+                                                      **data}
+    with pytest.raises(ClusterError, match=r"kftune-training needs -p data_path=\.\.\."):
+        pipeline_arguments(training, {})
+    with pytest.raises(ClusterError, match="-p epochs=two: kftune-training's input epochs is of type NUMBER_INTEGER"):
+        pipeline_arguments(training, {"epochs": "two"})
     monitoring = compile_pipeline(params, tmp_path / "m.yaml", "monitoring")
-    assert pipeline_arguments(monitoring, {"log_dir": "s3://b/log"}, "abc123") == {"log_dir": "s3://b/log"}
+    assert pipeline_arguments(monitoring, {"log_dir": "s3://b/log", "now": "17"}, "abc123") == {
+        "log_dir": "s3://b/log", "now": 17.0}
     with pytest.raises(ClusterError, match=r"kftune-monitoring has no input epochs \(its inputs: log_dir, now, "
                                            r"params\)"):
         pipeline_arguments(monitoring, {"epochs": 1})
+    with pytest.raises(ClusterError, match="log_dir='request-log' is a path on this machine; a pod reads an s3://"):
+        pipeline_arguments(monitoring, {})  # serve.log_dir's default: a folder beside `kftune serve`
+    batch = compile_pipeline(params, tmp_path / "b.yaml", "batch-predict")
+    with pytest.raises(ClusterError, match=r"kftune-batch-predict needs -p input_path=\.\.\."):
+        pipeline_arguments(batch, {})
 
 
 def test_local_pipeline_has_no_cluster_settings(tmp_path):

@@ -112,6 +112,7 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
     from kftune.tracking import experiment_id
 
     cfg, name = params.monitor, params.register.model_name
+    cfg.check_webhook()  # before the check: its alerts must have somewhere to go
     now_ts = pd.Timestamp(now if now is not None else time.time(), unit="s", tz="UTC")
     state = load_state(log_dir)
     version = registry.version_by_alias(name, registry.CHAMPION)

@@ -20,6 +20,7 @@ def _setup(args):
     from kftune.tracking import configure
 
     params = load_params(args.params, args.set or [])
+    params.monitor.check_webhook()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configure(args.project_dir)
     log_dir = args.log_dir or params.serve.log_dir
