@@ -20,7 +20,6 @@ def _setup(args):
     from kftune.tracking import configure
 
     params = load_params(args.params, args.set or [])
-    params.monitor.check_webhook()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configure(args.project_dir)
     log_dir = args.log_dir or params.serve.log_dir
@@ -77,6 +76,7 @@ def monitor_job(params, log_dir: str, project_dir: str | Path, now: float | None
 
 def cmd_monitor(args) -> int:
     params, log_dir = _setup(args)
+    params.monitor.check_webhook()  # at once, not at the first fire time
     job = monitor_job(params, log_dir, args.project_dir, _time(args.now), args.out)
     if not args.cron:
         job()
