@@ -454,8 +454,8 @@ class MonitorConfig:
     confidence_level: float = _doc("Confidence level of the live accuracy and macro-F1 intervals.")
     history: int = _doc("Checks kept in the monitor's state file for the report's time series.")
     log_retention_days: int = _doc("Each check deletes the request log's day folders older than this many days "
-                                   "(0: keep every day). Days 2 or more days old are compacted into one file "
-                                   "either way.")
+                                   "(0: keep every day; no shorter than the longest rule window). Days 2 or more "
+                                   "days old are compacted into one file either way.")
 
     def parsed_rules(self) -> list[AlertRule]:
         return parse_rules(self.rules)[0]
@@ -475,7 +475,11 @@ class MonitorConfig:
                               f"(on a cluster: the key {WEBHOOK_ENV} of the Secret cluster.webhook_secret)")
 
     def problems(self) -> list[str]:
-        out = parse_rules(self.rules)[1]
+        rules, out = parse_rules(self.rules)
+        longest = max((r.window for r in rules), default=0)
+        if 0 < self.log_retention_days * 86400 < longest:
+            out.append(f"monitor.log_retention_days={self.log_retention_days}: shorter than the longest rule window "
+                       f"({longest / 86400:g} days), which would judge part of its window")
         out += [f"monitor.sinks: unknown sink {s!r} (known: {', '.join(ALERT_SINKS)})" for s in self.sinks
                 if s not in ALERT_SINKS]
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):

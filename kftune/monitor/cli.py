@@ -58,6 +58,7 @@ def describe_check(c: dict) -> str:
     if any(c.get("log", {}).values()):
         parts.append("request log: {compacted} day(s) compacted from {files} file(s), {deleted} day(s) past "
                      "monitor.log_retention_days deleted".format(**c["log"]))
+        parts += [f"request log: day {why} (left as it was; the next check tries again)" for why in c["log"]["failed"]]
     return plain("\n  ".join(parts))
 
 

@@ -90,7 +90,7 @@ class RequestLog:
         self.log_dir, self.max_queue, self.flush_seconds, self.file_rows = log_dir, max_queue, flush_seconds, file_rows
         self.mask = mask
         self.fs, self.root = _fs(log_dir)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = _is_local(self.fs)
         # one list of rows per request, handed over under the lock; the writer wakes every flush_seconds, or
         # once file_rows are waiting (not per request: a wake-up per request cost the forward passes ~10%)
         self._pending: list[list[dict]] = []
@@ -185,17 +185,29 @@ class RequestLog:
 
 def log_files(log_dir: str, day_from: str = "") -> tuple[object, list[str], list[str]]:
     """(filesystem, the request log's files to read, oldest day first, the files that a compacted file already
-    holds and that are still there): part and compacted files of the days >= day_from ('YYYY-MM-DD')."""
+    holds and that are still there): part and compacted files of the days >= day_from ('YYYY-MM-DD').
+
+    A compacted file holds what its footer lists (SOURCES) and, when two compactions of a day ran at once, a
+    compacted file whose list is part of its own."""
     import pyarrow.parquet as pq
 
     fs, root = _fs(log_dir)
+    fs.invalidate_cache()  # s3fs keeps listings for a process's life: other processes' files would be missed
     files = sorted(f for f in fs.glob(f"{root}/date=*/part-*.parquet") + fs.glob(f"{root}/date=*/compact-*.parquet")
                    if f.rsplit("date=", 1)[1][:10] >= day_from)
+    folders: dict[str, list[str]] = {}
+    for f in files:
+        folders.setdefault(f.rsplit("/", 1)[0], []).append(f)
     held = set()
-    for f in (f for f in files if f.rsplit("/", 1)[1].startswith("compact-")):
-        with fs.open(f, "rb") as fh:
-            names = json.loads((pq.read_schema(fh).metadata or {}).get(SOURCES, b"[]"))
-        held |= {f"{f.rsplit('/', 1)[0]}/{n}" for n in names}
+    for folder, group in folders.items():
+        if len(group) < 2:  # a file alone holds nothing that is still there
+            continue
+        sources = {}
+        for f in (f for f in group if f.rsplit("/", 1)[1].startswith("compact-")):
+            with fs.open(f, "rb") as fh:
+                sources[f] = {f"{folder}/{n}" for n in json.loads((pq.read_schema(fh).metadata or {}).get(SOURCES, b"[]"))}
+        for f, names in sources.items():
+            held |= names | {g for g, other in sources.items() if other < names}
     return fs, [f for f in files if f not in held], [f for f in files if f in held]
 
 
@@ -205,8 +217,8 @@ def read_log_tables(log_dir: str, columns: list[str] | None = None, day_from: st
     import pyarrow.parquet as pq
 
     for attempt in range(3):
-        fs, files, _ = log_files(log_dir, day_from)
         try:
+            fs, files, _ = log_files(log_dir, day_from)
             tables = []
             for f in files:
                 with fs.open(f, "rb") as fh:
@@ -218,55 +230,72 @@ def read_log_tables(log_dir: str, columns: list[str] | None = None, day_from: st
     return []
 
 
-def compact_request_log(log_dir: str, now: float, retention_days: int = 0) -> dict:
-    """Merge each closed day folder (COMPACT_AFTER_DAYS old; the day of `now`, Unix seconds, counts as 0) with
-    more than one file into one compacted file, then delete the merged files; with retention_days > 0, delete
-    the day folders older than that. Returns {"compacted": days merged, "files": files merged, "deleted": days
-    deleted}."""
+def write_compacted(fs, folder: str, day: str, files: list[str]) -> str:
+    """Write the rows of `files` (one day folder's) as one compacted file listing them in its footer, streamed
+    file by file; return its name. Named by what it holds: two compactions of the same files write one file."""
     import hashlib
+    import uuid
 
     import pyarrow.parquet as pq
 
-    today = datetime.fromtimestamp(now, tz=timezone.utc).date()
+    names = sorted(f.rsplit("/", 1)[1] for f in files)
+    name = f"compact-{day}-{hashlib.sha256(chr(10).join(names).encode()).hexdigest()[:16]}.parquet"
+    local = _is_local(fs)
+    target = f"{folder}/.{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp" if local else f"{folder}/{name}"
+    with fs.open(target, "wb") as out, pq.ParquetWriter(out, SCHEMA.with_metadata(
+            {SOURCES: json.dumps(names).encode()})) as writer:
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                writer.write_table(pq.read_table(fh, schema=SCHEMA))
+    if local:
+        os.replace(target, f"{folder}/{name}")
+    return name
+
+
+def compact_request_log(log_dir: str, now: float, retention_days: int = 0) -> dict:
+    """Merge each closed day folder (COMPACT_AFTER_DAYS old) with more than one file into one compacted file, then
+    delete the merged files; with retention_days > 0, delete the day folders older than that. Ages count from
+    the earlier of `now` (Unix seconds: a replay's clock) and the real clock, so a clock in the future deletes
+    nothing. Returns {"compacted": days merged, "files": files merged, "deleted": days deleted, "failed": [day:
+    why]}; a day that fails is left as it was."""
+    today = datetime.fromtimestamp(min(now, time.time()), tz=timezone.utc).date()
     fs, files, merged = log_files(log_dir)
     for f in merged:  # a compaction stopped between writing its file and deleting what it holds
-        fs.rm(f)
+        _remove(fs, f)
     by_day: dict[str, list[str]] = {}
     for f in files:
         by_day.setdefault(f.rsplit("date=", 1)[1][:10], []).append(f)
-    out = {"compacted": 0, "files": 0, "deleted": 0}
+    out = {"compacted": 0, "files": 0, "deleted": 0, "failed": []}
     for day, day_files in sorted(by_day.items()):
-        age = (today - datetime.strptime(day, "%Y-%m-%d").date()).days
+        try:
+            age = (today - datetime.strptime(day, "%Y-%m-%d").date()).days
+        except ValueError:  # not a folder the log writes
+            continue
         folder = day_files[0].rsplit("/", 1)[0]
-        if retention_days > 0 and age > retention_days:
-            fs.rm(folder, recursive=True)
-            out["deleted"] += 1
-            continue
-        if age < COMPACT_AFTER_DAYS or len(day_files) < 2:
-            continue
-        tables = []
-        for f in day_files:
-            with fs.open(f, "rb") as fh:
-                tables.append(pq.read_table(fh, schema=SCHEMA))
-        table = pa.concat_tables(tables).sort_by([("time", "ascending"), ("request_id", "ascending"),
-                                                 ("index", "ascending")])
-        names = sorted(f.rsplit("/", 1)[1] for f in day_files)
-        # named by what it holds: two checks compacting the same files at once write the same file
-        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-        name = f"compact-{day}-{digest}.parquet"
-        table = table.replace_schema_metadata({SOURCES: json.dumps(names).encode()})
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            tmp = f"{folder}/.{name}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, f"{folder}/{name}")
-        else:
-            with fs.open(f"{folder}/{name}", "wb") as f:
-                pq.write_table(table, f)
-        for f in day_files:
-            fs.rm(f)
-        out["compacted"] += 1
-        out["files"] += len(day_files)
+        try:
+            if retention_days > 0 and age > retention_days:
+                fs.rm(folder, recursive=True)
+                out["deleted"] += 1
+            elif age >= COMPACT_AFTER_DAYS and len(day_files) > 1:
+                write_compacted(fs, folder, day, day_files)
+                for f in day_files:
+                    _remove(fs, f)
+                out["compacted"] += 1
+                out["files"] += len(day_files)
+        except Exception as exc:  # noqa: BLE001 - one bad day must not stop the others; the next check retries
+            out["failed"].append(f"{day}: {type(exc).__name__}: {exc}")
     return out
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _remove(fs, path: str) -> None:
+    try:
+        fs.rm(path)
+    except FileNotFoundError:  # another compaction removed it first
+        pass
 
 
 def read_request_log(log_dir: str, since: datetime | None = None):

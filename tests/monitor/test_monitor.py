@@ -183,16 +183,21 @@ def test_the_webhook_url_may_come_from_the_environment_as_a_cluster_secret_sets_
 
 
 def test_a_check_compacts_closed_days_and_applies_the_retention(store, tiny_model, tmp_path):
+    import pytest
+
+    from kftune.config import ConfigError
     from kftune.serving.request_log import read_request_log
 
     log_dir = tmp_path / "log"
     write_traffic(log_dir, START, [0.3], per_hour=60)  # one hour, one file
     write_traffic(log_dir, START + 1800, [0.3], per_hour=60, seed=1)  # a second file of the same day
     check = monitor_once(str(log_dir), monitor_params(tiny_model, f"monitor.rules={SURGE}"), now=START + 3 * 86400)
-    assert check["log"] == {"compacted": 1, "files": 2, "deleted": 0} and len(read_request_log(str(log_dir))) == 120
+    assert check["log"] == {"compacted": 1, "files": 2, "deleted": 0, "failed": []} and len(read_request_log(str(log_dir))) == 120
     from kftune.monitor.cli import describe_check
 
     assert "request log: 1 day(s) compacted from 2 file(s), 0 day(s)" in describe_check(check)
+    with pytest.raises(ConfigError, match="monitor.log_retention_days=2: shorter than the longest rule window .7 days"):
+        monitor_params(tiny_model, "monitor.log_retention_days=2")  # the default rules judge 7 days of labels
     params = monitor_params(tiny_model, f"monitor.rules={SURGE}", "monitor.log_retention_days=2")
     assert monitor_once(str(log_dir), params, now=START + 3 * 86400)["log"]["deleted"] == 1
     assert len(read_request_log(str(log_dir))) == 0

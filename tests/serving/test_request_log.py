@@ -90,7 +90,8 @@ def test_closed_days_are_compacted_into_one_file_and_every_row_is_read_once(tmp_
     assert len(before) == 40 and len(parts) == 4
 
     # checked on day 3: days 0 and 1 are closed (2 and more days old), days 2 and 3 are not
-    assert compact_request_log(str(log_dir), T0 + 3 * DAY) == {"compacted": 2, "files": 8, "deleted": 0}
+    assert compact_request_log(str(log_dir), T0 + 3 * DAY) == {"compacted": 2, "files": 8, "deleted": 0,
+                                                                "failed": []}
     assert [len(list((log_dir / f"date=2026-03-0{d + 1}").glob("*.parquet"))) for d in range(4)] == [1, 1, 4, 4]
     assert next((log_dir / "date=2026-03-01").glob("*.parquet")).name.startswith("compact-2026-03-01-")
     pd.testing.assert_frame_equal(read_request_log(str(log_dir)), before)
@@ -100,7 +101,8 @@ def test_closed_days_are_compacted_into_one_file_and_every_row_is_read_once(tmp_
         (log_dir / "date=2026-03-01" / name).write_bytes(data)
     pd.testing.assert_frame_equal(read_request_log(str(log_dir)), before)
     assert logged_requests(str(log_dir), ["d0-1", "d3-9"]) == {"d0-1": 1, "d3-9": 1}
-    assert compact_request_log(str(log_dir), T0 + 3 * DAY) == {"compacted": 0, "files": 0, "deleted": 0}
+    assert compact_request_log(str(log_dir), T0 + 3 * DAY) == {"compacted": 0, "files": 0, "deleted": 0,
+                                                                "failed": []}
     assert len(list((log_dir / "date=2026-03-01").glob("*.parquet"))) == 1
 
     # a late row for a compacted day (a replay): merged with the compacted file at the next check
@@ -108,7 +110,8 @@ def test_closed_days_are_compacted_into_one_file_and_every_row_is_read_once(tmp_
     late.append(records("late", served(), ["late text"], [{"label": "neg", "probability": 0.7,
                                                            "probabilities": {"neg": 0.7, "pos": 0.3}}], at=T0 + 99))
     late.close()
-    assert compact_request_log(str(log_dir), T0 + 4 * DAY) == {"compacted": 2, "files": 6, "deleted": 0}  # d0, d2
+    assert compact_request_log(str(log_dir), T0 + 4 * DAY) == {"compacted": 2, "files": 6, "deleted": 0,
+                                                                "failed": []}  # days 0 and 2
     after = read_request_log(str(log_dir))
     assert len(after) == 41 and after["request_id"].value_counts().max() == 1
     assert [len(list((log_dir / f"date=2026-03-0{d + 1}").glob("*.parquet"))) for d in range(4)] == [1, 1, 1, 4]
@@ -122,6 +125,42 @@ def test_retention_deletes_old_days_only_and_never_the_feedback(tmp_path):
     (log_dir / "_feedback").mkdir()
     (log_dir / "_feedback" / "part-1.parquet").write_bytes(b"kept")
     assert compact_request_log(str(log_dir), T0 + 3 * DAY, retention_days=1) == {"compacted": 0, "files": 0,
-                                                                                 "deleted": 2}
+                                                                                 "deleted": 2, "failed": []}
     assert sorted(read_request_log(str(log_dir))["request_id"].str[:2].unique()) == ["d2", "d3"]
     assert sorted(p.name for p in log_dir.iterdir()) == ["_feedback", "date=2026-03-03", "date=2026-03-04"]
+
+
+def test_two_compactions_of_one_day_at_once_never_double_a_row(tmp_path):
+    """One check merged parts 1-2 while another, which also saw part 3, merged 1-3; neither deleted yet."""
+    import fsspec
+
+    from kftune.serving.request_log import compact_request_log, write_compacted
+
+    log_dir = tmp_path / "log"
+    four_days(log_dir)
+    before = read_request_log(str(log_dir))
+    folder = log_dir / "date=2026-03-01"
+    parts = sorted(str(p) for p in folder.glob("part-*.parquet"))
+    fs = fsspec.filesystem("file")
+    first, second = write_compacted(fs, str(folder), "2026-03-01", parts[:2]), \
+        write_compacted(fs, str(folder), "2026-03-01", parts[:3])
+    assert first != second and write_compacted(fs, str(folder), "2026-03-01", parts[:2]) == first
+    assert not list(folder.glob(".*")), "no temporary file left"
+    pd.testing.assert_frame_equal(read_request_log(str(log_dir)), before)
+    compact_request_log(str(log_dir), T0 + 3 * DAY)
+    assert [p.name for p in folder.iterdir()] == [next(folder.glob("compact-*")).name]
+    pd.testing.assert_frame_equal(read_request_log(str(log_dir)), before)
+
+
+def test_a_clock_in_the_future_deletes_and_compacts_nothing_new(tmp_path):
+    from kftune.serving.request_log import compact_request_log
+
+    log_dir = tmp_path / "log"
+    now = datetime.now(timezone.utc).timestamp()
+    log = RequestLog(str(log_dir), max_queue=10, flush_seconds=60, file_rows=1)
+    answer = {"label": "pos", "probability": 0.9, "probabilities": {"neg": 0.1, "pos": 0.9}}
+    log.append(records("today", served(), ["a", "b"], [answer] * 2, at=now))
+    log.close()
+    assert compact_request_log(str(log_dir), now + 30 * DAY, retention_days=7) == {
+        "compacted": 0, "files": 0, "deleted": 0, "failed": []}  # e.g. `kftune monitor --now` a month ahead
+    assert len(read_request_log(str(log_dir))) == 2

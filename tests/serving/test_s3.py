@@ -1,6 +1,7 @@
 """S3 (moto's server on 127.0.0.1, the endpoint-URL code path MinIO uses): the request log and batch prediction."""
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from kftune.config import load_params
@@ -71,9 +72,34 @@ def test_request_log_compaction_and_retention_on_s3(s3):
     log.close()
     before = read_request_log("s3://logs/compaction")
     assert compact_request_log("s3://logs/compaction", t0 + 3 * 86400, retention_days=2) == {
-        "compacted": 1, "files": 2, "deleted": 1}
+        "compacted": 1, "files": 2, "deleted": 1, "failed": []}
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="compaction/")["Contents"])
     assert [k.split("/")[1] for k in keys] == ["date=2026-03-02", "date=2026-03-03", "date=2026-03-03"]
     assert keys[0].split("/")[2].startswith("compact-2026-03-02-")
     pd.testing.assert_frame_equal(read_request_log("s3://logs/compaction"), before[before["request_id"] != "r0"]
                                   .reset_index(drop=True))
+
+
+def test_a_reader_sees_files_other_processes_wrote_after_its_first_read(s3):
+    """s3fs keeps a folder's listing for the life of the process unless told otherwise."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from kftune.serving.model import ServedModel
+    from kftune.serving.request_log import SCHEMA
+
+    served = ServedModel("m", "1", "sequence-classification", ["neg", "pos"], None, None)
+    answer = {"label": "pos", "probability": 0.7, "probabilities": {"neg": 0.3, "pos": 0.7}}
+    log = RequestLog("s3://logs/shared", max_queue=100, flush_seconds=60, file_rows=10)
+    log.append(records("mine", served, ["a"], [answer]))
+    log.close()
+    first = read_request_log("s3://logs/shared")
+    folder = s3.list_objects_v2(Bucket="logs", Prefix="shared/")["Contents"][0]["Key"].rsplit("/", 1)[0]
+    other = pa.table({c: [r[c] for r in records("theirs", served, ["b"], [answer])] for c in SCHEMA.names},
+                     schema=SCHEMA)
+    body = io.BytesIO()
+    pq.write_table(other, body)
+    s3.put_object(Bucket="logs", Key=f"{folder}/part-99999999T999999999999-1-00000.parquet", Body=body.getvalue())
+    assert first["request_id"].tolist() == ["mine"]
+    assert sorted(read_request_log("s3://logs/shared")["request_id"]) == ["mine", "theirs"]
