@@ -81,9 +81,7 @@ def _tagged(source: str, params: Params, labels: list[str], model_label: str):
 def score_sentences(model, tokenizer, source: str, params: Params, model_label: str, train: str | None = None) -> dict:
     """Token classification metrics of `model` (and, given `train`, of the memorisation baseline) on every
     tagged sentence of `source`."""
-    from sklearn.metrics import confusion_matrix
-
-    from kftune.metrics import entity_metrics
+    from kftune.metrics import entity_metrics, label_confusion
     from kftune.ner import Sentence, memorization_baseline
     from kftune.predict import labels_of, word_predictions
 
@@ -94,7 +92,7 @@ def score_sentences(model, tokenizer, source: str, params: Params, model_label: 
     per_type = metrics["per_type"]
     metrics["macro_entity_f1"] = sum(c["f1"] for c in per_type.values()) / len(per_type) if per_type else 0.0
     flat_gold, flat_pred = [t for s in gold for t in s], [t for s in pred for t in s]
-    metrics["confusion_matrix"] = confusion_matrix(flat_gold, flat_pred, labels=labels).tolist()
+    metrics["confusion_matrix"] = label_confusion(flat_gold, flat_pred, labels)
     out = {"task": "token-classification", "labels": labels, "rows": len(gold), "words": len(flat_gold),
            "bio_repairs": repairs, "primary": "entity_f1", "metrics": metrics}
     if train:

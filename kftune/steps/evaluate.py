@@ -11,7 +11,7 @@ import pandas as pd
 from kftune.config import EvaluateConfig
 from kftune.console import markdown_cell
 from kftune.fileio import atomic_dir, write_csv, write_json
-from kftune.metrics import classification_metrics, entity_metrics
+from kftune.metrics import classification_metrics, entity_metrics, label_confusion
 from kftune.predict import labels_of, predict_proba_with
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,6 @@ def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Pa
     """Token classification: entity-level P/R/F1 (seqeval, strict IOB2) overall and per type, token
     accuracy, for the model and for the memorisation baseline (each word's most frequent training tag);
     the model's also on the frozen `historical` test sentences when retraining."""
-    from sklearn.metrics import confusion_matrix
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     from kftune.ner import Sentence, memorization_baseline
@@ -235,7 +234,7 @@ def evaluate_tokens(train: pd.DataFrame, test: pd.DataFrame, model_dir: str | Pa
     words = pd.DataFrame([(i, w, g, p) for i, (ws, gs, ps) in enumerate(zip(tokens, gold, pred))
                           for w, g, p in zip(ws, gs, ps)], columns=["sentence", "word", "label", "predicted"])
     tags = metrics["labels"]
-    matrix = confusion_matrix(words["label"], words["predicted"], labels=tags).tolist()
+    matrix = label_confusion(words["label"], words["predicted"], tags)
     with atomic_dir(out_dir) as tmp:
         _write_metrics(tmp, metrics)
         pd.DataFrame({"tokens": tokens, "tags": gold, "predicted": pred}).to_json(

@@ -81,3 +81,24 @@ def test_macro_f1_averages_the_labels_in_truth_or_prediction_only():
     m = classification_metrics(y, np.eye(3)[y], ["negative", "neutral", "positive"], 10)
     assert m["macro_f1"] == 1.0 and m["per_class"]["neutral"]["support"] == 0
     assert macro_f1(y, np.array([0, 1, 2, 2]), 3) == pytest.approx((2 / 3 + 0 + 1) / 3), "a predicted label counts"
+
+
+def test_metrics_agree_with_sklearn():
+    import numpy as np
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from kftune.metrics import classification_metrics, label_confusion, macro_f1
+
+    rng = np.random.default_rng(0)
+    for n, true_labels, predicted_labels in ((4, 3, 4), (5, 2, 3), (3, 3, 1)):  # some labels in neither
+        y, pred = rng.integers(0, true_labels, 300), rng.integers(0, predicted_labels, 300)
+        seen = sorted(set(y) | set(pred))
+        assert macro_f1(y, pred, n) == pytest.approx(f1_score(y, pred, average="macro", labels=seen, zero_division=0))
+        m = classification_metrics(y, np.eye(n)[pred], [f"l{i}" for i in range(n)], 10)
+        p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(n), zero_division=0)
+        ours = [[c[k] for k in ("precision", "recall", "f1", "support")] for c in m["per_class"].values()]
+        assert np.allclose(ours, np.stack([p, r, f, s], 1))
+        assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(n)).tolist()
+    gold, guess = ["O", "B-PER", "I-PER", "O"], ["O", "B-PER", "O", "B-LOC"]
+    assert label_confusion(gold, guess, ["O", "B-PER", "I-PER"]) == \
+        confusion_matrix(gold, guess, labels=["O", "B-PER", "I-PER"]).tolist()
