@@ -232,7 +232,11 @@ def read_log_tables(log_dir: str, columns: list[str] | None = None, day_from: st
 
 def write_compacted(fs, folder: str, day: str, files: list[str]) -> str:
     """Write the rows of `files` (one day folder's) as one compacted file listing them in its footer, streamed
-    file by file; return its name. Named by what it holds: two compactions of the same files write one file."""
+    file by file; return its name. Named by what it holds: two compactions of the same files write one file.
+
+    Written under a hidden temporary name (readers list part-* and compact-* only) and renamed once whole: a
+    file object store's close uploads what was written even after an error, and a cut-short file listing all
+    its sources would have them deleted."""
     import hashlib
     import uuid
 
@@ -240,15 +244,20 @@ def write_compacted(fs, folder: str, day: str, files: list[str]) -> str:
 
     names = sorted(f.rsplit("/", 1)[1] for f in files)
     name = f"compact-{day}-{hashlib.sha256(chr(10).join(names).encode()).hexdigest()[:16]}.parquet"
-    local = _is_local(fs)
-    target = f"{folder}/.{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp" if local else f"{folder}/{name}"
-    with fs.open(target, "wb") as out, pq.ParquetWriter(out, SCHEMA.with_metadata(
-            {SOURCES: json.dumps(names).encode()})) as writer:
-        for f in files:
-            with fs.open(f, "rb") as fh:
-                writer.write_table(pq.read_table(fh, schema=SCHEMA))
-    if local:
-        os.replace(target, f"{folder}/{name}")
+    tmp = f"{folder}/.{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open(tmp, "wb") as out, pq.ParquetWriter(out, SCHEMA.with_metadata(
+                {SOURCES: json.dumps(names).encode()})) as writer:
+            for f in files:
+                with fs.open(f, "rb") as fh:
+                    writer.write_table(pq.read_table(fh, schema=SCHEMA))
+    except BaseException:
+        _remove(fs, tmp)
+        raise
+    if _is_local(fs):
+        os.replace(tmp, f"{folder}/{name}")
+    else:
+        fs.mv(tmp, f"{folder}/{name}")  # S3: a copy, then the delete; the final name appears whole or not at all
     return name
 
 

@@ -164,3 +164,25 @@ def test_a_clock_in_the_future_deletes_and_compacts_nothing_new(tmp_path):
     assert compact_request_log(str(log_dir), now + 30 * DAY, retention_days=7) == {
         "compacted": 0, "files": 0, "deleted": 0, "failed": []}  # e.g. `kftune monitor --now` a month ahead
     assert len(read_request_log(str(log_dir))) == 2
+
+
+def test_a_compaction_that_fails_midway_on_an_object_store_leaves_the_day_as_it_was():
+    """fsspec's memory:// stands in for S3: a file object store whose close saves what was written, even after
+    an error. A source that cannot be read must not leave a compacted file that lists it (its sources would be
+    deleted at the next check)."""
+    import fsspec
+
+    from kftune.serving.request_log import compact_request_log
+
+    log_dir = "memory://compaction-failure/log"
+    four_days(log_dir)
+    fs = fsspec.filesystem("memory")
+    folder = "/compaction-failure/log/date=2026-03-01"
+    parts = sorted(fs.glob(f"{folder}/part-*.parquet"))
+    good = {p: fs.cat(p) for p in parts[:-1]}
+    fs.pipe(parts[-1], b"not parquet")  # e.g. a file cut short by a crashed writer
+    out = compact_request_log(log_dir, T0 + 3 * DAY)
+    assert out["compacted"] == 1 and out["failed"] and out["failed"][0].startswith("2026-03-01: ")
+    assert sorted(fs.ls(folder, detail=False)) == parts, "no compacted file, no temporary file, every part kept"
+    assert {p: fs.cat(p) for p in parts[:-1]} == good
+    fs.rm("/compaction-failure", recursive=True)
