@@ -25,11 +25,9 @@ def _params(args):
 
 
 def _cluster_arguments(args) -> dict:
-    """-p NAME=VALUE pipeline arguments; the typed run inputs (and force) as their type, since KFP refuses
-    the string "1" for an integer input."""
-    from kftune.run_inputs import typed
-
-    return {k: typed(k, v) for k, v in (kv.split("=", 1) for kv in getattr(args, "param", None) or [])}
+    """-p NAME=VALUE pipeline arguments (checked by _check_args), as text: kftune.cluster.pipeline_arguments
+    types each one as the compiled pipeline's input is typed."""
+    return dict(kv.split("=", 1) for kv in getattr(args, "param", None) or [])
 
 
 # --- run / retrain / cluster ---------------------------------------------------------------

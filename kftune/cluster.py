@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kftune.config import ConfigError, KftuneError, Params
+from kftune.config import WEBHOOK_ENV, ConfigError, KftuneError, Params
 
 PIPELINES = ("training", "retraining", "monitoring", "batch-predict")
 DEFAULT_IMAGE = "kftune:0.1.0"
@@ -38,19 +38,15 @@ def compile_pipeline(params: Params, out: str | Path, which: str = "training", i
     """Write the cluster flavour of a pipeline as KFP IR YAML, every task on `image_tag` (default: image())."""
     from kfp import compiler
 
-    from kftune.config import WEBHOOK_ENV
-    from kftune.tracking import SECRET_PARAMS
-
     if not Path(out).resolve().parent.is_dir():
         raise ClusterError(f"{out}: the folder {Path(out).resolve().parent} does not exist")
     defaults = params.to_dict()
-    for key in SECRET_PARAMS:  # a credential stays out of the compiled file: tasks read it from a Secret
-        section, name = key.split(".")
-        if defaults[section][name]:
-            log.warning("%s is not compiled into the pipeline: the monitoring task reads it as %s from the Secret "
-                        "%s (kubectl create secret generic %s --from-literal=%s=URL)", key, WEBHOOK_ENV,
-                        params.cluster.webhook_secret, params.cluster.webhook_secret, WEBHOOK_ENV)
-        defaults[section][name] = ""
+    secret = params.cluster.webhook_secret
+    if params.monitor.webhook_url and which == "monitoring":
+        log.warning("monitor.webhook_url is not compiled into the pipeline: the monitoring task reads it as %s from "
+                    "the Secret %s (kubectl create secret generic %s --from-literal=%s=URL)", WEBHOOK_ENV, secret,
+                    secret, WEBHOOK_ENV)
+    defaults["monitor"]["webhook_url"] = ""  # a credential stays out of every compiled file (tracking.SECRET_PARAMS)
     pipeline = pipeline_factory(which)(defaults, image=image_tag or image(), cluster=True)
     compiler.Compiler().compile(pipeline, str(out))
     return Path(out)
@@ -72,12 +68,13 @@ def pipeline_arguments(package: str | Path, arguments: dict, git_commit: str = "
     missing = [k for k, d in sorted(inputs.items()) if k not in out and "defaultValue" not in d and not d.get("isOptional")]
     if missing:
         raise ClusterError(f"{name} needs {' '.join(f'-p {k}=...' for k in missing)}")
-    for key in ("log_dir", "input_path"):  # read by a pod: a path on this machine means nothing there
+    hints = {"log_dir": "where the InferenceService writes its request log: -S serve.log_dir=s3://...",
+             "input_path": "-p input_path=s3://..."}
+    for key, hint in hints.items():  # read by a pod: a path on this machine means nothing there
         value = str(out.get(key, inputs.get(key, {}).get("defaultValue", "")))
         if key in inputs and value and "://" not in value:
-            raise ClusterError(f"{name}: {key}={value!r} is a path on this machine; a pod reads an s3:// prefix (the "
-                               f"InferenceService writes its request log there): -p {key}=s3://..."
-                               + (" or -S serve.log_dir=s3://..." if key == "log_dir" else ""))
+            raise ClusterError(f"{name}: {key}={value!r} is a path on this machine; a pod reads an s3:// prefix, "
+                               f"{hint}")
     return out
 
 
@@ -91,7 +88,7 @@ def _typed(pipeline: str, key: str, value, kind: str):
         if kind == "NUMBER_DOUBLE":
             return float(value)
         if kind == "BOOLEAN":
-            return {"true": True, "false": False}[value.lower()]
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.strip().lower()]
         if kind in ("STRUCT", "LIST"):
             import json
 

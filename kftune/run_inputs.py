@@ -19,25 +19,6 @@ RUN_INPUTS = {  # pipeline input: params.yaml key
 }
 
 
-TYPES = {"base_model": str, "learning_rate": float, "epochs": int, "batch_size": int, "min_delta": float,
-         "require_approval": bool, "force": bool}  # force: the retraining pipeline's own typed input
-
-
-def typed(name: str, text: str):
-    """A `-p NAME=VALUE` argument as its pipeline input's type (KFP refuses "1" for an integer input)."""
-    from kftune.config import ConfigError
-
-    kind = TYPES.get(name, str)
-    if kind is bool:
-        if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"-p {name}={text}: {name} is true or false")
-        return text.strip().lower() in ("true", "1", "yes")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"-p {name}={text}: {name} is a pipeline input of type {kind.__name__}") from None
-
-
 def defaults_of(params: dict) -> dict:
     """The run inputs' defaults: their keys' values in a resolved params document."""
     return {name: params[key.split(".")[0]][key.split(".")[1]] for name, key in RUN_INPUTS.items()}

@@ -274,20 +274,16 @@ def test_bash_completion_completes_commands_actions_and_choices(capsys):
     assert out[8].startswith("bash zsh -h")
 
 
-def test_pipeline_arguments_for_typed_inputs_travel_typed():
+def test_pipeline_arguments_are_name_value_pairs(capsys):
     from argparse import Namespace
 
-    from kftune.cli import _cluster_arguments
+    from kftune.cli import _cluster_arguments, main
 
-    args = Namespace(param=["epochs=1", "learning_rate=3e-5", "require_approval=true", "base_model=minilm-l6",
-                            "data_path=s3://kftune-data/batches", "data_rev=2024"])
-    assert _cluster_arguments(args) == {"epochs": 1, "learning_rate": 3e-5, "require_approval": True,
-                                        "base_model": "minilm-l6", "data_path": "s3://kftune-data/batches",
-                                        "data_rev": "2024"}
-    from kftune.config import ConfigError
-
-    with pytest.raises(ConfigError, match="-p epochs=x: epochs is a pipeline input of type int"):
-        _cluster_arguments(Namespace(param=["epochs=x"]))
+    args = Namespace(param=["epochs=1", "data_path=s3://kftune-data/batches?x=y", "data_rev="])
+    assert _cluster_arguments(args) == {"epochs": "1", "data_path": "s3://kftune-data/batches?x=y", "data_rev": ""}
+    with pytest.raises(SystemExit):
+        main(["submit", "--host", "http://127.0.0.1:9", "-p", "epochs=1", "-p", "data_path"])
+    assert "submit -p takes NAME=VALUE" in capsys.readouterr().err
 
 
 def test_steps_go_offline_unless_the_base_model_is_a_hub_id(monkeypatch, tmp_path):

@@ -137,6 +137,7 @@ def test_run_arguments_are_checked_against_the_pipeline_inputs(tmp_path):
     assert pipeline_arguments(training, {"epochs": "2", "learning_rate": "3e-5", "require_approval": "true",
                                          **data}) == {"epochs": 2, "learning_rate": 3e-5, "require_approval": True,
                                                       **data}
+    assert pipeline_arguments(training, {"require_approval": "No", **data})["require_approval"] is False
     with pytest.raises(ClusterError, match=r"kftune-training needs -p data_path=\.\.\."):
         pipeline_arguments(training, {})
     with pytest.raises(ClusterError, match="-p epochs=two: kftune-training's input epochs is of type NUMBER_INTEGER"):
@@ -147,7 +148,8 @@ def test_run_arguments_are_checked_against_the_pipeline_inputs(tmp_path):
     with pytest.raises(ClusterError, match=r"kftune-monitoring has no input epochs \(its inputs: log_dir, now, "
                                            r"params\)"):
         pipeline_arguments(monitoring, {"epochs": 1})
-    with pytest.raises(ClusterError, match="log_dir='request-log' is a path on this machine; a pod reads an s3://"):
+    with pytest.raises(ClusterError, match="log_dir='request-log' is a path on this machine; a pod reads an s3://.*"
+                                           "-S serve.log_dir=s3://"):
         pipeline_arguments(monitoring, {})  # serve.log_dir's default: a folder beside `kftune serve`
     batch = compile_pipeline(params, tmp_path / "b.yaml", "batch-predict")
     with pytest.raises(ClusterError, match=r"kftune-batch-predict needs -p input_path=\.\.\."):

@@ -55,10 +55,11 @@ def describe_check(c: dict) -> str:
         parts.append(f"live accuracy {live['accuracy']:.3f} [{live['accuracy_low']:.3f}, {live['accuracy_high']:.3f}] "
                      f"on {live['n']} random-sample labels (test {c['test_accuracy'] or 0:.3f})")
     parts += [f"ALERT {e['alert']} {e['status']}: {e['why']}" for e in c["events"]]
-    if any(c.get("log", {}).values()):
+    log_ = c.get("log", {})
+    if log_.get("compacted") or log_.get("deleted"):
         parts.append("request log: {compacted} day(s) compacted from {files} file(s), {deleted} day(s) past "
-                     "monitor.log_retention_days deleted".format(**c["log"]))
-        parts += [f"request log: day {why} (left as it was; the next check tries again)" for why in c["log"]["failed"]]
+                     "monitor.log_retention_days deleted".format(**log_))
+    parts += [f"request log: day {why} (left as it was; the next check tries again)" for why in log_.get("failed", [])]
     return plain("\n  ".join(parts))
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from kftune.config import KftuneError
 from kftune.fileio import spreadsheet_value
-from kftune.serving.request_log import _fs
+from kftune.serving.request_log import _fs, write_table
 
 FEEDBACK = "_feedback"
 SCHEMA = pa.schema([("request_id", pa.string()), ("index", pa.int32()), ("label", pa.string()),
@@ -51,24 +51,14 @@ def write_feedback(log_dir: str, rows: list[dict]) -> int:
     """Append corrections (dicts with request_id, index, label and optionally labeller, source, sample)."""
     if not rows:
         return 0
-    import pyarrow.parquet as pq
 
     now = datetime.now(timezone.utc)
     full = [{"request_id": str(r["request_id"]), "index": int(r.get("index") or 0), "label": str(r["label"]),
              "labeller": str(r.get("labeller") or ""), "source": str(r.get("source") or "api"),
              "sample": str(r.get("sample") or ""), "time": r.get("time") or now} for r in rows]
     fs, root = _fs(log_dir)
-    folder = f"{root}/{FEEDBACK}"
-    fs.makedirs(folder, exist_ok=True)
-    name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(_parts):05d}.parquet"
-    table = pa.Table.from_pylist(full, schema=SCHEMA)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{folder}/.{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, f"{folder}/{name}")
-    else:
-        with fs.open(f"{folder}/{name}", "wb") as f:
-            pq.write_table(table, f)
+    write_table(fs, f"{root}/{FEEDBACK}", f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(_parts):05d}.parquet",
+                pa.Table.from_pylist(full, schema=SCHEMA))
     return len(full)
 
 
@@ -77,6 +67,7 @@ def read_feedback(log_dir: str):
     import pyarrow.parquet as pq
 
     fs, root = _fs(log_dir)
+    fs.invalidate_cache()  # s3fs keeps listings for a process's life: a long-running monitor would miss new labels
     tables = []
     for f in sorted(fs.glob(f"{root}/{FEEDBACK}/part-*.parquet")):
         with fs.open(f, "rb") as fh:

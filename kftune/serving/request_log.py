@@ -57,7 +57,8 @@ SCHEMA = pa.schema([
 ])
 RECENT_IDS = 100_000  # request ids kept in memory, so feedback can name a prediction not yet in a file
 SOURCES = b"kftune.sources"  # footer key of a compacted file: JSON list of the file names it holds
-COMPACT_AFTER_DAYS = 2  # a day folder this many UTC days old is closed: no server writes there any more
+COMPACT_AFTER_DAYS = 2  # a day folder this many UTC days old is closed: no server writes there any more (a replay's
+# rows, which carry the client's time, may still land there: the next check merges them in)
 
 
 def records(request_id: str, served, texts: list[str], answers: list[dict], at: float | None = None) -> list[dict]:
@@ -165,17 +166,7 @@ class RequestLog:
         now = datetime.now(timezone.utc)
         name = f"part-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(self._parts):05d}.parquet"
         try:
-            import pyarrow.parquet as pq
-
-            table = pa.table({c: [r[c] for r in rows] for c in SCHEMA.names}, schema=SCHEMA)
-            self.fs.makedirs(folder, exist_ok=True)
-            if self.local:
-                tmp = f"{folder}/.{name}.tmp"
-                pq.write_table(table, tmp)
-                os.replace(tmp, f"{folder}/{name}")
-            else:
-                with self.fs.open(f"{folder}/{name}", "wb") as f:
-                    pq.write_table(table, f)
+            write_table(self.fs, folder, name, pa.table({c: [r[c] for r in rows] for c in SCHEMA.names}, schema=SCHEMA))
             self.written += len(rows)
         except Exception:  # noqa: BLE001 - a failed write loses these rows, not the server
             with self._lock:
@@ -227,7 +218,6 @@ def read_log_tables(log_dir: str, columns: list[str] | None = None, day_from: st
         except FileNotFoundError:
             if attempt == 2:
                 raise
-    return []
 
 
 def write_compacted(fs, folder: str, day: str, files: list[str]) -> str:
@@ -294,6 +284,21 @@ def compact_request_log(log_dir: str, now: float, retention_days: int = 0) -> di
         except Exception as exc:  # noqa: BLE001 - one bad day must not stop the others; the next check retries
             out["failed"].append(f"{day}: {type(exc).__name__}: {exc}")
     return out
+
+
+def write_table(fs, folder: str, name: str, table) -> None:
+    """One Parquet file, seen whole or not at all: on a local disk written under a hidden name and renamed (an
+    object store's upload is atomic already)."""
+    import pyarrow.parquet as pq
+
+    fs.makedirs(folder, exist_ok=True)
+    if _is_local(fs):
+        tmp = f"{folder}/.{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, f"{folder}/{name}")
+    else:
+        with fs.open(f"{folder}/{name}", "wb") as f:
+            pq.write_table(table, f)
 
 
 def _is_local(fs) -> bool:

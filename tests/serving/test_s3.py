@@ -103,3 +103,23 @@ def test_a_reader_sees_files_other_processes_wrote_after_its_first_read(s3):
     s3.put_object(Bucket="logs", Key=f"{folder}/part-99999999T999999999999-1-00000.parquet", Body=body.getvalue())
     assert first["request_id"].tolist() == ["mine"]
     assert sorted(read_request_log("s3://logs/shared")["request_id"]) == ["mine", "theirs"]
+
+
+def test_feedback_written_by_another_process_is_read(s3):
+    """A long-running monitor reads the labels that the server's /feedback wrote since its last check."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from kftune.monitor.feedback import SCHEMA, read_feedback, write_feedback
+
+    write_feedback("s3://logs/fb", [{"request_id": "mine", "label": "pos"}])
+    assert read_feedback("s3://logs/fb")["request_id"].tolist() == ["mine"]
+    body = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"request_id": "theirs", "index": 0, "label": "neg", "labeller": "",
+                                          "source": "api", "sample": "", "time": pd.Timestamp.now(tz="UTC")}],
+                                        schema=SCHEMA), body)
+    key = next(o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="fb/")["Contents"])
+    s3.put_object(Bucket="logs", Key=f"{key.rsplit('/', 1)[0]}/part-99999999T999999999999-1-00000.parquet",
+                  Body=body.getvalue())
+    assert sorted(read_feedback("s3://logs/fb")["request_id"]) == ["mine", "theirs"]
