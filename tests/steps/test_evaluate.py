@@ -99,6 +99,10 @@ def test_metrics_agree_with_sklearn():
         ours = [[c[k] for k in ("precision", "recall", "f1", "support")] for c in m["per_class"].values()]
         assert np.allclose(ours, np.stack([p, r, f, s], 1))
         assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(n)).tolist()
+    with pytest.raises(ValueError, match=r"predicted label id 5 is not one of 0\.\.1"):
+        macro_f1([0, 1], [0, 5], 2)
+    with pytest.raises(ValueError, match=r"true label id 1\.5 is not one of 0\.\.1"):
+        macro_f1([0, 1.5], [0, 1], 2)
     gold, guess = ["O", "B-PER", "I-PER", "O"], ["O", "B-PER", "O", "B-LOC"]
     assert label_confusion(gold, guess, ["O", "B-PER", "I-PER"]) == \
         confusion_matrix(gold, guess, labels=["O", "B-PER", "I-PER"]).tolist()
