@@ -160,12 +160,17 @@ def schedule_on_cluster(host: str, params: Params, runs: list[tuple[str, str, di
     with tempfile.TemporaryDirectory() as tmp:
         packages = [compile_pipeline(params, Path(tmp) / f"{which}.yaml", which, image_tag) for which, _, _ in runs]
         arguments = [pipeline_arguments(p, a) for p, (_, _, a) in zip(packages, runs)]
-        with _api(host, "creating the recurring run"):
+        with _api(host, f"creating the experiment {experiment}"):
             exp = client.create_experiment(experiment)  # returns the existing one if there is one
-            return [client.create_recurring_run(
-                experiment_id=exp.experiment_id, job_name=name, cron_expression=kfp_cron(cron), max_concurrency=1,
-                no_catchup=True, params=args, pipeline_package_path=str(package)).recurring_run_id
-                for name, (_, cron, _), package, args in zip(names, runs, packages, arguments)]
+        created = []
+        for name, (_, cron, _), package, args in zip(names, runs, packages, arguments):
+            done = "".join(f" ({n}, id {i}, was created already)" for n, i in zip(names, created))
+            with _api(host, f"creating the recurring run {name}{done}"):
+                created.append(client.create_recurring_run(
+                    experiment_id=exp.experiment_id, job_name=name, cron_expression=kfp_cron(cron),
+                    max_concurrency=1, no_catchup=True, params=args,
+                    pipeline_package_path=str(package)).recurring_run_id)
+        return created
 
 
 def manage_on_cluster(host: str, action: str, recurring_run_id: str = "") -> list[dict]:
