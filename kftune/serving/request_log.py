@@ -91,7 +91,6 @@ class RequestLog:
         self.log_dir, self.max_queue, self.flush_seconds, self.file_rows = log_dir, max_queue, flush_seconds, file_rows
         self.mask = mask
         self.fs, self.root = _fs(log_dir)
-        self.local = _is_local(self.fs)
         # one list of rows per request, handed over under the lock; the writer wakes every flush_seconds, or
         # once file_rows are waiting (not per request: a wake-up per request cost the forward passes ~10%)
         self._pending: list[list[dict]] = []
@@ -287,8 +286,9 @@ def compact_request_log(log_dir: str, now: float, retention_days: int = 0) -> di
 
 
 def write_table(fs, folder: str, name: str, table) -> None:
-    """One Parquet file, seen whole or not at all: on a local disk written under a hidden name and renamed (an
-    object store's upload is atomic already)."""
+    """One Parquet file, seen whole or not at all: on a local disk written under a hidden name and renamed; on an
+    object store serialised first and uploaded in one put (a file object's close would upload a half-written
+    file after an error)."""
     import pyarrow.parquet as pq
 
     fs.makedirs(folder, exist_ok=True)
@@ -297,8 +297,9 @@ def write_table(fs, folder: str, name: str, table) -> None:
         pq.write_table(table, tmp)
         os.replace(tmp, f"{folder}/{name}")
     else:
-        with fs.open(f"{folder}/{name}", "wb") as f:
-            pq.write_table(table, f)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        fs.pipe_file(f"{folder}/{name}", buf.getvalue().to_pybytes())
 
 
 def _is_local(fs) -> bool:
