@@ -34,12 +34,18 @@ def _per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 np.where(predicted + actual > 0, 2 * tp / (predicted + actual), 0.0))
 
 
+def matrix_macro_f1(cm: np.ndarray, n_labels: int | None = None) -> float:
+    """Mean F1 over the first n_labels labels of a confusion matrix (all by default) that are in it as true or
+    predicted: a label absent from both has no F1 (sklearn's default)."""
+    n = len(cm) if n_labels is None else n_labels
+    present = ((cm.sum(0) + cm.sum(1)) > 0)[:n]
+    return float(_per_class(cm)[2][:n][present].mean()) if present.any() else 0.0
+
+
 def macro_f1(y_true, y_pred, n_labels: int) -> float:
     """Mean F1 over the labels in y_true or y_pred (sklearn's default): a label absent from both has no F1,
     and counting it as 0 would understate a file that uses only some of the labels."""
-    cm = confusion(y_true, y_pred, n_labels)
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    return float(_per_class(cm)[2][present].mean()) if present.any() else 0.0
+    return matrix_macro_f1(confusion(y_true, y_pred, n_labels))
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int) -> float:
