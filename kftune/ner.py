@@ -6,6 +6,7 @@ A sentence is a list of words (`tokens`) with one IOB2 tag per word (`tags`): O,
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -137,8 +138,7 @@ def entity_counts(sentences: list[Sentence]) -> dict[str, int]:
 def align(word_ids: list[int | None], word_labels: list[int], label_all: bool, tags: list[str]) -> list[int]:
     """Label per sub-token: the word's label on its first sub-token; IGNORE (or, with label_all, the
     word's label with B- turned into I-) on the rest; IGNORE on special tokens."""
-    to_inside = {i: tags.index("I-" + t[2:]) if t.startswith("B-") and "I-" + t[2:] in tags else i
-                 for i, t in enumerate(tags)}
+    to_inside = _inside(tuple(tags))
     out, previous = [], None
     for w in word_ids:
         if w is None:
@@ -149,6 +149,13 @@ def align(word_ids: list[int | None], word_labels: list[int], label_all: bool, t
             out.append(to_inside[word_labels[w]] if label_all else IGNORE)
         previous = w
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _inside(tags: tuple[str, ...]) -> dict[int, int]:
+    """Per tag id, the id of its I- form (B-X -> I-X; any other tag: itself)."""
+    return {i: tags.index("I-" + t[2:]) if t.startswith("B-") and "I-" + t[2:] in tags else i
+            for i, t in enumerate(tags)}
 
 
 def windows(subtokens_per_word: list[int], budget: int) -> list[tuple[int, int]]:

@@ -282,24 +282,30 @@ def word_predictions(model, tokenizer, sentences: list[list[str]], batch_size: i
     Long sentences are cut into windows of whole words as in training; predicted tags are made valid IOB2.
     """
     from kftune.ner import repaired
+
+    tags, scores, _ = _word_tags(model, tokenizer, sentences, batch_size, bf16)
+    return [repaired(t) for t in tags], scores
+
+
+def _word_tags(model, tokenizer, sentences: list[list[str]], batch_size: int, bf16: bool = False):
+    """word_predictions before the IOB2 repair, with, per word, whether the tokenizer gave it any token (one
+    that it turns into nothing, such as U+200B, gets O and 0.0)."""
     from kftune.steps.tokenize import word_windows
 
     labels = labels_of(model)
-    seqs, owners = [], []
-    for i, words in enumerate(sentences):
-        for a, b in word_windows(tokenizer, words, tokenizer.model_max_length):
-            enc = tokenizer(words[a:b], is_split_into_words=True, truncation=True, max_length=tokenizer.model_max_length)
-            seqs.append(enc["input_ids"])
-            owners.append((i, a, enc.word_ids()))
+    windows = word_windows(tokenizer, sentences, tokenizer.model_max_length)
     tags = [["O"] * len(words) for words in sentences]
     scores = [[0.0] * len(words) for words in sentences]
-    for (i, a, word_ids), logits in zip(owners, predict_token_logits(model, seqs, tokenizer.pad_token_id, batch_size, bf16)):
-        probs, previous = softmax(logits), None
-        for pos, w in enumerate(word_ids):
-            if w is not None and w != previous:
-                tags[i][a + w], scores[i][a + w] = labels[int(probs[pos].argmax())], float(probs[pos].max())
-            previous = w
-    return [repaired(t) for t in tags], scores
+    tokenized = [[False] * len(words) for words in sentences]
+    logits = predict_token_logits(model, [w.input_ids for w in windows], tokenizer.pad_token_id, batch_size, bf16)
+    for w, window_logits in zip(windows, logits):
+        probs, previous, i = softmax(window_logits), None, w.sentence
+        for pos, word in enumerate(w.word_ids):
+            if word is not None and word != previous:
+                k = w.first + word
+                tags[i][k], scores[i][k], tokenized[i][k] = labels[int(probs[pos].argmax())], float(probs[pos].max()), True
+            previous = word
+    return tags, scores, tokenized
 
 
 def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[list[dict]]:
@@ -308,9 +314,9 @@ def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> l
     Words come from the tokenizer's own pre-tokenizer (BERT's: whitespace and punctuation), with their
     character offsets; sub-tokens are grouped back into words and words into spans.
     """
-    from kftune.ner import char_spans
-
     import re
+
+    from kftune.ner import char_spans, repaired
 
     pre = tokenizer.backend_tokenizer.pre_tokenizer  # None: split on whitespace
 
@@ -328,15 +334,14 @@ def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> l
         return out
 
     split = [words(t) for t in texts]
-    # a word the tokenizer turns into nothing (a lone combining mark, U+200B, U+FE0F) gets no tag of its own:
-    # left in, its default O would cut the entity around it in two
-    if any(split):
-        encoded = tokenizer([[w for w, _ in ws] or [""] for ws in split], is_split_into_words=True,
-                            add_special_tokens=False)
-        kept = [set(encoded.word_ids(n)) for n in range(len(split))]
-        split = [[x for i, x in enumerate(ws) if i in kept[n]] for n, ws in enumerate(split)]
-    tags, scores = word_predictions(model, tokenizer, [[w for w, _ in ws] or [""] for ws in split], batch_size)
-    return [char_spans(text, [o for _, o in ws], t, s) if ws else [] for text, ws, t, s in zip(texts, split, tags, scores)]
+    tags, scores, tokenized = _word_tags(model, tokenizer, [[w for w, _ in ws] for ws in split], batch_size)
+    spans = []
+    for text, ws, t, s, kept in zip(texts, split, tags, scores, tokenized):
+        # a word the tokenizer turns into nothing (a lone combining mark, U+200B, U+FE0F) gets no tag of its own:
+        # left in, its O would cut the entity around it in two
+        keep = [i for i, k in enumerate(kept) if k]
+        spans.append(char_spans(text, [ws[i][1] for i in keep], repaired([t[i] for i in keep]), [s[i] for i in keep]))
+    return spans
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

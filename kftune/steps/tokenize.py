@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -27,15 +28,33 @@ def load_tokenizer(model_name: str):
     return tok
 
 
-def word_windows(tok, words: list[str], max_length: int) -> list[tuple[int, int]]:
-    """Word ranges whose sub-tokens (plus [CLS] and [SEP]) fit in max_length."""
+class Window(NamedTuple):
+    sentence: int  # index in the sentences given
+    first: int  # words [first, end) of that sentence
+    end: int
+    input_ids: list[int]
+    word_ids: list  # per token, its word's index within the window; None for special tokens
+
+
+def word_windows(tok, sentences: list[list[str]], max_length: int) -> list[Window]:
+    """Every sentence cut into windows of whole words whose sub-tokens (plus [CLS] and [SEP]) fit in max_length
+    (a single longer word gets a window of its own and is truncated), in order, from two batched calls of the
+    tokenizer."""
     from kftune.ner import windows
 
-    ids = tok(words, is_split_into_words=True, add_special_tokens=False).word_ids()
-    per_word = [0] * len(words)
-    for w in ids:
-        per_word[w] += 1
-    return windows([max(n, 1) for n in per_word], max_length - tok.num_special_tokens_to_add())
+    if not sentences:
+        return []
+    counted = tok(sentences, is_split_into_words=True, add_special_tokens=False)
+    budget = max_length - tok.num_special_tokens_to_add()
+    spans = []
+    for n, words in enumerate(sentences):
+        per_word = [0] * len(words)
+        for w in counted.word_ids(n):
+            per_word[w] += 1
+        spans += [(n, a, b) for a, b in windows([max(c, 1) for c in per_word], budget)]
+    enc = tok([sentences[n][a:b] for n, a, b in spans], is_split_into_words=True, truncation=True,
+              max_length=max_length)
+    return [Window(n, a, b, ids, enc.word_ids(k)) for k, ((n, a, b), ids) in enumerate(zip(spans, enc["input_ids"]))]
 
 
 def truncate(tok, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
@@ -63,18 +82,16 @@ def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], la
     """
     from kftune.ner import align
 
-    rows, windowed = [], 0
-    for i, (words, tags) in enumerate(zip(sentences, tag_ids)):
-        spans = word_windows(tok, words, cfg.max_length)
-        windowed += len(spans) > 1
-        for a, b in spans:
-            enc = tok(words[a:b], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
-            word_ids = enc.word_ids()
-            rows.append({"input_ids": enc["input_ids"], "labels": align(word_ids, tags[a:b], cfg.label_all_subtokens,
-                                                                        labels),
-                         "word_ids": [-1 if w is None else w for w in word_ids], "sentence": i, "first_word": a})
+    rows, chunk = [], 2048  # sentences per batched tokenizer call, for progress
+    for first in range(0, len(sentences), chunk):
+        for w in word_windows(tok, sentences[first:first + chunk], cfg.max_length):
+            n = first + w.sentence
+            rows.append({"input_ids": w.input_ids,
+                         "labels": align(w.word_ids, tag_ids[n][w.first:w.end], cfg.label_all_subtokens, labels),
+                         "word_ids": [-1 if i is None else i for i in w.word_ids], "sentence": n, "first_word": w.first})
         if progress:
-            progress.update(1)
+            progress.update(min(chunk, len(sentences) - first))
+    windowed = len({r["sentence"] for r in rows if r["first_word"] > 0})
     lengths = np.array([len(r["input_ids"]) for r in rows] or [0])
     return pd.DataFrame(rows, columns=["input_ids", "labels", "word_ids", "sentence", "first_word"]), {
         "rows": len(sentences), "windows": len(rows), "windowed_sentences": windowed,

@@ -57,3 +57,19 @@ def test_long_sentences_become_windows_of_whole_words(tmp_path, ner_params):
         words = [w + first for ids, first in zip(sentence["word_ids"], sentence["first_word"]) for w in
                  dict.fromkeys(i for i in ids if i >= 0)]
         assert words == list(range(len(sentences["tokens"][sentence["sentence"].iloc[0]])))
+
+
+def test_batched_windows_are_what_each_window_tokenized_alone_gives(tiny_model):
+    from transformers import AutoTokenizer
+
+    from kftune.steps.tokenize import word_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    sentences = [tokens for tokens, _ in ner_sentences(40)] + [[], ["\u200b", "gainabc", "\u200b"], ["x" * 60]]
+    windows = word_windows(tok, sentences, 12)
+    assert [w.sentence for w in windows] == sorted(w.sentence for w in windows) and any(w.first for w in windows)
+    assert {w.sentence for w in windows} == set(range(len(sentences))), "every sentence, the empty one too"
+    for w in windows:
+        alone = tok(sentences[w.sentence][w.first:w.end], is_split_into_words=True, truncation=True, max_length=12)
+        assert (w.input_ids, w.word_ids) == (alone["input_ids"], alone.word_ids())
+        assert len(w.input_ids) <= 12
