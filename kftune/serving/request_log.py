@@ -27,7 +27,8 @@ Compaction (`compact_request_log`, run by each monitoring check): a day folder t
 into one `compact-<day>-<digest>.parquet` whose footer lists the files it holds (SOURCES), which are then deleted.
 Readers skip any file a compacted file lists, so rows are never read twice, even while the sources outlive it
 for a moment; a reader whose file vanished under it lists the folder again. With `monitor.log_retention_days`
-> 0, day folders older than that are deleted.
+> 0, day folders older than that are deleted. A hidden `.tmp` file that a killed writer or compaction left is
+deleted once it is an hour old.
 
 Writes go through a bounded queue (`max_queue` rows) drained by one thread: a request whose rows do not fit
 is dropped whole and counted (`dropped`); a request never waits. The writer masks PII (when asked) and writes
@@ -57,6 +58,7 @@ SCHEMA = pa.schema([
 ])
 RECENT_IDS = 100_000  # request ids kept in memory, so feedback can name a prediction not yet in a file
 SOURCES = b"kftune.sources"  # footer key of a compacted file: JSON list of the file names it holds
+STALE_TMP_SECONDS = 3600  # a hidden .tmp file this old in the log was left by a writer or compaction that was killed
 COMPACT_AFTER_DAYS = 2  # a day folder this many UTC days old is closed: no server writes there any more (a replay's
 # rows, which carry the client's time, may still land there: the next check merges them in)
 
@@ -260,6 +262,7 @@ def compact_request_log(log_dir: str, now: float, retention_days: int = 0) -> di
     fs, files, merged = log_files(log_dir)
     for f in merged:  # a compaction stopped between writing its file and deleting what it holds
         _remove(fs, f)
+    _remove_stale_tmp(fs, _fs(log_dir)[1])
     by_day: dict[str, list[str]] = {}
     for f in files:
         by_day.setdefault(f.rsplit("date=", 1)[1][:10], []).append(f)
@@ -283,6 +286,18 @@ def compact_request_log(log_dir: str, now: float, retention_days: int = 0) -> di
         except Exception as exc:  # noqa: BLE001 - one bad day must not stop the others; the next check retries
             out["failed"].append(f"{day}: {type(exc).__name__}: {exc}")
     return out
+
+
+def _remove_stale_tmp(fs, root: str) -> None:
+    """Delete the hidden temporary files (write_compacted's, write_table's) that a killed process left; a fresh
+    one may belong to a write under way."""
+    # the day folders and kftune.monitor.feedback's folder
+    for f in fs.glob(f"{root}/date=*/.*.tmp") + fs.glob(f"{root}/_feedback/.*.tmp"):
+        try:
+            if time.time() - fs.modified(f).timestamp() > STALE_TMP_SECONDS:
+                _remove(fs, f)
+        except (FileNotFoundError, NotImplementedError):  # gone meanwhile; a store that has no modified time
+            pass
 
 
 def write_table(fs, folder: str, name: str, table) -> None:

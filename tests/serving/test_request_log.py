@@ -1,9 +1,11 @@
 """The request log: rows written whole, read back in order and by time; a full queue drops and counts."""
 
 import json
+import time
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
+import pytest
 
 from kftune.serving.model import ServedModel
 from kftune.serving.request_log import SCHEMA, RequestLog, read_request_log, records
@@ -186,3 +188,36 @@ def test_a_compaction_that_fails_midway_on_an_object_store_leaves_the_day_as_it_
     assert sorted(fs.ls(folder, detail=False)) == parts, "no compacted file, no temporary file, every part kept"
     assert {p: fs.cat(p) for p in parts[:-1]} == good
     fs.rm("/compaction-failure", recursive=True)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_temporary_files_that_a_killed_compaction_left_go_once_an_hour_old(tmp_path, where):
+    """A hidden .tmp file is what a killed compaction or writer leaves; a fresh one may be a write under way."""
+    import os
+
+    import fsspec
+
+    from kftune.serving.request_log import compact_request_log
+
+    log_dir = str(tmp_path / "log") if where == "local" else f"memory://stale-tmp-{tmp_path.name}/log"
+    four_days(log_dir)
+    fs, root = fsspec.core.url_to_fs(log_dir)
+    old, fresh = f"{root}/date=2026-03-01/.compact-a.parquet.123-abc.tmp", f"{root}/date=2026-03-02/.part-b.parquet.tmp"
+    feedback = f"{root}/_feedback/.part-c.parquet.tmp"  # kftune.monitor.feedback writes there
+    fs.makedirs(f"{root}/_feedback", exist_ok=True)
+    fs.pipe(feedback, b"cut short")
+    fs.pipe(old, b"cut short")
+    fs.pipe(fresh, b"being written")
+    hour_ago = time.time() - 3700
+    if where == "local":
+        for f in (old, feedback):
+            os.utime(f, (hour_ago, hour_ago))
+    else:
+        for f in (old, feedback):
+            fs.store[f].modified = datetime.fromtimestamp(hour_ago, tz=timezone.utc)
+    before = read_request_log(log_dir)
+    assert compact_request_log(log_dir, T0 + 3 * DAY)["failed"] == []
+    assert not fs.exists(old) and not fs.exists(feedback) and fs.exists(fresh)
+    pd.testing.assert_frame_equal(read_request_log(log_dir), before)
+    if where == "memory":
+        fs.rm(root.split("/log")[0], recursive=True)

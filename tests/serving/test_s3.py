@@ -57,9 +57,10 @@ def test_request_log_and_batch_prediction_on_s3(s3, serve_store, monkeypatch):
     assert got["text"].tolist() == subword_texts(12, seed=4)["text"].tolist() and got["model_version"].eq("1").all()
 
 
-def test_request_log_compaction_and_retention_on_s3(s3):
+def test_request_log_compaction_and_retention_on_s3(s3, monkeypatch):
     from datetime import datetime, timezone
 
+    from kftune.serving import request_log
     from kftune.serving.model import ServedModel
     from kftune.serving.request_log import compact_request_log
 
@@ -71,6 +72,8 @@ def test_request_log_compaction_and_retention_on_s3(s3):
         log.append(records(f"r{day}", served, ["a", "b", "c"], [answer] * 3, at=t0 + day * 86400))
     log.close()
     before = read_request_log("s3://logs/compaction")
+    s3.put_object(Bucket="logs", Key="compaction/date=2026-03-02/.compact-x.parquet.1-ab.tmp", Body=b"cut short")
+    monkeypatch.setattr(request_log, "STALE_TMP_SECONDS", -60)  # moto's objects are all new: every .tmp is stale
     assert compact_request_log("s3://logs/compaction", t0 + 3 * 86400, retention_days=2) == {
         "compacted": 1, "files": 2, "deleted": 1, "failed": []}
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="compaction/")["Contents"])
