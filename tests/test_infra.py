@@ -39,10 +39,15 @@ def test_every_manifest_renders_and_validates(overlay):
 
 
 def test_secrets_are_placeholders_only():
-    for doc in render("local"):
-        if doc["kind"] == "Secret":
-            for key, value in doc.get("stringData", {}).items():
-                assert value == "CHANGE-ME" or value.startswith("http") or key.endswith(("_USER", "_DB")), key
+    from kftune.config import WEBHOOK_ENV
+
+    secrets = {doc["metadata"]["name"]: doc.get("stringData", {}) for doc in render("local") if doc["kind"] == "Secret"}
+    for data in secrets.values():
+        for key, value in data.items():
+            assert value == "CHANGE-ME" or value.startswith("http") or key.endswith(("_USER", "_DB")), key
+    cluster = load_params(ROOT / "params.yaml").cluster  # every Secret the pipelines read has a template
+    assert {cluster.mlflow_secret, cluster.s3_secret, cluster.webhook_secret} <= set(secrets)
+    assert secrets[cluster.webhook_secret] == {WEBHOOK_ENV: "CHANGE-ME"}
 
 
 def test_cluster_pipeline_carries_image_resources_retries_and_secrets(tmp_path, monkeypatch):
