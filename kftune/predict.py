@@ -303,7 +303,8 @@ def _word_tags(model, tokenizer, sentences: list[list[str]], batch_size: int, bf
         for pos, word in enumerate(w.word_ids):
             if word is not None and word != previous:
                 k = w.first + word
-                tags[i][k], scores[i][k], tokenized[i][k] = labels[int(probs[pos].argmax())], float(probs[pos].max()), True
+                tags[i][k], scores[i][k] = labels[int(probs[pos].argmax())], float(probs[pos].max())
+                tokenized[i][k] = True
             previous = word
     return tags, scores, tokenized
 

@@ -88,7 +88,8 @@ def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], la
             n = first + w.sentence
             rows.append({"input_ids": w.input_ids,
                          "labels": align(w.word_ids, tag_ids[n][w.first:w.end], cfg.label_all_subtokens, labels),
-                         "word_ids": [-1 if i is None else i for i in w.word_ids], "sentence": n, "first_word": w.first})
+                         "word_ids": [-1 if i is None else i for i in w.word_ids],
+                         "sentence": n, "first_word": w.first})
         if progress:
             progress.update(min(chunk, len(sentences) - first))
     windowed = len({r["sentence"] for r in rows if r["first_word"] > 0})
