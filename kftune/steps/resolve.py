@@ -233,8 +233,9 @@ def _resolve(source: str, out_data: Path, out_champion: Path, params: Params, li
     card["warm_start"] = warm_start(exported, card["labels"], params)
     write_json(out_champion / MODEL_INFO, {**exported, "warm_start": card["warm_start"].startswith("champion")})
     reference.to_parquet(out_champion / "reference.parquet")  # the drift step's reference side
+    # saved with the challenger as the next retraining's reference: every row, in the split it was used in
     write_dataset(out_data, train, card, {"historical_test": hist_test[list(columns)], "new": new,
-                                          "reference": latest}, columns)
+                                          "reference": pd.concat([new, history], ignore_index=True)}, columns)
     log.info("resolve: %d new rows since champion v%s, %d historical; training on %s", len(new), champion,
              len(history), card["rows"])
     return card

@@ -90,3 +90,19 @@ def test_a_text_the_champion_has_keeps_its_split_and_tagged_rows_match_by_words_
                            "tags": [["O", "B-LOC", "I-LOC"]], "split": ["train"]})
     other = tagged.assign(tokens=[["x", "New", "York City"]])
     assert len(split_new(tagged, tagged)[0]) == 0 and len(split_new(other, tagged)[0]) == 1
+
+
+def test_the_challengers_reference_keeps_the_split_each_row_was_used_in(tmp_path, params, store, champion):
+    """A data version that gives a champion's training text the test split: the text stays a training row, and
+    the reference saved with the challenger says so (else the next retraining would test on a trained row)."""
+    old = pd.read_parquet(store / "r0" / "reference.parquet")
+    old[["text", "label", "split"]].to_csv(champion / "old.csv", index=False)  # the same rows and splits, now given
+    trained = old[old["split"] == "train"].iloc[0]
+    fresh = subword_texts(300, seed=6).assign(split=["train", "validation", "test"] * 100)
+    pd.concat([pd.DataFrame({"text": [trained["text"]], "label": [trained["label"]], "split": ["test"]}), fresh]) \
+        .to_csv(champion / "new.csv", index=False)
+    assert resolve(str(champion), tmp_path / "r1", tmp_path / "c1", params)["status"] == NEW_DATA
+    reference = pd.read_parquet(tmp_path / "r1" / "reference.parquet")
+    assert reference.loc[reference["text"] == trained["text"], "split"].tolist() == ["train"]
+    assert len(reference) == 1200 + 300 and reference["text"].is_unique
+    assert (reference.set_index("text").loc[fresh["text"], "split"].to_numpy() == fresh["split"].to_numpy()).all()
