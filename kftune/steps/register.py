@@ -153,8 +153,10 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             version_tags[f"kftune.historical_{primary}"] = f"{hist[primary]:.4f}"
         for k, v in version_tags.items():
             client.set_model_version_tag(cfg.model_name, version, k, v)
-        # retraining pins the champion in resolve (drift and warm start used it); promote refuses if it moved
-        champion = card.get("champion_version") or registry.version_by_alias(cfg.model_name, registry.CHAMPION)
+        # retraining pins the champion in resolve (drift and warm start used it; "" for none); promote refuses if
+        # it moved
+        champion = card["champion_version"] if "champion_version" in card else \
+            registry.version_by_alias(cfg.model_name, registry.CHAMPION)
         verdict = gate.Verdict(gate.HOLD, version, primary, metrics["model"][primary],
                                metrics["baselines"][metrics["baseline"]][primary], champion or "",
                                challenger_historical_score=hist[primary] if hist else None)

@@ -68,6 +68,23 @@ def test_promotion_refuses_when_the_champion_moved_since_the_gate(prepared, para
     assert registry.history(name)[-1].action == "refuse"
 
 
+def test_a_retraining_resolved_without_a_champion_is_gated_against_none(prepared, params, mlflow_store):
+    """resolve saw no champion (card champion_version ""); one was promoted before register ran: the gate
+    judges against none, as the run was planned, and the promotion is refused."""
+    from kftune.fileio import read_json, write_json
+
+    name = params.register.model_name
+    _, d1 = train_and_register(prepared, params, "first")
+    card = read_json(prepared / "data" / "data_card.json")
+    write_json(prepared / "data" / "data_card.json", {**card, "champion_version": ""})
+    registry.promote(name, d1.version, "another run promoted meanwhile")
+    _, d2 = train_and_register(prepared, params, "second", max_steps=2)
+    assert d2.champion_version == "" and d2.champion_score is None
+    with pytest.raises(registry.RegistryError, match="champion moved: was vnone when the gate ran, now v1"):
+        registry.promote(name, d2.version, "gate", expected_champion=d2.champion_version)
+    assert registry.version_by_alias(name, registry.CHAMPION) == "1"
+
+
 def test_prune_keeps_the_protected_versions_and_frees_the_weights(prepared, params, mlflow_store):
     from pathlib import Path
 
