@@ -48,6 +48,9 @@ class Verdict:
         return {**asdict(self), "reference_score": self.reference_score}
 
 
+TIE = 1e-9  # a difference exactly at min_delta or max_forgetting passes, whatever the float rounding
+
+
 def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str | None = None,
          champion_error: str | None = None) -> tuple[bool, list[str], list[str]]:
     """The decision rule, pure. Returns (passes, reasons with numbers, names of the rules that failed).
@@ -72,7 +75,7 @@ def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str |
         checks.append(("baseline", ok, f"{prefix}test {name} {v.challenger_score:.4f} {'>' if ok else '<='} "
                        f"{base_name} {v.baseline_score:.4f}"))
     if v.champion_score is not None:
-        ok = v.challenger_score >= v.champion_score + min_delta
+        ok = v.challenger_score - v.champion_score >= min_delta - TIE
         checks.append(("champion", ok, f"test {name} {v.challenger_score:.4f} {'>=' if ok else '<'} champion "
                        f"{v.champion_score:.4f} + min_delta {min_delta:.4f} on the same test split"))
     for rule_name, where, champion, challenger in (
@@ -80,7 +83,7 @@ def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str |
             ("golden-test", "golden test", v.champion_golden_score, v.challenger_golden_score)):
         if champion is not None and challenger is not None:
             drop = champion - challenger
-            ok = drop <= max_forgetting
+            ok = drop <= max_forgetting + TIE
             checks.append((rule_name, ok, f"{where} {name} {challenger:.4f} vs champion {champion:.4f}: drop "
                            f"{drop:.4f} {'<=' if ok else '>'} max_forgetting {max_forgetting:.4f}"))
     checks.append(("smoke-test", not smoke_error, f"smoke test through the registry failed: {smoke_error}"

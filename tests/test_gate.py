@@ -49,3 +49,11 @@ def test_forgetting_rule():
 def test_entity_f1_names_the_memorization_baseline():
     _, why, _ = rule(v(0.7, 0.2, metric="entity_f1"), 0.0, 0.02)
     assert "test entity F1 0.7000 > memorization baseline 0.2000" in why[0]
+
+
+def test_a_difference_exactly_at_the_limit_passes_despite_float_rounding():
+    assert 0.3 < 0.2 + 0.1 and 0.9 - 0.88 > 0.02  # what exact float comparisons would get wrong
+    ok, why, _ = rule(v(0.3, 0.1, champion=0.2), 0.1, 0.02)
+    assert ok and "0.3000 >= champion 0.2000 + min_delta 0.1000" in why[1]
+    ok, _, held = rule(v(0.95, 0.5, champion=0.8, challenger_hist=0.88, champion_hist=0.9), 0.0, 0.02)
+    assert ok and not held
