@@ -57,11 +57,19 @@ def check_texts(texts: list, cfg: ServeConfig) -> list[str]:
         if len(t) > cfg.max_text_chars:
             raise HTTPError(422, f"text {i} has {len(t)} characters; the limit is "
                                  f"serve.max_text_chars={cfg.max_text_chars}")
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError:  # JSON allows a lone surrogate ("\ud800"); the tokenizer does not
-            raise HTTPError(422, f"text {i} is not valid Unicode (a lone surrogate)") from None
+        if not valid_unicode(t):
+            raise HTTPError(422, f"text {i} is not valid Unicode (a lone surrogate)")
     return texts
+
+
+def valid_unicode(s: str) -> bool:
+    """False for a string that JSON allows but UTF-8 cannot carry (a lone surrogate such as "\\ud800"): the
+    tokenizer, the answer's encoding and the request log would all fail on it."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def v1_response(served: ServedModel, answers: list[dict]) -> dict:

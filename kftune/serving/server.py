@@ -42,7 +42,7 @@ from kftune.serving.batching import MicroBatcher, Overloaded
 from kftune.serving.metrics import Metrics
 from kftune.serving.model import ServedModel, ServingError, load_version
 from kftune.serving.protocol import (HTTPError, check_texts, texts_from_v1, texts_from_v2, v1_response, v2_metadata,
-                                     v2_response)
+                                     v2_response, valid_unicode)
 from kftune.monitor.feedback import check_logged, write_feedback
 from kftune.pii import mask as mask_pii
 from kftune.serving.request_log import RequestLog, records
@@ -52,7 +52,7 @@ access_log = logging.getLogger("kftune.serving.access")
 
 TOKEN_ENV, TOKEN_FILE_ENV = "KFTUNE_SERVE_TOKEN", "KFTUNE_SERVE_TOKEN_FILE"
 RETRY_POLLS = 10  # a version that failed to load is tried again after this many polls
-REQUEST_ID = re.compile(r"[\w.:-]{1,64}")
+REQUEST_ID = re.compile(r"[\w.:-]{1,64}", re.ASCII)  # ASCII: a header is read as latin-1
 
 
 def request_ids():
@@ -344,6 +344,8 @@ def create_app(state: State):
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < cfg.max_texts:
                 raise HTTPError(422, f"{where}.index={str(index)[:20]!r}: expected the text's position in its request")
             labeller = it.get("labeller", "")
+            if isinstance(labeller, str) and not valid_unicode(labeller):
+                raise HTTPError(422, f"{where}.labeller: not valid Unicode (a lone surrogate)")
             rows.append({"request_id": rid, "index": index, "label": label, "source": "api",
                          "labeller": labeller[:100] if isinstance(labeller, str) else ""})
         recent = state.request_log.recent if state.request_log is not None else {}
@@ -377,6 +379,8 @@ def create_app(state: State):
         body = await read_json(request)
         texts = check_texts(texts_from_v2(body), cfg)
         rid = body.get("id")
+        if isinstance(rid, str) and not valid_unicode(rid):  # echoed as given: the answer could not be encoded
+            raise HTTPError(422, "id: not valid Unicode (a lone surrogate)")
         if isinstance(rid, str) and REQUEST_ID.fullmatch(rid):  # also the header's and the log's key
             request.state.request_id = rid
         answers = await predict(request, served, texts)

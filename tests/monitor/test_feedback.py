@@ -1,5 +1,6 @@
 """Feedback through the real server: POST /v2/models/NAME/feedback round-trips by request id, with auth."""
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -33,6 +34,9 @@ def test_feedback_round_trips_by_request_id_and_pii_is_masked_in_the_log(server,
     assert requests.post(url, json={"request_id": "req-1", "label": "positive"}, timeout=10).status_code == 401
     bad = requests.post(url, headers=auth, json={"request_id": "req-1", "label": "bullish"}, timeout=10)
     assert bad.status_code == 422 and "'bullish': not one of v1's labels ['negative', 'positive']" in bad.json()["error"]
+    bad = requests.post(url, headers={**auth, "Content-Type": "application/json"}, timeout=10,
+                        data=json.dumps({"request_id": "req-1", "label": "positive", "labeller": "\ud800"}))
+    assert bad.status_code == 422 and "body.labeller: not valid Unicode" in bad.json()["error"], bad.text
     ok = requests.post(url, headers=auth, timeout=10, json={"feedback": [
         {"request_id": "req-1", "index": 0, "label": "positive", "labeller": "ann"},
         {"request_id": "req-1", "index": 1, "label": "negative"}]})

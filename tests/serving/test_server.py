@@ -124,6 +124,7 @@ def test_malformed_input_never_causes_a_500(guarded):
         (json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 3], "data": ["a", "b"]}]}).encode(),
          422),
         (json.dumps(v2_body(["a \ud800 b"])).encode(), 422),  # a lone surrogate: valid JSON, not valid text
+        (json.dumps(v2_body(["a"], id="\ud800")).encode(), 422),  # the id is echoed: it must be encodable too
     ]
     for raw, code in cases:
         r = requests.post(url, data=raw, headers={**auth(), "Content-Type": "application/json"})
@@ -134,6 +135,9 @@ def test_malformed_input_never_causes_a_500(guarded):
     assert requests.get(f"{guarded.url}/v2/models/nope/ready").status_code == 404
     assert requests.get(f"{guarded.url}/no/such/route").status_code == 404
     assert requests.get(f"{guarded.url}/v2/health/live").status_code == 200, "still alive"
+    # a header is read as latin-1: a non-ASCII id would come back re-encoded, so the server gives its own
+    r = requests.post(url, json=v2_body(["a"]), headers={**auth(), "X-Request-Id": "id\u00fc"})
+    assert r.ok and r.headers["x-request-id"].isascii() and r.json()["id"] == r.headers["x-request-id"]
 
 
 def test_metrics_count_requests_errors_batches_and_predictions(guarded):
