@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,19 @@ def file_format(path: str, given: str = "") -> str:
         raise ServingError(f"{path}: cannot tell the format from {suffix or 'no extension'!r}; "
                            f"use .csv, .tsv, .jsonl or .parquet")
     return FORMATS[suffix]
+
+
+def require_input(path: str) -> None:
+    """The input file must exist (on disk or on an object store): checked before the model loads."""
+    import fsspec
+
+    try:
+        fs, where = fsspec.core.url_to_fs(path)
+        found = fs.isfile(where)
+    except (OSError, ValueError) as exc:  # credentials, an unknown protocol
+        raise ServingError(f"{path}: cannot read it: {type(exc).__name__}: {exc}") from None
+    if not found:
+        raise ServingError(f"{path}: no such file")
 
 
 def _open(path: str, mode: str = "rb"):
@@ -159,6 +173,7 @@ def predict_file(served: ServedModel, source: str, output: str, text_column: str
     from tqdm import tqdm
 
     in_fmt, out_fmt = file_format(source, input_format), file_format(output, output_format)
+    require_input(source)
     total = count_rows(source, in_fmt) if progress else None
     remote = "://" in output
     out_dir = Path(tempfile.mkdtemp()) if remote else Path(output).resolve().parent
@@ -198,6 +213,8 @@ def predict_file(served: ServedModel, source: str, output: str, text_column: str
         bar.close()
         writer.close()
         tmp.unlink(missing_ok=True)
+        if remote:
+            shutil.rmtree(out_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     return {"rows": writer.rows, "seconds": round(seconds, 2),
             "texts_per_s": round(writer.rows / max(seconds, 1e-9), 1),

@@ -29,11 +29,13 @@ def cmd_serve(args) -> int:
 
 def cmd_predict(args) -> int:
     from kftune.hardware import apply_threads
-    from kftune.serving.batch import predict_file
+    from kftune.serving.batch import file_format, predict_file, require_input
     from kftune.serving.model import load_version, parse_model_ref, resolve_version
     from kftune.tracking import configure
 
     params = load_params(args.params, args.set or [])
+    file_format(args.input), file_format(args.output)  # before the model loads
+    require_input(args.input)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configure(args.project_dir)
     name, alias, version = parse_model_ref(args.model)

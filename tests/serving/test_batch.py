@@ -95,6 +95,12 @@ def test_the_predict_command_end_to_end(tmp_path, serve_store, monkeypatch, caps
     assert len(pd.read_csv(tmp_path / "out.csv")) == 20
     assert main([*args[:4], "nope", *args[5:]]) == 2
     assert "nope@champion: no such alias" in capsys.readouterr().err
+    # a missing input is named before anything is loaded (here, before the unknown model is looked up)
+    missing = [*args[:4], "nope", "--input", str(tmp_path / "missing.csv"), *args[7:-1]]
+    assert main(missing) == 2
+    assert "missing.csv: no such file" in capsys.readouterr().err
+    with pytest.raises(ServingError, match="missing.csv: no such file"):  # with a progress bar, which counts rows
+        predict_file(None, str(tmp_path / "missing.csv"), str(tmp_path / "out.csv"), progress=True)
 
 
 def test_serve_and_predict_are_kftune_subcommands():

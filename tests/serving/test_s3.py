@@ -1,5 +1,7 @@
 """S3 (moto's server on 127.0.0.1, the endpoint-URL code path MinIO uses): the request log and batch prediction."""
 
+from pathlib import Path
+
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -47,9 +49,14 @@ def test_request_log_and_batch_prediction_on_s3(s3, serve_store, monkeypatch):
     model = load_version(CLASSIFIER, "1", load_params(ROOT / "params.yaml", ["serve.precision=fp32"]).serve)
     s3.put_object(Bucket="logs", Key="in/texts.jsonl",
                   Body=subword_texts(12, seed=4).to_json(orient="records", lines=True).encode())
+    import tempfile
+
+    made = []
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda real=tempfile.mkdtemp: made.append(real()) or made[-1])
     out = predict_file(model, "s3://logs/in/texts.jsonl", "s3://logs/out/predictions.parquet", chunk_rows=5,
                        progress=False)
     assert out["rows"] == 12
+    assert len(made) == 1 and not Path(made[0]).exists(), "the local staging folder is removed"
     body = s3.get_object(Bucket="logs", Key="out/predictions.parquet")["Body"].read()
     import io
 
