@@ -29,7 +29,8 @@ class Metrics:
                                    "by type)", ["label"], registry=r)
         self.model = Gauge("kftune_serve_model_info", "1 for the version and precision being served", 
                            ["model", "version", "precision"], registry=r)
-        self.ready = Gauge("kftune_serve_ready", "1 when a warm version is serving", registry=r)
+        self.ready = Gauge("kftune_serve_ready", "1 when a warm version is serving and the server is not draining",
+                           registry=r)  # read from the server's state at each scrape (kftune.serving.server)
         self.swaps = Counter("kftune_serve_model_swaps", "Versions swapped in after the alias moved", registry=r)
         self.load_seconds = Gauge("kftune_serve_model_load_seconds", "Seconds the serving version took to load, "
                                   "choose its precision and warm up, before it took traffic", registry=r)
@@ -56,4 +57,3 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 self.model.remove(old.name, old.version, old.precision)
         self.model.labels(new.name, new.version, new.precision).set(1)
-        self.ready.set(1)

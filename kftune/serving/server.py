@@ -152,7 +152,7 @@ async def follow_alias(state: State) -> None:
             if want is None and have is None and not warned:
                 warned = True
                 log.warning("%s has no alias %r yet; not ready until it has", state.name, state.alias)
-            elif want is not None and want != have and time.monotonic() >= retry_at:
+            elif want is not None and want != have and time.monotonic() >= retry_at and not state.draining:
                 log.info("%s@%s -> v%s (serving %s): loading beside it", state.name, state.alias, want,
                          f"v{have}" if have else "nothing")
                 started = time.perf_counter()
@@ -235,6 +235,7 @@ def create_app(state: State):
     async def lifespan(app):
         state.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_ms, metrics.batch.observe, cfg.max_queue)
         metrics.queue.set_function(lambda: state.batcher.waiting)
+        metrics.ready.set_function(lambda: float(state.ready))  # so a signal handler only sets a flag
         state.batcher.start()
         if cfg.log_dir:
             state.request_log = RequestLog(cfg.log_dir, cfg.log_queue, cfg.log_flush_seconds, cfg.log_file_rows,
@@ -244,7 +245,6 @@ def create_app(state: State):
             yield
         finally:
             state.draining = True
-            metrics.ready.set(0)
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
@@ -452,7 +452,6 @@ def run(name: str, alias: str | None, cfg: ServeConfig, host: str, port: int, ve
             def on_signal(sig, frame):
                 log.info("%s: draining (no new connections; in-flight requests finish)", signal.Signals(sig).name)
                 state.draining = True
-                state.metrics.ready.set(0)
                 if self.should_exit and sig == signal.SIGINT:
                     self.force_exit = True
                 self.should_exit = True
