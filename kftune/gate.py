@@ -146,17 +146,14 @@ def smoke_test(uri: str, texts: list[str], labels: list[str], task: str) -> str 
 
 
 def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labels: list[str], task: str) -> Verdict:
-    """Score the champion on `tests` (test, and historical when retraining), smoke-test the challenger, apply
-    the rule; fills the verdict's champion scores, decision and reasons."""
+    """Score the champion on `tests` (test, historical when retraining, golden with register.golden_test: read and
+    checked before the version was registered), smoke-test the challenger, apply the rule; fills the verdict's
+    champion scores, decision and reasons."""
     cfg = params.register
     champion_error = None
-    if cfg.golden_test:  # the fixed test set: both sides re-scored on it every time
-        from kftune.splits import read_golden
-
-        golden = read_golden(cfg.golden_test, params.ingest, task)
+    if "golden" in tests:  # the fixed test set: both sides re-scored on it every time
         verdict.challenger_golden_score = score_version(f"models:/{cfg.model_name}/{verdict.version}",
-                                                        {"golden": golden}, labels, params)["golden"]
-        tests = {**tests, "golden": golden}
+                                                        {"golden": tests["golden"]}, labels, params)["golden"]
     if verdict.champion_version:
         try:
             measured = score_version(f"models:/{cfg.model_name}/{verdict.champion_version}", tests, labels, params)

@@ -35,7 +35,13 @@ def preflight(data_path: str, params: Params, data_repo: str = "", data_rev: str
                           f"{layers} layers")
     with tempfile.TemporaryDirectory() as tmp:
         local, lineage = materialize(data_path, data_repo, data_rev, tmp)
-        return ingest(local, Path(tmp) / "data", params.ingest, lineage, params.task)
+        card = ingest(local, Path(tmp) / "data", params.ingest, lineage, params.task)
+    if params.register.golden_test:
+        from kftune.splits import check_golden, read_golden
+
+        golden = params.register.golden_test
+        check_golden(read_golden(golden, params.ingest, params.task), card["labels"], golden)
+    return card
 
 
 def _base_model_config(name: str) -> dict:

@@ -72,6 +72,18 @@ def read_golden(path: str, cfg: IngestConfig, task: str) -> pd.DataFrame:
     return df[(df["text"] != "") & (df["label"] != "")].reset_index(drop=True)
 
 
+def check_golden(golden: pd.DataFrame, labels: list[str], path: str) -> None:
+    """register.golden_test must have rows, each with a label (tag) the model predicts, for the gate to score
+    both sides on it: checked before anything is registered."""
+    tagged = "tags" in golden.columns
+    if golden.empty:
+        raise DataError(f"register.golden_test={path}: no labelled {'sentences' if tagged else 'rows'}")
+    unknown = sorted(({t for ts in golden["tags"] for t in ts} if tagged else set(golden["label"])) - set(labels))
+    if unknown:
+        raise DataError(f"register.golden_test={path}: {'tags' if tagged else 'labels'} {unknown[:10]} are not "
+                        f"among the model's {labels}")
+
+
 def check_files(splits: dict[str, str]) -> None:
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import pandas as pd
+import pytest
+from mlflow import MlflowClient
 
 from kftune import registry
+from kftune.local import preflight
 from kftune.score import score
+from kftune.tables import DataError
 
 from .conftest import subword_texts, train_and_register
 
@@ -29,3 +32,16 @@ def test_the_gate_scores_both_sides_on_the_golden_test_and_holds_a_regression(tm
     assert champion_f1 - challenger_f1 > params.register.max_forgetting
     assert "golden-test" in verdict.held_by and verdict.decision == "hold"
     assert any(r.startswith("golden test macro-F1") for r in verdict.reasons)
+
+
+def test_a_golden_test_with_unknown_labels_fails_before_anything_is_registered(tmp_path, prepared, params,
+                                                                               subword_csv, mlflow_store):
+    golden = tmp_path / "golden.csv"
+    subword_texts(20, seed=21).assign(label="bullish").to_csv(golden, index=False)
+    gated = dataclasses.replace(params, register=dataclasses.replace(params.register, golden_test=str(golden)))
+    message = rf"register.golden_test={golden}: labels \['bullish'\] are not among the model's"
+    with pytest.raises(DataError, match=message):  # `kftune run`: before training
+        preflight(str(subword_csv), gated)
+    with pytest.raises(DataError, match=message):  # a cluster or retraining run: before registering
+        train_and_register(prepared, gated, "never", max_steps=1)
+    assert not MlflowClient().search_model_versions(f"name='{params.register.model_name}'")

@@ -140,6 +140,14 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             **{f"kftune.{k}": str(v) for k, v in card.get("lineage", {}).items()},
             **{f"kftune.{k}": str(card[k]) for k in ("warm_start", "new_rows", "replayed_rows") if k in card}}
     hist = metrics.get("historical")
+    tests = {"test": test}
+    if hist:
+        tests["historical"] = pd.read_parquet(data_dir / "historical_test.parquet")
+    if cfg.golden_test:  # read and checked before anything is registered
+        from kftune.splits import check_golden, read_golden
+
+        tests["golden"] = read_golden(cfg.golden_test, params.ingest, task)
+        check_golden(tests["golden"], metrics["labels"], cfg.golden_test)
     progress = Progress("register", 4, "parts (run, model, gate, card)", every=0)
     with mlflow.start_run(run_id=run_id or None, experiment_id=None if run_id else experiment_id(cfg.experiment)) as run:
         _log_run(data_dir, model_dir, eval_dir, card, metrics, params, tags, new_run=not run_id)
@@ -160,9 +168,6 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         verdict = gate.Verdict(gate.HOLD, version, primary, metrics["model"][primary],
                                metrics["baselines"][metrics["baseline"]][primary], champion or "",
                                challenger_historical_score=hist[primary] if hist else None)
-        tests = {"test": test}
-        if hist:
-            tests["historical"] = pd.read_parquet(data_dir / "historical_test.parquet")
         gate.judge(verdict, params, tests, metrics["labels"], task)
         progress.update(1)
         mlflow.log_metrics({f"champion_{k}_{primary}": v for k, v in {
