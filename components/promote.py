@@ -19,7 +19,7 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
 
     from kftune.config import params_from_dict
     from kftune.gate import promote
-    from kftune.registry import actor
+    from kftune.registry import RegistryError, actor
     from kftune.tracking import configure
 
     with open(os.path.join(gate.path, "decision.json"), encoding="utf-8") as f:
@@ -28,7 +28,15 @@ def promote_op(params: dict, gate: Input[Artifact], run_name: str) -> str:
         raise RuntimeError(f"promote ran for a {decision['decision']!r} decision: {decision}")
     configure()
     register = params_from_dict(params).register
-    promote(register.model_name, decision["version"], reason="passed the gate: " + " | ".join(decision["reasons"]),
-            who=f"{actor()} via pipeline {run_name}", expected_champion=decision["champion_version"],
-            keep_versions=register.keep_versions)
+    try:
+        promote(register.model_name, decision["version"], reason="passed the gate: " + " | ".join(decision["reasons"]),
+                who=f"{actor()} via pipeline {run_name}", expected_champion=decision["champion_version"],
+                keep_versions=register.keep_versions)
+    except RegistryError as exc:  # the champion moved since the gate: the retraining run said "promote"
+        if decision.get("retrain_run_id"):
+            from mlflow import MlflowClient
+
+            MlflowClient().set_tag(decision["retrain_run_id"], "kftune.decision", "refused")
+            MlflowClient().set_tag(decision["retrain_run_id"], "kftune.refusal", str(exc)[:5000])
+        raise
     return decision["version"]

@@ -28,8 +28,14 @@ def resolve_op(data_path: str, data_repo: str, data_rev: str, params: dict, run_
 
     p = params_from_dict(params)
     run_id = start_retraining_run(p, run_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        local, lineage = materialize(data_path, data_repo, data_rev, tmp)
-        card = resolve(local, data.path, champion.path, p, lineage, run_id)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local, lineage = materialize(data_path, data_repo, data_rev, tmp)
+            card = resolve(local, data.path, champion.path, p, lineage, run_id)
+    except Exception as exc:  # the run records why; a retry of this task opens its own
+        from kftune.tracking import fail_run
+
+        fail_run(run_id, f"resolve: {type(exc).__name__}: {exc}")
+        raise
     data.metadata.update({"status": card["status"], "new_rows": card["new_rows"], "retrain_run_id": run_id})
     return card["status"]

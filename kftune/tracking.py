@@ -149,6 +149,13 @@ def finish_run(run_id: str) -> None:
     client.set_terminated(run_id, "FINISHED")
 
 
+def fail_run(run_id: str, cause: str) -> None:
+    """A run whose step failed: FAILED, with the cause (a retried step opens a run of its own)."""
+    import mlflow
+
+    _close(mlflow.MlflowClient(), run_id, "FAILED", cause)
+
+
 def close_runs(status: str, cause: str, run_owner: str | None = None) -> list[str]:
     """End every unfinished run of `run_owner` (default: this command) as FAILED or KILLED, with kftune.status
     and the root cause; remove the model versions such a run registered but never decided on. Returns run ids."""

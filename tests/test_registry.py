@@ -210,3 +210,29 @@ def test_keep_versions_prunes_after_each_promotion_but_never_a_protected_version
     _consistent()
     with pytest.raises(ConfigError, match=r"register.keep_versions=-1: must be >= 0"):
         load_params(ROOT / "params.yaml", ["register.keep_versions=-1"])
+
+
+def test_a_refused_promotion_is_recorded_on_the_retraining_run(store, tmp_path):
+    """The retraining run said "promote" at register; the champion moved before promote ran."""
+    import json
+
+    from components.promote import promote_op
+    from kftune.config import load_params
+    from kftune.steps.resolve import start_retraining_run
+    from tests.conftest import ROOT
+
+    params = load_params(ROOT / "params.yaml", [f"register.model_name={NAME}"])
+    run_id = start_retraining_run(params)
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "decision.json").write_text(json.dumps(
+        {"decision": "promote", "version": "3", "champion_version": "", "reasons": ["test"], "retrain_run_id": run_id}))
+
+    class Gate:
+        path = str(tmp_path / "gate")
+
+    with pytest.raises(registry.RegistryError, match="champion moved"):
+        promote_op.python_func(params=params.to_dict(), gate=Gate(), run_name="refused-test")
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags["kftune.decision"] == "refused" and "champion moved: was vnone" in tags["kftune.refusal"]
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "1"
+    _consistent()

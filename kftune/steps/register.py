@@ -190,6 +190,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
             client.set_tag(retrain_run, f"kftune.{k}", v)
         finish_run(retrain_run)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(out_dir) / "decision.json", verdict.to_dict())
+    # the retraining run's id: promote records a refusal there
+    write_json(Path(out_dir) / "decision.json", {**verdict.to_dict(), "retrain_run_id": retrain_run or ""})
     log.info("register: v%s %s (%s)", version, verdict.decision, "; ".join(verdict.reasons))
     return verdict

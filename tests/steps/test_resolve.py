@@ -106,3 +106,20 @@ def test_the_challengers_reference_keeps_the_split_each_row_was_used_in(tmp_path
     assert reference.loc[reference["text"] == trained["text"], "split"].tolist() == ["train"]
     assert len(reference) == 1200 + 300 and reference["text"].is_unique
     assert (reference.set_index("text").loc[fresh["text"], "split"].to_numpy() == fresh["split"].to_numpy()).all()
+
+
+def test_a_failed_resolve_ends_its_retraining_run_as_failed_with_the_cause(tmp_path, params, mlflow_store):
+    """A retried resolve task opens a run per attempt: a failed attempt's must not stay RUNNING."""
+    import mlflow
+
+    from components.resolve import resolve_op
+
+    class Out:  # a KFP output artifact
+        def __init__(self, path):
+            self.path, self.metadata = str(path), {}
+
+    with pytest.raises(DataError, match="missing"):
+        resolve_op.python_func(data_path=str(tmp_path / "missing"), data_repo="", data_rev="", params=params.to_dict(),
+                               run_name="r", data=Out(tmp_path / "d"), champion=Out(tmp_path / "c"))
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and run.data.tags["kftune.failure"].startswith("resolve: DataError: ")
