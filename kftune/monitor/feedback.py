@@ -151,7 +151,8 @@ def unknown_requests(rows: list[dict], known: dict[str, int]) -> list[tuple[int,
 
 def check_logged(rows: list[dict], recent: dict[str, int], log_dir: str, model: str) -> list[tuple[int, str]]:
     """The server's check: ids it answered lately (`recent`, not all written yet), else the log's files."""
-    known = {r["request_id"]: recent[r["request_id"]] for r in rows if r["request_id"] in recent}
+    # one get per id: the server's event loop may evict an id between a membership test and a read
+    known = {r["request_id"]: n for r in rows if (n := recent.get(r["request_id"])) is not None}
     missing = [r["request_id"] for r in rows if r["request_id"] not in known]
     if missing:
         known.update(logged_requests(log_dir, missing, model))
