@@ -55,11 +55,11 @@ def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) 
     if rule.kind == "volume":
         if not ctx.ever_traffic:
             return Verdict(rule, UNKNOWN, n, n, "no prediction logged yet")
-        return verdict(n < rule.min_requests, n, f"{n} predictions in the last {_dur(rule.window)} "
-                                                  f"(at least {rule.min_requests} expected)")
+        least = max(rule.min_requests, 1)  # 0 reads as 1: no traffic at all
+        return verdict(n < least, n, f"{n} predictions in the last {_dur(rule.window)} (at least {least} expected)")
     if rule.kind == "live_quality":
         live = ctx.live
-        if live.get("n", 0) < rule.min_requests or ctx.test_accuracy is None:
+        if live.get("n", 0) < max(rule.min_requests, 1) or ctx.test_accuracy is None:  # no accuracy of no labels
             return Verdict(rule, UNKNOWN, None, n, f"{live.get('n', 0)} random-sample labels, "
                                                    f"{rule.min_requests} needed")
         gap = ctx.test_accuracy - live["accuracy"]

@@ -73,3 +73,15 @@ def test_min_requests_0_judges_no_share_of_an_empty_window():
     assert [judge(r, empty, NOW, ctx).status for r in rules] == ["unknown"] * 3
     one = pd.DataFrame({"time": [NOW], "label": ["negative"], "probability": [0.5]})
     assert [judge(r, one, NOW, ctx).status for r in rules] == ["failing"] * 3
+
+
+def test_min_requests_0_on_volume_and_live_quality():
+    """volume: 0 reads as 1, so an empty window fails; live_quality: no labels is unknown, not a crash."""
+    rules, problems = parse_rules([
+        {"name": "quiet", "kind": "volume", "window": "1h", "min_requests": 0},
+        {"name": "live", "kind": "live_quality", "max_gap": 0.05, "window": "1h", "min_requests": 0}])
+    assert not problems
+    ctx = Context(reference_shares={}, reference_confidence=None, drifted=None, drift_why="", live={"n": 0},
+                  test_accuracy=0.9, ever_traffic=True)
+    empty = pd.DataFrame({"time": pd.Series([], dtype="datetime64[ns, UTC]"), "label": [], "probability": []})
+    assert [judge(r, empty, NOW, ctx).status for r in rules] == ["failing", "unknown"]
