@@ -29,13 +29,20 @@ class Sentence:
     lines: tuple = ()  # CoNLL: the line of every token, so an error names the token's own line
 
 
+def _lines(path: str | Path, encoding: str) -> list[str]:
+    """The file's lines, split at \\n (and \\r\\n) only: str.splitlines also splits at U+0085 (a cp1252 "..."
+    read as latin-1), U+2028 (JSON may leave it unescaped) and form feeds, which belong to a token."""
+    text = Path(path).read_text(encoding=reading(encoding))
+    return [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
+
+
 def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> list[Sentence]:
     """One token per line, its tag in column `tag_column` (0-based; -1 is the last), blank lines between sentences.
 
     `-DOCSTART-` lines are skipped. Every non-blank line must have as many columns as the first.
     """
     sentences, tokens, tags, numbers, start, width = [], [], [], [], 0, None
-    lines = Path(path).read_text(encoding=reading(encoding)).splitlines()
+    lines = _lines(path, encoding)
     for number, raw in enumerate(lines + [""], start=1):
         cols = raw.split("\t") if "\t" in raw else raw.split()
         if not raw.strip():
@@ -64,7 +71,7 @@ def read_conll(path: str | Path, tag_column: int, encoding: str = "utf-8") -> li
 def read_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Sentence]:
     """One {"tokens": [...], "tags": [...]} object per line."""
     sentences = []
-    for number, raw in enumerate(Path(path).read_text(encoding=reading(encoding)).splitlines(), start=1):
+    for number, raw in enumerate(_lines(path, encoding), start=1):
         if not raw.strip():
             continue
         try:

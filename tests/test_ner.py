@@ -1,5 +1,7 @@
 """NER helpers on hand-made examples whose answer is known."""
 
+import json
+
 import pytest
 
 from kftune import ner
@@ -111,3 +113,16 @@ def test_a_bad_tag_is_reported_at_its_own_line(tmp_path):
     assert s2.line == 3 and s2.lines == (3, 4, 5)
     with pytest.raises(NerDataError, match=rf"{path}:5: tag 'X-ORG' of token 'met'"):
         ner.check_tags(s2, f"{path}:{s2.line}", repair=True, allowed=None)
+
+
+def test_only_newlines_end_lines_in_conll_and_jsonl(tmp_path):
+    """U+0085 (cp1252's "..." read as latin-1) and U+2028 (left unescaped by json.dumps(ensure_ascii=False)) are
+    characters of a token, not line breaks."""
+    (tmp_path / "a.conll").write_bytes(b"Wait\tO\r\n\x85\tO\r\nParis\tB-LOC\r\n")
+    (sentence,) = ner.read_conll(tmp_path / "a.conll", -1, encoding="latin-1")
+    assert sentence.tokens == ["Wait", "\x85", "Paris"] and sentence.tags == ["O", "O", "B-LOC"]
+    row = json.dumps({"tokens": ["a\u2028b", "c"], "tags": ["O", "O"]}, ensure_ascii=False)
+    assert "\u2028" in row
+    (tmp_path / "a.jsonl").write_text(row + "\n", encoding="utf-8")
+    (sentence,) = ner.read_jsonl(tmp_path / "a.jsonl")
+    assert sentence.tokens == ["a\u2028b", "c"]

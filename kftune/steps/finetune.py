@@ -134,7 +134,7 @@ def validation_metrics(model, x, y, word_ids, pad_id: int, labels: list[str], ba
     gold, pred = [], []
     for lg, yy, ww in zip(logits, y, word_ids):
         first = [i for i, w in enumerate(ww) if w >= 0 and (i == 0 or ww[i - 1] != w)]
-        gold.append([labels[yy[i]] for i in first])
+        gold.append(repaired([labels[yy[i]] for i in first]))  # a window may start inside an entity: I-X -> B-X
         pred.append(repaired([labels[int(lg[i].argmax())] for i in first]))
     m = entity_metrics(gold, pred)
     return {"val_entity_f1": m["entity_f1"], "val_token_accuracy": m["token_accuracy"], "val_loss": loss}
