@@ -268,6 +268,11 @@ def load_rows(source: str, cfg: IngestConfig, split_files: dict[str, str] | None
     hashed = {x for gives, split in zip(present, df["split"]) if split == "train" for x in SPLITS
               if x not in gives} if present else None
     df["split"] = splits.assign(df["text"], df["split"].tolist() if given else None, cfg, present)
+    trained = sorted(df.loc[df["split"] == "train", "label"].unique())
+    if len(trained) < 2:  # nothing to tell apart: fine-tuning and the TF-IDF baseline would learn one answer
+        raise DataError(f"{source}: the train split has {len(trained)} distinct label(s) {trained} of {labels}; a "
+                        f"classifier needs at least 2 in train: add rows of the others (they went to validation or "
+                        f"test)")
     info = {"sources": sources, "rows_read": len(raw), "dropped": drops, "drop_reasons": reasons, "labels": labels,
             "split_salt": cfg.split_salt, "split": split_settings(cfg),
             "warnings": drop_warnings(raw, df, drops) + untrained_labels(df, labels)}

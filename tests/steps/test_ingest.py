@@ -173,6 +173,12 @@ def test_a_label_without_training_rows_is_said_loudly(tmp_path, params, caplog):
     assert info["warnings"] == ["label(s) 'bankrupt' have no training row (only 2 rows, all in validation or test): "
                                 "the model cannot learn them; add rows"]
     assert "no training row" in caplog.text
+    # a binary data set whose rare label has no training row: nothing left to tell apart, refused before training
+    pd.DataFrame([r for r in rows if r[1] == "negative"] + [(t, "bankrupt") for t in rare],
+                 columns=["text", "label"]).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"the train split has 1 distinct label\(s\) \['negative'\] of \['bankrupt', "
+                                        r"'negative'\]; a classifier needs at least 2 in train"):
+        load_rows(str(tmp_path / "d.csv"), params.ingest)
 
 
 def test_a_tsv_row_split_by_a_quoted_line_break_is_named_not_read_as_two(tmp_path, params):
