@@ -32,10 +32,13 @@ def check_cron(cron: str) -> str:
 def next_fire(cron: str, after: float) -> float:
     """The first fire time after `after` (Unix seconds), the cron read in the machine's local time zone.
 
-    croniter reads a naive datetime as UTC, so the start is given with the local zone attached."""
+    croniter reads a naive datetime as UTC, so the start is given with the local zone attached: the zone with its
+    rules (`tzlocal`), not today's fixed offset, or a daily job would fire an hour off across a daylight-saving
+    change (twice on the night the clocks go back)."""
     from croniter import croniter
+    from dateutil.tz import tzlocal
 
-    return croniter(cron, datetime.fromtimestamp(after).astimezone()).get_next(float)
+    return croniter(cron, datetime.fromtimestamp(after, tzlocal())).get_next(float)
 
 
 class Clock:

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -53,6 +53,22 @@ def test_cron_hours_are_the_local_time_zone_s(zone, monkeypatch):
     try:  # 21:30 local: the next '0 3 * * *' is 03:00 local tomorrow, not 03:00 UTC read as local
         fire = next_fire("0 3 * * *", datetime(2026, 12, 7, 21, 30).timestamp())
         assert datetime.fromtimestamp(fire) == datetime(2026, 12, 8, 3, 0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize("start", [datetime(2026, 10, 24, 12), datetime(2026, 10, 25, 0, 30),
+                                   datetime(2026, 3, 28, 12), datetime(2026, 3, 29, 0, 30)])
+def test_a_daily_cron_keeps_its_hour_across_daylight_saving_changes(start, monkeypatch):
+    """Berlin's clocks go back on 2026-10-25 and forward on 2026-03-29: 03:00 stays 03:00, once."""
+    from kftune.schedule import next_fire
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        fire = datetime.fromtimestamp(next_fire("0 3 * * *", start.timestamp()))
+        assert (fire.date(), fire.hour, fire.minute) == (start.date() + timedelta(days=start.hour > 3), 3, 0)
     finally:
         monkeypatch.undo()
         time.tzset()
