@@ -177,8 +177,14 @@ def manage_on_cluster(host: str, action: str, recurring_run_id: str = "") -> lis
     """list | pause | resume | delete KFP recurring runs."""
     client = kfp_client(host)
     if action == "list":
+        runs, token = [], ""
         with _api(host, "listing recurring runs"):
-            runs = client.list_recurring_runs(page_size=100).recurring_runs or []
+            while True:  # every page: a run missed on a later one would be scheduled twice
+                page = client.list_recurring_runs(page_token=token, page_size=100)
+                runs += page.recurring_runs or []
+                token = page.next_page_token
+                if not token:
+                    break
         return [{"id": r.recurring_run_id, "name": r.display_name, "status": r.status,
                  "cron": r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else ""} for r in runs]
     if not recurring_run_id:

@@ -108,12 +108,16 @@ def test_a_missing_folder_a_kfp_api_error_and_a_second_recurring_run_are_one_lin
     assert main(["compile", "-o", str(tmp_path / "no" / "p.yaml"), "--params", str(ROOT / "params.yaml")]) == 2
     assert "the folder" in capsys.readouterr().err
 
-    class KfpSaysNotFound(BaseHTTPRequestHandler):  # healthy; one recurring run, no other
+    class KfpSaysNotFound(BaseHTTPRequestHandler):  # healthy; two pages of recurring runs, kftune's on the second
         def answer(self):
             listing = self.command == "GET" and self.path.startswith("/apis/v2beta1/recurringruns?")
             ok = "healthz" in self.path or listing
+            second = "page_token=p2" in self.path
             body = json.dumps({"recurringRuns": [{"recurring_run_id": "r-1", "status": "ENABLED",
-                                                  "display_name": "kftune-retraining-kftune-demo"}]} if listing else
+                                                  "display_name": "kftune-retraining-kftune-demo"}]} if second else
+                              {"recurringRuns": [{"recurring_run_id": "r-0", "status": "ENABLED",
+                                                  "display_name": "someone-elses"}], "next_page_token": "p2"}
+                              if listing else
                               {"commit_sha": "x", "tag_name": "2.17.3", "multi_user": False} if ok else
                               {"error": "not found", "code": 5, "message": "recurring run BADID not found"}).encode()
             self.send_response(200 if ok else 404)
