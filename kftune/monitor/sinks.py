@@ -11,17 +11,19 @@ from kftune.console import plain
 from kftune.tracking import redact_url
 
 log = logging.getLogger("kftune.monitor.alerts")
+MAX_WAIT = 60.0  # seconds: the doubling waits between webhook attempts stop growing here
 
 
 def post_webhook(url: str, document: dict, retries: int, backoff: float, timeout: float,
                  sleep=time.sleep) -> tuple[bool, str]:
-    """POST `document` as JSON; retry on connection errors and 5xx/429 with doubling waits. (delivered, detail)."""
+    """POST `document` as JSON; retry on connection errors and 5xx/429 with doubling waits (at most MAX_WAIT).
+    A redirect is not followed (it would turn the POST into a GET without the alert). (delivered, detail)."""
     import requests
 
     wait, last = backoff, ""
     for attempt in range(retries + 1):
         try:
-            r = requests.post(url, json=document, timeout=timeout)
+            r = requests.post(url, json=document, timeout=timeout, allow_redirects=False)
             if r.status_code < 300:
                 return True, f"HTTP {r.status_code} after {attempt + 1} attempt(s)"
             last = f"HTTP {r.status_code}"
@@ -31,7 +33,7 @@ def post_webhook(url: str, document: dict, retries: int, backoff: float, timeout
             last = type(exc).__name__
         if attempt < retries:
             sleep(wait)
-            wait *= 2
+            wait = min(wait * 2, MAX_WAIT)
     return False, f"{last} after {retries + 1} attempts"
 
 

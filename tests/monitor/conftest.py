@@ -73,17 +73,25 @@ def write_traffic(log_dir: Path, start: float, hours: list[float], per_hour: int
 
 
 class Receiver:
-    """An HTTP receiver on 127.0.0.1 that keeps every JSON document; the first `fail_first` POSTs get 503."""
+    """An HTTP receiver on 127.0.0.1 that keeps every JSON document; the first `fail_first` POSTs get 503; with
+    `redirect`, every POST gets a 302 to a page that answers a GET with 200 (what a moved endpoint does)."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, redirect: bool = False):
         self.documents, self.attempts, self.fail_first = [], 0, fail_first
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 outer.attempts += 1
-                if outer.attempts <= outer.fail_first:
+                if redirect:
+                    self.send_response(302)
+                    self.send_header("Location", "/moved")
+                elif outer.attempts <= outer.fail_first:
                     self.send_response(503)
                 else:
                     outer.documents.append(json.loads(body))
@@ -107,8 +115,8 @@ class Receiver:
 def receiver():
     started = []
 
-    def start(fail_first: int = 0) -> Receiver:
-        started.append(Receiver(fail_first))
+    def start(fail_first: int = 0, redirect: bool = False) -> Receiver:
+        started.append(Receiver(fail_first, redirect))
         return started[-1]
 
     yield start

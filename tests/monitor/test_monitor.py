@@ -201,3 +201,16 @@ def test_a_check_compacts_closed_days_and_applies_the_retention(store, tiny_mode
     params = monitor_params(tiny_model, f"monitor.rules={SURGE}", "monitor.log_retention_days=2")
     assert monitor_once(str(log_dir), params, now=START + 3 * 86400)["log"]["deleted"] == 1
     assert len(read_request_log(str(log_dir))) == 0
+
+
+def test_webhook_waits_are_capped_and_a_redirect_is_not_followed(receiver):
+    """A redirect would turn the POST into a GET without the alert, and its 200 would read as delivered."""
+    from kftune.monitor.sinks import post_webhook
+
+    waits = []
+    hook = receiver(fail_first=10)
+    ok, detail = post_webhook(hook.url, {"alert": "a"}, retries=9, backoff=10, timeout=5, sleep=waits.append)
+    assert not ok and hook.attempts == 10 and waits == [10, 20, 40, 60, 60, 60, 60, 60, 60]
+    moved = receiver(redirect=True)
+    ok, detail = post_webhook(moved.url, {"alert": "a"}, retries=3, backoff=0, timeout=5, sleep=waits.append)
+    assert not ok and detail.startswith("HTTP 302: not retried") and moved.attempts == 1
