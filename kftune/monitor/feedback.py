@@ -160,8 +160,12 @@ def check_logged(rows: list[dict], recent: dict[str, int], log_dir: str, model: 
 
 
 def joined(requests, feedback):
-    """Logged predictions that have a correction: the request log's columns plus `true_label`, `sample`."""
+    """Logged predictions that have a correction: the request log's columns plus `true_label`, `sample`.
+
+    Request ids come from clients, which may reuse one: a correction goes to the latest prediction logged under
+    its (request_id, index), once."""
     fb = feedback.rename(columns={"label": "true_label", "time": "feedback_time"})
+    requests = requests.sort_values("time", kind="stable").drop_duplicates(["request_id", "index"], keep="last")
     return requests.merge(fb[["request_id", "index", "true_label", "sample", "labeller"]], on=["request_id", "index"])
 
 

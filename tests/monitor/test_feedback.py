@@ -67,6 +67,16 @@ def test_feedback_round_trips_by_request_id_and_pii_is_masked_in_the_log(server,
     assert both["labeller"].tolist() == ["ann", ""] and set(both["request_id"]) == {"req-1"}
 
 
+def test_a_reused_request_id_joins_its_correction_to_the_latest_prediction_once():
+    log = pd.DataFrame({"request_id": ["1", "1", "2"], "index": [0, 0, 0], "text": ["old", "new", "other"],
+                        "label": ["negative", "positive", "positive"],
+                        "time": pd.to_datetime(["2026-12-01 10:00", "2026-12-01 11:00", "2026-12-01 10:30"], utc=True)})
+    feedback = pd.DataFrame({"request_id": ["1"], "index": [0], "label": ["positive"], "sample": ["random"],
+                             "labeller": [""], "time": pd.to_datetime(["2026-12-01 11:05"], utc=True)})
+    both = joined(log, feedback)
+    assert both[["text", "true_label"]].values.tolist() == [["new", "positive"]]
+
+
 def _logged(log_dir, ids: dict[str, int], model: str = MODEL) -> None:
     """Predictions in a request log: request id -> number of texts."""
     served = SimpleNamespace(name=model, version="1", precision="fp32", task="sequence-classification",
