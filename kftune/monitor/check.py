@@ -154,7 +154,8 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
                                  or any(h.get("requests") for h in state["history"]))  # older state files
     ctx = R.Context(ref_stats.get("shares", {}), ref_stats.get("confidence"), drifted, why, live,
                     test.get("accuracy"), ever_traffic=state["seen_traffic"])
-    verdicts = [R.judge(r, served, now_ts, ctx) for r in rules]
+    # volume counts every version's predictions: a server that has not swapped to a new champion yet still serves
+    verdicts = [R.judge(r, logged if r.kind == "volume" else served, now_ts, ctx) for r in rules]
     state["alerts"], events = R.transitions(verdicts, state["alerts"], str(now_ts))
 
     client = mlflow.MlflowClient()

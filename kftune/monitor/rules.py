@@ -45,7 +45,7 @@ def window(rows: pd.DataFrame, now: pd.Timestamp, seconds: float) -> pd.DataFram
 
 
 def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) -> Verdict:
-    """One rule on the traffic of its window (rows: the champion's logged predictions)."""
+    """One rule on the traffic of its window (rows: the champion's logged predictions; for volume, the model's)."""
     w = window(rows, now, rule.window)
     n = len(w)
 

@@ -214,3 +214,13 @@ def test_webhook_waits_are_capped_and_a_redirect_is_not_followed(receiver):
     moved = receiver(redirect=True)
     ok, detail = post_webhook(moved.url, {"alert": "a"}, retries=3, backoff=0, timeout=5, sleep=waits.append)
     assert not ok and detail.startswith("HTTP 302: not retried") and moved.attempts == 1
+
+
+def test_volume_counts_every_versions_predictions(store, tiny_model, tmp_path):
+    """Just after a promotion the server still answers with the old version for a poll or two: traffic is
+    healthy, and the volume rule must not say "no traffic" because the champion has none of it yet."""
+    rules = "[{name: no-traffic, kind: volume, window: 1h, min_requests: 10}]"
+    log_dir = tmp_path / "log"
+    write_traffic(log_dir, START, [0.3, 0.3], per_hour=30, version="7")  # v1 is the champion
+    check = monitor_once(str(log_dir), monitor_params(tiny_model, f"monitor.rules={rules}"), now=START + 2 * 3600)
+    assert load_state(str(log_dir))["alerts"]["no-traffic"]["status"] == "ok" and check["events"] == []
