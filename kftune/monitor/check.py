@@ -11,6 +11,7 @@ over its own window.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -21,7 +22,7 @@ import pandas as pd
 
 from kftune.config import Params
 from kftune.monitor import rules as R
-from kftune.serving.request_log import _fs, compact_request_log, read_request_log
+from kftune.serving.request_log import _fs, _is_local, compact_request_log, read_request_log
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,42 @@ def load_state(log_dir: str) -> dict:
 
 
 def save_state(log_dir: str, state: dict) -> None:
+    """Written whole or not at all: a local file under a name of its own, synced, then renamed; on an object store
+    one put (a file object's close would upload what was written before an error)."""
     import os
 
     fs, root = _fs(log_dir)
     fs.makedirs(f"{root}/_monitor", exist_ok=True)
     text = json.dumps(state, indent=1, default=str)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{root}/_monitor/.state.json.tmp"
-        Path(tmp).write_text(text, encoding="utf-8")
+    if _is_local(fs):
+        tmp = f"{root}/_monitor/.state.json.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a power loss must not leave an empty state.json that every check fails on
         os.replace(tmp, f"{root}/{STATE}")
     else:
-        with fs.open(f"{root}/{STATE}", "w") as f:
-            f.write(text)
+        fs.pipe_file(f"{root}/{STATE}", text.encode())
+
+
+@contextlib.contextmanager
+def one_check_at_a_time(log_dir: str):
+    """Checks of one local log wait for each other (a one-off `kftune monitor` beside `monitor --cron`): two at once
+    would both send an alert's change and one would lose the other's state. Object stores: one check per log is
+    the scheduler's job (the monitoring pipeline's recurring run)."""
+    import fcntl
+
+    fs, root = _fs(log_dir)
+    if not _is_local(fs):
+        yield
+        return
+    Path(root, "_monitor").mkdir(parents=True, exist_ok=True)
+    with open(Path(root, "_monitor", ".check.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def champion_files(name: str, version: str, cache: Path) -> tuple[Path, pd.DataFrame, dict]:
@@ -96,7 +121,7 @@ def run_drift(folder: Path, reference: pd.DataFrame, new: pd.DataFrame, params: 
 
 def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_dir: str | Path = ".kftune/monitor",
                  out_dir: str | Path | None = None, sleep=time.sleep) -> dict:
-    """One check. Args:
+    """One check (after any other check of the same local log has finished). Args:
         log_dir: the server's request log (serve.log_dir).
         params: all settings (monitor, drift, register.model_name).
         now: the check's time in Unix seconds (default: the clock; a replay passes its simulated time).
@@ -104,6 +129,12 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
         out_dir: where report.md and monitor.png are written (default: a temp folder, logged to MLflow).
     Returns the check's record (also logged as one MLflow run).
     """
+    with one_check_at_a_time(log_dir):
+        return _check(log_dir, params, now, cache_dir, out_dir, sleep)
+
+
+def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Path, out_dir: str | Path | None,
+           sleep) -> dict:
     import mlflow
 
     from kftune import registry

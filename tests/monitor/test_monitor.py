@@ -224,3 +224,28 @@ def test_volume_counts_every_versions_predictions(store, tiny_model, tmp_path):
     write_traffic(log_dir, START, [0.3, 0.3], per_hour=30, version="7")  # v1 is the champion
     check = monitor_once(str(log_dir), monitor_params(tiny_model, f"monitor.rules={rules}"), now=START + 2 * 3600)
     assert load_state(str(log_dir))["alerts"]["no-traffic"]["status"] == "ok" and check["events"] == []
+
+
+def test_checks_of_one_log_wait_for_each_other_and_the_state_file_is_written_whole(tmp_path):
+    import threading
+    import time
+
+    from kftune.monitor.check import STATE, one_check_at_a_time, save_state
+
+    log_dir, order = tmp_path / "log", []
+
+    def check(name):
+        with one_check_at_a_time(str(log_dir)):
+            order.append(f"{name} start")
+            time.sleep(0.3)
+            order.append(f"{name} end")
+
+    threads = [threading.Thread(target=check, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order in (["a start", "a end", "b start", "b end"], ["b start", "b end", "a start", "a end"])
+    save_state(str(log_dir), {"checks": 1})
+    assert json.loads((log_dir / STATE).read_text()) == {"checks": 1}
+    assert [p.name for p in (log_dir / "_monitor").iterdir() if p.name.endswith(".tmp")] == []
