@@ -101,6 +101,8 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
     _refuse_duplicates(files, root / dataset)
     if tag and _run(["git", "tag", "--list", tag], root):
         raise DataVersionError(f"git tag {tag!r} already exists in {root}; choose another --tag")
+    if tag and subprocess.run(["git", "check-ref-format", f"refs/tags/{tag}"], cwd=root).returncode:
+        raise DataVersionError(f"--tag {tag!r}: not a valid git tag name (no spaces, '..', '~', '^', ':' ...)")
     target = root / dataset
     dvc_file = root / f"{dataset}.dvc"
     if dvc_file.exists() and json.loads(_dvc(root, "status", "--json", str(dvc_file.relative_to(root))) or "{}"):
@@ -126,7 +128,7 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
         _git(root, "add", "--", *paths)
         message = f"data: add {', '.join(p.name for p in added)} ({sum(rows.values())} rows)"
         _git(root, "commit", "-q", "-m", message, "--", *paths)
-    except Exception:
+    except BaseException:  # Ctrl-C and SIGTERM too: a half-added batch would go into the next version unseen
         for p in added:
             p.unlink(missing_ok=True)
         for p in meta:
@@ -164,21 +166,31 @@ def materialize(data_path: str, data_repo: str, data_rev: str, dest: str | Path)
 
     from kftune.tables import NER_SUFFIXES, READERS, DataError
 
-    repo = data_repo or "."
+    from dvc.repo.open_repo import clean_repos
+
+    repo, rev = data_repo or ".", data_rev or "HEAD"  # the commit the lineage names, not the working tree
     try:
-        fs = DVCFileSystem(repo, rev=data_rev or None)
-        commit = fs.repo.scm.resolve_rev(data_rev or "HEAD")
+        fs = DVCFileSystem(repo, rev=rev)
+        commit = fs.repo.scm.resolve_rev(rev)
     except Exception as exc:  # unknown revision, not a git/DVC repo, unreachable URL
-        raise DataError(f"cannot read data repo {repo!r} at revision {data_rev or 'HEAD'!r}: {exc}") from None
-    if not fs.exists(data_path):
-        raise DataError(f"{data_path!r} does not exist at revision {data_rev or 'HEAD'!r} of data repo {repo!r}")
-    local = Path(dest) / Path(data_path).name
-    fs.get(data_path, str(local), recursive=True)
-    if local.is_dir() and not any(p.suffix.lower() in {*READERS, *NER_SUFFIXES} for p in local.rglob("*")):
-        raise DataError(f"{data_path!r} at revision {data_rev!r} holds no table or CoNLL/JSONL sentence files")
-    lineage = {"data_repo": str(data_repo or Path(repo).resolve()), "data_rev": data_rev or "HEAD",
-               "data_commit": commit, "data_path": data_path}
-    dvc_file = f"{data_path.rstrip('/')}.dvc"
-    if fs.exists(dvc_file):
-        lineage["dvc_md5"] = yaml.safe_load(fs.read_text(dvc_file))["outs"][0]["md5"]
-    return str(local), lineage
+        raise DataError(f"cannot read data repo {repo!r} at revision {rev!r}: {exc}") from None
+    try:
+        if not fs.exists(data_path):
+            raise DataError(f"{data_path!r} does not exist at revision {rev!r} of data repo {repo!r}")
+        local = Path(dest) / Path(data_path).name
+        try:
+            fs.get(data_path, str(local), recursive=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. a fresh clone whose DVC cache was never pulled
+            raise DataError(f"cannot fetch {data_path!r} at revision {rev!r} of data repo {repo!r} "
+                            f"({type(exc).__name__}: {exc}); run `dvc pull` there, or check its DVC remote") from None
+        if local.is_dir() and not any(p.suffix.lower() in {*READERS, *NER_SUFFIXES} for p in local.rglob("*")):
+            raise DataError(f"{data_path!r} at revision {rev!r} holds no table or CoNLL/JSONL sentence files")
+        lineage = {"data_repo": str(data_repo or Path(repo).resolve()), "data_rev": rev, "data_commit": commit,
+                   "data_path": data_path}
+        dvc_file = f"{data_path.rstrip('/')}.dvc"
+        if fs.exists(dvc_file):
+            lineage["dvc_md5"] = yaml.safe_load(fs.read_text(dvc_file))["outs"][0]["md5"]
+        return str(local), lineage
+    finally:
+        fs.close()
+        clean_repos()  # a git URL's clone and fetched cache, in temporary folders DVC keeps until told

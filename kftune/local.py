@@ -63,6 +63,8 @@ def _data_location(data_path: str, project_dir: Path, data_repo: str, data_rev: 
         return data_path, str(project_dir)
     if not data_repo and not str(data_path).startswith("s3://"):
         return str(Path(data_path).resolve()), data_repo
+    if data_repo and Path(data_repo).is_dir():  # a local repo: tasks (containers too) run in other folders
+        return data_path, str(Path(data_repo).resolve())
     return data_path, data_repo
 
 

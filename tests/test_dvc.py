@@ -36,6 +36,25 @@ def test_data_add_versions_the_dataset_and_old_revisions_stay_readable(project, 
     assert old["lineage"]["data_commit"] == first["commit"] and old["lineage"]["dvc_md5"] == first["md5"]
 
 
+def test_a_revision_is_read_as_committed_and_a_bad_tag_is_refused_before_the_commit(project, params, tmp_path):
+    first = add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    shutil.copy(project.parent / "batch1.csv", project / "data" / "dataset" / "left-over.csv")  # never committed
+    read = preflight("data/dataset", params, str(project), "")
+    assert read["lineage"]["data_commit"] == first["commit"] and read["lineage"]["data_rev"] == "HEAD"
+    assert read["sha256"] == preflight(str(project.parent / "batch0.csv"), params)["sha256"], "HEAD, not the tree"
+    (project / "data" / "dataset" / "left-over.csv").unlink()
+    head = sh(project, "git", "rev-parse", "HEAD")
+    with pytest.raises(DataVersionError, match="--tag 'data v2': not a valid git tag name"):
+        add_batches([str(project.parent / "batch1.csv")], project, params.ingest, tag="data v2")
+    assert sh(project, "git", "rev-parse", "HEAD") == head and sh(project, "git", "status", "--porcelain") == ""
+    # a clone whose DVC cache was never pulled: one line saying so, not a traceback
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    shutil.rmtree(project / ".dvc-storage", ignore_errors=True)  # nor can its remote give the data
+    with pytest.raises(DataError, match="run `dvc pull` there"):
+        preflight("data/dataset", params, str(clone), "HEAD")
+
+
 def test_a_bad_batch_changes_nothing(project, params):
     add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
     head = sh(project, "git", "rev-parse", "HEAD")
@@ -242,3 +261,14 @@ def test_s3_remote_and_artifacts_with_lineage_from_a_run_at_a_revision(project, 
     out = capsys.readouterr().out
     assert f"git checkout {os.environ['KFTUNE_GIT_COMMIT']}" in out
     assert f"kftune run --data data/dataset --data-rev {v1['commit']}" in out
+
+
+def test_a_relative_data_repo_is_made_absolute_for_the_tasks(tmp_path, monkeypatch):
+    """Tasks (containers too) run in other folders: `--data-repo ../repo` must name the same repo there."""
+    from kftune.local import _data_location
+
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _data_location("data/dataset", tmp_path, "repo", "v1") == ("data/dataset", str(tmp_path / "repo"))
+    assert _data_location("data/dataset", tmp_path, "https://example.com/r.git", "") == (
+        "data/dataset", "https://example.com/r.git")
