@@ -19,6 +19,11 @@ def test_mmd_same_distribution_is_not_drift_and_a_shift_is():
     assert again.p_value == shifted.p_value, "seeded: the same inputs give the same p-value"
 
 
+def test_mmd_with_an_empty_side_is_no_drift():
+    check = mmd_test(np.zeros((0, 8)), gaussian(10), permutations=100, alpha=0.05, seed=0)
+    assert not check.verdict and check.p_value == 1.0 and check.details["empty"]
+
+
 def test_mmd_false_alarm_rate_is_near_alpha():
     """Under the null the permutation p-value is uniform: about alpha of i.i.d. pairs are flagged."""
     flagged = [mmd_test(gaussian(100, seed=2 * i), gaussian(100, seed=2 * i + 1), 200, 0.1, seed=i).verdict

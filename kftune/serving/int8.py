@@ -105,7 +105,7 @@ class FallbackToFp32(torch.nn.Module):
         if margin.dim() == 2:  # token classification: the least certain token an answer reads
             read = (attention_mask != 0) & ~torch.isin(input_ids, self.unread_ids)
             margin = margin.masked_fill(~read, 1.0).amin(1)
-        rows = (margin < self.margin).nonzero().flatten()
+        rows = (~(margin >= self.margin)).nonzero().flatten()  # NaN (an int8 overflow) is unsure too
         if len(rows):
             n = int(attention_mask[rows].sum(1).max())  # pad_batch pads on the right
             redo = self.fp32(input_ids=input_ids[rows, :n], attention_mask=attention_mask[rows, :n], **kwargs)

@@ -71,6 +71,21 @@ def test_fallback_recomputes_exactly_the_unsure_texts_in_fp32(tiny_model, task):
         assert never.recomputed == 0 and never.seen == 3
         assert not torch.equal(int8, fp32), "without recomputing, the answers are int8's own"
 
+        class Overflowing(torch.nn.Module):  # int8 answering NaN for the second text
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, **kwargs):
+                out = self.inner(**kwargs)
+                out.logits[1] = float("nan")
+                return out
+
+        never.int8, never.seen = Overflowing(never.int8), 0
+        got = never(input_ids=ids, attention_mask=mask).logits
+        assert never.recomputed == 1, "a NaN answer is unsure: recomputed in fp32"
+        assert torch.isfinite(got[real] if task == "token-classification" else got).all()
+
 
 def test_a_channel_silent_in_calibration_is_left_unsmoothed():
     import torch
