@@ -108,6 +108,21 @@ def warn_if_stale(image: str, labels: dict) -> None:
                     here[:12] + (" with uncommitted changes" if here.endswith("-dirty") else ""))
 
 
+def stop_containers(run_id: str, grace: int = 3) -> list[str]:
+    """Stop the task containers of one `kftune run --runner docker` (kfp's DockerRunner starts them detached: they
+    are not the command's children, and an interrupted command would leave one training); returns their names."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        found = client.containers.list(filters={"label": f"{RUN_LABEL}={run_id}"})
+        for container in found:
+            container.stop(timeout=grace)
+        return [c.name for c in found]
+    finally:
+        client.close()
+
+
 def docker_runner(image: str, pipeline_root: Path, project_dir: Path, arguments: dict, run_id: str):
     """A kfp.local.DockerRunner for kftune's tasks in `image`, after checking the server, engine and image."""
     from kfp import local

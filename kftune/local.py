@@ -108,12 +108,35 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
         close_runs("FAILED", cause)
         raise PipelineFailed(f"{cause}\n(full log: {console.log_path})") from None
     except KeyboardInterrupt as exc:
-        stop_children()
+        with signals_held():  # a second Ctrl-C during the seconds of waiting must not skip closing the runs
+            stop_children()
+            if runner == "docker":
+                from kftune.containers import stop_containers
+
+                with contextlib.suppress(Exception):  # the engine gone too: close the runs all the same
+                    stop_containers(run_id)
         close_runs("KILLED", f"interrupted ({exc or 'SIGINT'}) during step {console.failed_step() or '?'}")
         raise
     finally:
         console.close()
     return task, {"steps": console.steps, "log": str(console.log_path)}
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM ignored while the block runs (in the main thread; elsewhere signals never arrive)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def stop_children(grace: float = 3.0) -> None:

@@ -80,6 +80,16 @@ def test_ctrl_c_during_a_run_stops_every_step_and_marks_the_run_killed(tmp_path,
     assert "interrupted" in run.data.tags["kftune.failure"]
 
 
+def test_a_second_ctrl_c_during_the_clean_up_is_held_until_it_is_done():
+    from kftune.local import signals_held
+
+    previous = signal.getsignal(signal.SIGINT)
+    with signals_held():
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: stopping the steps goes on
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 def test_a_run_left_running_by_kill_9_is_marked_killed_by_the_next_command(tmp_path, params, subword_csv):
     from kftune.config import params_from_dict
 

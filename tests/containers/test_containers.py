@@ -7,6 +7,7 @@ skips this module. Everything listens on 127.0.0.1 and every container uses the 
 import json
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -192,6 +193,22 @@ def test_pipelines_run_task_by_task_in_the_image(stack):
                                    f"tags.`kftune.owner` = '{socket.gethostname()}:{proc.pid}'")
         assert owned and all(r.info.status == "FAILED" and r.data.tags.get("kftune.status") == "failed"
                              for r in owned), [(r.info.status, r.data.tags.get("kftune.owner")) for r in owned]
+
+        # 2b. Ctrl-C of the command during fine-tune: the detached task container is stopped with it
+        started = threading.Event()
+        watch.on_start = lambda record: "finetune_op" in " ".join(record.get("Args", [])) and started.set()
+        proc = kftune(env, project, "run", "--data", str(project / "batch1.csv"), background=True,
+                      settings=["finetune.max_steps=1000000", "finetune.early_stopping_patience=0"])
+        assert started.wait(300), "the fine-tune container never started"
+        time.sleep(5)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+        logs.append(out)
+        watch.on_start = None
+        assert proc.returncode == 130 and "kftune: interrupted" in out, out
+        assert docker("ps", "-q", "--filter", f"label=kftune.project={project}") == "", "a task container still runs"
+        assert client.get_model_version_by_alias(MODEL, "champion").version == champion.version
+        assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == before
 
         # 3. the next run proceeds: one retraining cycle in containers
         logs.append(kftune(env, project, "retrain", "--data", str(project / "batch2.csv"), "--force"))
