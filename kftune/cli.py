@@ -587,8 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kftune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"\nkftune: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
-        return 130
+        name = str(exc) if str(exc) in signal.Signals.__members__ else "SIGINT"
+        print(f"\nkftune: interrupted ({name})", file=sys.stderr)
+        return 128 + signal.Signals[name].value  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except BrokenPipeError:  # `kftune params | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

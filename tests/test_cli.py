@@ -303,3 +303,15 @@ def test_steps_go_offline_unless_the_base_model_is_a_hub_id(monkeypatch, tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     hub_offline("minilm-l6")
     assert os.environ["HF_HUB_OFFLINE"] == "0", "what the user set stands"
+
+
+@pytest.mark.parametrize("why, code", [("SIGINT", 130), ("SIGTERM", 143), ("", 130)])
+def test_an_interrupted_command_exits_128_plus_the_signal(monkeypatch, capsys, why, code):
+    import kftune.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt(why)
+
+    monkeypatch.setattr(kftune.cli, "cmd_params", interrupted)
+    assert main(["params"]) == code
+    assert f"kftune: interrupted ({why or 'SIGINT'})" in capsys.readouterr().err
