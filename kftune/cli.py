@@ -106,7 +106,7 @@ def cmd_schedule(args) -> int:
 
     def job():
         return describe_outcome(run_retraining_local(params, args.project_dir, args.data or "", args.data_repo or "",
-                                                     args.data_rev or ""))
+                                                     args.data_rev or "", verbose=args.verbose))
 
     tasks = [schedule.Task("retraining", args.cron, job)]
     if args.monitor:  # the check goes first on a shared fire time, so a drift alert precedes the retraining

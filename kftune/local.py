@@ -107,6 +107,9 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
         cause = f"step {console.failed_step() or '?'} failed: {console.root_cause() or exc}"
         close_runs("FAILED", cause)
         raise PipelineFailed(f"{cause}\n(full log: {console.log_path})") from None
+    except Exception as exc:  # the runner's own error (the Docker engine, kfp): the runs end all the same
+        close_runs("FAILED", f"step {console.failed_step() or '?'}: {type(exc).__name__}: {exc}")
+        raise
     except KeyboardInterrupt as exc:
         with signals_held():  # a second Ctrl-C during the seconds of waiting must not skip closing the runs
             stop_children()

@@ -80,6 +80,29 @@ def test_ctrl_c_during_a_run_stops_every_step_and_marks_the_run_killed(tmp_path,
     assert "interrupted" in run.data.tags["kftune.failure"]
 
 
+def test_a_runner_error_that_is_not_a_step_failure_still_ends_the_runs(tmp_path, params, mlflow_store, monkeypatch):
+    """kfp's DockerRunner raises docker's own errors (an engine that went away), not RuntimeError."""
+    import mlflow
+
+    import kftune.cluster
+    from kftune.local import run_pipeline
+    from kftune.tracking import owner
+
+    def pipeline(which):
+        def compiled(*args, **kwargs):
+            def run(**arguments):
+                with mlflow.start_run(tags={"kftune.owner": owner()}):  # what a step's run carries
+                    raise ConnectionResetError("the engine went away")
+            return run
+        return compiled
+
+    monkeypatch.setattr(kftune.cluster, "pipeline_factory", pipeline)
+    with pytest.raises(ConnectionResetError):
+        run_pipeline("training", params, tmp_path, data_path="x")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and "ConnectionResetError: the engine went away" in run.data.tags["kftune.failure"]
+
+
 def test_a_second_ctrl_c_during_the_clean_up_is_held_until_it_is_done():
     from kftune.local import signals_held
 
