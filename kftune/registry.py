@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 
 from kftune.config import KftuneError
@@ -123,21 +124,21 @@ def _fault(point: str) -> None:
 
 
 def _where() -> dict:
-    """The lease holder's address: host and pid namespace (containers on the host network share its name,
-    not its pids)."""
+    """The lease holder's address: host, boot and pid namespace (containers on the host network share its name,
+    not its pids; VMs cloned from one image share a name and the root namespace's number, not a boot id)."""
     try:
         namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        namespace = ""
-    return {"host": socket.gethostname(), "pid_namespace": namespace}
+        namespace = boot = ""
+    return {"host": socket.gethostname(), "pid_namespace": namespace, "boot": boot}
 
 
 def _holder_gone(tags: dict) -> bool:
-    """A holder this process can see (same host and pid namespace) is gone when its pid is; any other when its
-    lease is older than LEASE_STALE_S."""
+    """A holder this process can see (same host, boot and pid namespace) is gone when its pid is; any other when
+    its lease is older than LEASE_STALE_S."""
     here = _where()
-    if tags.get("host") == here["host"] and tags.get("pid_namespace", "") == here["pid_namespace"] \
-            and tags.get("pid", "").isdigit():
+    if all(tags.get(k, "") == here[k] for k in ("host", "pid_namespace", "boot")) and tags.get("pid", "").isdigit():
         try:
             os.kill(int(tags["pid"]), 0)
         except ProcessLookupError:
@@ -173,8 +174,11 @@ def lease(name: str):
         except MlflowException:
             try:
                 holder = client.get_registered_model(lock).tags
-            except MlflowException:
-                continue  # released in between: try again
+            except MlflowException as exc:  # released in between (try again), or the store refuses both calls
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"{name}: cannot take the registry lease {lock}: {exc}") from None
+                time.sleep(0.05)
+                continue
             if _holder_gone(holder):
                 _delete_lease(client, lock, holder.get("token", ""))
                 continue
@@ -253,11 +257,28 @@ def reconcile(name: str) -> list[str]:
         return _reconcile(name)  # looks again under the lease: a live move may have finished meanwhile
 
 
+def _exists(name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().get_model_version(name, version)
+    except MlflowException:
+        return False
+    return True
+
+
 def _reconcile(name: str) -> list[str]:
     done = []
     if intent := _intent(name):
         now = version_by_alias(name, CHAMPION) or ""
-        if now in (intent["from"], intent["to"]):  # where the interrupted move left it
+        if intent["from"] and not _exists(name, intent["from"]):  # deleted since: nothing to keep as previous
+            intent = dict(intent, **{"from": ""})
+        if not _exists(name, intent["to"]):  # deleted since: replaying it would fail at every later command
+            _client().delete_registered_model_tag(name, INTENT)
+            record("refuse", name, intent["from"] or None, intent["to"], f"an interrupted {intent['action']} "
+                   f"to v{intent['to']} was dropped: that version no longer exists")
+            done.append(f"dropped an interrupted {intent['action']}: v{intent['to']} no longer exists")
+        elif now in (intent["from"], intent["to"]):  # where the interrupted move left it
             event = _apply(name, dict(intent, reason=intent["reason"] + " (completed after an interruption)"))
             done.append(f"finished an interrupted {event.action}: v{event.from_version or '-'} -> "
                         f"v{event.to_version}")
@@ -323,6 +344,7 @@ def promote(name: str, version: str, reason: str, who: str | None = None, expect
     client.get_model_version(name, str(version))  # raises with MLflow's message if it does not exist
     with lease(name):
         _reconcile(name)
+        client.get_model_version(name, str(version))  # again: a prune may have deleted it while we waited
         current = version_by_alias(name, CHAMPION) or ""
         if expected_champion != "any" and str(expected_champion or "") != current:
             why = (f"champion moved: was v{expected_champion or 'none'} when the gate ran, now v{current or 'none'}; "
@@ -406,6 +428,7 @@ def prune(name: str, keep: int) -> list[str]:
     if keep < 1:
         raise RegistryError(f"--keep {keep}: keep at least 1 version")
     with lease(name):
+        _reconcile(name)  # an interrupted move first: its versions must not be pruned from under it
         protected = {str(v) for v in client.get_registered_model(name).aliases.values()}
         versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version))
         protected |= {str(mv.version) for mv in versions if mv.tags.get(f"{TAG}decision") == "awaiting-approval"}

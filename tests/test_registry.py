@@ -236,3 +236,24 @@ def test_a_refused_promotion_is_recorded_on_the_retraining_run(store, tmp_path):
     assert tags["kftune.decision"] == "refused" and "champion moved: was vnone" in tags["kftune.refusal"]
     assert registry.version_by_alias(NAME, registry.CHAMPION) == "1"
     _consistent()
+
+
+def test_prune_finishes_an_interrupted_move_first_and_an_intent_for_a_deleted_version_is_dropped(store):
+    """A promotion killed after the champion alias moved: the old champion has no alias yet, and prune must not
+    take it for an unprotected version. An intent whose target was deleted meanwhile must not wedge every
+    later command."""
+    p = _in_subprocess(f"registry.promote({NAME!r}, '2', 'killed midway', expected_champion='1')",
+                       KFTUNE_FAULT="champion")
+    p.communicate(timeout=120)
+    assert registry.prune(NAME, keep=1) == ["3", "4", "5"]  # v6 the newest; v1 is previous-champion again
+    assert registry.version_by_alias(NAME, registry.PREVIOUS) == "1"
+    _consistent()
+
+    p = _in_subprocess(f"registry.promote({NAME!r}, '6', 'killed midway', expected_champion='2')",
+                       KFTUNE_FAULT="intent")
+    p.communicate(timeout=120)
+    MlflowClient().delete_model_version(NAME, "6")  # deleted before anything replayed the intent
+    assert registry.reconcile(NAME) == ["dropped an interrupted promote: v6 no longer exists"]
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "2" and registry.history(NAME)[-1].action == "refuse"
+    registry.rollback(NAME, "the next move works")
+    _consistent()
