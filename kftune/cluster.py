@@ -46,7 +46,7 @@ def compile_pipeline(params: Params, out: str | Path, which: str = "training", i
         log.warning("monitor.webhook_url is not compiled into the pipeline: the monitoring task reads it as %s from "
                     "the Secret %s (kubectl create secret generic %s --from-literal=%s=URL)", WEBHOOK_ENV, secret,
                     secret, WEBHOOK_ENV)
-    defaults["monitor"]["webhook_url"] = ""  # a credential stays out of every compiled file (tracking.SECRET_PARAMS)
+    defaults["monitor"]["webhook_url"] = ""  # a credential stays out of every compiled file (config.SECRET_PARAMS)
     pipeline = pipeline_factory(which)(defaults, image=image_tag or image(), cluster=True)
     compiler.Compiler().compile(pipeline, str(out))
     return Path(out)

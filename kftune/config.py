@@ -20,6 +20,7 @@ import yaml
 from kftune.hardware import BF16_SETTINGS
 
 WEBHOOK_ENV = "KFTUNE_WEBHOOK_URL"  # the webhook URL from the environment: a cluster Secret, never a parameter
+SECRET_PARAMS = ("monitor.webhook_url",)  # credentials (a Slack or Teams webhook URL): never logged, nor hashed
 
 TASKS = ("sequence-classification", "token-classification")
 
@@ -523,7 +524,11 @@ class Params:
     def digest(self) -> str:
         """Short stable hash of every setting, tagged on model versions; the same after a trip through KFP,
         which turns every integer inside a dict parameter (monitor.rules) into a float."""
-        blob = json.dumps(_integral(self.to_dict()), sort_keys=True).encode()
+        doc = self.to_dict()
+        for key in SECRET_PARAMS:  # where alerts go is no setting of the model
+            section, name = key.split(".")
+            doc[section][name] = ""
+        blob = json.dumps(_integral(doc), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from kftune.config import ConfigError, KftuneError, Params
+from kftune.config import WEBHOOK_ENV, ConfigError, KftuneError, Params
 from kftune.fileio import read_json, single_instance
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
     configure(project_dir)
     # every step's MLflow run names this command as its owner (containers too: kftune.containers passes it)
     os.environ["KFTUNE_OWNER_PID"] = str(os.getpid())
+    doc = params.to_dict()
+    if doc["monitor"]["webhook_url"]:  # a credential: to the tasks by the environment, as a cluster Secret does;
+        os.environ[WEBHOOK_ENV] = doc["monitor"]["webhook_url"]  # as a parameter kfp.local would log it
+        doc["monitor"]["webhook_url"] = ""
     outputs = project_dir / "local_outputs"
     run_id = f"{which}-{time.strftime('%Y%m%d-%H%M%S')}"
     if runner == "docker":  # every task in the component image (kftune.containers), against a tracking server
@@ -102,7 +106,7 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(console):
             warnings.filterwarnings("ignore", message=".*(no effect in the current local runner|non-Python base image)")
-            task = pipeline_factory(which)(params.to_dict(), **({"image": image} if image else {}))(**arguments)
+            task = pipeline_factory(which)(doc, **({"image": image} if image else {}))(**arguments)
     except RuntimeError as exc:
         cause = f"step {console.failed_step() or '?'} failed: {console.root_cause() or exc}"
         close_runs("FAILED", cause)

@@ -82,7 +82,16 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-SECRET_PARAMS = ("monitor.webhook_url",)  # a Slack or Teams webhook URL is a credential
+def redacted(doc: dict) -> dict:
+    """A params document fit to log: every SECRET_PARAMS value reduced to where it points (redact_url)."""
+    from kftune.config import SECRET_PARAMS
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
+    for key in SECRET_PARAMS:
+        section, name = key.split(".")
+        if out.get(section, {}).get(name):
+            out[section][name] = redact_url(str(out[section][name]))
+    return out
 
 
 def redact_url(url: str) -> str:
@@ -105,8 +114,7 @@ def start_run(params, run_name: str = "") -> str:
     run = client.create_run(experiment_id(params.register.experiment), run_name=run_name or None,
                             tags={"kftune.params_hash": params.digest(), "kftune.model": params.model.name,
                                   "kftune.owner": owner()})
-    items = [mlflow.entities.Param(k, redact_url(str(v)) if k in SECRET_PARAMS else str(v))
-             for k, v in flatten(params.to_dict()).items()]
+    items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(redacted(params.to_dict())).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id

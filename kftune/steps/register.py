@@ -31,11 +31,11 @@ def _log_run(data_dir: Path, model_dir: Path, eval_dir: Path, card: dict, metric
     """Tags, params, test and baseline metrics, the data card, evaluation and training records, the inputs."""
     import mlflow
 
-    from kftune.tracking import flatten
+    from kftune.tracking import flatten, redacted
 
     mlflow.set_tags(tags)
     if new_run:
-        mlflow.log_params(flatten(params.to_dict()))
+        mlflow.log_params(flatten(redacted(params.to_dict())))
     model_m = metrics["model"]
     mlflow.log_metrics({f"test_{k}": v for k, v in _scalars(model_m).items()})
     mlflow.log_metrics({f"baseline_{b}_{k}": v for b, m in metrics["baselines"].items() for k, v in _scalars(m).items()})
@@ -44,7 +44,7 @@ def _log_run(data_dir: Path, model_dir: Path, eval_dir: Path, card: dict, metric
     if metrics.get("historical"):
         mlflow.log_metric(f"historical_test_{metrics['primary']}", metrics["historical"][metrics["primary"]])
     mlflow.log_artifact(str(data_dir / "data_card.json"))
-    mlflow.log_dict(params.to_dict(), "params.yaml")
+    mlflow.log_dict(redacted(params.to_dict()), "params.yaml")
     _log_inputs(data_dir, card)
     for f in sorted(eval_dir.iterdir()):
         mlflow.log_artifact(str(f), "evaluation")

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import mlflow
 from mlflow import MlflowClient
 
 from kftune import registry
@@ -102,3 +103,16 @@ def test_prune_keeps_the_protected_versions_and_frees_the_weights(prepared, para
     assert [v["version"] for v in registry.list_versions(name)] == ["1", "3", "4"]
     assert not weights.exists(), "the weights went with the version"
     assert registry.prune(name, keep=1) == []
+
+
+def test_a_webhook_url_in_the_settings_is_never_logged_nor_hashed(prepared, params, mlflow_store):
+    monitor = dataclasses.replace(params.monitor, webhook_url="https://hooks.example.com/services/T0/B0/s3cret")
+    with_hook = dataclasses.replace(params, monitor=monitor)
+    assert with_hook.digest() == params.digest(), "where alerts go is no setting of the model"
+    _, verdict = train_and_register(prepared, with_hook, "hooked", max_steps=2)
+    client = MlflowClient()
+    run_id = client.get_model_version(params.register.model_name, verdict.version).tags["kftune.run_id"]
+    logged = client.get_run(run_id).data.params
+    saved = mlflow.artifacts.load_text(f"runs:/{run_id}/params.yaml")
+    assert logged["monitor.webhook_url"] == "https://hooks.example.com/..." and "hooks.example.com/..." in saved
+    assert "s3cret" not in saved and not any("s3cret" in v for v in logged.values())
