@@ -74,7 +74,7 @@ def model_card(name: str, version: str, base_model: str, card: dict, metrics: di
              f"A {task.replace('-', ' ')} model fine-tuned from `{markdown_cell(base_model)}` by kftune; "
              f"labels: {', '.join(markdown_cell(lbl) for lbl in metrics['labels'])}.", "",
              f"**Gate: {verdict.decision}** — test {primary} {verdict.challenger_score:.4f} against "
-             f"{'champion v' + verdict.champion_version if verdict.champion_version else 'the ' + metrics['baseline'] + ' baseline'}"
+             f"{'champion v' + verdict.champion_version if verdict.champion_score is not None else 'the ' + metrics['baseline'] + ' baseline'}"
              f" {verdict.reference_score:.4f}.", "", "## Why", ""]
     lines += [f"- {markdown_cell(r)}" for r in verdict.reasons]
     lines += ["", f"## Test split ({metrics['test_rows']} rows)", "", *_score_rows(metrics, verdict), "",

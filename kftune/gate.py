@@ -180,7 +180,9 @@ def record(name: str, verdict: Verdict, baseline: str) -> None:
     client.set_registered_model_alias(name, registry.CHALLENGER, verdict.version)  # once it has a decision
     tags = {"decision": verdict.decision, "reasons": " | ".join(verdict.reasons),
             "gated_against": verdict.champion_version,  # "" = no champion: what approval must still find
-            "compared_with": f"v{verdict.champion_version}" if verdict.champion_version else f"{baseline} baseline",
+            # the score compared with: the champion's when it could be scored, else the baseline's
+            "compared_with": f"v{verdict.champion_version}" if verdict.champion_score is not None else
+            f"{baseline} baseline",
             "reference_score": f"{verdict.reference_score:.4f}", "held_by": ",".join(verdict.held_by)}
     for k, v in tags.items():
         client.set_model_version_tag(name, verdict.version, f"kftune.{k}", v[:5000])  # MLflow's tag limit

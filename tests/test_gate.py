@@ -57,3 +57,15 @@ def test_a_difference_exactly_at_the_limit_passes_despite_float_rounding():
     assert ok and "0.3000 >= champion 0.2000 + min_delta 0.1000" in why[1]
     ok, _, held = rule(v(0.95, 0.5, champion=0.8, challenger_hist=0.88, champion_hist=0.9), 0.0, 0.02)
     assert ok and not held
+
+
+def test_the_model_card_names_the_baseline_when_the_champion_could_not_be_scored():
+    from kftune.card import model_card
+
+    metrics = {"primary": "macro_f1", "labels": ["neg", "pos"], "baseline": "tfidf_logreg", "test_rows": 40,
+               "model": {"macro_f1": 0.8, "accuracy": 0.8}, "baselines": {"tfidf_logreg": {"macro_f1": 0.61,
+                                                                                          "accuracy": 0.6}}}
+    unscorable = v(0.8, 0.61)
+    unscorable.champion_version, unscorable.decision = "5", "hold"  # judged, but v5 could not be scored
+    card = model_card("m", "6", "bert-tiny", {}, metrics, unscorable, "abc", "run")
+    assert "against the tfidf_logreg baseline 0.6100" in card and "champion v5 0.61" not in card
