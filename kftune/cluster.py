@@ -70,11 +70,15 @@ def pipeline_arguments(package: str | Path, arguments: dict, git_commit: str = "
         raise ClusterError(f"{name} needs {' '.join(f'-p {k}=...' for k in missing)}")
     hints = {"log_dir": "where the InferenceService writes its request log: -S serve.log_dir=s3://...",
              "input_path": "-p input_path=s3://..."}
+    given = lambda key: str(out.get(key, inputs.get(key, {}).get("defaultValue", "")))  # noqa: E731
     for key, hint in hints.items():  # read by a pod: a path on this machine means nothing there
-        value = str(out.get(key, inputs.get(key, {}).get("defaultValue", "")))
-        if key in inputs and value and "://" not in value:
-            raise ClusterError(f"{name}: {key}={value!r} is a path on this machine; a pod reads an s3:// prefix, "
+        if key in inputs and given(key) and "://" not in given(key):
+            raise ClusterError(f"{name}: {key}={given(key)!r} is a path on this machine; a pod reads an s3:// prefix, "
                                f"{hint}")
+    if "data_path" in inputs and "://" not in given("data_path") and "://" not in given("data_repo"):
+        raise ClusterError(f"{name}: data_path={given('data_path')!r} is a path on this machine and no -p data_repo "
+                           f"names a git repo to read it from (through DVC); a pod needs -p data_path=s3://... or "
+                           f"-p data_repo=https://.../repo.git")
     return out
 
 

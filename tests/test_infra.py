@@ -146,7 +146,12 @@ def test_run_arguments_are_checked_against_the_pipeline_inputs(tmp_path):
     with pytest.raises(ClusterError, match=r"kftune-training needs -p data_path=\.\.\."):
         pipeline_arguments(training, {})
     with pytest.raises(ClusterError, match="-p epochs=two: kftune-training's input epochs is of type NUMBER_INTEGER"):
-        pipeline_arguments(training, {"epochs": "two"})
+        pipeline_arguments(training, {"epochs": "two", **data})
+    retraining = compile_pipeline(params, tmp_path / "r.yaml", "retraining")
+    with pytest.raises(ClusterError, match="data_path='data/dataset' is a path on this machine and no -p data_repo"):
+        pipeline_arguments(retraining, {})  # the default: this project's DVC dataset, which no pod has
+    repo = {"data_repo": "https://git.example.com/ml/data.git"}
+    assert pipeline_arguments(retraining, repo) == repo
     monitoring = compile_pipeline(params, tmp_path / "m.yaml", "monitoring")
     assert pipeline_arguments(monitoring, {"log_dir": "s3://b/log", "now": "17"}, "abc123") == {
         "log_dir": "s3://b/log", "now": 17.0}
