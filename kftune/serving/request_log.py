@@ -97,6 +97,7 @@ class RequestLog:
         # once file_rows are waiting (not per request: a wake-up per request cost the forward passes ~10%)
         self._pending: list[list[dict]] = []
         self._pending_rows = 0  # beyond max_queue, a request's rows are dropped
+        self._in_flight = 0  # rows the writer took and has not written (or failed to) yet
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
@@ -128,9 +129,17 @@ class RequestLog:
         return 0
 
     def close(self, timeout: float = 30) -> None:
+        """Write what is queued; after `timeout` seconds (a slow object store) what is still unwritten is counted
+        as dropped and said, since the process is about to end."""
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                lost = self._pending_rows + self._in_flight
+                self.dropped += lost
+            log.error("request log: %d predictions not written within %gs of closing; counted as dropped", lost,
+                      timeout)
 
     def _run(self) -> None:
         while True:
@@ -139,6 +148,7 @@ class RequestLog:
             closing = self._closing  # read before taking the rows: what was appended before close() is in them
             with self._lock:
                 taken, self._pending, self._pending_rows = self._pending, [], 0
+                self._in_flight = sum(map(len, taken))
             rows = [self._encoded(r) for request in taken for r in request]
             for at in range(0, len(rows), self.file_rows):
                 self._write(rows[at : at + self.file_rows])
@@ -173,6 +183,9 @@ class RequestLog:
             with self._lock:
                 self.dropped += len(rows)
             log.exception("request log: could not write %d predictions to %s", len(rows), folder)
+        finally:
+            with self._lock:
+                self._in_flight -= len(rows)
 
 
 def log_files(log_dir: str, day_from: str = "") -> tuple[object, list[str], list[str]]:

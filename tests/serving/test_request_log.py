@@ -221,3 +221,19 @@ def test_temporary_files_that_a_killed_compaction_left_go_once_an_hour_old(tmp_p
     pd.testing.assert_frame_equal(read_request_log(log_dir), before)
     if where == "memory":
         fs.rm(root.split("/log")[0], recursive=True)
+
+
+def test_rows_still_unwritten_when_close_gives_up_are_counted_as_dropped(tmp_path, monkeypatch):
+    import threading
+
+    from kftune.serving import request_log
+
+    release = threading.Event()
+    real = request_log.write_table
+    monkeypatch.setattr(request_log, "write_table", lambda *a: release.wait(10) and real(*a))  # a slow object store
+    log = RequestLog(str(tmp_path / "log"), max_queue=100, flush_seconds=60, file_rows=2)
+    answer = {"label": "pos", "probability": 0.9, "probabilities": {"neg": 0.1, "pos": 0.9}}
+    log.append(records("r1", served(), ["a", "b", "c"], [answer] * 3))
+    log.close(timeout=0.3)
+    assert log.written == 0 and log.dropped == 3, "every prediction is written or counted"
+    release.set()
