@@ -22,7 +22,7 @@ IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])")
 CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d-])")
-PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,5}(?![\w])"
+PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]\d{2,8}){1,5}(?![\w])"
                    r"|(?<![\w+])\+\d{7,14}(?!\w)")
 
 
@@ -65,7 +65,9 @@ def _phone_ok(candidate: str) -> bool:
         return False  # a number with thousands separators (1 250 000, 3.500.000)
     if re.fullmatch(r"(?:\d{1,3}\.){3}\d{1,3}", candidate):
         return False  # a dotted quad that is not a valid IP address
-    return candidate.startswith(("+", "(")) or len(digits) >= 9 or len(re.findall(r"\d[ .-]\d", candidate)) >= 2
+    # without a country code or an area code in brackets: a national number (trunk prefix 0) or the North
+    # American 3-3-4; other runs of digit groups are years, sizes, scores and times
+    return candidate.startswith(("+", "(", "0")) or bool(re.fullmatch(r"\d{3}[ .-]\d{3}[ .-]\d{4}", candidate))
 
 
 CHECKS = (("email", EMAIL, None), ("url", URL, None), ("ip", IPV6, _ip_ok), ("ip", IPV4, _ip_ok),

@@ -30,6 +30,9 @@ POSITIVE = [
     ("ring +44 20 7946 0958 after 9", [("+44 20 7946 0958", "phone")]),
     ("SMS +4915112345678 to opt out", [("+4915112345678", "phone")]),
     ("fax 030.1234.5678 only", [("030.1234.5678", "phone")]),
+    ("Berlin desk +49 30 12345678", [("+49 30 12345678", "phone")]),
+    ("mobile 0171 1234567 after six", [("0171 1234567", "phone")]),
+    ("Mumbai +91 98765 43210 closes at 5", [("+91 98765 43210", "phone")]),
     ("write to a.b@c.io or call +33 1 23 45 67 89", [("a.b@c.io", "email"), ("+33 1 23 45 67 89", "phone")]),
     ("card 4111111111111111 from 198.51.100.4", [("4111111111111111", "card"), ("198.51.100.4", "ip")]),
 ]
@@ -55,4 +58,7 @@ NEGATIVE = [
     "5 000 jobs cut in 2025",
     "room 101, floor 4",
     "order 0000 0000 0000 0000 is a test",
+    "sales in seasons 2019 2020 2021",
+    "sizes 38 40 42 44 46 in stock",
+    "the 9.30-10.30 slot is free",
 ]
