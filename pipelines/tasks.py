@@ -32,14 +32,24 @@ def for_cluster(tasks: list, retryable: list, finetune, cluster: dict) -> None:
     use_secrets(tasks, cluster)
 
 
+SECRET_KEYS = (  # (cluster.* Secret, keys every task needs, keys passed on when the Secret has them)
+    ("mlflow_secret", ("MLFLOW_TRACKING_URI",),
+     ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")),
+    ("s3_secret", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+     ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")),
+)
+
+
 def use_secrets(tasks: list, cluster: dict) -> None:
     """Credentials as environment variables from the Kubernetes Secrets named in `cluster`, never parameters."""
     from kfp import kubernetes
 
     for task in tasks:
-        kubernetes.use_secret_as_env(task, cluster["mlflow_secret"], {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
-        kubernetes.use_secret_as_env(task, cluster["s3_secret"], {
-            k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")})
+        for secret, required, optional in SECRET_KEYS:
+            kubernetes.use_secret_as_env(task, cluster[secret], {k: k for k in required})
+            # keys only some setups have (a login to MLflow; MinIO's endpoints, which plain AWS S3 does without):
+            # set when the Secret holds them, and no pod fails to start when it does not
+            kubernetes.use_secret_as_env(task, cluster[secret], {k: k for k in optional}, optional=True)
 
 
 def run_settings(params, **run_inputs):

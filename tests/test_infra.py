@@ -38,6 +38,20 @@ def test_every_manifest_renders_and_validates(overlay):
             for rule in policy["spec"]["ingress"] for f in rule["from"])
 
 
+CREDENTIALS = {  # (Secret, variable) -> optional: a pod starts without an optional key (plain AWS has no endpoint)
+    ("kftune-mlflow", "MLFLOW_TRACKING_URI"): False, ("kftune-s3", "AWS_ACCESS_KEY_ID"): False,
+    ("kftune-s3", "AWS_SECRET_ACCESS_KEY"): False,
+    **{("kftune-mlflow", k): True for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                            "MLFLOW_TRACKING_TOKEN")},
+    **{("kftune-s3", k): True for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_SESSION_TOKEN",
+                                        "AWS_DEFAULT_REGION")}}
+
+
+def secret_env(executor: dict) -> dict:
+    return {(s["secretName"], k["envVar"]): s.get("optional", False) for s in executor["secretAsEnv"]
+            for k in s["keyToEnv"]}
+
+
 def test_secrets_are_placeholders_only():
     from kftune.config import WEBHOOK_ENV
 
@@ -71,10 +85,7 @@ def test_cluster_pipeline_carries_image_resources_retries_and_secrets(tmp_path, 
     env = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(env) == set(executors)
     for executor in env.values():
-        secrets = {s["secretName"]: [k["envVar"] for k in s["keyToEnv"]] for s in executor["secretAsEnv"]}
-        assert secrets == {"kftune-mlflow": ["MLFLOW_TRACKING_URI"],
-                           "kftune-s3": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                         "MLFLOW_S3_ENDPOINT_URL"]}
+        assert secret_env(executor) == CREDENTIALS
     params_default = spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
     assert "AWS_SECRET_ACCESS_KEY" not in out.read_text().split("platforms:")[0], "no credentials as parameters"
     assert params_default["cluster"]["finetune_gpus"] == 2
@@ -118,10 +129,7 @@ def test_cluster_monitoring_and_batch_pipelines_take_credentials_from_secrets_ne
     spec, platform = yaml.safe_load_all(out.read_text())
     assert spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]["monitor"]["webhook_url"] == ""
     secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-monitor-op"]["secretAsEnv"]
-    assert {s["secretName"]: ([k["envVar"] for k in s["keyToEnv"]], s.get("optional", False)) for s in secrets} == {
-        "kftune-mlflow": (["MLFLOW_TRACKING_URI"], False),
-        "kftune-s3": (["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"], False),
-        "kftune-webhook": (["KFTUNE_WEBHOOK_URL"], True)}
+    assert secret_env({"secretAsEnv": secrets}) == {**CREDENTIALS, ("kftune-webhook", "KFTUNE_WEBHOOK_URL"): True}
     out = tmp_path / "batch.yaml"
     subprocess.run([sys.executable, "-m", "kftune.cli", "compile", "--pipeline", "batch-predict", "-o", str(out),
                     "--params", str(ROOT / "params.yaml")], check=True, capture_output=True)
