@@ -29,6 +29,10 @@ def for_cluster(tasks: list, retryable: list, finetune, cluster: dict) -> None:
     finetune.set_memory_request(cluster["finetune_memory"]).set_memory_limit(cluster["finetune_memory"])
     if cluster["finetune_gpus"]:
         finetune.set_accelerator_type(cluster["accelerator_type"]).set_accelerator_limit(cluster["finetune_gpus"])
+    if cluster["finetune_gpus"] > 1:  # NCCL's shared-memory transport outgrows a pod's 64 MiB /dev/shm
+        from kfp import kubernetes
+
+        kubernetes.empty_dir_mount(finetune, "dshm", "/dev/shm", medium="Memory")
     use_secrets(tasks, cluster)
 
 

@@ -86,6 +86,8 @@ def test_cluster_pipeline_carries_image_resources_retries_and_secrets(tmp_path, 
     assert set(env) == set(executors)
     for executor in env.values():
         assert secret_env(executor) == CREDENTIALS
+    assert env["exec-finetune-op"]["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm",
+                                                          "medium": "Memory"}], "two GPUs: NCCL needs /dev/shm"
     params_default = spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
     assert "AWS_SECRET_ACCESS_KEY" not in out.read_text().split("platforms:")[0], "no credentials as parameters"
     assert params_default["cluster"]["finetune_gpus"] == 2
