@@ -70,12 +70,14 @@ def model_card(name: str, version: str, base_model: str, card: dict, metrics: di
         git_commit: the code version; run_id: the MLflow run that holds the artifacts.
     """
     primary, task = metrics["primary"], card.get("task", "sequence-classification")
+    # the score the gate compared with: the champion's when it could be scored, else the baseline's
+    against = f"champion v{verdict.champion_version}" if verdict.champion_score is not None else \
+        f"the {metrics['baseline']} baseline"
     lines = [f"# {name} v{version}", "",
              f"A {task.replace('-', ' ')} model fine-tuned from `{markdown_cell(base_model)}` by kftune; "
              f"labels: {', '.join(markdown_cell(lbl) for lbl in metrics['labels'])}.", "",
-             f"**Gate: {verdict.decision}** — test {primary} {verdict.challenger_score:.4f} against "
-             f"{'champion v' + verdict.champion_version if verdict.champion_score is not None else 'the ' + metrics['baseline'] + ' baseline'}"
-             f" {verdict.reference_score:.4f}.", "", "## Why", ""]
+             f"**Gate: {verdict.decision}** — test {primary} {verdict.challenger_score:.4f} against {against} "
+             f"{verdict.reference_score:.4f}.", "", "## Why", ""]
     lines += [f"- {markdown_cell(r)}" for r in verdict.reasons]
     lines += ["", f"## Test split ({metrics['test_rows']} rows)", "", *_score_rows(metrics, verdict), "",
               *_per_class_rows(metrics)]

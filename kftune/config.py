@@ -444,7 +444,8 @@ class MonitorConfig:
     webhook_url: str = _doc(f"Webhook sink: URL that receives each alert as a JSON POST (empty: the environment's "
                             f"{WEBHOOK_ENV}, which a cluster's cluster.webhook_secret sets).")
     webhook_retries: int = _doc("Webhook sink: attempts after the first before an alert is logged as undelivered.")
-    webhook_backoff_seconds: float = _doc("Webhook sink: wait before the first retry; doubled after each, up to 60 s (redirects are not followed).")
+    webhook_backoff_seconds: float = _doc("Webhook sink: wait before the first retry; doubled after each, up to 60 s "
+                                          "(redirects are not followed).")
     webhook_timeout_seconds: float = _doc("Webhook sink: timeout of one POST.")
     queue_random_share: float = _doc("`kftune label queue`: share drawn uniformly at random from the traffic, the "
                                      "only part that estimates live accuracy without bias.")

@@ -100,7 +100,8 @@ def test_a_runner_error_that_is_not_a_step_failure_still_ends_the_runs(tmp_path,
     with pytest.raises(ConnectionResetError):
         run_pipeline("training", params, tmp_path, data_path="x")
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert run.info.status == "FAILED" and "ConnectionResetError: the engine went away" in run.data.tags["kftune.failure"]
+    assert run.info.status == "FAILED"
+    assert "ConnectionResetError: the engine went away" in run.data.tags["kftune.failure"]
 
 
 def test_a_second_ctrl_c_during_the_clean_up_is_held_until_it_is_done():
