@@ -38,9 +38,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_json(path: str | Path, obj, sort_keys: bool = True) -> None:
+    """Whole or not at all: written under a hidden name, synced (a power loss must not leave an empty file behind
+    the new name), then renamed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -78,15 +83,16 @@ class Busy(KftuneError):
 
 
 @contextlib.contextmanager
-def single_instance(lock_path: str | Path, what: str = "scheduler"):
-    """Hold an exclusive lock while the block runs; a second holder refuses to start (Busy)."""
+def single_instance(lock_path: str | Path, what: str = "scheduler", wait: bool = False):
+    """Hold an exclusive lock while the block runs; a second holder refuses to start (Busy), or with `wait`
+    waits for the first to finish."""
     import fcntl
 
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             raise Busy(f"another kftune {what} is running (lock {lock_path}, pid {f.read().strip() or '?'}); "

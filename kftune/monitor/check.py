@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from kftune.config import Params
+from kftune.fileio import single_instance, write_json
 from kftune.monitor import rules as R
 from kftune.serving.request_log import _fs, _is_local, compact_request_log, read_request_log
 
@@ -39,22 +40,14 @@ def load_state(log_dir: str) -> dict:
 
 
 def save_state(log_dir: str, state: dict) -> None:
-    """Written whole or not at all: a local file under a name of its own, synced, then renamed; on an object store
-    one put (a file object's close would upload what was written before an error)."""
-    import os
-
+    """Written whole or not at all: locally by write_json; on an object store in one put (a file object's close
+    would upload what was written before an error)."""
     fs, root = _fs(log_dir)
-    fs.makedirs(f"{root}/_monitor", exist_ok=True)
-    text = json.dumps(state, indent=1, default=str)
     if _is_local(fs):
-        tmp = f"{root}/_monitor/.state.json.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # a power loss must not leave an empty state.json that every check fails on
-        os.replace(tmp, f"{root}/{STATE}")
+        Path(root, STATE).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(root, STATE), state, sort_keys=False)
     else:
-        fs.pipe_file(f"{root}/{STATE}", text.encode())
+        fs.pipe_file(f"{root}/{STATE}", json.dumps(state, indent=1, default=str).encode())
 
 
 @contextlib.contextmanager
@@ -62,19 +55,12 @@ def one_check_at_a_time(log_dir: str):
     """Checks of one local log wait for each other (a one-off `kftune monitor` beside `monitor --cron`): two at once
     would both send an alert's change and one would lose the other's state. Object stores: one check per log is
     the scheduler's job (the monitoring pipeline's recurring run)."""
-    import fcntl
-
     fs, root = _fs(log_dir)
     if not _is_local(fs):
         yield
         return
-    Path(root, "_monitor").mkdir(parents=True, exist_ok=True)
-    with open(Path(root, "_monitor", ".check.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with single_instance(Path(root, "_monitor", ".check.lock"), "monitoring check", wait=True):
+        yield
 
 
 def champion_files(name: str, version: str, cache: Path) -> tuple[Path, pd.DataFrame, dict]:
