@@ -212,8 +212,9 @@ DRIFT_METHODS = ("embedding", "prediction", "confidence", "vocabulary", "label",
 class DriftConfig:
     methods: list[str] = _doc(f"Tests that vote on drift, from {', '.join(DRIFT_METHODS)}; all are always logged.")
     min_flags: int = _doc("Drift is declared when at least this many voting tests flag it.")
-    alpha: float = _doc("Significance level of the p-value tests (embedding MMD, confidence KS).")
-    psi_threshold: float = _doc("PSI above which the predicted-label or true-label distribution has drifted.")
+    alpha: float = _doc("Significance level of the p-value tests (embedding MMD, confidence KS, chi-squared beside PSI).")
+    psi_threshold: float = _doc("PSI above which the predicted-label or true-label distribution has drifted "
+                                 "(when the chi-squared test also has p < alpha).")
     oov_increase: float = _doc("Rise in the share of words unseen in training above which vocabulary has drifted.")
     unseen_entity_increase: float = _doc("Token classification: rise in the share of predicted entities whose surface "
                                          "form was never an entity in training, above which entities have drifted.")

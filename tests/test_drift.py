@@ -24,6 +24,13 @@ def test_mmd_with_an_empty_side_is_no_drift():
     assert not check.verdict and check.p_value == 1.0 and check.details["empty"]
 
 
+def test_identical_samples_are_not_drift_whatever_the_float_rounding():
+    """Every permutation of identical samples has the observed statistic up to float32 rounding: p must be 1."""
+    for x in (np.ones((60, 8)), np.repeat(gaussian(3, seed=5), 20, axis=0)):
+        check = mmd_test(x, x.copy(), 200, 0.05, seed=0)
+        assert not check.verdict and check.p_value == 1.0
+
+
 def test_mmd_false_alarm_rate_is_near_alpha():
     """Under the null the permutation p-value is uniform: about alpha of i.i.d. pairs are flagged."""
     flagged = [mmd_test(gaussian(100, seed=2 * i), gaussian(100, seed=2 * i + 1), 200, 0.1, seed=i).verdict
@@ -39,12 +46,28 @@ def test_psi_known_values():
 
 def test_label_distribution_shift():
     ref = ["neutral"] * 45 + ["positive"] * 30 + ["negative"] * 25
-    same = distribution_test("label", ref, ref[::-1], ["negative", "neutral", "positive"], 0.2)
-    assert not same.verdict and same.details["chi2_p_value"] == pytest.approx(1.0)
+    same = distribution_test("label", ref, ref[::-1], ["negative", "neutral", "positive"], 0.2, 0.05)
+    assert not same.verdict and same.p_value == pytest.approx(1.0)
     moved = ["negative"] * 55 + ["neutral"] * 25 + ["positive"] * 20
-    shift = distribution_test("label", ref, moved, ["negative", "neutral", "positive"], 0.2)
-    assert shift.verdict and shift.score > 0.2 and shift.details["chi2_p_value"] < 0.01
+    shift = distribution_test("label", ref, moved, ["negative", "neutral", "positive"], 0.2, 0.05)
+    assert shift.verdict and shift.score > 0.2 and shift.p_value < 0.01
+    assert shift.rule == "> 0.2 and chi-squared p < 0.05"
     assert shift.details["new"] == {"negative": 0.55, "neutral": 0.25, "positive": 0.2}
+
+
+def test_a_small_sample_over_many_labels_is_not_drift_by_psi_alone():
+    """PSI grows with the number of categories and shrinks with the sample: 50 rows over 20 labels drawn from
+    the reference's own shares pass PSI 0.2 almost every time. The chi-squared test must agree."""
+    rng = np.random.default_rng(0)
+    labels = [f"l{i}" for i in range(20)]
+    ref = list(rng.choice(labels, 2000))
+    checks = [distribution_test("label", ref, list(rng.choice(labels, 50)), labels, 0.2, 0.05) for _ in range(200)]
+    assert np.mean([c.score > 0.2 for c in checks]) > 0.9, "the sample is small enough to fool PSI"
+    assert np.mean([c.verdict for c in checks]) <= 0.1
+    # 30 rows without one of four labels (21% likely under the reference's shares): PSI 0.31, no drift
+    ref = ["r"] * 100 + ["x"] * 700 + ["y"] * 600 + ["z"] * 600
+    check = distribution_test("label", ref, ["x"] * 11 + ["y"] * 10 + ["z"] * 9, ["r", "x", "y", "z"], 0.2, 0.05)
+    assert check.score > 0.3 and check.p_value > 0.5 and not check.verdict
 
 
 def test_confidence_shift():

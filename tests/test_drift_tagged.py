@@ -29,11 +29,11 @@ def test_unseen_entity_share_rises_only_with_new_names():
 
 def test_entity_type_psi_has_the_known_value_and_a_side_without_entities_still_scores():
     ref = ["per"] * 50 + ["org"] * 50
-    moved = distribution_test("prediction", ref, ["per"] * 90 + ["org"] * 10, ["org", "per"], 0.2)
+    moved = distribution_test("prediction", ref, ["per"] * 90 + ["org"] * 10, ["org", "per"], 0.2, 0.05)
     assert moved.score == pytest.approx(psi(np.array([50.0, 50.0]), np.array([10.0, 90.0]))) and moved.verdict
     assert moved.details["new"] == {"org": 0.1, "per": 0.9}
-    nothing = distribution_test("prediction", ref, [], ["org", "per"], 0.2)
-    assert nothing.verdict and nothing.details["chi2_p_value"] is None, "a tagger that stopped finding entities"
+    nothing = distribution_test("prediction", ref, [], ["org", "per"], 0.2, 0.05)
+    assert nothing.verdict and nothing.p_value is None, "a tagger that stopped finding entities"
 
 
 def test_confidence_on_entity_means_and_an_empty_side():

@@ -73,14 +73,15 @@ def run_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd.DataFr
     ref, nw = sides["reference"], sides["new"]
     checks = [
         tests.mmd_test(ref["emb"], nw["emb"], cfg.permutations, cfg.alpha, cfg.seed),
-        tests.distribution_test("prediction", ref["pred"], nw["pred"], labels, cfg.psi_threshold),
+        tests.distribution_test("prediction", ref["pred"], nw["pred"], labels, cfg.psi_threshold, cfg.alpha),
         tests.confidence_test(ref["conf"], nw["conf"], cfg.alpha),
         tests.vocabulary_test(reference[reference["split"] == "train"]["text"].tolist(), held_out["text"].tolist(),
                               new_s["text"].tolist(), cfg.oov_increase, (ref["unk"], nw["unk"])),
     ]
     if "label" in new.columns:
         checks.append(tests.distribution_test("label", reference["label"].tolist(), new["label"].tolist(),
-                                              sorted(set(labels) | set(new["label"])), cfg.psi_threshold))
+                                              sorted(set(labels) | set(new["label"])), cfg.psi_threshold,
+                                              cfg.alpha))
     return {c.method: c for c in checks}, sides
 
 
@@ -125,7 +126,7 @@ def run_tagged_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd
     known = {e["text"] for e in _gold_entities(train)}
     checks = [
         tests.mmd_test(ref["emb"], nw["emb"], cfg.permutations, cfg.alpha, cfg.seed),
-        tests.distribution_test("prediction", ref["pred"], nw["pred"], types, cfg.psi_threshold),
+        tests.distribution_test("prediction", ref["pred"], nw["pred"], types, cfg.psi_threshold, cfg.alpha),
         tests.confidence_test(ref["conf"], nw["conf"], cfg.alpha),
         tests.unseen_entity_test(known, ref["surfaces"], nw["surfaces"], cfg.unseen_entity_increase),
         tests.vocabulary_test(train["text"].tolist(), held_out["text"].tolist(), new_s["text"].tolist(),
@@ -134,7 +135,7 @@ def run_tagged_checks(champion_dir: str | Path, reference: pd.DataFrame, new: pd
     if "tags" in new.columns:
         gold_ref, gold_new = [e["type"] for e in _gold_entities(reference)], [e["type"] for e in _gold_entities(new)]
         checks.append(tests.distribution_test("label", gold_ref, gold_new, sorted(set(types) | set(gold_new)),
-                                              cfg.psi_threshold))
+                                              cfg.psi_threshold, cfg.alpha))
     return {c.method: c for c in checks}, sides
 
 
@@ -252,8 +253,7 @@ def render_report(report: dict) -> str:
                   "| method | score | threshold | p-value | drift |", "|---|---|---|---|---|"]
         for c in report["checks"].values():
             p = "" if c["p_value"] is None else f"{c['p_value']:.4g}"
-            rule = f"p < {c['threshold']:g}" if c["p_value"] is not None else f"> {c['threshold']:g}"
-            lines.append(f"| {c['method']} | {c['score']:.4g} | {rule} | {p} | {'yes' if c['verdict'] else 'no'} |")
+            lines.append(f"| {c['method']} | {c['score']:.4g} | {c['rule']} | {p} | {'yes' if c['verdict'] else 'no'} |")
         lines += ["", "![drift](drift.png)"]
     return "\n".join(lines) + "\n"
 
