@@ -12,6 +12,7 @@ over its own window.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import tempfile
@@ -91,18 +92,22 @@ def test_scores(name: str, version: str) -> dict:
     return {k.removeprefix("test_"): v for k, v in m.items() if k in ("test_accuracy", "test_macro_f1")}
 
 
-def run_drift(folder: Path, reference: pd.DataFrame, new: pd.DataFrame, params: Params) -> tuple[dict, bool, str]:
-    """The drift step's label-free tests with its seeds, thresholds and vote."""
+def run_drift(folder: Path, reference: pd.DataFrame, new: pd.DataFrame,
+              params: Params) -> tuple[dict, bool | None, str]:
+    """The drift step's label-free tests with its seeds, thresholds and vote (None: no voting test applies)."""
     from kftune.hardware import bf16_for
     from kftune.steps.drift import run_checks
 
     checks, _ = run_checks(folder, reference, new[["text"]], params.drift, bf16_for(params.finetune))
     voting = [m for m in params.drift.methods if m in checks]
+    found = {m: c.to_dict() for m, c in checks.items()}
+    if not voting:  # drift.methods has only tests that need labels: live traffic has none
+        return found, None, f"none of drift.methods {params.drift.methods} runs on unlabelled traffic"
     flags = [m for m in voting if checks[m].verdict]
     need = min(params.drift.min_flags, len(voting))
     why = (f"drift tests on {len(new)} predictions: {len(flags)} of {voting} flagged ({', '.join(flags) or 'none'}), "
            f"{need} needed")
-    return {m: c.to_dict() for m, c in checks.items()}, len(flags) >= need, why
+    return found, len(flags) >= need, why
 
 
 def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_dir: str | Path = ".kftune/monitor",
@@ -138,7 +143,9 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
     horizon = now_ts - pd.Timedelta(seconds=max([r.window for r in rules] + [3600]))
     since = min(horizon, watermark) if watermark is not None else None
     logged = read_request_log(log_dir, since=since.to_pydatetime() if since is not None else None)
-    logged = logged[(logged["model"] == name) & (logged["time"] <= now_ts) & logged["label"].notna()]
+    # a prediction: a label (classifier) or entities (tagger)
+    logged = logged[(logged["model"] == name) & (logged["time"] <= now_ts)
+                    & (logged["label"].notna() | logged["entities"].notna())]
     served = logged[logged["version"] == version] if version else logged.iloc[:0]
     # the drift tests take rows older than two flush intervals only: another replica may still hold younger
     # ones, and a row written after the watermark passed its time would never be tested
@@ -153,9 +160,7 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
     if version:
         folder, reference, card = champion_files(name, version, Path(cache_dir))
         test = test_scores(name, version)
-        held = reference[reference["split"] != "train"]
-        ref_stats.setdefault("shares", held["label"].value_counts(normalize=True).to_dict())
-        if len(new) >= cfg.min_requests:
+        if len(new) >= cfg.min_requests:  # the reference shares and confidence are the champion's predictions
             drift, drifted, why = run_drift(folder, reference, new, params)
             ref_stats["shares"] = drift["prediction"]["details"]["reference"]
             ref_stats["confidence"] = drift["confidence"]["details"]["reference_mean"]
@@ -163,16 +168,21 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
         state["reference"][version] = ref_stats
 
     feedback = read_feedback(log_dir)
-    live_window = max([r.window for r in rules if r.kind == "live_quality"] + [0])
-    labelled = joined(R.window(served, now_ts, live_window) if live_window else served, feedback)
     labels = list(served["labels"].iloc[0]) if len(served) else []
-    live = live_quality(labelled, labels, cfg.confidence_level) if len(labelled) else {"n": 0}
+
+    def live_in(seconds: float | None) -> dict:  # seconds None: all of the champion's predictions read
+        labelled = joined(R.window(served, now_ts, seconds) if seconds else served, feedback)
+        return live_quality(labelled, labels, cfg.confidence_level) if len(labelled) else {"n": 0}
+
+    live = live_in(max([r.window for r in rules if r.kind == "live_quality"], default=None))
     state["seen_traffic"] = bool(state.get("seen_traffic") or len(logged)
                                  or any(h.get("requests") for h in state["history"]))  # older state files
     ctx = R.Context(ref_stats.get("shares", {}), ref_stats.get("confidence"), drifted, why, live,
                     test.get("accuracy"), ever_traffic=state["seen_traffic"])
     # volume counts every version's predictions: a server that has not swapped to a new champion yet still serves
-    verdicts = [R.judge(r, logged if r.kind == "volume" else served, now_ts, ctx) for r in rules]
+    verdicts = [R.judge(r, logged if r.kind == "volume" else served, now_ts,
+                        dataclasses.replace(ctx, live=live_in(r.window)) if r.kind == "live_quality" else ctx)
+                for r in rules]
     state["alerts"], events = R.transitions(verdicts, state["alerts"], str(now_ts))
 
     client = mlflow.MlflowClient()
@@ -184,7 +194,7 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
     state["checks"] += 1
     point = {"now": str(now_ts), "version": version, "requests": len(interval), "new_requests": len(new),
              "shares": interval["label"].value_counts(normalize=True).to_dict() if len(interval) else {},
-             "confidence": float(interval["probability"].mean()) if len(interval) else None,
+             "confidence": float(interval["probability"].mean()) if interval["probability"].notna().any() else None,
              "embedding_p": drift.get("embedding", {}).get("p_value"),
              "confidence_p": drift.get("confidence", {}).get("p_value"), "drifted": drifted,
              "live_accuracy": live.get("accuracy"), "live_accuracy_low": live.get("accuracy_low"),

@@ -162,11 +162,15 @@ def check_logged(rows: list[dict], recent: dict[str, int], log_dir: str, model: 
 def joined(requests, feedback):
     """Logged predictions that have a correction: the request log's columns plus `true_label`, `sample`.
 
-    Request ids come from clients, which may reuse one: a correction goes to the latest prediction logged under
-    its (request_id, index), once."""
+    Request ids come from clients, which may reuse one: a correction goes, once, to the latest prediction logged
+    under its (request_id, index) at or before the correction (the latest of all where none is: a replay's
+    predictions carry their clients' clocks)."""
+    keys = ["request_id", "index"]
     fb = feedback.rename(columns={"label": "true_label", "time": "feedback_time"})
-    requests = requests.sort_values("time", kind="stable").drop_duplicates(["request_id", "index"], keep="last")
-    return requests.merge(fb[["request_id", "index", "true_label", "sample", "labeller"]], on=["request_id", "index"])
+    both = requests.merge(fb[[*keys, "true_label", "sample", "labeller", "feedback_time"]], on=keys)
+    before = both["time"] <= both["feedback_time"]
+    both = both[before | ~before.groupby([both[k] for k in keys]).transform("any")]
+    return both.sort_values("time", kind="stable").drop_duplicates(keys, keep="last").drop(columns="feedback_time")
 
 
 def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
@@ -179,7 +183,7 @@ def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # rounding: the bounds hold p
 
 
 def macro_f1(y_true, y_pred, labels: list[str]) -> float:

@@ -80,8 +80,9 @@ def plot(history: list[dict], path: str | Path) -> None:
     axes[1].plot(t[busy], df["confidence"][busy], marker=".", color="tab:purple", label="mean confidence")
     if "live_accuracy" in df and df["live_accuracy"].notna().any():
         acc = df["live_accuracy"].astype(float)
-        axes[1].errorbar(t, acc, yerr=[acc - df["live_accuracy_low"].astype(float),
-                                       df["live_accuracy_high"].astype(float) - acc],
+        # clipped at 0: state files written before wilson() held its bounds around p may have one a hair inside
+        axes[1].errorbar(t, acc, yerr=[(acc - df["live_accuracy_low"].astype(float)).clip(lower=0),
+                                       (df["live_accuracy_high"].astype(float) - acc).clip(lower=0)],
                          fmt="o", capsize=4, color="tab:green", label="live accuracy (random sample, interval)")
     axes[1].set(ylabel="confidence / accuracy")
     axes[1].legend(loc="lower left", fontsize=8)

@@ -71,6 +71,8 @@ def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) 
     if n < needed:
         return Verdict(rule, UNKNOWN, None, n, f"{n} predictions in the last {_dur(rule.window)}, "
                                                f"{needed} needed")
+    if rule.kind in ("label_share", "label_shift", "confidence") and w["label"].isna().all():
+        return Verdict(rule, UNKNOWN, None, n, "a tagger's predictions have no label or confidence per text")
     if rule.kind == "label_share":
         share = float((w["label"] == rule.label).mean())
         return verdict(share > rule.max_share, share, f"{rule.label} {share:.1%} of {n} predictions in the last "
@@ -79,7 +81,7 @@ def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) 
         shares = w["label"].value_counts(normalize=True)
         moves = {lbl: 100 * (float(shares.get(lbl, 0.0)) - ref) for lbl, ref in ctx.reference_shares.items()}
         if not moves:
-            return Verdict(rule, UNKNOWN, None, n, "no reference label shares")
+            return Verdict(rule, UNKNOWN, None, n, "no reference label shares yet (the drift tests have not run)")
         lbl = max(moves, key=lambda k: abs(moves[k]))
         return verdict(abs(moves[lbl]) > rule.max_points, abs(moves[lbl]),
                        f"{lbl} moved {moves[lbl]:+.1f} points from the reference (max {rule.max_points:g})")

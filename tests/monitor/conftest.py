@@ -16,10 +16,10 @@ import pytest
 from kftune import registry
 from kftune.config import load_params
 from kftune.serving.request_log import RequestLog, records
-from tests.conftest import ROOT, subword_texts, tiny_params, use_mlflow_store, with_changes
+from tests.conftest import ROOT, ner_sentences, subword_texts, tiny_params, use_mlflow_store, with_changes, write_conll
 from tests.serving.conftest import _register, _train
 
-MODEL = "tiny-monitor"
+MODEL, TAGGER = "tiny-monitor", "tiny-monitor-ner"
 FAST = ["drift.permutations=100", "drift.max_rows=300", "monitor.min_requests=50"]
 
 
@@ -33,6 +33,10 @@ def monitor_store(tmp_path_factory, tiny_model) -> Path:
         use_mlflow_store(root, mp)
         _train(root / "clf", root / "texts.csv", clf, steps=8)
         registry.promote(MODEL, _register(root / "clf", clf), "monitor tests")
+        ner = dataclasses.replace(base, task="token-classification",
+                                  register=with_changes(base.register, model_name=TAGGER))
+        _train(root / "ner", write_conll(root / "ner.conll", ner_sentences(150)), ner, steps=8)
+        registry.promote(TAGGER, _register(root / "ner", ner), "monitor tests")
     return root
 
 

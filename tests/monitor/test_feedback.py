@@ -75,6 +75,14 @@ def test_a_reused_request_id_joins_its_correction_to_the_latest_prediction_once(
                              "labeller": [""], "time": pd.to_datetime(["2026-12-01 11:05"], utc=True)})
     both = joined(log, feedback)
     assert both[["text", "true_label"]].values.tolist() == [["new", "positive"]]
+    # the id reused the next day, after the correction: the correction stays with the prediction it was about
+    again = pd.DataFrame({"request_id": ["1"], "index": [0], "text": ["next day"], "label": ["negative"],
+                          "time": pd.to_datetime(["2026-12-02 09:00"], utc=True)})
+    both = joined(pd.concat([log, again]), feedback)
+    assert both[["text", "true_label"]].values.tolist() == [["new", "positive"]]
+    # a correction older than every prediction of its id (a replay's client clocks): the latest prediction
+    early = feedback.assign(time=pd.to_datetime(["2026-11-30 00:00"], utc=True))
+    assert joined(log, early)[["text", "true_label"]].values.tolist() == [["new", "positive"]]
 
 
 def _logged(log_dir, ids: dict[str, int], model: str = MODEL) -> None:
@@ -142,6 +150,7 @@ def test_kftune_feedback_import_refuses_an_unknown_request_id(store, tiny_model,
 def test_live_quality_uses_only_the_random_sample_and_its_interval_covers_the_truth():
     lo, hi = wilson(80, 100, 0.95)
     assert 0.70 < lo < 0.72 and 0.86 < hi < 0.88  # the textbook Wilson interval for 80/100
+    assert [wilson(n, n, 0.95)[1] for n in (20, 60)] == [1.0, 1.0], "all right: the upper bound is 1, not 1 - 2e-16"
     rows = pd.DataFrame({"label": ["a"] * 100 + ["a"] * 50, "true_label": ["a"] * 80 + ["b"] * 20 + ["b"] * 50,
                          "sample": ["random"] * 100 + ["uncertain"] * 50})
     q = live_quality(rows, ["a", "b"], 0.95)

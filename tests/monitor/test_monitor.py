@@ -1,11 +1,15 @@
 """The monitor on a synthetic request log with a known negative surge: it fires once and resolves once."""
 
 import json
+from types import SimpleNamespace
 
 import mlflow
 
 from kftune.monitor.check import load_state, monitor_once
-from tests.monitor.conftest import monitor_params, write_traffic
+from kftune.monitor.feedback import write_feedback
+from kftune.serving.request_log import RequestLog, records
+from tests.conftest import ner_sentences
+from tests.monitor.conftest import TAGGER, monitor_params, write_traffic
 
 START = 1_700_000_000.0  # a fixed simulated clock
 SURGE = '[{name: negative-surge, kind: label_share, label: negative, max_share: 0.5, window: 1h, min_requests: 50}, ' \
@@ -249,3 +253,62 @@ def test_checks_of_one_log_wait_for_each_other_and_the_state_file_is_written_who
     save_state(str(log_dir), {"checks": 1})
     assert json.loads((log_dir / STATE).read_text()) == {"checks": 1}
     assert [p.name for p in (log_dir / "_monitor").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_taggers_traffic_is_monitored_by_volume_and_the_tagged_drift_tests(store, tiny_model, tmp_path):
+    """A tagger logs entities, not a label: its predictions count, its drift tests run, and the rules that read a
+    label per text say they cannot."""
+    rules = ("[{name: no-traffic, kind: volume, window: 1h, min_requests: 1}, {name: drift, kind: drift, window: 1h, "
+             "min_requests: 50}, {name: surge, kind: label_share, label: per, max_share: 0.5, window: 1h, "
+             "min_requests: 1}]")
+    params = monitor_params(tiny_model, f"register.model_name={TAGGER}", "task=token-classification",
+                            f"monitor.rules={rules}")
+    served = SimpleNamespace(name=TAGGER, version="1", precision="fp32", task="token-classification",
+                             labels=["B-org", "B-per", "I-org", "O"])
+    log_dir = tmp_path / "log"
+    out = RequestLog(str(log_dir), 100000, 3600, 100000)
+    for i, (words, _) in enumerate(ner_sentences(60, seed=7)):
+        text = " ".join(words)
+        answer = {"entities": [{"type": "per", "text": words[0], "start": 0, "end": len(words[0]), "score": 0.9}]}
+        out.append(records(f"n{i}", served, [text], [answer], at=START + i * 60))
+    out.close()
+    first = monitor_once(str(log_dir), params, now=START + 3600)
+    assert first["new_requests"] == 60 and first["drifted"] is not None and "entities" in first["drift"]
+    status = {r["name"]: (r["status"], r["why"]) for r in first["rules"]}
+    assert status["no-traffic"][0] == "ok" and status["drift"][0] != "unknown"
+    assert status["surge"] == ("unknown", "a tagger's predictions have no label or confidence per text")
+    quiet = monitor_once(str(log_dir), params, now=START + 3 * 3600)
+    assert ("no-traffic", "firing") in [(e["alert"], e["status"]) for e in quiet["events"]]
+
+
+def test_without_a_test_that_runs_on_unlabelled_traffic_drift_is_unknown(store, tiny_model, tmp_path):
+    rules = "[{name: drift, kind: drift, window: 1h, min_requests: 50}]"
+    params = monitor_params(tiny_model, "drift.methods=[label]", "drift.min_flags=1", f"monitor.rules={rules}")
+    write_traffic(tmp_path / "log", START, [0.3], per_hour=60)
+    check = monitor_once(str(tmp_path / "log"), params, now=START + 3600)
+    assert check["drifted"] is None and check["rules"][0]["status"] == "unknown" and check["events"] == []
+    assert "none of drift.methods ['label'] runs on unlabelled traffic" in check["drift_why"]
+
+
+def test_label_shift_waits_for_the_champions_predicted_shares(store, tiny_model, tmp_path):
+    """The reference is the champion's predicted shares on its held-out rows, which the drift tests compute:
+    until they have run, the held-out rows' true shares would be a different yardstick."""
+    rules = "[{name: shift, kind: label_shift, max_points: 1, window: 1h, min_requests: 10}]"
+    params = monitor_params(tiny_model, "monitor.min_requests=100", f"monitor.rules={rules}")
+    write_traffic(tmp_path / "log", START, [0.3], per_hour=60)
+    early = monitor_once(str(tmp_path / "log"), params, now=START + 3600)  # 60 < 100: no drift tests yet
+    assert early["drifted"] is None and early["rules"][0]["status"] == "unknown"
+    assert "the drift tests have not run" in early["rules"][0]["why"]
+
+
+def test_each_live_quality_rule_reads_the_labels_of_its_own_window(store, tiny_model, tmp_path):
+    rules = ("[{name: day, kind: live_quality, max_gap: 0.1, window: 1h, min_requests: 1}, "
+             "{name: week, kind: live_quality, max_gap: 0.1, window: 7d, min_requests: 1}]")
+    log_dir = tmp_path / "log"
+    rows = write_traffic(log_dir, START, [0.3] * 3, per_hour=20)
+    write_feedback(str(log_dir), [{"request_id": r["request_id"], "index": 0, "label": r["label"], "sample": "random"}
+                                  for r in rows])
+    check = monitor_once(str(log_dir), monitor_params(tiny_model, f"monitor.rules={rules}"), now=START + 3 * 3600 - 1)
+    why = {r["name"]: r["why"] for r in check["rules"]}
+    assert "on 20 random-sample labels" in why["day"] and "on 60 random-sample labels" in why["week"]
+    assert check["live"]["n"] == 60
