@@ -15,14 +15,23 @@ from kftune.config import KftuneError
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temp folder beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
+    """Yield a temp folder beside `path`; it replaces `path` only if the block succeeds.
+
+    An existing `path` is replaced only where it holds nothing but names the new output has (an earlier run of
+    the same step): an output pointed at a folder of the user's (the input's, the project's) must not delete it.
+    """
+    path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            other = sorted(set(os.listdir(path)) - set(os.listdir(tmp))) if path.is_dir() else [path.name]
+            if other:
+                raise KftuneError(f"{path}: the output would replace {', '.join(other[:3])}"
+                                  f"{f' and {len(other) - 3} more' if len(other) > 3 else ''}, which this step does not "
+                                  f"write; choose an output folder of its own (nothing was changed)")
+            shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

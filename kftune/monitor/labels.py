@@ -88,6 +88,10 @@ def queue(log_dir: str, params: Params, n: int, out_dir: str | Path, since: date
     from kftune.serving.request_log import read_request_log
 
     cfg = params.monitor
+    previous = Path(out_dir) / "queue.csv"
+    if previous.is_file() and (filled := (read_labelled(previous)["label"] != "").sum()):
+        raise LabelError(f"{previous}: {filled} label(s) filled in; a new queue would replace them: import them "
+                         f"(kftune label import {previous}) and move the file, or choose another --out")
     version, _, reference, card = _champion(params, cache_dir)
     rows = read_request_log(log_dir, since=since)
     rows = rows[(rows["model"] == params.register.model_name) & (rows["version"] == version) & rows["label"].notna()]

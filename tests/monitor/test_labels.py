@@ -91,6 +91,11 @@ def test_queue_then_import_refuses_unknown_labels_and_known_texts_and_adds_a_ver
     assert len(read_feedback(str(log_dir))) == 60
     # the feedback removed the labelled requests from the next queue
     assert queue(str(log_dir), params, 500, tmp_path / "queue2")["candidates"] == 200 - 60
+    # a queue being labelled in place is not replaced by a new one
+    q.to_csv(tmp_path / "queue" / "queue.csv", index=False)
+    with pytest.raises(LabelError, match=r"queue\.csv: 60 label\(s\) filled in; a new queue would replace them"):
+        queue(str(log_dir), params, 10, tmp_path / "queue")
+    assert (pd.read_csv(tmp_path / "queue" / "queue.csv", dtype=str)["label"] == q["label"]).all()
 
 
 def test_label_import_keeps_feedback_when_the_push_fails_and_reads_spreadsheet_edits(store, tiny_model, tmp_path,
