@@ -63,14 +63,19 @@ def oov_share(texts: pd.Series, vocabulary: set[str]) -> np.ndarray:
 
 def select(candidates: pd.DataFrame, n: int, random_share: float, drift_share: float, vocabulary: set[str],
            seed: int) -> pd.DataFrame:
-    """Pure selection: `candidates` (one row per distinct text: text, probability, ...) -> the queue with `sample`."""
+    """Pure selection: `candidates` (one row per prediction: text, probability, ...) -> the queue with `sample`.
+
+    The random share is drawn uniformly over predictions, a text served twice twice as likely, so its labels
+    estimate the accuracy of what was served; the chosen shares take each remaining text once."""
     n = min(n, len(candidates))
     n_random = round(n * random_share)
-    n_drift = min(round(n * drift_share), n - n_random)
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(candidates), size=n_random, replace=False)
-    rest = candidates.drop(candidates.index[picked])
     parts = [candidates.iloc[picked].assign(sample=RANDOM)]
+    rest = candidates.drop(candidates.index[picked])
+    rest = rest[~rest["text"].isin(parts[0]["text"])].drop_duplicates("text")
+    n = min(n, n_random + len(rest))
+    n_drift = min(round(n * drift_share), n - n_random)
     oov = pd.Series(oov_share(rest["text"], vocabulary), index=rest.index)
     drifted = rest.assign(_oov=oov)[oov > 0].sort_values(["_oov", "probability"], ascending=[False, True])
     parts.append(drifted.head(n_drift).drop(columns="_oov").assign(sample=DRIFT))
@@ -96,9 +101,11 @@ def queue(log_dir: str, params: Params, n: int, out_dir: str | Path, since: date
     rows = read_request_log(log_dir, since=since)
     rows = rows[(rows["model"] == params.register.model_name) & (rows["version"] == version) & rows["label"].notna()]
     fb = read_feedback(log_dir)
-    done = set(zip(fb["request_id"], fb["index"]))
-    rows = rows[[k not in done for k in zip(rows["request_id"], rows["index"])]]
-    rows = rows.drop_duplicates("text").reset_index(drop=True)
+    # out: predictions an earlier queue had labelled; a correction sent to the API (sample "") does not count, or
+    # the random share would skip the wrong answers users corrected and overrate the model
+    queued = fb[fb["sample"] != ""]
+    done = set(zip(queued["request_id"], queued["index"]))
+    rows = rows[[k not in done for k in zip(rows["request_id"], rows["index"])]].reset_index(drop=True)
     if rows.empty:
         raise LabelError(f"no unlabelled predictions of {params.register.model_name} v{version} in {log_dir}"
                          f"{' since ' + str(since) if since else ''}")

@@ -9,7 +9,7 @@ from scipy.stats import chisquare, ks_2samp
 
 from kftune.data import add_batches
 from kftune.demo.drift import setup_project
-from kftune.monitor.feedback import read_feedback
+from kftune.monitor.feedback import read_feedback, write_feedback
 from kftune.monitor.labels import DRIFT, RANDOM, UNCERTAIN, LabelError, import_labels, queue, select
 from tests.conftest import subword_texts
 from tests.monitor.conftest import monitor_params, write_traffic
@@ -31,6 +31,12 @@ def test_the_random_share_is_uniform_over_the_traffic_and_blind_to_confidence():
         picked_probs += r["probability"].tolist()
     assert chisquare(counts).pvalue > 0.01  # every text equally likely
     assert ks_2samp(picked_probs, cands["probability"]).pvalue > 0.01  # not skewed towards (un)confident ones
+    # a text served three times is three predictions to the random share, one text to the others
+    twice = pd.concat([cands, cands.iloc[:2], cands.iloc[:2]], ignore_index=True)
+    q = select(twice, 404, 0.5, 0.25, {"t"}, 0)
+    r, chosen = q[q["sample"] == RANDOM], q[q["sample"] != RANDOM]
+    assert len(r) == 202 and chosen["text"].is_unique and not set(chosen["text"]) & set(r["text"])
+    assert len(q) == 202 + len(set(twice["text"]) - set(r["text"]))
     q = select(cands, 40, 0.5, 0.25, {"t"}, 0)
     rest = cands.drop(q.index)
     assert q[q["sample"] == UNCERTAIN]["probability"].max() <= rest["probability"].min() or \
@@ -89,7 +95,10 @@ def test_queue_then_import_refuses_unknown_labels_and_known_texts_and_adds_a_ver
     again = import_labels(tmp_path / "good.csv", params, dvc_project, str(log_dir), push=False)  # idempotent
     assert again["added"] == 0 and again["commit"] is None and again["dropped_existing"] == 60
     assert len(read_feedback(str(log_dir))) == 60
-    # the feedback removed the labelled requests from the next queue
+    # the feedback removed the labelled requests from the next queue; a user's correction through the API does
+    # not (users correct wrong answers: leaving those out would overrate the model's live accuracy)
+    left = [r for r in rows if r["request_id"] not in set(q["request_id"])]
+    write_feedback(str(log_dir), [{"request_id": left[0]["request_id"], "label": "negative"}])
     assert queue(str(log_dir), params, 500, tmp_path / "queue2")["candidates"] == 200 - 60
     # a queue being labelled in place is not replaced by a new one
     q.to_csv(tmp_path / "queue" / "queue.csv", index=False)
