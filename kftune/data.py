@@ -124,6 +124,9 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
             dest = target / f"batch-{start + i:03d}{suffix}"
             shutil.copy2(f, dest)
             added.append(dest)
+        # the new version as ingest will read it: a batch fine alone may not fit the others (a split column only
+        # some files have); refused here, before it is committed
+        (tables.load_sentences if task == "token-classification" else tables.load_rows)(str(target), cfg)
         _dvc(root, "add", dataset)
         _git(root, "add", "--", *paths)
         message = f"data: add {', '.join(p.name for p in added)} ({sum(rows.values())} rows)"

@@ -65,6 +65,13 @@ def test_a_bad_batch_changes_nothing(project, params):
     assert sh(project, "git", "rev-parse", "HEAD") == head
     assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == ["batch-000.csv"]
     assert sh(project, "git", "status", "--porcelain") == ""
+    # fine alone, but not with the dataset: its split column would leave the others' rows without one
+    given = project.parent / "given.csv"
+    given.write_text("text,label,split\nshares up,a,train\nshares down,b,test\n")
+    with pytest.raises(DataError, match="some files have a 'split' column and some do not"):
+        add_batches([str(given)], project, params.ingest)
+    assert sh(project, "git", "rev-parse", "HEAD") == head and sh(project, "git", "status", "--porcelain") == ""
+    assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == ["batch-000.csv"]
 
 
 def test_the_same_file_twice_is_refused_and_conll_batches_are_versioned(project, params):
