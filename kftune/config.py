@@ -57,7 +57,7 @@ class IngestConfig:
                             "count it) instead of failing.")
     mask_pii: bool = _doc("Replace e-mail addresses, phone numbers, payment cards, IBANs, IP addresses and URLs in "
                           "the texts with typed placeholders (<EMAIL>, ...) as they are read (kftune/pii.py); "
-                          "tagged sentences token by token.")
+                          "in tagged sentences each token a value touches (tags stay aligned).")
 
     def problems(self) -> list[str]:
         out = []

@@ -18,7 +18,7 @@ PLACEHOLDERS = {"email": "<EMAIL>", "url": "<URL>", "ip": "<IP>", "iban": "<IBAN
 
 EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])")
 URL = re.compile(r"(?<![\w@])(?:(?:https?|ftp)://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]]", re.IGNORECASE)
-IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]|\.\d)")
+IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")  # a full stop may end the sentence
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])")
 CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -96,3 +96,21 @@ def mask(text: str) -> str:
         out += [text[at:start], PLACEHOLDERS[kind]]
         at = end
     return "".join(out) + text[at:]
+
+
+def mask_tokens(tokens: list[str]) -> list[str]:
+    """`mask` for a tagged sentence: PII is found in the tokens joined by spaces (a phone number or an IBAN spans
+    several), and each token it touches has that part replaced, so the tokens and their tags stay aligned."""
+    text = " ".join(tokens)
+    spans = find_pii(text)
+    out, at = [], 0
+    for tok in tokens:
+        a, b = at, at + len(tok)
+        at = b + 1
+        pieces, pos = [], a
+        for s, e, kind in spans:
+            if s < b and a < e:
+                pieces += [text[pos:max(s, a)], PLACEHOLDERS[kind]]
+                pos = min(e, b)
+        out.append("".join(pieces) + text[pos:b] if pieces else tok)
+    return out

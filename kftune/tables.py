@@ -351,7 +351,7 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
     """Token classification: every sentence under `source` (CoNLL or JSONL) as text, tokens, tags and label
     (the tags joined, so that `clean` can drop duplicates and conflicts); bad lines fail with file:line."""
     from kftune import ner
-    from kftune.pii import mask
+    from kftune.pii import mask_tokens
 
     files = list_files(source, NER_SUFFIXES, any_single_file=True)
     allowed = set(cfg.labels) or None
@@ -370,7 +370,7 @@ def read_sentences(source: str, cfg: IngestConfig) -> tuple[pd.DataFrame, dict]:
             raise DataError(f"{f}: no sentences (expected one token per line, blank lines between sentences)")
         sources.append({"file": str(f), "sha256": file_sha256(f), "rows": len(sentences)})
         for s in sentences:
-            tokens = [mask(t) for t in s.tokens] if cfg.mask_pii else s.tokens  # token by token: tags stay aligned
+            tokens = mask_tokens(s.tokens) if cfg.mask_pii else s.tokens
             rows.append((" ".join(tokens), " ".join(s.tags), tokens, s.tags))
     df = pd.DataFrame(rows, columns=["text", "label", "tokens", "tags"])
     return df, {"sources": sources, "bio_repairs": repairs}

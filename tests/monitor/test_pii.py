@@ -1,6 +1,6 @@
 """Masking on a corpus of realistic PII and look-alikes: every PII span masked with its type, nothing else."""
 
-from kftune.pii import PLACEHOLDERS, find_pii, iban_ok, luhn_ok, mask
+from kftune.pii import PLACEHOLDERS, find_pii, iban_ok, luhn_ok, mask, mask_tokens
 from tests.monitor.pii_corpus import NEGATIVE, POSITIVE
 
 
@@ -32,6 +32,20 @@ def test_mask_replaces_spans_with_typed_placeholders_and_keeps_the_rest():
     for t in NEGATIVE:
         assert mask(t) == t
     assert mask("") == "" and set(PLACEHOLDERS.values()) >= {"<EMAIL>", "<CARD>", "<IBAN>"}
+
+
+def test_an_ip_address_ending_a_sentence_is_masked():
+    assert mask("My IP is 10.1.2.3. Thanks") == "My IP is <IP>. Thanks"
+    assert mask("version 1.2.3.4.5") == "version 1.2.3.4.5"
+
+
+def test_a_tagged_sentences_pii_is_found_across_its_tokens_and_the_tokens_stay_aligned():
+    tokens = "Call Ann on 555 123 4567 or +44 20 7946 0958 , IBAN DE89 3704 0044 0532 0130 00 ( mail:ann@example.com )".split()
+    out = mask_tokens(tokens)
+    assert len(out) == len(tokens) and not any(c.isdigit() for t in out for c in t)
+    assert out[:4] == ["Call", "Ann", "on", "<PHONE>"] and out[-2] == "mail:<EMAIL>"
+    assert out[13:19] == ["<IBAN>"] * 6 and out[7:11] == ["<PHONE>"] * 4
+    assert mask_tokens(["no", "pii", "here"]) == ["no", "pii", "here"]
 
 
 def test_checksums():
