@@ -193,7 +193,8 @@ def clean(df: pd.DataFrame, reasons: dict | None = None, tagged: bool = False) -
     reason means and up to three of its rows (the data card's `drop_reasons`).
     """
     drops: dict[str, int] = {}
-    df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())
+    df = df.assign(text=df["text"].map(normalise),  # labels NFC too: "négatif" typed two ways is one label
+                   label=df["label"].map(lambda s: unicodedata.normalize("NFC", s).strip()))
     for reason in WHY_DROPPED:
         if reason == "empty":
             mask = (df["text"] == "") | (df["label"] == "")
@@ -225,7 +226,8 @@ def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str, min_labels: i
     """The label set: ingest.labels if configured (every row must use one), else the sorted labels seen.
     A dataset needs two labels; one batch added to it may have one (`min_labels`)."""
     if cfg.labels:
-        unknown = Counter(lbl for lbl in df["label"] if lbl not in cfg.labels)
+        allowed = {unicodedata.normalize("NFC", lbl) for lbl in cfg.labels}
+        unknown = Counter(lbl for lbl in df["label"] if lbl not in allowed)
         if unknown:
             listed = ", ".join(f"{k!r} ({n} rows)" for k, n in unknown.most_common(5))
             raise DataError(f"{source}: column {cfg.label_column!r} has labels outside ingest.labels "
@@ -234,7 +236,7 @@ def check_labels(df: pd.DataFrame, cfg: IngestConfig, source: str, min_labels: i
     if present < min_labels:
         raise DataError(f"{source}: column {cfg.label_column!r} has {present} distinct label(s); need at least "
                         f"{min_labels}")
-    return list(cfg.labels) if cfg.labels else sorted(df["label"].unique())
+    return [unicodedata.normalize("NFC", lbl) for lbl in cfg.labels] if cfg.labels else sorted(df["label"].unique())
 
 
 def load_rows(source: str, cfg: IngestConfig, split_files: dict[str, str] | None = None) -> tuple[pd.DataFrame, dict]:

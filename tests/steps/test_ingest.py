@@ -7,6 +7,7 @@ from kftune.config import KftuneError
 from kftune.fileio import read_json
 from kftune.steps.ingest import ingest
 from kftune.tables import DataError, split_of
+from tests.conftest import with_changes
 
 ROWS = [("Profit  rose \u00a0sharply ", "positive"), ("Profit rose sharply", "positive"),  # same text after cleaning
         ("Costs fell", "positive"), ("Costs fell", "negative"),  # conflicting labels
@@ -42,6 +43,17 @@ def test_reads_each_format_cleans_and_counts_drops(tmp_path, params, kind):
     assert "Profit rose sharply" in set(everything["text"]) and "Costs fell" not in set(everything["text"])
     assert list(train.columns) == ["text", "label"]
     assert read_json(tmp_path / "out" / "data_card.json") == json.loads(json.dumps(card))
+
+
+def test_a_label_typed_in_two_unicode_forms_is_one_label(tmp_path, params):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "négatif"), unicodedata.normalize("NFD", "négatif")
+    df = pd.DataFrame({"text": [f"headline {i}" for i in range(60)], "label": [nfc, nfd, "positif"] * 20})
+    card = ingest(str(write(df, tmp_path / "d.csv", "csv")), tmp_path / "out", params.ingest)
+    assert card["labels"] == [nfc, "positif"]
+    configured = with_changes(params.ingest, labels=[nfd, "positif"])
+    assert ingest(str(tmp_path / "d.csv"), tmp_path / "out2", configured)["labels"] == [nfc, "positif"]
 
 
 def test_folder_of_mixed_files_and_configurable_columns(tmp_path, params):
