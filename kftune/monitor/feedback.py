@@ -91,6 +91,7 @@ def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, la
             pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as exc:
         raise FeedbackError(f"{path}: cannot be read ({exc})") from None
+    df = df.astype(object).where(df.notna(), "")  # a JSON Lines row without a key its neighbours have: empty
     missing = [c for c in ("request_id", "label") if c not in df.columns]
     if missing:
         raise FeedbackError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(map(str, df.columns))})")

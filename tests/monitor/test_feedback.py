@@ -121,11 +121,12 @@ def test_bulk_feedback_import_checks_every_row_first(tmp_path):
     assert import_feedback(str(f), log_dir, ["negative", "positive"], model=MODEL) == 3
     assert read_feedback(log_dir).set_index("request_id")["label"].to_dict() == {"a": "negative", "b": "negative"}
     # JSON Lines where only some rows give `index`; a digit that is not a whole number is refused, not a crash
-    (tmp_path / "fb.jsonl").write_text('{"request_id": "b", "label": "positive", "index": 1}\n'
+    (tmp_path / "fb.jsonl").write_text('{"request_id": "b", "label": "positive", "index": 1, "labeller": "bo"}\n'
                                        '{"request_id": "a", "label": "positive"}\n')
-    assert import_feedback(str(tmp_path / "fb.jsonl"), log_dir, ["negative", "positive"], model=MODEL) == 2
-    assert read_feedback(log_dir).set_index(["request_id", "index"])["label"].to_dict() == {
-        ("a", 0): "positive", ("b", 1): "positive"}
+    assert import_feedback(str(tmp_path / "fb.jsonl"), log_dir, ["negative", "positive"], "team", MODEL) == 2
+    stored = read_feedback(log_dir).set_index(["request_id", "index"])
+    assert stored["label"].to_dict() == {("a", 0): "positive", ("b", 1): "positive"}
+    assert stored["labeller"].to_dict() == {("a", 0): "team", ("b", 1): "bo"} and set(stored["sample"]) == {""}
     pd.DataFrame({"request_id": ["a"], "index": ["²"], "label": ["positive"]}).to_csv(f, index=False)
     with pytest.raises(FeedbackError, match=r"fb.csv:2: index '²' is not a whole number"):
         import_feedback(str(f), log_dir, ["negative", "positive"], model=MODEL)
