@@ -565,6 +565,8 @@ def _check_args(parser, args) -> None:
         missing = [f"--{n}" for n in needs if not getattr(args, n)]
         if missing:
             error(f"step {args.name} needs {' '.join(missing)}")
+        if args.name == "ingest" and args.data and args.train:
+            error("step ingest takes --data or --train/--validation/--test, not both")
 
 
 def _interrupt(signum, frame):

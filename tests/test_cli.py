@@ -69,8 +69,9 @@ def test_models_commands(project, params, capsys):
     assert "champion" in capsys.readouterr().out
     assert main([*args, "rollback", "--reason", "test", *tail]) == 2
     assert "no previous-champion" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as done:
         main([*args, "promote", "1", *tail])  # --reason is required
+    assert done.value.code == 2 and "the following arguments are required: --reason" in capsys.readouterr().err
     assert main([*args, "promote", "1", "--reason", "again", *tail]) == 2
     assert "already the champion" in capsys.readouterr().err
     assert main([*args, "history", *tail]) == 0
@@ -172,6 +173,10 @@ def test_help_describes_each_command_and_errors_show_its_own_usage(capsys):
         main(["run"])
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.startswith("usage: kftune run ") and "run needs --data" in err
+    with pytest.raises(SystemExit) as done:
+        main(["step", "ingest", "--data", "a.csv", "--train", "b.csv", "--out", "x"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "step ingest takes --data or --train/--validation/--test, not both" in err
 
 
 def test_every_command_and_models_action_has_examples_that_parse():
