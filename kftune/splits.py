@@ -20,13 +20,14 @@ ALIASES = {"train": "train", "validation": "validation", "valid": "validation", 
 PRIORITY = {"test": 0, "validation": 1, "train": 2}  # who keeps a text found in two splits
 
 
-def read_column(values: pd.Series, path, header_lines: int) -> pd.Series:
-    """A file's split column as train/validation/test; a missing or unknown value fails with its file:line."""
+def read_column(values: pd.Series, path, line) -> pd.Series:
+    """A file's split column as train/validation/test; a missing or unknown value fails with its file:line
+    (`line`: data row -> the file line it starts on)."""
     names = values.astype(object).fillna("").astype(str).str.strip().str.lower()
     bad = ~names.isin(list(ALIASES))
     if bad.any():
         row = int(bad.to_numpy().argmax())
-        raise DataError(f"{path}:{row + 1 + header_lines}: split {values.iloc[row]!r} is not train, validation (or "
+        raise DataError(f"{path}:{line(row)}: split {values.iloc[row]!r} is not train, validation (or "
                         f"dev) or test; in a file with a {COLUMN!r} column every row needs one")
     return names.map(ALIASES)
 

@@ -34,6 +34,21 @@ def _bad_byte_line(path: Path, encoding: str) -> int:
     return 0
 
 
+def _csv_line(path: Path, row: int, encoding: str) -> int:
+    """The line a CSV file's data row `row` (0-based) starts on: a quoted field may hold line breaks."""
+    import csv
+
+    with open(path, newline="", encoding=reading(encoding)) as f:
+        reader, start, at = csv.reader(f), 1, -1  # -1: the header
+        for record in reader:
+            if record:  # pandas skips blank lines
+                if at == row:
+                    return start
+                at += 1
+            start = reader.line_num + 1
+    return start
+
+
 def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
     kind = READERS[path.suffix.lower()]
     try:
@@ -63,7 +78,9 @@ def _read_one(path: Path, cfg: IngestConfig) -> pd.DataFrame:
     if "split" in df.columns:  # a user-given split (kftune.splits)
         from kftune.splits import read_column
 
-        out["split"] = read_column(df["split"], path, header_lines=int(kind in ("csv", "tsv")))
+        line = (lambda row: _csv_line(path, row, cfg.encoding)) if kind == "csv" else \
+            (lambda row: row + 1 + (kind == "tsv"))  # a TSV row is one line (its rows are checked)
+        out["split"] = read_column(df["split"], path, line)
         out["given_splits"] = ",".join(sorted(set(out["split"])))  # what this file gives (splits.assign)
     labels = out["label"]
     if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():

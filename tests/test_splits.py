@@ -98,6 +98,9 @@ def test_an_unknown_split_value_names_its_line(tmp_path, params):
         tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"bad.csv:3: split 'holdout' is not train, validation \(or dev\) or test"):
         ingest(str(tmp_path / "bad.csv"), tmp_path / "data", params.ingest)
+    (tmp_path / "multi.csv").write_text('text,label,split\n"a quoted\ntext over\nthree lines",x,train\n\nc d,y,holdout\n')
+    with pytest.raises(DataError, match=r"multi.csv:6: split 'holdout'"):
+        ingest(str(tmp_path / "multi.csv"), tmp_path / "data", params.ingest)
 
 
 def _params_file(tmp_path, params) -> str:
