@@ -57,6 +57,36 @@ def test_measure_on_the_versions_own_held_out_rows(serve_store, monkeypatch):
         convert(parts["model"], "fp8")
 
 
+def test_agreement_is_the_share_of_texts_whose_answer_the_other_precision_changes(serve_store, monkeypatch):
+    """A stand-in for a lossy precision whose damage is known: the classifier's bias moved so that about half the
+    texts change label. The measured agreement must be that share, computed here on plain padded batches."""
+    import copy
+
+    import mlflow
+    import torch
+
+    from kftune.serving import precision
+
+    use_mlflow_store(serve_store, monkeypatch)
+    texts, _ = version_texts(CLASSIFIER, "1", 40, 0)
+    parts = mlflow.transformers.load_model(f"models:/{CLASSIFIER}/1", return_type="components")
+    model, tok = parts["model"].eval(), parts["tokenizer"]
+    with torch.no_grad():
+        logits = model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
+    margin = (logits[:, 0] - logits[:, 1]).sort().values
+    shift = float(margin[len(texts) // 2 - 1] + margin[len(texts) // 2]) / 2  # between two texts: no ties
+    lossy = copy.deepcopy(model)
+    with torch.no_grad():
+        lossy.classifier.bias[1] += shift
+    expected = float(((logits + torch.tensor([0.0, shift])).argmax(1) == logits.argmax(1)).float().mean())
+    assert 0 < expected < 1
+    monkeypatch.setattr(precision, "convert", lambda m, p, int8=None: lossy if p == "int8" else m)
+    out = measure_precisions(model, tok, texts, precisions=["fp32", "int8"], batch_size=8)
+    assert out["fp32"]["agreement"] == 1 and out["int8"]["agreement"] == pytest.approx(expected)
+    choice = choose_precision("auto", out, 0.995)
+    assert choice.value == "fp32" and "below the agreement bar: int8" in choice.reason
+
+
 def test_load_version_records_the_choice_on_the_version(serve_store, monkeypatch):
     from mlflow import MlflowClient
 
