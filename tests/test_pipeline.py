@@ -85,6 +85,19 @@ def test_a_failing_step_leaves_the_champion_alone(prepared, params, subword_csv,
     assert registry.version_by_alias(name, registry.CHAMPION) == "1"
     assert [v["version"] for v in registry.list_versions(name)] == ["1"]
 
+    # the promote task run against a gate that held (a cluster's condition evaluated wrongly): it refuses
+    from types import SimpleNamespace
+
+    from components.promote import promote_op
+
+    train_and_register(prepared, params, "held")
+    gate = prepared / "held-gate"
+    decision = json.loads((gate / "decision.json").read_text())
+    (gate / "decision.json").write_text(json.dumps({**decision, "decision": "hold"}))
+    with pytest.raises(RuntimeError, match="promote ran for a 'hold' decision"):
+        promote_op.python_func(params=dataclasses.asdict(params), gate=SimpleNamespace(path=str(gate)), run_name="t")
+    assert registry.version_by_alias(name, registry.CHAMPION) == "1"
+
 
 def test_token_classification_pipeline_registers_a_tagger_that_returns_spans(tmp_path, params, mlflow_store):
     import mlflow
