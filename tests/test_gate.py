@@ -30,6 +30,8 @@ def test_a_champion_below_the_baseline_is_no_reason_to_keep_it():
     assert not ok and held == ["baseline", "champion"], "a champion above the baseline keeps the baseline rule"
     ok, _, held = rule(v(0.695, 0.818, champion=0.692), 0.005, 0.02)
     assert not ok and held == ["champion"], "it must still beat the failing champion by min_delta"
+    ok, _, held = rule(v(0.80, 0.80, champion=0.80), 0.0, 0.02)
+    assert ok and not held, "a champion level with the baseline is not above it: the baseline rule is waived"
 
 
 def test_the_smoke_test_and_an_unscorable_champion_hold():

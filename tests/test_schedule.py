@@ -124,7 +124,12 @@ def test_the_real_command_holds_the_lock_and_stops_cleanly_on_ctrl_c_or_sigterm(
         assert second.returncode == 2 and "another kftune scheduler is running" in second.stderr
     finally:
         first.send_signal(stop)
-        out, err = first.communicate(timeout=30)
+        try:
+            out, err = first.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # never leave a scheduler running behind the suite
+            first.kill()
+            out, err = first.communicate()
+            pytest.fail(f"the scheduler did not stop on {stop!r}: {err[-2000:]}")
     assert first.returncode == 0 and "scheduler stopped" in out
     assert "next run at" in err
 

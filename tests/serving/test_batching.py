@@ -76,7 +76,7 @@ def test_requests_stay_on_the_version_they_arrived_on_and_close_drains():
 
 def test_a_burst_that_keeps_arriving_is_one_batch_and_a_lull_ends_it():
     async def main():
-        batcher = MicroBatcher(max_batch=64, max_wait_ms=300)
+        batcher = MicroBatcher(max_batch=64, max_wait_ms=1000)  # wide: a loaded machine's stalls stay inside
         batcher.start()
         v1 = Recorder("1")
 
@@ -84,9 +84,9 @@ def test_a_burst_that_keeps_arriving_is_one_batch_and_a_lull_ends_it():
             await asyncio.sleep(at)
             return await batcher.predict(v1, [f"t{i}"])
 
-        # 6 requests 100 ms apart (500 ms in all, > max_wait: a fixed window would split them), then a lull
-        burst = [arrive(i, 0.1 * i) for i in range(6)]
-        await asyncio.gather(*burst, arrive(6, 2.5))
+        # 6 requests 300 ms apart (1.5 s in all, > max_wait: a fixed window would split them), then a lull
+        burst = [arrive(i, 0.3 * i) for i in range(6)]
+        await asyncio.gather(*burst, arrive(6, 5.0))
         await batcher.close()
         return v1
 

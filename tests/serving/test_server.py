@@ -248,6 +248,8 @@ def test_hot_swap_and_rollback_under_load_then_sigterm_drains_and_logs_everythin
         stop.set()
         for t in threads:
             t.join()
+        if registry.version_by_alias(CLASSIFIER, registry.CHAMPION) != "1":  # the session's store, shared by tests
+            registry.promote(CLASSIFIER, "1", "serving test: put back after a failure")
     assert {code for _, code, _ in results} == {200}, "no request failed during the swaps"
     versions = [v for _, _, v in results]
     first_v2, last_v2 = versions.index("2"), len(versions) - 1 - versions[::-1].index("2")
@@ -307,7 +309,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(start_server, s
     from tests.conftest import use_mlflow_store
 
     use_mlflow_store(serve_store, monkeypatch)
-    client, name = MlflowClient(), "tiny-broken"
+    client, name = MlflowClient(), f"tiny-broken-{tmp_path.name}"  # a rerun in the same session needs its own
     good = client.get_model_version(CLASSIFIER, "1")
     client.create_registered_model(name)
     client.create_model_version(name, good.source, run_id=good.run_id)  # v1: the classifier's v1 files
@@ -321,7 +323,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(start_server, s
     assert requests.post(url, json={"instances": ["the lossira"]}, timeout=10).json()["model_version"] == "1"
 
     client.set_registered_model_alias(name, "champion", "2")
-    _until(lambda: "could not load tiny-broken v2, still serving 1" in server.log(), what="the failed load")
+    _until(lambda: f"could not load {name} v2, still serving 1" in server.log(), what="the failed load")
     answer = requests.post(url, json={"instances": ["the lossira"]}, timeout=10)
     assert answer.status_code == 200 and answer.json()["model_version"] == "1"
     assert requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
