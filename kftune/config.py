@@ -184,9 +184,9 @@ class RegisterConfig:
     golden_test: str = _doc("A fixed labelled test file (texts, or CoNLL/JSONL sentences) on which the gate "
                             "re-scores champion and challenger every time; a challenger losing more than "
                             "max_forgetting on it is held. Empty: none.")
-    keep_versions: int = _doc("After each promotion, delete all but the newest N versions as `kftune models prune "
-                              "--keep N` does (never champion, previous-champion, a challenger or one awaiting "
-                              "approval); 0 keeps every version.")
+    keep_versions: int = _doc("After each promotion, keep the newest N unprotected versions and delete older ones, "
+                              "as `kftune models prune --keep N` does (champion, previous-champion, a challenger "
+                              "and one awaiting approval are always kept); 0 keeps every version.")
 
     def problems(self) -> list[str]:
         out = []
@@ -288,7 +288,8 @@ class ClusterConfig:
     finetune_memory: str = _doc("Memory request and limit of the fine-tune task (e.g. 8G).")
     finetune_gpus: int = _doc("GPUs for the fine-tune task; 0 runs it on CPU.")
     accelerator_type: str = _doc("Kubernetes resource name of the GPUs (nvidia.com/gpu).")
-    retries: int = _doc("Retries of each task after a transient failure (pod eviction, node loss).")
+    retries: int = _doc("Retries of the idempotent training tasks (ingest, tokenize, fine-tune, evaluate, resolve, "
+                        "drift) after a transient failure (pod eviction, node loss); register and promote never.")
     mlflow_secret: str = _doc("Kubernetes Secret whose keys become env vars of every task (MLflow URI).")
     s3_secret: str = _doc("Kubernetes Secret with the S3/MinIO keys and endpoints, as env vars of every task.")
     webhook_secret: str = _doc(f"Kubernetes Secret whose key {WEBHOOK_ENV} the monitoring task reads as the webhook "
