@@ -98,8 +98,8 @@ def cmd_schedule(args) -> int:
         runs = [("retraining", args.cron, _cluster_arguments(args))]
         if args.monitor:
             runs.append(("monitoring", schedule.check_cron(args.cron if args.monitor == "same" else args.monitor), {}))
-        for job, (which, cron, _) in zip(cluster.schedule_on_cluster(args.host, params, runs, args.experiment,
-                                                                     args.image or ""), runs):
+        jobs = cluster.schedule_on_cluster(args.host, params, runs, args.experiment or "kftune", args.image or "")
+        for job, (which, cron, _) in zip(jobs, runs):
             print(f"recurring run {job} ({which}): {cron!r}, max_concurrency=1, no catch-up")
         return 0
     from kftune.local import describe_outcome, run_retraining_local
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local runs: also run `kftune monitor` checks of serve.log_dir, at --cron's times or this cron's")
     _add_data_args(p, f"local runs: the latest data (default: {DATASET} at the newest commit)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="--host: pipeline argument")
-    p.add_argument("--experiment", default="kftune", help="--host: KFP experiment")
+    p.add_argument("--experiment", help="--host: KFP experiment (default: kftune)")
     p.add_argument("--image", help="--host: component image (default: $KFTUNE_IMAGE or kftune:0.1.0)")
     _add_params_args(p)
     p.set_defaults(func=cmd_schedule)
@@ -567,6 +567,16 @@ def _check_args(parser, args) -> None:
             error(f"step {args.name} needs {' '.join(missing)}")
         if args.name == "ingest" and args.data and args.train:
             error("step ingest takes --data or --train/--validation/--test, not both")
+    if args.command in ("run", "retrain") and args.image and args.runner != "docker":
+        error("--image is the component image of --runner docker; without it the tasks run here")
+    if args.command == "schedule" and args.action == "start":
+        given = [flag for flag, value in (("--data", args.data), ("--data-repo", args.data_repo),
+                                          ("--data-rev", args.data_rev)) if value] if args.host else \
+            [flag for flag, value in (("-p", args.param), ("--experiment", args.experiment), ("--image", args.image))
+             if value]
+        if given:
+            error(f"{', '.join(given)}: for "
+                  f"{'local runs (a recurring run takes -p data_path=...)' if args.host else '--host'} only")
 
 
 def _interrupt(signum, frame):

@@ -33,6 +33,13 @@ class ConfigError(KftuneError, ValueError):
     """One or more settings are invalid; the message lists every problem."""
 
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+
+
+def _seed_problem(key: str, value: int) -> list[str]:
+    return [] if 0 <= value <= SEED_MAX else [f"{key}={value}: must be in [0, 2**32 - 1]"]
+
+
 def _doc(text: str):
     return field(metadata={"help": text})
 
@@ -136,7 +143,7 @@ class FinetuneConfig:
             self.bf16 = str(YAML11_SWITCHES[self.bf16.lower()]).lower()
 
     def problems(self) -> list[str]:
-        out = []
+        out = _seed_problem("finetune.seed", self.seed)
         positive = ("batch_size", "grad_accum_steps", "log_every_steps")
         non_negative = ("epochs", "max_steps", "eval_every_steps", "early_stopping_patience", "freeze_layers",
                         "threads", "checkpoint_every_steps", "weight_decay", "max_grad_norm", "restarts",
@@ -226,6 +233,11 @@ class DriftConfig:
     def problems(self) -> list[str]:
         out = [f"drift.methods: unknown method {m!r} (known: {', '.join(DRIFT_METHODS)})"
                for m in self.methods if m not in DRIFT_METHODS]
+        out += [f"drift.methods: {m!r} is listed twice (its flag would count twice)"
+                for m in sorted({m for m in self.methods if self.methods.count(m) > 1})]
+        if not self.methods:
+            out.append("drift.methods is empty: list at least one test (drift could never be declared)")
+        out += _seed_problem("drift.seed", self.seed)
         if not 1 <= self.min_flags <= max(len(self.methods), 1):
             out.append(f"drift.min_flags={self.min_flags}: must be in [1, len(drift.methods)={len(self.methods)}]")
         if not 0 < self.alpha < 0.5:
@@ -304,8 +316,9 @@ class ClusterConfig:
             out.append(f"cluster.retries={self.retries}: must be in [0, 10]")
         if not re.fullmatch(r"\d+(\.\d+)?m?", self.finetune_cpu):
             out.append(f"cluster.finetune_cpu={self.finetune_cpu!r}: not a CPU quantity like 2 or 500m")
-        if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?)?", self.finetune_memory):
-            out.append(f"cluster.finetune_memory={self.finetune_memory!r}: not a memory quantity like 8G or 8Gi")
+        if not re.fullmatch(r"\d+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?", self.finetune_memory):  # KFP's own pattern
+            out.append(f"cluster.finetune_memory={self.finetune_memory!r}: not a memory quantity like 8G or 8Gi "
+                       f"(whole numbers: 1536M, not 1.5G)")
         return out
 
 
@@ -422,12 +435,18 @@ def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
         bad = [k for k in ("min_requests", *ALERT_KINDS[kind]) if k != "label" and
                (isinstance(r[k], bool) or not isinstance(r[k], (int, float)) or r[k] < 0)]
         problems += [f"{key}.{k}={r[k]!r}: must be a number >= 0" for k in bad]
+        if "min_requests" not in bad and r["min_requests"] != int(r["min_requests"]):
+            bad.append("min_requests")
+            problems.append(f"{key}.min_requests={r['min_requests']!r}: must be a whole number")
         if kind == "label_share" and not bad and not 0 < r["max_share"] < 1:
             problems.append(f"{key}.max_share={r['max_share']!r}: must be in (0, 1)")
         if seconds and not bad:
             out.append(AlertRule(str(r["name"]), kind, seconds, int(r["min_requests"]), for_checks=int(for_checks),
                                  **{k: (str(r[k]) if k == "label" else float(r[k])) for k in ALERT_KINDS[kind]}))
     names = [r.get("name") for r in rules]
+    problems += [f"monitor.rules[{i}].name={n!r}: must be a non-empty text" for i, n in enumerate(names)
+                 if not isinstance(n, (str, int)) or isinstance(n, bool) or not str(n).strip()]
+    names = [str(n) for n in names]  # 1 and "1" are the same alert
     problems += [f"monitor.rules: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
     return out, problems
 
@@ -503,7 +522,7 @@ class MonitorConfig:
             out.append(f"monitor.confidence_level={self.confidence_level!r}: must be in [0.5, 1)")
         if not self.experiment.strip():
             out.append("monitor.experiment is empty")
-        return out
+        return out + _seed_problem("monitor.queue_seed", self.queue_seed)
 
 
 @dataclass
@@ -622,6 +641,23 @@ _Yaml12.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^[-+]
                               list("-+0123456789"))
 
 
+def _mapping_without_repeats(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                f"while reading the mapping that starts at line {node.start_mark.line + 1}", node.start_mark,
+                f"{key!r} is given twice (line {seen[key] + 1} and line {key_node.start_mark.line + 1}): one wins "
+                f"silently", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Yaml12.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                        lambda loader, node: _mapping_without_repeats(loader, node))
+
+
 def read_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12)  # noqa: S506 - a SafeLoader with YAML 1.2's plain scalars
 
@@ -657,6 +693,10 @@ def params_from_dict(data: dict, overrides: list[str] = (), source: str = "param
     _build(Params, data, "", problems)
     if data.get("task") not in TASKS:
         problems.append(f"task={data.get('task')!r}: must be one of {', '.join(TASKS)}")
+    methods = (data.get("drift") or {}).get("methods")
+    if data.get("task") == "sequence-classification" and isinstance(methods, list) and methods == ["entities"]:
+        problems.append("drift.methods=['entities']: entities runs for token-classification only; a classifier's "
+                        "drift could never be declared")
     if problems:
         raise ConfigError(f"invalid settings in {source}:\n  - " + "\n  - ".join(problems))
     return _build(Params, data, "", [])

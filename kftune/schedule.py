@@ -26,6 +26,10 @@ def check_cron(cron: str) -> str:
     if len(cron.split()) != 5 or not croniter.is_valid(cron):
         raise ScheduleError(f"--cron {cron!r}: not a 5-field cron expression (minute hour day month weekday), "
                             f"e.g. '0 3 * * *' for 03:00 every day")
+    try:
+        next_fire(cron, time.time())
+    except Exception as exc:  # noqa: BLE001 - croniter's CroniterBadDateError: a date no month has
+        raise ScheduleError(f"--cron {cron!r}: never fires ({exc})") from None
     return cron
 
 

@@ -177,6 +177,14 @@ def test_help_describes_each_command_and_errors_show_its_own_usage(capsys):
         main(["step", "ingest", "--data", "a.csv", "--train", "b.csv", "--out", "x"])
     err = capsys.readouterr().err
     assert done.value.code == 2 and "step ingest takes --data or --train/--validation/--test, not both" in err
+    for argv, said in ((["run", "--data", "a.csv", "--image", "x:1"], "--image is the component image of --runner docker"),
+                       (["schedule", "--cron", "0 3 * * *", "--host", "http://127.0.0.1:9", "--data-rev", "v3"],
+                        "--data-rev: for local runs (a recurring run takes -p data_path=...) only"),
+                       (["schedule", "--cron", "0 3 * * *", "-p", "epochs=1", "--experiment", "e"],
+                        "-p, --experiment: for --host only")):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_every_command_and_models_action_has_examples_that_parse():

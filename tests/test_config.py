@@ -95,3 +95,31 @@ def test_every_key_has_a_row_in_the_readmes_configuration_table():
 def test_a_malformed_override_is_a_clear_error(bad):
     with pytest.raises(ConfigError, match="not a YAML value"):
         load_params(ROOT / "params.yaml", [bad])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.seed=-1", "finetune.seed=-1: must be in [0, 2**32 - 1]"),
+    ("monitor.queue_seed=4294967296", "monitor.queue_seed=4294967296: must be in [0, 2**32 - 1]"),
+    ("drift.methods=[embedding, embedding]", "drift.methods: 'embedding' is listed twice"),
+    ("drift.methods=[]", "drift.methods is empty"),
+    ("drift.methods=[entities]", "entities runs for token-classification only"),
+    ("cluster.finetune_memory=1.5G", "cluster.finetune_memory='1.5G': not a memory quantity"),
+    ("monitor.rules=[{name: [x], kind: volume, window: 1h, min_requests: 1}]",
+     "monitor.rules[0].name=['x']: must be a non-empty text"),
+    ("monitor.rules=[{name: 1, kind: volume, window: 1h, min_requests: 1}, "
+     "{name: '1', kind: volume, window: 2h, min_requests: 1}]", "monitor.rules: name '1' is used twice"),
+    ("monitor.rules=[{name: v, kind: volume, window: 1h, min_requests: 1.5}]",
+     "monitor.rules[0].min_requests=1.5: must be a whole number"),
+])
+def test_values_that_would_break_a_later_step_are_refused_up_front(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_params(ROOT / "params.yaml", [override])
+    assert load_params(ROOT / "params.yaml", ["task=token-classification", "drift.methods=[entities]",
+                                              "drift.min_flags=1"]).drift.methods == ["entities"]
+
+
+def test_a_key_given_twice_in_params_yaml_is_an_error_naming_both_lines(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("finetune:\n", "finetune:\n  learning_rate: 5.0e-5\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"'learning_rate' is given twice \(line \d+ and line \d+\)"):
+        load_params(tmp_path / "params.yaml")

@@ -102,6 +102,8 @@ def test_cron_is_checked_and_converted_for_kfp(capsys):
     assert kfp_cron("0 3 * * *") == "0 0 3 * * *"
     assert main(["schedule", "--cron", "3am daily"]) == 2
     assert "not a 5-field cron expression" in capsys.readouterr().err
+    assert main(["schedule", "--cron", "0 3 31 2 *"]) == 2  # 31 February
+    assert "--cron '0 3 31 2 *': never fires" in capsys.readouterr().err
 
 
 def _as_from_a_background_shell():

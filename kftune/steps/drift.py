@@ -284,12 +284,14 @@ def drift(data_dir: str | Path, champion_dir: str | Path, out_dir: str | Path, p
                                     f"missing from the resolve step's output")
         checks, sides = run_checks(champion_dir, pd.read_parquet(ref_path), pd.read_parquet(data_dir / "new.parquet"),
                                    params.drift, bf16_for(params.finetune))
-    flags = [m for m in params.drift.methods if m in checks and checks[m].verdict]
-    drifted = len(flags) >= params.drift.min_flags if checks else None
+    voting = [m for m in params.drift.methods if m in checks]  # a classifier has no entities test
+    flags = [m for m in voting if checks[m].verdict]
+    min_flags = min(params.drift.min_flags, len(voting)) or 1  # as the monitor counts: of the tests that ran
+    drifted = len(flags) >= min_flags if checks else None
     hours = hours_since_last_promotion(params.register.model_name, now or time.time())
     decision, reason = retrain_decision(card, drifted, params.retrain, force, hours)
-    report = {"decision": decision, "reason": reason, "drift": drifted, "flags": flags, "voting": params.drift.methods,
-              "min_flags": params.drift.min_flags, "champion_version": card["champion_version"],
+    report = {"decision": decision, "reason": reason, "drift": drifted, "flags": flags, "voting": voting,
+              "min_flags": min_flags, "champion_version": card["champion_version"],
               "new_rows": card["new_rows"], "hours_since_promotion": hours, "forced": force,
               "checks": {m: c.to_dict() for m, c in checks.items()}}
     with atomic_dir(out_dir) as tmp:

@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 import time
 
@@ -6,7 +7,7 @@ import pytest
 from kftune.config import RetrainConfig
 from kftune.steps.drift import RETRAIN, SKIP, drift, retrain_decision
 from kftune.steps.resolve import resolve
-from tests.conftest import subword_texts
+from tests.conftest import subword_texts, with_changes
 
 LATER = time.time() + 48 * 3600  # past the 24 h cooldown after the fixture's promotion
 
@@ -33,6 +34,10 @@ def test_iid_data_is_not_drift_and_shifted_data_is(tmp_path, params, champion, c
     assert shifted["decision"] == RETRAIN and shifted["reason"] == "drift detected"
     assert shifted["checks"]["label"]["details"]["new"]["positive"] > 0.7
     assert "| embedding |" in (tmp_path / "d-shifted" / "report.md").read_text()
+    # min_flags counts among the tests that ran: a classifier has no entities test to make up the second flag
+    votes = dataclasses.replace(params, drift=with_changes(params.drift, methods=["label", "entities"], min_flags=2))
+    one = check(tmp_path, votes, champion, "label-only", now=LATER)
+    assert one["voting"] == ["label"] and one["min_flags"] == 1 and one["drift"] is True
 
 
 def test_cooldown_holds_retraining_unless_forced(tmp_path, params, champion):
