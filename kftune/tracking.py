@@ -72,6 +72,18 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def key_part(text) -> str:
+    """A label or a rule name as part of an MLflow metric or tag key (or an artifact file name): characters MLflow
+    refuses, and "/" (a path), become "_", and a short hash of the original is added when anything changed, so
+    `c++` and `c--` never share a key."""
+    import hashlib
+    import re
+
+    text = str(text)
+    key = re.sub(r"[^\w\-. :]", "_", text)[:200]
+    return key if key == text else f"{key}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in d.items():

@@ -226,11 +226,12 @@ def _log_run(client, run_id: str, check: dict, history: list[dict], out_dir, ts:
     from mlflow.entities import Metric
 
     from kftune.monitor.report import plot, render
+    from kftune.tracking import key_part
 
     p = check["point"]
     metrics = {"requests": p["requests"], "new_requests": p["new_requests"], "alerts_failing":
                sum(s == R.FAILING for s in p["alerts"].values())}
-    metrics.update({f"share_{k}": v for k, v in p["shares"].items()})
+    metrics.update({f"share_{key_part(k)}": v for k, v in p["shares"].items()})
     if p["confidence"] is not None:
         metrics["mean_confidence"] = p["confidence"]
     for m, c in check["drift"].items():
@@ -243,7 +244,7 @@ def _log_run(client, run_id: str, check: dict, history: list[dict], out_dir, ts:
     for k in ("accuracy", "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low", "macro_f1_high", "n"):
         if k in check["live"]:
             metrics[f"live_{k}"] = check["live"][k]
-    metrics.update({f"alert_{v['name']}_failing": float(v["status"] == R.FAILING) for v in check["rules"]
+    metrics.update({f"alert_{key_part(v['name'])}_failing": float(v["status"] == R.FAILING) for v in check["rules"]
                     if v["status"] != R.UNKNOWN})
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, check["check"]) for k, v in metrics.items()])
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,9 +56,12 @@ def deliver(events: list[dict], cfg: MonitorConfig, run_id: str = "", sleep=time
         if "mlflow" in cfg.sinks and run_id:
             import mlflow
 
+            from kftune.tracking import key_part
+
             client = mlflow.MlflowClient()
-            client.set_tag(run_id, f"kftune.alert.{e['alert']}", e["status"])
-            client.log_text(run_id, json.dumps(e, indent=2, default=str), f"alerts/{e['alert']}-{e['status']}.json")
+            client.set_tag(run_id, f"kftune.alert.{key_part(e['alert'])}", e["status"])
+            client.log_text(run_id, json.dumps(e, indent=2, default=str),
+                            f"alerts/{key_part(e['alert'])}-{e['status']}.json")
             delivery["mlflow"] = run_id
         out.append({**e, "delivery": delivery})
     return out

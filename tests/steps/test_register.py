@@ -116,3 +116,15 @@ def test_a_webhook_url_in_the_settings_is_never_logged_nor_hashed(prepared, para
     saved = mlflow.artifacts.load_text(f"runs:/{run_id}/params.yaml")
     assert logged["monitor.webhook_url"] == "https://hooks.example.com/..." and "hooks.example.com/..." in saved
     assert "s3cret" not in saved and not any("s3cret" in v for v in logged.values())
+
+
+def test_any_label_or_rule_name_makes_a_key_mlflow_accepts_and_no_two_share_one(mlflow_store):
+    from kftune.tracking import key_part
+
+    names = ["c++", "c--", "a/", "what's up", "😀", "a/../b", "x" * 300, "négatif", "neutral"]
+    keys = [f"test_f1_{key_part(n)}" for n in names]
+    assert len(set(keys)) == len(names) and key_part("négatif") == "négatif" and key_part("neutral") == "neutral"
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({k: 1.0 for k in keys})
+        mlflow.set_tags({f"kftune.alert.{key_part(n)}": "firing" for n in names})
+    assert set(keys) <= set(MlflowClient().get_run(run.info.run_id).data.metrics)
