@@ -6,7 +6,7 @@ the description of the run that trained it. Pure functions of the step outputs, 
 
 from __future__ import annotations
 
-from kftune.console import markdown_cell
+from kftune.console import code_span, markdown_cell
 
 
 def _score_rows(metrics: dict, verdict) -> list[str]:
@@ -35,7 +35,7 @@ def _data_lines(card: dict) -> list[str]:
     if lineage.get("data_commit"):
         where += f" at {lineage.get('data_repo') or 'this repo'}@{lineage['data_commit'][:10]}"
     rows = card.get("rows", {})
-    lines = [f"- source: `{markdown_cell(where)}`", f"- content sha256: `{card.get('sha256', '?')[:16]}`",
+    lines = [f"- source: `{code_span(where)}`", f"- content sha256: `{card.get('sha256', '?')[:16]}`",
              "- rows: " + ", ".join(f"{s} {n}" for s, n in rows.items())]
     if "new_rows" in card:
         lines.append(f"- retraining: {card['new_rows']} new rows, {card.get('replayed_rows', 0)} replayed")
@@ -74,7 +74,7 @@ def model_card(name: str, version: str, base_model: str, card: dict, metrics: di
     against = f"champion v{verdict.champion_version}" if verdict.champion_score is not None else \
         f"the {metrics['baseline']} baseline"
     lines = [f"# {name} v{version}", "",
-             f"A {task.replace('-', ' ')} model fine-tuned from `{markdown_cell(base_model)}` by kftune; "
+             f"A {task.replace('-', ' ')} model fine-tuned from `{code_span(base_model)}` by kftune; "
              f"labels: {', '.join(markdown_cell(lbl) for lbl in metrics['labels'])}.", "",
              f"**Gate: {verdict.decision}** — test {primary} {verdict.challenger_score:.4f} against {against} "
              f"{verdict.reference_score:.4f}.", "", "## Why", ""]

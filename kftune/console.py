@@ -26,11 +26,19 @@ def plain(text: str) -> str:
     return CONTROL.sub("", ANSI.sub("", text))
 
 
-def markdown_cell(text) -> str:
-    """Data (a label name, a text) as inert Markdown: no HTML, no table breaks, no control characters."""
-    import html
+MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~&-])")
+LINE_BREAKS = re.compile(r"[\n\r\x85\u2028\u2029]")  # what str.splitlines() splits on, besides the controls
 
-    return html.escape(plain(str(text)).replace("\n", " ")).replace("|", "\\|")
+
+def markdown_cell(text) -> str:
+    """Data (a label name, a reason, a text) as inert Markdown: every character Markdown or HTML would read
+    backslash-escaped (no link, emphasis, code, HTML or table break), on one line, no control characters."""
+    return MD_SPECIAL.sub(r"\\\1", LINE_BREAKS.sub(" ", plain(str(text))).replace("\t", " "))
+
+
+def code_span(text) -> str:
+    """Data inside a Markdown code span, where neither escapes nor HTML are read: no backtick, one line."""
+    return LINE_BREAKS.sub(" ", plain(str(text))).replace("`", "'").replace("\t", " ")
 
 
 def step_name(task: str) -> str:

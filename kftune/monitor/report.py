@@ -7,13 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~-])")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def md(value) -> str:
-    """Text safe inside Markdown (and the HTML it renders to): control characters dropped, specials escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", _CONTROL.sub(" ", str(value)))
+from kftune.console import markdown_cell as md
 
 
 def render(check: dict) -> str:
@@ -38,7 +32,7 @@ def render(check: dict) -> str:
         lines += ["", f"Live quality on {live['n']} random-sample labels: accuracy {live['accuracy']:.3f} "
                       f"[{live['accuracy_low']:.3f}, {live['accuracy_high']:.3f}], macro-F1 {live['macro_f1']:.3f} "
                       f"[{live['macro_f1_low']:.3f}, {live['macro_f1_high']:.3f}] ({live['level']:.0%} intervals); "
-                      f"test accuracy {check['test_accuracy'] if check['test_accuracy'] is not None else '-'}."]
+                      f"test accuracy {'-' if check['test_accuracy'] is None else format(check['test_accuracy'], '.3f')}."]
     lines += ["", "![monitoring](monitor.png)"]
     return "\n".join(lines) + "\n"
 

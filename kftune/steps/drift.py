@@ -245,7 +245,9 @@ def _plot(sides: dict, checks: dict, report: dict, path: Path) -> None:
 
 
 def render_report(report: dict) -> str:
-    lines = [f"# Drift report: {report['decision']} ({report['reason']})", "",
+    from kftune.console import markdown_cell
+
+    lines = [f"# Drift report: {report['decision']} ({markdown_cell(report['reason'])})", "",
              f"Champion v{report['champion_version'] or '-'}; {report['new_rows']} new rows."]
     if report["checks"]:
         lines += ["", f"Drift: **{'yes' if report['drift'] else 'no'}** ({len(report['flags'])} of the voting "

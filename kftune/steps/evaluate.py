@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +78,6 @@ def _embedded_png(path: Path) -> str:
 def render_html(markdown_text: str, png: Path) -> str:
     """report.md as one self-contained HTML page (the image inlined), which MLflow's artifact view renders;
     its Markdown view leaves a relative image as a bare link."""
-    import html
-
     body = []
     rows: list[list[str]] = []
 
@@ -88,11 +88,12 @@ def render_html(markdown_text: str, png: Path) -> str:
                         + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest) + "</table>")
             rows.clear()
 
-    for line in markdown_text.splitlines():
+    for line in markdown_text.split("\n"):  # not splitlines(): data may hold \x85 or \u2028 (markdown_cell too)
         if line.startswith("|"):
-            cells = [c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")]
-            if not all(set(c) <= {"-"} for c in cells):
-                rows.append(cells)  # cells are already escaped by markdown_cell
+            if not re.fullmatch(r"\|(?:-+\|)+", line.strip()):  # the header's separator is no row
+                # a cell is split on " | " (an escaped one is "\|"), then markdown_cell's escapes undone for HTML
+                rows.append([html.escape(re.sub(r"\\(.)", r"\1", c.strip()))
+                             for c in re.split(r"(?<!\\) \| ", line.strip().strip("|"))])
             continue
         flush_table()
         if line.startswith("# "):

@@ -78,3 +78,14 @@ def test_retrain_decision(status, rows, split, drifted, force, hours, expected):
         card["label_distribution"] = {"train": dict.fromkeys(split[2] if len(split) > 2 else ["negative", "positive"], 9)}
     decision, reason = retrain_decision(card, drifted, cfg, force, hours)
     assert decision == expected[0] and reason.startswith(expected[1])
+
+
+def test_the_drift_report_shows_a_reason_built_from_labels_as_text():
+    from markdown_it import MarkdownIt
+
+    from kftune.steps.drift import render_report
+
+    report = {"decision": "skip", "reason": "labels outside the champion's: ['<img src=x onerror=alert(1)>']",
+              "champion_version": "1", "new_rows": 3, "checks": {}}
+    shown = MarkdownIt().render(render_report(report))
+    assert "<img" not in shown and "&lt;img src=x onerror=alert(1)&gt;" in shown

@@ -1,6 +1,9 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
+from markdown_it import MarkdownIt
 
 from kftune.fileio import read_json
 from kftune.metrics import classification_metrics, expected_calibration_error
@@ -65,10 +68,22 @@ def test_hostile_data_is_escaped_in_the_report_and_neutralised_in_the_csv(tmp_pa
     finetune(tmp_path / "tok", tmp_path / "model", params.model.name, with_changes(params.finetune, max_steps=10))
     evaluate(tmp_path / "data", tmp_path / "model", tmp_path / "eval", params.evaluate)
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "<img" not in report and "&lt;img src=x onerror=alert(1)&gt;" in report
-    assert "\x1b" not in report and "pos\\|red" in report
+    rendered = MarkdownIt("commonmark").enable("table").render(report)  # as a Markdown viewer shows it
+    assert "<img src=x" not in rendered and "<td>&lt;img src=x onerror=alert(1)&gt;</td>" in rendered
+    assert "\x1b" not in report and "<td>pos|red</td>" in rendered
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "<img src=x" not in page and "<td>&lt;img src=x onerror=alert(1)&gt;</td>" in page and "<td>---" not in page
     csv = (tmp_path / "eval" / "predictions.csv").read_text()
     assert "\n=HYPERLINK" not in csv and "'=HYPERLINK" in csv
+
+
+def test_markdown_cells_are_inert_whatever_the_label():
+    from kftune.console import code_span, markdown_cell
+
+    for label in ["[win](https://evil.example)", "**urgent**", "a`b, c`d", "caf\x85e <b>x</b>", "a\u2028b", "R&D"]:
+        cell = MarkdownIt("commonmark").enable("table").render(f"| x |\n|---|\n| {markdown_cell(label)} |\n")
+        assert cell.count("<tr>") == 2 and not re.search(r"<(a|b|strong|code)\b", cell), cell
+    assert MarkdownIt().render(f"`{code_span('R&D <2024> `x`')}`") == "<p><code>R&amp;D &lt;2024&gt; 'x'</code></p>\n"
 
 
 def test_macro_f1_averages_the_labels_in_truth_or_prediction_only():
