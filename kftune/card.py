@@ -7,6 +7,7 @@ the description of the run that trained it. Pure functions of the step outputs, 
 from __future__ import annotations
 
 from kftune.console import code_span, markdown_cell
+from kftune.metrics import score_cells
 
 
 def _score_rows(metrics: dict, verdict) -> list[str]:
@@ -22,11 +23,23 @@ def _score_rows(metrics: dict, verdict) -> list[str]:
     return lines
 
 
+LABEL_ROWS = 20  # more labels (150 intents): the weakest this many, so the card keeps its later sections
+
+
 def _per_class_rows(metrics: dict) -> list[str]:
     per = metrics["model"].get("per_class") or metrics["model"].get("per_type", {})
+    shown = per if len(per) <= LABEL_ROWS else dict(sorted(per.items(), key=lambda kv: kv[1]["f1"])[:LABEL_ROWS])
     lines = ["| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    return lines + [f"| {markdown_cell(lbl)} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | "
-                    f"{c['support']} |" for lbl, c in per.items()]
+    lines += [f"| {markdown_cell(lbl)} | {score_cells(c)} | {c['support']} |" for lbl, c in shown.items()]
+    if len(shown) < len(per):
+        lines += ["", f"The {len(shown)} weakest of {len(per)} labels; all of them are in the run's "
+                      f"`evaluation/report.html`."]
+    return lines
+
+
+def _labels(labels: list[str]) -> str:
+    more = f", ... ({len(labels)} in all)" if len(labels) > LABEL_ROWS else ""
+    return ", ".join(markdown_cell(lbl) for lbl in labels[:LABEL_ROWS]) + more
 
 
 def _data_lines(card: dict) -> list[str]:
@@ -75,7 +88,7 @@ def model_card(name: str, version: str, base_model: str, card: dict, metrics: di
         f"the {metrics['baseline']} baseline"
     lines = [f"# {name} v{version}", "",
              f"A {task.replace('-', ' ')} model fine-tuned from `{code_span(base_model)}` by kftune; "
-             f"labels: {', '.join(markdown_cell(lbl) for lbl in metrics['labels'])}.", "",
+             f"labels: {_labels(metrics['labels'])}.", "",
              f"**Gate: {verdict.decision}** — test {primary} {verdict.challenger_score:.4f} against {against} "
              f"{verdict.reference_score:.4f}.", "", "## Why", ""]
     lines += [f"- {markdown_cell(r)}" for r in verdict.reasons]

@@ -60,6 +60,16 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int)
     return float(ece)
 
 
+def unscored(c: dict) -> bool:
+    """A label neither in the truth nor among the predictions: no F1 (macro-F1 leaves it out), not an F1 of 0."""
+    return c["support"] == 0 and c.get("predicted", 1) == 0
+
+
+def score_cells(c: dict) -> str:
+    """A label's precision, recall and F1 as Markdown table cells; "-" where `unscored`."""
+    return " | ".join("-" if unscored(c) else f"{c[k]:.4f}" for k in ("precision", "recall", "f1"))
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], ece_bins: int) -> dict:
     pred = probs.argmax(1)
     cm = confusion(y_true, pred, len(labels))
@@ -69,7 +79,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
         "macro_f1": macro_f1(y_true, pred, len(labels)),
         "ece": expected_calibration_error(probs, y_true, ece_bins),
         "per_class": {lbl: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                            "support": int(cm[i].sum())} for i, lbl in enumerate(labels)},
+                            "support": int(cm[i].sum()), "predicted": int(cm[:, i].sum())}
+                      for i, lbl in enumerate(labels)},
         "confusion_matrix": cm.tolist(),
     }
 

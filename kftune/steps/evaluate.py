@@ -13,7 +13,7 @@ import pandas as pd
 from kftune.config import EvaluateConfig
 from kftune.console import markdown_cell
 from kftune.fileio import atomic_dir, write_csv, write_json
-from kftune.metrics import classification_metrics, entity_metrics, label_confusion
+from kftune.metrics import classification_metrics, entity_metrics, label_confusion, score_cells
 from kftune.predict import labels_of, predict_proba_with
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,17 @@ def _plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m = np.array(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    m, n = np.array(matrix), len(labels)
+    side = min(1.2 * n + 2, 24)  # 24 inches at most: 150 intents made an 18,000-pixel image Pillow refuses
+    fig, ax = plt.subplots(figsize=(side, side - 0.5))
     ax.imshow(m, cmap="Blues")
-    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-           xlabel="predicted", ylabel="true", title="test confusion matrix")
-    for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="test confusion matrix")
+    font = max(3, min(10, 300 / n))
+    ax.set_xticklabels(labels, fontsize=font, rotation=90 if n > 12 else 0)
+    ax.set_yticklabels(labels, fontsize=font)
+    if n <= 30:  # beyond, the counts are unreadable: evaluation.json has them
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -113,8 +117,7 @@ def render_report(metrics: dict) -> str:
              "| system | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
     lines += [f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} |" for name, m in rows]
     lines += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {markdown_cell(lbl)} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
-              for lbl, c in metrics["model"]["per_class"].items()]
+    lines += [f"| {markdown_cell(lbl)} | {score_cells(c)} | {c['support']} |" for lbl, c in metrics["model"]["per_class"].items()]
     if "historical" in metrics:
         h = metrics["historical"]
         lines += ["", f"Frozen historical test split ({metrics['historical_rows']} rows): accuracy {h['accuracy']:.4f}, "

@@ -31,6 +31,7 @@ def _log_run(data_dir: Path, model_dir: Path, eval_dir: Path, card: dict, metric
     """Tags, params, test and baseline metrics, the data card, evaluation and training records, the inputs."""
     import mlflow
 
+    from kftune.metrics import unscored
     from kftune.tracking import flatten, key_part, redacted
 
     mlflow.set_tags(tags)
@@ -40,7 +41,7 @@ def _log_run(data_dir: Path, model_dir: Path, eval_dir: Path, card: dict, metric
     mlflow.log_metrics({f"test_{k}": v for k, v in _scalars(model_m).items()})
     mlflow.log_metrics({f"baseline_{b}_{k}": v for b, m in metrics["baselines"].items() for k, v in _scalars(m).items()})
     per = model_m.get("per_class") or model_m.get("per_type", {})
-    mlflow.log_metrics({f"test_f1_{key_part(lbl)}": c["f1"] for lbl, c in per.items()})
+    mlflow.log_metrics({f"test_f1_{key_part(lbl)}": c["f1"] for lbl, c in per.items() if not unscored(c)})
     if metrics.get("historical"):
         mlflow.log_metric(f"historical_test_{metrics['primary']}", metrics["historical"][metrics["primary"]])
     mlflow.log_artifact(str(data_dir / "data_card.json"))

@@ -29,7 +29,8 @@ def test_classification_metrics_by_hand():
     pred = np.array([0, 1, 1, 1, 2, 0])
     m = classification_metrics(y, np.eye(3)[pred], ["a", "b", "c"], ece_bins=10)
     assert m["accuracy"] == pytest.approx(4 / 6)
-    assert m["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert m["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2,
+                                  "predicted": 3}
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["macro_f1"] == pytest.approx(np.mean([0.5, 0.8, 2 / 3]))
 
@@ -95,6 +96,10 @@ def test_macro_f1_averages_the_labels_in_truth_or_prediction_only():
     assert macro_f1(y, y, 3) == 1.0
     m = classification_metrics(y, np.eye(3)[y], ["negative", "neutral", "positive"], 10)
     assert m["macro_f1"] == 1.0 and m["per_class"]["neutral"]["support"] == 0
+    from kftune.steps.evaluate import render_report
+
+    report = render_report({"test_rows": 4, "model": m, "baselines": {}})
+    assert "| neutral | - | - | - | 0 |" in report, "not a label scoring 0: one the split does not have"
     assert macro_f1(y, np.array([0, 1, 2, 2]), 3) == pytest.approx((2 / 3 + 0 + 1) / 3), "a predicted label counts"
 
 
@@ -121,3 +126,14 @@ def test_metrics_agree_with_sklearn():
     gold, guess = ["O", "B-PER", "I-PER", "O"], ["O", "B-PER", "O", "B-LOC"]
     assert label_confusion(gold, guess, ["O", "B-PER", "I-PER"]) == \
         confusion_matrix(gold, guess, labels=["O", "B-PER", "I-PER"]).tolist()
+
+
+def test_the_confusion_matrix_of_150_labels_is_an_image_a_viewer_opens(tmp_path):
+    from PIL import Image
+
+    from kftune.steps.evaluate import _plot_confusion
+
+    labels = [f"intent_{i:03d}" for i in range(150)]
+    _plot_confusion(np.random.default_rng(0).integers(0, 5, (150, 150)).tolist(), labels, tmp_path / "cm.png")
+    with Image.open(tmp_path / "cm.png") as image:
+        assert max(image.size) <= 4000, image.size

@@ -80,3 +80,19 @@ def test_a_registered_version_reads_as_a_model_card_without_any_network_call(pre
     flat = json.loads((prepared / "good-eval" / "metrics.json").read_text())
     assert list(flat)[0] == "macro_f1" and flat["macro_f1"] == round(first["model"]["macro_f1"], 4)
     assert all(isinstance(v, (int, float)) for v in flat.values()) and len(flat) <= 8
+
+
+def test_a_card_for_150_labels_fits_the_registry_and_keeps_its_later_sections():
+    from kftune.card import DESCRIPTION_LIMIT, model_card
+    from kftune.gate import Verdict
+
+    labels = [f"intent_{i:03d}" for i in range(150)]
+    per = {lbl: {"precision": 0.9, "recall": 0.9, "f1": 0.5 + i / 400, "support": 10} for i, lbl in enumerate(labels)}
+    scores = {"accuracy": 0.9, "macro_f1": 0.9, "ece": 0.02}
+    metrics = {"primary": "macro_f1", "baseline": "tfidf_logreg", "labels": labels, "test_rows": 1500,
+               "model": {**scores, "per_class": per}, "baselines": {"tfidf_logreg": scores}}
+    card = model_card("intents", "3", "minilm-l6", {"rows": {"train": 9000}, "sha256": "0" * 64}, metrics,
+                      Verdict(PROMOTE, "3", challenger_score=0.9, baseline_score=0.8, reasons=["ok"]), "abc", "r1")
+    assert len(card) < DESCRIPTION_LIMIT, len(card)
+    assert "## Reproduce" in card and "weakest label: intent\\_000" in card and "(150 in all)" in card
+    assert "| intent\\_019 |" in card and "| intent\\_020 |" not in card and "The 20 weakest of 150 labels" in card
