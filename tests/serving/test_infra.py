@@ -10,6 +10,7 @@ import yaml
 
 from kftune.config import params_from_dict
 from tests.conftest import ROOT
+from tests.test_infra import CREDENTIALS
 
 POD_FIELDS = ("containers", "volumes", "securityContext", "terminationGracePeriodSeconds", "serviceAccountName")
 
@@ -54,7 +55,9 @@ def test_the_container_runs_kftune_serve_with_the_projects_params(docs):
     for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
         assert c[probe]["httpGet"] == {"path": path, "port": args.port}
     env = {e["name"]: e for e in c["env"]}
-    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "kftune-mlflow"
+    from_secrets = {(ref["name"], ref["key"]): ref.get("optional", False) for e in c["env"]
+                    if (ref := e.get("valueFrom", {}).get("secretKeyRef"))}
+    assert from_secrets == CREDENTIALS, "the Secrets' keys as the pipeline tasks read them (optional where optional)"
     token_file = env["KFTUNE_SERVE_TOKEN_FILE"]["value"]
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in predictor["volumes"]}
