@@ -18,7 +18,8 @@ def atomic_dir(path: str | Path):
     """Yield a temp folder beside `path`; it replaces `path` only if the block succeeds.
 
     An existing `path` is replaced only where it holds nothing but names the new output has (an earlier run of
-    the same step): an output pointed at a folder of the user's (the input's, the project's) must not delete it.
+    the same step) and hidden files, which move into the new output (the .gitignore DVC writes in a stage's output):
+    an output pointed at a folder of the user's (the input's, the project's) must not delete it.
     """
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,11 +27,15 @@ def atomic_dir(path: str | Path):
     try:
         yield tmp
         if path.exists():
-            other = sorted(set(os.listdir(path)) - set(os.listdir(tmp))) if path.is_dir() else [path.name]
+            gone = set(os.listdir(path)) - set(os.listdir(tmp)) if path.is_dir() else {path.name}
+            kept = [n for n in gone if n.startswith(".") and (path / n).is_file()]  # DVC's .gitignore: carried over
+            other = sorted(gone - set(kept))
             if other:
                 raise KftuneError(f"{path}: the output would replace {', '.join(other[:3])}"
                                   f"{f' and {len(other) - 3} more' if len(other) > 3 else ''}, which this step does not "
                                   f"write; choose an output folder of its own (nothing was changed)")
+            for name in kept:
+                os.replace(path / name, tmp / name)
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:

@@ -102,8 +102,10 @@ def test_an_output_folder_holding_other_files_is_refused_and_an_earlier_output_r
     assert sorted(p.name for p in data.iterdir()) == ["reviews.csv"]
     ingest(str(source), tmp_path / "out", params.ingest)
     (tmp_path / "out" / "train.parquet").unlink()  # an earlier output, partly gone: still the step's own names
+    (tmp_path / "out" / ".gitignore").write_text("/metrics.json\n")  # what DVC writes into a stage's output
     ingest(str(source), tmp_path / "out", params.ingest)
     assert (tmp_path / "out" / "train.parquet").is_file()
+    assert (tmp_path / "out" / ".gitignore").read_text() == "/metrics.json\n", "kept"
 
 
 def test_split_fractions_are_respected_roughly():
