@@ -84,8 +84,9 @@ def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup") -> float | None:
         return None
 
 
-def choose_threads(setting: int, affinity: int, quota: float | None) -> Choice:
-    """The thread rule: finetune.threads if set, else the cores this process may use.
+def choose_threads(setting: int, affinity: int, quota: float | None, processes: int = 1) -> Choice:
+    """The thread rule: finetune.threads if set, else the cores this process may use, shared with the other
+    `processes` of one job on this machine (torchrun's LOCAL_WORLD_SIZE).
 
     torch defaults to the host's core count, which oversubscribes a container limited by a quota
     or a process pinned to fewer cores (and then runs slower than with fewer threads).
@@ -93,9 +94,12 @@ def choose_threads(setting: int, affinity: int, quota: float | None) -> Choice:
     if setting:
         return Choice(setting, f"finetune.threads={setting}")
     if quota is not None and math.ceil(quota) < affinity:
-        n = max(1, math.ceil(quota))
-        return Choice(n, f"cgroup CPU quota {quota:g} of {affinity} usable cores")
-    return Choice(max(1, affinity), f"{affinity} usable cores (sched_getaffinity)")
+        cores, why = max(1, math.ceil(quota)), f"cgroup CPU quota {quota:g} of {affinity} usable cores"
+    else:
+        cores, why = max(1, affinity), f"{affinity} usable cores (sched_getaffinity)"
+    if processes > 1:
+        return Choice(max(1, cores // processes), f"{why}, shared by {processes} processes (LOCAL_WORLD_SIZE)")
+    return Choice(cores, why)
 
 
 def usable_cores() -> int:
@@ -114,7 +118,7 @@ def allocator(maps: str | Path = "/proc/self/maps") -> str:
 
 def threads_here(setting: int = 0) -> Choice:
     """The thread rule applied to this process: its affinity and its cgroup's CPU quota."""
-    return choose_threads(setting, usable_cores(), cgroup_cpu_limit())
+    return choose_threads(setting, usable_cores(), cgroup_cpu_limit(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def apply_threads(setting: int) -> Choice:

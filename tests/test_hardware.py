@@ -52,6 +52,13 @@ def test_threads_default_to_the_cores_this_process_may_use(setting, affinity, qu
     assert choose_threads(setting, affinity, quota).value == expected
 
 
+def test_the_processes_of_one_torchrun_job_share_the_cores():
+    assert choose_threads(0, 16, None, processes=2).value == 8
+    assert choose_threads(0, 2, None, processes=4).value == 1 and choose_threads(0, 64, 4.0, processes=2).value == 2
+    assert "shared by 2 processes" in choose_threads(0, 16, None, processes=2).reason
+    assert choose_threads(3, 16, None, processes=2).value == 3, "a setting wins"
+
+
 def test_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
     onednn, ideep = KERNEL_CACHE_VARS
     monkeypatch.delenv(onednn, raising=False)

@@ -343,41 +343,45 @@ def micro_batches(idx, lengths, token_budget: int) -> list:
 
 
 def _train_step(job: Job, group: list) -> float:
-    """One optimizer step over a group of batches (gradient accumulation); returns the mean loss.
+    """One optimizer step over a group of batches (gradient accumulation); returns the mean loss per labelled row.
 
-    A batch over finetune.micro_batch_tokens runs in parts, each loss weighted by its share of the batch's
-    labelled rows (tokens, for tagging): the same gradient as one pass, without the long batch's activations.
-    Under DDP only the step's last backward pass synchronises: processes may cut their batches into different
-    numbers of parts, and every process must all-reduce the same number of times."""
+    A batch over finetune.micro_batch_tokens runs in parts. Each pass's mean loss is weighted by its share of
+    the step's labelled rows (tokens, for tagging), over every batch of the group and, under DDP, every process:
+    the gradient of one pass over all of them, whatever the batches' sizes (an epoch's short last batch, a
+    batch of long sentences, counts no more per row than the others). Under DDP only the step's last backward
+    pass synchronises: processes may cut their batches into different numbers of parts, and every process must
+    all-reduce the same number of times."""
     import torch
 
     from kftune.ner import IGNORE
 
     x, y, _ = job.train
-    passes, losses = [], []
+    passes = []
     for idx in group:
-        parts = []
         for part in micro_batches(idx, job.train_lengths, job.cfg.micro_batch_tokens):
             ids, mask = pad_batch([x[i] for i in part], job.pad_id)
             labels = _batch_labels(y, part, ids.shape[1], job.ner)
-            parts.append((ids, mask, labels, int((labels != IGNORE).sum())))
-        labelled = max(sum(p[3] for p in parts), 1)
-        passes += [(len(losses), ids, mask, labels, n / labelled) for ids, mask, labels, n in parts]
-        losses.append(0.0)
-    for k, (batch, ids, mask, labels, share) in enumerate(passes):
+            passes.append((ids, mask, labels, int((labels != IGNORE).sum())))
+    labelled = sum(p[3] for p in passes)
+    everywhere = torch.tensor([float(labelled)], device=job.device)
+    if job.world > 1:  # DDP averages the processes' gradients: weigh by the labelled rows of all of them
+        torch.distributed.all_reduce(everywhere)
+    scale = job.world / max(float(everywhere.item()), 1.0)
+    total = 0.0
+    for k, (ids, mask, labels, n) in enumerate(passes):
         last = k == len(passes) - 1
         with contextlib.nullcontext() if job.world == 1 or last else job.train_model.no_sync():
             with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=job.bf16):
                 loss = job.train_model(input_ids=ids.to(job.device), attention_mask=mask.to(job.device),
                                        labels=labels.to(job.device)).loss
-            (loss * (share / len(group))).backward()
-        losses[batch] += loss.item() * share
+            (loss * (n * scale)).backward()
+        total += loss.item() * n
     if job.cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.cfg.max_grad_norm)
     job.optimizer.step()
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
-    return float(np.mean(losses))
+    return total / max(labelled, 1)
 
 
 def _report(job: Job, losses: list[float], rate: float, started: float, resumed_from: int) -> None:
@@ -473,7 +477,7 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
     fingerprint = _fingerprint(tokenized_dir, model_name, job)
     resumed_from = _resume(job, ckpt_path, fingerprint)
     run = _train(job, ckpt_path, fingerprint, resumed_from)
-    first, last, last_seconds, tries, offset = job, job, run["train_seconds"], [], job.total_steps
+    last, last_seconds, tries, offset, resumed_kept = job, run["train_seconds"], [], job.total_steps, True
     while job.world == 1 and len(tries) < cfg.restarts and (missing := _labels_never_predicted(last)):
         tries.append({"seed": last.cfg.seed, f"best_{last.score_key}": last.state["best_f1"],
                       "labels_never_predicted": missing, "train_seconds": last_seconds})
@@ -482,19 +486,20 @@ def finetune(tokenized_dir: str | Path, out_dir: str | Path, model_name: str, cf
                     ">= %d validation rows; training again from seed %d (finetune.restarts=%d), the better run is "
                     "kept", last.score_key, last.state["best_f1"], missing, COLLAPSE_MIN_ROWS, seed, cfg.restarts)
         shifted = (lambda m, s, o=offset: on_log(m, s + o)) if on_log else None  # MLflow's steps go on
-        _shelve(last)
+        _shelve(last)  # the best run so far is kept for saving; a beaten one not at all
+        last = None
         last = _build(tokenized_dir, stats, model_name, dataclasses.replace(cfg, seed=seed), shifted)
         more = _train(last, None, fingerprint, 0)
         offset, last_seconds = offset + last.total_steps, more["train_seconds"]
         if last.state["best_f1"] > job.state["best_f1"]:
-            job, run["stopped_early"] = last, more["stopped_early"]
+            job, run["stopped_early"], resumed_kept = last, more["stopped_early"], False
         run.update(seen=run["seen"] + more["seen"], train_seconds=run["train_seconds"] + more["train_seconds"])
     state = job.state
     summary = {"steps": state["step"], "epochs_completed": state["epoch"],
                "epochs_planned": 0 if cfg.max_steps else planned_epochs(cfg, stats),
                "total_steps_planned": job.total_steps,
                f"best_{job.score_key}": state["best_f1"], "best_step": state["best_step"],
-               "stopped_early": run["stopped_early"], "resumed_from_step": resumed_from if job is first else 0,
+               "stopped_early": run["stopped_early"], "resumed_from_step": resumed_from if resumed_kept else 0,
                "learning_rate": cfg.peak_learning_rate, "method": cfg.method, "seed": job.cfg.seed,
                "collapsed_runs": tries,
                "trainable_parameters": sum(p.numel() for p in job.model.parameters() if p.requires_grad),

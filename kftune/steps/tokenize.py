@@ -80,14 +80,17 @@ def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], la
     Returns one row per window (input_ids, labels, word_ids with -1 for special tokens, sentence,
     first_word) and statistics.
     """
-    from kftune.ner import align
+    from kftune.ner import IGNORE, align
 
-    rows, chunk = [], 2048  # sentences per batched tokenizer call, for progress
+    rows, chunk, empty = [], 2048, 0  # sentences per batched tokenizer call, for progress
     for first in range(0, len(sentences), chunk):
         for w in word_windows(tok, sentences[first:first + chunk], cfg.max_length):
             n = first + w.sentence
-            rows.append({"input_ids": w.input_ids,
-                         "labels": align(w.word_ids, tag_ids[n][w.first:w.end], cfg.label_all_subtokens, labels),
+            aligned = align(w.word_ids, tag_ids[n][w.first:w.end], cfg.label_all_subtokens, labels)
+            if all(a == IGNORE for a in aligned):  # words the tokenizer drops (zero-width spaces): nothing to
+                empty += 1  # learn or score, and a batch of only such windows has a NaN loss
+                continue
+            rows.append({"input_ids": w.input_ids, "labels": aligned,
                          "word_ids": [-1 if i is None else i for i in w.word_ids],
                          "sentence": n, "first_word": w.first})
         if progress:
@@ -95,7 +98,7 @@ def tokenize_words(tok, sentences: list[list[str]], tag_ids: list[list[int]], la
     windowed = len({r["sentence"] for r in rows if r["first_word"] > 0})
     lengths = np.array([len(r["input_ids"]) for r in rows] or [0])
     return pd.DataFrame(rows, columns=["input_ids", "labels", "word_ids", "sentence", "first_word"]), {
-        "rows": len(sentences), "windows": len(rows), "windowed_sentences": windowed,
+        "rows": len(sentences), "windows": len(rows), "windows_without_tokens": empty, "windowed_sentences": windowed,
         "truncation_rate": windowed / max(len(sentences), 1), "tokens_p50": float(np.percentile(lengths, 50)),
         "tokens_p95": float(np.percentile(lengths, 95)), "tokens_max": int(lengths.max())}
 

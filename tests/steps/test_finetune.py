@@ -201,8 +201,9 @@ def test_micro_batches_cut_a_long_batch_under_the_token_budget_and_keep_every_ro
 
 
 @pytest.mark.parametrize("ner", [False, True])
-def test_a_batch_run_in_parts_takes_the_same_step_as_one_pass(ner):
-    """Weighted by labelled rows (tokens, for tagging), the parts' gradients add up to the whole batch's."""
+def test_a_batch_run_in_parts_or_accumulated_batches_takes_the_same_step_as_one_pass(ner):
+    """Weighted by labelled rows (tokens, for tagging), the parts' gradients add up to the whole batch's; so do
+    the gradients of accumulated batches of unequal sizes (an epoch's short last batch, grad_accum_steps)."""
     import types
 
     from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
@@ -222,7 +223,7 @@ def test_a_batch_run_in_parts_takes_the_same_step_as_one_pass(ner):
                         intermediate_size=32, num_labels=3)
     base = (BertForTokenClassification if ner else BertForSequenceClassification)(config).eval()  # no dropout
     after = []
-    for budget in (0, 24):
+    for budget, group in ((0, [list(range(8))]), (24, [list(range(8))]), (0, [[0, 1, 2, 3, 4, 5], [6, 7]])):
         model = type(base)(config).eval()
         model.load_state_dict(base.state_dict())
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -231,10 +232,11 @@ def test_a_batch_run_in_parts_takes_the_same_step_as_one_pass(ner):
             device=torch.device("cpu"), model=model, train_model=model, optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
             cfg=types.SimpleNamespace(micro_batch_tokens=budget, max_grad_norm=0))
-        loss = _train_step(job, [list(range(8))])
+        loss = _train_step(job, group)
         after.append((loss, model.state_dict()))
-    (loss_whole, whole), (loss_parts, parts) = after
-    assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
-    for name, tensor in whole.items():
-        torch.testing.assert_close(parts[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+    (loss_whole, whole), *others = after
+    for loss_other, other in others:
+        assert loss_other == pytest.approx(loss_whole, rel=1e-5)
+        for name, tensor in whole.items():
+            torch.testing.assert_close(other[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
     assert any(not torch.equal(whole[n], base.state_dict()[n]) for n in whole), "the step must move the weights"

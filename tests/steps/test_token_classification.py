@@ -59,6 +59,18 @@ def test_long_sentences_become_windows_of_whole_words(tmp_path, ner_params):
         assert words == list(range(len(sentences["tokens"][sentence["sentence"].iloc[0]])))
 
 
+def test_a_sentence_the_tokenizer_makes_nothing_of_is_no_window(tmp_path, ner_params):
+    """Only zero-width spaces: no sub-token, so no label to learn; a batch of such windows had a NaN loss."""
+    sentences = ner_sentences(100) + [(["\u200b", "\u200b"], ["O", "O"])] * 3
+    write_conll(tmp_path / "ner.conll", sentences)
+    ingest(str(tmp_path / "ner.conll"), tmp_path / "data", ner_params.ingest, task=ner_params.task)
+    stats = tokenize(tmp_path / "data", tmp_path / "tok", ner_params.model.name, ner_params.tokenize)["splits"]
+    assert sum(s["windows_without_tokens"] for s in stats.values()) == 1, "one after dropping duplicates"
+    for split in ("train", "validation", "test"):
+        windows = pd.read_parquet(tmp_path / "tok" / f"{split}.parquet")
+        assert all((labels != -100).any() for labels in windows["labels"])
+
+
 def test_batched_windows_are_what_each_window_tokenized_alone_gives(tiny_model):
     from transformers import AutoTokenizer
 
