@@ -73,14 +73,15 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def spreadsheet_safe(value):
-    """A cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe (OWASP)."""
-    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
+    """A cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe (OWASP); so does
+    text starting with one, so that spreadsheet_value gives back exactly what was written."""
+    return f"'{value}" if isinstance(value, str) and value.startswith((*FORMULA_START, "'")) else value
 
 
 def spreadsheet_value(value):
     """The inverse of spreadsheet_safe: a cell read back from such a CSV, without the apostrophe it was given."""
-    return value[1:] if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA_START) \
-        else value
+    return value[1:] if isinstance(value, str) and value.startswith("'") and \
+        value[1:].startswith((*FORMULA_START, "'")) else value
 
 
 def write_csv(df, path: str | Path) -> None:

@@ -53,10 +53,10 @@ def require_input(path: str) -> None:
         raise ServingError(f"{path}: no such file")
 
 
-def _open(path: str, mode: str = "rb"):
+def _open(path: str, mode: str = "rb", **kwargs):
     import fsspec
 
-    return fsspec.open(path, mode)
+    return fsspec.open(path, mode, **kwargs)
 
 
 def count_rows(path: str, fmt: str) -> int | None:
@@ -80,19 +80,29 @@ def read_chunks(path: str, fmt: str, chunk_rows: int):
     try:
         if fmt == "parquet":
             with _open(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
-                    df = batch.to_pandas()
-                    # a named index (`df.set_index("id").to_parquet()`) is a column of the input too
-                    yield df if isinstance(df.index, pd.RangeIndex) else df.reset_index()
+                file = pq.ParquetFile(f)
+                # a named index (`df.set_index("id").to_parquet()`) is a column of the input too; pandas stores
+                # one of consecutive numbers as a range in the metadata only
+                ranges = [c for c in (file.schema_arrow.pandas_metadata or {}).get("index_columns", [])
+                          if isinstance(c, dict) and c.get("kind") == "range" and c.get("name") is not None]
+                done = 0
+                for batch in file.iter_batches(batch_size=chunk_rows):
+                    df = batch.to_pandas(integer_object_nulls=True)  # ids over 2**53 with nulls stay exact
+                    df = df if isinstance(df.index, pd.RangeIndex) else df.reset_index()
+                    for r in ranges:
+                        first = r["start"] + r["step"] * done
+                        df.insert(0, r["name"], range(first, first + r["step"] * len(df), r["step"]))
+                    done += len(df)
+                    yield df
             return
         if fmt in ("csv", "tsv"):  # TSV without quote handling, as ingest reads it
             reader = pd.read_csv(path, sep="," if fmt == "csv" else "\t", chunksize=chunk_rows, dtype=str,
                                  keep_default_na=False,
                                  quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+            with reader:
+                yield from reader
         else:
-            reader = pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
-        with reader:
-            yield from reader
+            yield from _jsonl_chunks(path, chunk_rows)
     except FileNotFoundError:
         raise ServingError(f"{path}: no such file") from None
     except pd.errors.EmptyDataError:
@@ -101,6 +111,33 @@ def read_chunks(path: str, fmt: str, chunk_rows: int):
         if isinstance(exc, ServingError):
             raise
         raise ServingError(f"{path}: cannot read it as {fmt}: {exc}") from None
+
+
+def _jsonl_chunks(path: str, chunk_rows: int):
+    """JSON Lines as read by json: a number stays what it was (pandas made an id column with a missing value
+    floats, so 9007199254740995 came back as 9007199254740996.0)."""
+    rows = []
+    with _open(path, "rt", encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ServingError(f"{path}:{line_no}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ServingError(f"{path}:{line_no}: expected one JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+            if len(rows) == chunk_rows:
+                yield _objects(rows)
+                rows = []
+    if rows:
+        yield _objects(rows)
+
+
+def _objects(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, dtype=object)
+    return df.where(df.notna(), None)  # a key a row lacks: None, not NaN (a float, which made the column floats)
 
 
 def answer_columns(served: ServedModel, answers: list[dict], fmt: str) -> dict[str, list]:
@@ -147,8 +184,15 @@ class _Writer:
                 for row in df.to_dict(orient="records"):  # a field a row lacks is null, not NaN (invalid JSON)
                     row = {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
                     f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        elif self.fmt == "tsv":  # no quoting, as kftune's readers read TSV: a tab or line break cannot be held
+            bad = next(((i, c) for c in df.columns for i, v in enumerate(df[c]) if isinstance(v, str)
+                        and any(ch in v for ch in "\t\n\r")), None)
+            if bad:
+                raise ServingError(f"row {self.rows + bad[0] + 1}: column {bad[1]!r} holds a tab or a line break, "
+                                   f"which a TSV file cannot; write CSV or JSON Lines")
+            df.to_csv(self.path, mode="a", header=self.rows == 0, index=False, sep="\t", quoting=csv.QUOTE_NONE)
         else:
-            df.to_csv(self.path, mode="a", header=self.rows == 0, index=False, sep="," if self.fmt == "csv" else "\t")
+            df.to_csv(self.path, mode="a", header=self.rows == 0, index=False)
         self.rows += len(df)
 
     def close(self) -> None:
@@ -174,8 +218,11 @@ def predict_file(served: ServedModel, source: str, output: str, text_column: str
 
     in_fmt, out_fmt = file_format(source, input_format), file_format(output, output_format)
     require_input(source)
-    total = count_rows(source, in_fmt) if progress else None
     remote = "://" in output
+    if not remote and "://" not in source and Path(source).resolve() in (
+            Path(output).resolve(), Path(output).resolve().with_name(f".{Path(output).name}.tmp")):
+        raise ServingError(f"{output}: the output would overwrite the input; choose another file")
+    total = count_rows(source, in_fmt) if progress else None
     out_dir = Path(tempfile.mkdtemp()) if remote else Path(output).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{Path(output).name}.tmp"
@@ -196,6 +243,10 @@ def predict_file(served: ServedModel, source: str, output: str, text_column: str
             answers = served.predict(texts, batch_size)
             found = answer_columns(served, answers, out_fmt)
             # an input column with an answer's name (a test file's true `label`) is kept, as input_<name>
+            clash = [f"input_{c}" for c in found if c in chunk.columns and f"input_{c}" in chunk.columns]
+            if clash:
+                raise ServingError(f"{source}: columns {', '.join(c.removeprefix('input_') for c in clash)} and "
+                                   f"{', '.join(clash)}: the first would be kept as the second; rename one")
             chunk = chunk.reset_index(drop=True).rename(columns={c: f"input_{c}" for c in found if c in chunk.columns})
             writer.write(chunk.assign(**found))
             bar.update(len(texts))

@@ -64,7 +64,8 @@ def test_entities_for_token_classification(tmp_path, serve_store, monkeypatch):
     ("text,label\n", "in.csv", "no rows to predict"),
     ("words\nhello\n", "in.csv", "no column 'text' (columns: words)"),
     ('{"text": "a"}\n{"text": 3}\n', "in.jsonl", "row 2: 'text' is int 3, not a text"),
-    ('{"text": "a"\n', "in.jsonl", "cannot read it as jsonl"),
+    ('{"text": "a"\n', "in.jsonl", "in.jsonl:1: not JSON"),
+    ('{"text": "a"}\n["b"]\n', "in.jsonl", "in.jsonl:2: expected one JSON object per line, got list"),
     ("a", "in.txt", "cannot tell the format"),
 ])
 def test_bad_input_files_say_what_is_wrong(tmp_path, classifier, content, name, message):
@@ -170,3 +171,39 @@ def test_columns_keep_their_place_and_name_whatever_the_input(tmp_path, classifi
     predict_file(classifier, str(tmp_path / "q.tsv"), str(tmp_path / "q.jsonl"), progress=False)
     texts = [json.loads(line)["text"] for line in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert texts == ['"open quote', "plain", 'close" quote', '"Quoted" said he'], "TSV is read without quoting"
+
+
+def test_ids_come_back_exactly_and_outputs_never_replace_inputs(tmp_path, classifier):
+    import pyarrow.parquet as pq
+
+    pd.DataFrame({"id": [7, 8, 9], "text": ["a b", "c", "d e"]}).set_index("id").to_parquet(tmp_path / "r.parquet")
+    predict_file(classifier, str(tmp_path / "r.parquet"), str(tmp_path / "r.jsonl"), chunk_rows=2, progress=False)
+    assert [json.loads(line)["id"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [7, 8, 9], \
+        "a named index of consecutive ids, which pandas keeps in the metadata only"
+    big = [9007199254740993, None, 9007199254740995]  # over 2**53: a float would round them
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": "t", **({"id": i} if i else {})}) + "\n"
+                                                for i in big))
+    predict_file(classifier, str(tmp_path / "big.jsonl"), str(tmp_path / "big.parquet"), chunk_rows=2, progress=False)
+    assert pq.read_table(tmp_path / "big.parquet").column("id").to_pylist() == big
+    predict_file(classifier, str(tmp_path / "big.parquet"), str(tmp_path / "big.csv"), chunk_rows=2, progress=False)
+    assert (tmp_path / "big.csv").read_text().count("9007199254740995,") == 1
+
+    (tmp_path / "q.csv").write_text('text\nsay "hi"\n')
+    predict_file(classifier, str(tmp_path / "q.csv"), str(tmp_path / "q.tsv"), progress=False)
+    predict_file(classifier, str(tmp_path / "q.tsv"), str(tmp_path / "q2.jsonl"), progress=False)
+    row = json.loads((tmp_path / "q2.jsonl").read_text())
+    assert row["text"] == 'say "hi"' and json.loads(row["input_probabilities"]), "TSV out reads back as written"
+    (tmp_path / "tab.jsonl").write_text(json.dumps({"text": "a\tb"}) + "\n")
+    with pytest.raises(ServingError, match="row 1: column 'text' holds a tab or a line break"):
+        predict_file(classifier, str(tmp_path / "tab.jsonl"), str(tmp_path / "tab.tsv"), progress=False)
+
+    (tmp_path / "both.csv").write_text("text,label,input_label\nhello,gold,old\n")
+    with pytest.raises(ServingError, match="columns label and input_label: the first would be kept as the second"):
+        predict_file(classifier, str(tmp_path / "both.csv"), str(tmp_path / "both.jsonl"), progress=False)
+    before = (tmp_path / "q.csv").read_text()
+    for output in ("q.csv", ".q.csv.tmp"):
+        (tmp_path / output).write_text(before)
+        with pytest.raises(ServingError, match="the output would overwrite the input"):
+            predict_file(classifier, str(tmp_path / output), str(tmp_path / "q.csv"), input_format="csv",
+                         progress=False)
+        assert (tmp_path / output).read_text() == before
