@@ -111,7 +111,9 @@ def _history_runs(name: str) -> list[tuple[Event, str]]:
 # first finishes an intent left by a killed process, so aliases, tags and history always agree.
 
 LEASE_PREFIX, INTENT = "kftune-lease.", f"{TAG}intent"
-LEASE_STALE_S = 120.0  # a holder that cannot be checked (another host or container) counts as dead after this
+LEASE_STALE_S = 120.0  # a holder that cannot be checked (another host or container): dead once its heartbeat has
+# not changed for this long, on the waiter's own clock (the holder's clock may be off by more than this)
+LEASE_ABANDONED_S = 3600.0  # ... or at once when the heartbeat is this old by the waiter's clock
 LEASE_WAIT_S = LEASE_STALE_S + 30.0  # so a waiter outlives a dead holder's lease rather than failing first
 
 
@@ -134,11 +136,24 @@ def _where() -> dict:
     return {"host": socket.gethostname(), "pid_namespace": namespace, "boot": boot}
 
 
-def _holder_gone(tags: dict) -> bool:
-    """A holder this process can see (same host, boot and pid namespace) is gone when its pid is; any other when
-    its lease is older than LEASE_STALE_S."""
+def _started(pid: int | str) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22): with the pid, it names one
+    process, where a pid alone may be reused; "" where it cannot be read (no such process, no /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _holder_gone(tags: dict, unchanged_for: float) -> bool:
+    """A holder this process can see (same host, boot and pid namespace) is gone when its process is (its pid
+    reused by another process counts as gone); any other when its heartbeat has not changed for LEASE_STALE_S
+    as this waiter saw it (`unchanged_for` seconds so far), or is LEASE_ABANDONED_S old."""
     here = _where()
     if all(tags.get(k, "") == here[k] for k in ("host", "pid_namespace", "boot")) and tags.get("pid", "").isdigit():
+        if Path("/proc/self/stat").exists():  # Linux: /proc says whether that process, not only its pid, lives
+            started = _started(tags["pid"])
+            return not started or bool(tags.get("pid_start")) and started != tags["pid_start"]
         try:
             os.kill(int(tags["pid"]), 0)
         except ProcessLookupError:
@@ -146,7 +161,25 @@ def _holder_gone(tags: dict) -> bool:
         except PermissionError:
             pass
         return False
-    return time.time() - float(tags.get("since", "0")) > LEASE_STALE_S
+    return unchanged_for > LEASE_STALE_S or time.time() - float(tags.get("since", "0")) > LEASE_ABANDONED_S
+
+
+def _reap(client, lock: str, token: str) -> None:
+    """Delete a dead holder's lease, one waiter at a time: two waiters that both saw it dead must not both delete,
+    or the second would delete the lease the first has taken meanwhile. The waiter that creates the marker model
+    reaps; the others go back to waiting."""
+    from mlflow.exceptions import MlflowException
+
+    marker = f"{lock}.reap.{token or 'untokened'}"
+    try:
+        client.create_registered_model(marker, description="kftune: breaking a dead holder's registry lease")
+    except MlflowException:
+        return
+    try:
+        _delete_lease(client, lock, token)
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(marker)
 
 
 def _delete_lease(client, lock: str, token: str) -> None:
@@ -165,11 +198,12 @@ def lease(name: str):
 
     client, lock, token = _client(), f"{LEASE_PREFIX}{name}", uuid.uuid4().hex
     deadline = time.monotonic() + LEASE_WAIT_S
+    first_seen: dict[tuple, float] = {}  # a holder's (token, heartbeat) -> when this waiter first saw it
     while True:
         try:
             client.create_registered_model(lock, description=f"kftune: held while {name}'s champion moves",
-                                           tags={**_where(), "pid": str(os.getpid()), "actor": actor(),
-                                                 "since": str(time.time()), "token": token})
+                                           tags={**_where(), "pid": str(os.getpid()), "pid_start": _started("self"),
+                                                 "actor": actor(), "since": str(time.time()), "token": token})
             break
         except MlflowException:
             try:
@@ -179,8 +213,9 @@ def lease(name: str):
                     raise RegistryError(f"{name}: cannot take the registry lease {lock}: {exc}") from None
                 time.sleep(0.05)
                 continue
-            if _holder_gone(holder):
-                _delete_lease(client, lock, holder.get("token", ""))
+            seen = first_seen.setdefault((holder.get("token", ""), holder.get("since", "")), time.monotonic())
+            if _holder_gone(holder, time.monotonic() - seen):
+                _reap(client, lock, holder.get("token", ""))
                 continue
             if time.monotonic() > deadline:
                 raise RegistryError(f"{name}: another promotion holds the registry lease ({holder.get('actor')}, "

@@ -113,19 +113,45 @@ def test_a_live_holder_keeps_the_lease_past_its_age(store, monkeypatch):
         holder.communicate(timeout=60)
 
 
-def test_a_stale_lease_from_another_host_is_broken_and_a_lease_is_deleted_only_by_its_holder(store):
+def test_a_stale_lease_from_another_host_is_broken_and_a_lease_is_deleted_only_by_its_holder(store, monkeypatch):
     import time as clock
 
     client, lock = MlflowClient(), f"{registry.LEASE_PREFIX}{NAME}"
     client.create_registered_model(lock, tags={"host": "another-host", "pid": "1", "token": "theirs",
-                                               "since": str(clock.time() - registry.LEASE_STALE_S - 1)})
+                                               "since": str(clock.time() - registry.LEASE_ABANDONED_S - 1)})
     registry.promote(NAME, "2", "after a holder on another host died")  # breaks the stale lease, then moves
     assert registry.version_by_alias(NAME, registry.CHAMPION) == "2"
+    # a live holder whose clock runs 130 s behind: its heartbeat looks old here, but it is judged by whether it
+    # changes, on this machine's clock
+    client.create_registered_model(lock, tags={"host": "another-host", "pid": "1", "token": "skewed",
+                                               "since": str(clock.time() - 130)})
+    monkeypatch.setattr(registry, "LEASE_WAIT_S", 1.0)
+    with pytest.raises(registry.RegistryError, match="another promotion holds the registry lease"):
+        registry.promote(NAME, "3", "must wait for a live holder")
+    monkeypatch.setattr(registry, "LEASE_STALE_S", 0.3)  # its heartbeat stopped: broken once unchanged that long
+    registry.promote(NAME, "3", "after its heartbeat stopped")
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "3"
     client.create_registered_model(lock, tags={"token": "theirs", "since": str(clock.time())})
     registry._delete_lease(client, lock, "mine")  # not this process's lease: left alone
     assert client.get_registered_model(lock).tags["token"] == "theirs"
     registry._delete_lease(client, lock, "theirs")
     assert not client.search_registered_models(f"name = '{lock}'")
+
+
+def test_a_reused_pid_does_not_hold_a_dead_holders_lease_and_one_waiter_reaps_it(store):
+    client, lock = MlflowClient(), f"{registry.LEASE_PREFIX}{NAME}"
+    here = registry._where()  # this machine, a live pid (ours), but another process's start time: the pid reused
+    client.create_registered_model(lock, tags={**here, "pid": str(os.getpid()), "pid_start": "1", "token": "dead",
+                                               "since": str(time.time())})
+    assert registry._holder_gone(client.get_registered_model(lock).tags, 0.0)
+    assert not registry._holder_gone({**here, "pid": str(os.getpid()), "pid_start": registry._started("self")}, 0.0)
+    client.create_registered_model(f"{lock}.reap.dead")  # another waiter is breaking it: this one backs off
+    registry._reap(client, lock, "dead")
+    assert client.get_registered_model(lock).tags["token"] == "dead"
+    client.delete_registered_model(f"{lock}.reap.dead")
+    registry.promote(NAME, "2", "after the dead holder's lease was broken")
+    assert registry.version_by_alias(NAME, registry.CHAMPION) == "2"
+    assert not client.search_registered_models(f"name LIKE '{lock}%'"), "no lease and no marker left"
 
 
 def test_an_interrupted_promote_does_not_undo_a_later_move_by_hand(store):
