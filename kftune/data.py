@@ -93,68 +93,72 @@ def add_batches(files: list[str], root: str | Path, cfg: IngestConfig, dataset: 
         commit, tag, the files added, the dataset's DVC md5 and whether it was pushed.
     """
     from kftune import tables
+    from kftune.fileio import single_instance
 
     root = Path(root).resolve()
     if not (root / ".dvc").is_dir():
         raise DataVersionError(f"{root}: not a DVC repository (run `dvc init` there)")
     rows = {str(f): check_batch(f, cfg, task) for f in files}
-    _refuse_duplicates(files, root / dataset)
-    if tag and _run(["git", "tag", "--list", tag], root):
-        raise DataVersionError(f"git tag {tag!r} already exists in {root}; choose another --tag")
-    if tag and subprocess.run(["git", "check-ref-format", f"refs/tags/{tag}"], cwd=root).returncode:
-        raise DataVersionError(f"--tag {tag!r}: not a valid git tag name (no spaces, '..', '~', '^', ':' ...)")
-    target = root / dataset
-    dvc_file = root / f"{dataset}.dvc"
-    if dvc_file.exists() and json.loads(_dvc(root, "status", "--json", str(dvc_file.relative_to(root))) or "{}"):
-        raise DataVersionError(f"{target}: the files differ from the version in {dvc_file.name} (not pulled, or "
-                               f"changed by hand); a new version from them would drop or change earlier batches. "
-                               f"Run `dvc pull` (or `dvc checkout`) there first")
-    target.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in target.iterdir() if (m := re.match(r"batch-(\d+)", p.name))]
-    start = max(numbers, default=-1) + 1
-    meta = [dvc_file, dvc_file.parent / ".gitignore"]  # what `dvc add` writes and git commits
-    paths = [str(p.relative_to(root)) for p in meta]
-    before = {p: p.read_bytes() for p in meta if p.exists()}
-    added = []
-    try:
-        for i, f in enumerate(files):
-            suffix = Path(f).suffix.lower()
-            if task == "token-classification" and suffix not in tables.NER_SUFFIXES:
-                suffix = ".conll"  # read as CoNLL when checked (one file, any name): so it is read in the folder
-            dest = target / f"batch-{start + i:03d}{suffix}"
-            shutil.copy2(f, dest)
-            added.append(dest)
-        # the new version as ingest will read it: a batch fine alone may not fit the others (a split column only
-        # some files have); refused here, before it is committed
-        (tables.load_sentences if task == "token-classification" else tables.load_rows)(str(target), cfg)
-        _dvc(root, "add", dataset)
-        _git(root, "add", "--", *paths)
-        message = f"data: add {', '.join(p.name for p in added)} ({sum(rows.values())} rows)"
-        _git(root, "commit", "-q", "-m", message, "--", *paths)
-    except BaseException:  # Ctrl-C and SIGTERM too: a half-added batch would go into the next version unseen
-        for p in added:
-            p.unlink(missing_ok=True)
-        for p in meta:
-            if p in before:
-                p.write_bytes(before[p])
-            else:
-                p.unlink(missing_ok=True)
-        _git(root, "reset", "-q", "--", *paths)
-        raise
-    if tag:
-        _git(root, "tag", tag)
-    commit = _git(root, "rev-parse", "HEAD")
-    pushed = False
-    if push and has_remote(root):
+    # one `data add` at a time per repository: two would both number their batch batch-NNN, and the second
+    # copy would overwrite the first (or its rollback delete the first's committed file)
+    with single_instance(root / ".dvc" / "tmp" / "kftune-data-add.lock", "data add", wait=True):
+        _refuse_duplicates(files, root / dataset)
+        if tag and _run(["git", "tag", "--list", tag], root):
+            raise DataVersionError(f"git tag {tag!r} already exists in {root}; choose another --tag")
+        if tag and subprocess.run(["git", "check-ref-format", f"refs/tags/{tag}"], cwd=root).returncode:
+            raise DataVersionError(f"--tag {tag!r}: not a valid git tag name (no spaces, '..', '~', '^', ':' ...)")
+        target = root / dataset
+        dvc_file = root / f"{dataset}.dvc"
+        if dvc_file.exists() and json.loads(_dvc(root, "status", "--json", str(dvc_file.relative_to(root))) or "{}"):
+            raise DataVersionError(f"{target}: the files differ from the version in {dvc_file.name} (not pulled, or "
+                                   f"changed by hand); a new version from them would drop or change earlier batches. "
+                                   f"Run `dvc pull` (or `dvc checkout`) there first")
+        target.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for p in target.iterdir() if (m := re.match(r"batch-(\d+)", p.name))]
+        start = max(numbers, default=-1) + 1
+        meta = [dvc_file, dvc_file.parent / ".gitignore"]  # what `dvc add` writes and git commits
+        paths = [str(p.relative_to(root)) for p in meta]
+        before = {p: p.read_bytes() for p in meta if p.exists()}
+        added = []
         try:
-            _dvc(root, "push", paths[0])
-            pushed = True
-        except DataVersionError as exc:
-            raise DataVersionError(f"committed {commit[:10]} locally, but the push to the DVC remote failed (local "
-                                   f"data is intact; run `dvc push` when the remote is reachable): {exc}") from None
-    md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
-    return {"commit": commit, "tag": tag, "files": [str(p.relative_to(root)) for p in added], "md5": md5,
-            "pushed": pushed, "rows": rows}
+            for i, f in enumerate(files):
+                suffix = Path(f).suffix.lower()
+                if task == "token-classification" and suffix not in tables.NER_SUFFIXES:
+                    suffix = ".conll"  # read as CoNLL when checked (one file, any name): so it is read in the folder
+                dest = target / f"batch-{start + i:03d}{suffix}"
+                shutil.copy2(f, dest)
+                added.append(dest)
+            # the new version as ingest will read it: a batch fine alone may not fit the others (a split column only
+            # some files have); refused here, before it is committed
+            (tables.load_sentences if task == "token-classification" else tables.load_rows)(str(target), cfg)
+            _dvc(root, "add", dataset)
+            _git(root, "add", "--", *paths)
+            message = f"data: add {', '.join(p.name for p in added)} ({sum(rows.values())} rows)"
+            _git(root, "commit", "-q", "-m", message, "--", *paths)
+        except BaseException:  # Ctrl-C and SIGTERM too: a half-added batch would go into the next version unseen
+            for p in added:
+                p.unlink(missing_ok=True)
+            for p in meta:
+                if p in before:
+                    p.write_bytes(before[p])
+                else:
+                    p.unlink(missing_ok=True)
+            _git(root, "reset", "-q", "--", *paths)
+            raise
+        if tag:
+            _git(root, "tag", tag)
+        commit = _git(root, "rev-parse", "HEAD")
+        pushed = False
+        if push and has_remote(root):
+            try:
+                _dvc(root, "push", paths[0])
+                pushed = True
+            except DataVersionError as exc:
+                raise DataVersionError(f"committed {commit[:10]} locally, but the push to the DVC remote failed (local "
+                                       f"data is intact; run `dvc push` when the remote is reachable): {exc}") from None
+        md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+        return {"commit": commit, "tag": tag, "files": [str(p.relative_to(root)) for p in added], "md5": md5,
+                "pushed": pushed, "rows": rows}
 
 
 def materialize(data_path: str, data_repo: str, data_rev: str, dest: str | Path) -> tuple[str, dict]:

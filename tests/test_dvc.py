@@ -17,7 +17,7 @@ from kftune.config import load_params
 from kftune.data import DataVersionError, add_batches
 from kftune.local import preflight
 from kftune.tables import DataError
-from tests.conftest import BIN, ROOT, ner_sentences, sh, write_conll
+from tests.conftest import BIN, ROOT, ner_sentences, sh, subword_texts, write_conll
 
 pytestmark = pytest.mark.slow
 def test_data_add_versions_the_dataset_and_old_revisions_stay_readable(project, params):
@@ -72,6 +72,31 @@ def test_a_bad_batch_changes_nothing(project, params):
         add_batches([str(given)], project, params.ingest)
     assert sh(project, "git", "rev-parse", "HEAD") == head and sh(project, "git", "status", "--porcelain") == ""
     assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == ["batch-000.csv"]
+
+
+def test_two_data_adds_at_once_make_two_batches_and_two_commits(project, params):
+    import threading
+
+    add_batches([str(project.parent / "batch0.csv")], project, params.ingest)
+    subword_texts(300, seed=12).to_csv(project.parent / "batch2.csv", index=False)
+    head = sh(project, "git", "rev-parse", "HEAD")
+    results, errors = [], []
+
+    def add(name):
+        try:
+            results.append(add_batches([str(project.parent / name)], project, params.ingest, push=False))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in ("batch1.csv", "batch2.csv")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and sorted(f for r in results for f in r["files"]) == [
+        "data/dataset/batch-001.csv", "data/dataset/batch-002.csv"]
+    assert sh(project, "git", "rev-list", "--count", f"{head.strip()}..HEAD").strip() == "2"
+    assert sh(project, "git", "status", "--porcelain") == ""
 
 
 def test_the_same_file_twice_is_refused_and_conll_batches_are_versioned(project, params):
