@@ -21,7 +21,7 @@ RUNNERS = ("subprocess", "docker")
 IMAGE_UID = 1000  # the `kftune` user infra/Dockerfile creates
 # what a task may need from the submitter's environment; only the ones that are set travel
 # (KFTUNE_OWNER_PID: the host pid of the kftune command, which owns the tasks' MLflow runs)
-PASSED_ENV = ("KFTUNE_OWNER_PID", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+PASSED_ENV = ("KFTUNE_OWNER_PID", "KFTUNE_OWNER_WHERE", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
               "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "KFTUNE_ARTIFACT_ROOT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "HF_TOKEN", WEBHOOK_ENV)
 RUN_LABEL = "kftune.run"  # on every task container: `docker ps --filter label=kftune.run` finds them

@@ -79,11 +79,12 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
 
     from kftune.cluster import pipeline_factory
     from kftune.console import StepConsole
-    from kftune.tracking import close_runs, configure, git_commit
+    from kftune.tracking import close_runs, configure, git_commit, owner_where
 
     configure(project_dir)
     # every step's MLflow run names this command as its owner (containers too: kftune.containers passes it)
     os.environ["KFTUNE_OWNER_PID"] = str(os.getpid())
+    os.environ["KFTUNE_OWNER_WHERE"] = owner_where()
     doc = params.to_dict()
     if doc["monitor"]["webhook_url"]:  # a credential: to the tasks by the environment, as a cluster Secret does;
         os.environ[WEBHOOK_ENV] = doc["monitor"]["webhook_url"]  # as a parameter kfp.local would log it

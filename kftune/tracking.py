@@ -125,7 +125,7 @@ def start_run(params, run_name: str = "") -> str:
     client = mlflow.MlflowClient()
     run = client.create_run(experiment_id(params.register.experiment), run_name=run_name or None,
                             tags={"kftune.params_hash": params.digest(), "kftune.model": params.model.name,
-                                  "kftune.owner": owner()})
+                                  **owner_tags()})
     items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(redacted(params.to_dict())).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -141,12 +141,27 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.environ.get('KFTUNE_OWNER_PID') or os.getpid()}"
 
 
-def _alive(run_owner: str) -> bool:
+def owner_where() -> str:
+    """The owner's pid namespace and boot (KFTUNE_OWNER_WHERE in its pipeline steps, containers included): a pid
+    means that process only there. A container on the host network shares the host's name, not its pids."""
+    from kftune.registry import _where
+
+    if os.environ.get("KFTUNE_OWNER_WHERE"):
+        return os.environ["KFTUNE_OWNER_WHERE"]
+    here = _where()
+    return f"{here['pid_namespace']}.{here['boot']}"
+
+
+def owner_tags() -> dict[str, str]:
+    return {"kftune.owner": owner(), "kftune.owner_where": owner_where()}
+
+
+def _alive(run_owner: str, where: str = "") -> bool:
     import socket
 
     host, _, pid = run_owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another machine's run: not ours to judge
+    if host != socket.gethostname() or not pid.isdigit() or where and where != owner_where():
+        return True  # another machine's run, or another pid namespace's: not ours to judge
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -221,7 +236,7 @@ def sweep_dead_runs() -> list[str]:
     dead = []
     for run in client.search_runs(_kftune_experiments(client), "attributes.status = 'RUNNING'", max_results=1000):
         run_owner = run.data.tags.get("kftune.owner", "")
-        if run_owner and not _alive(run_owner):
+        if run_owner and not _alive(run_owner, run.data.tags.get("kftune.owner_where", "")):
             dead.append(_close(client, run.info.run_id, "KILLED", f"its kftune process ({run_owner}) is gone"))
     return dead
 

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from kftune.cli import main
-from kftune.tracking import sweep_dead_runs
+from kftune.tracking import owner_where, sweep_dead_runs
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +130,31 @@ def test_a_run_left_running_by_kill_9_is_marked_killed_by_the_next_command(tmp_p
     assert sweep_dead_runs() == [run.info.run_id]
     (run,) = [r for r in _runs(tmp_path) if r.data.tags.get("kftune.owner")]
     assert run.info.status == "KILLED" and "is gone" in run.data.tags["kftune.failure"]
+    assert run.data.tags["kftune.owner_where"] == owner_where()
+
+
+def test_a_run_owned_in_another_pid_namespace_is_not_judged_by_this_ones_pids(mlflow_store):
+    """A kftune command in a container on the host network has this host's name and its own pids."""
+    import mlflow
+
+    gone = _dead_pid()
+    with mlflow.start_run(tags={"kftune.owner": f"{socket.gethostname()}:{gone}",
+                                "kftune.owner_where": "4026532000.another-boot"}) as elsewhere:
+        pass
+    with mlflow.start_run(tags={"kftune.owner": f"{socket.gethostname()}:{gone}", "kftune.owner_where": owner_where()}) \
+            as here:
+        pass
+    client = mlflow.MlflowClient()
+    for run in (elsewhere, here):
+        client.update_run(run.info.run_id, "RUNNING")
+    assert sweep_dead_runs() == [here.info.run_id]
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
 
 
 # --- S3, a full disk, a corrupted champion ------------------------------------------------------

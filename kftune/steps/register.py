@@ -129,14 +129,14 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
     """
     import mlflow
 
-    from kftune.tracking import configure, experiment_id, finish_run, owner
+    from kftune.tracking import configure, experiment_id, finish_run, owner_tags
 
     configure()
     data_dir, model_dir, eval_dir = Path(data_dir), Path(model_dir), Path(eval_dir)
     card, metrics = read_json(data_dir / "data_card.json"), read_json(eval_dir / "evaluation.json")
     test = pd.read_parquet(data_dir / "test.parquet")
     cfg, primary, task = params.register, metrics["primary"], card.get("task", "sequence-classification")
-    tags = {"kftune.data_sha256": card["sha256"], "kftune.git_commit": git_commit, "kftune.owner": owner(),
+    tags = {"kftune.data_sha256": card["sha256"], "kftune.git_commit": git_commit, **owner_tags(),
             "kftune.params_hash": params.digest(),
             **{f"kftune.{k}": str(v) for k, v in card.get("lineage", {}).items()},
             **{f"kftune.{k}": str(card[k]) for k in ("warm_start", "new_rows", "replayed_rows") if k in card}}

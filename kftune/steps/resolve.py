@@ -124,13 +124,13 @@ def start_retraining_run(params: Params, run_name: str = "") -> str:
     """The MLflow run that records one retraining decision: counts, drift scores, outcome."""
     import mlflow
 
-    from kftune.tracking import configure, experiment_id, owner
+    from kftune.tracking import configure, experiment_id, owner_tags
 
     configure()
     run = mlflow.MlflowClient().create_run(experiment_id(f"{params.register.experiment}-retraining"),
                                            run_name=run_name or None,
                                            tags={"kftune.model_name": params.register.model_name,
-                                                 "kftune.params_hash": params.digest(), "kftune.owner": owner()})
+                                                 "kftune.params_hash": params.digest(), **owner_tags()})
     return run.info.run_id
 
 
