@@ -70,17 +70,22 @@ def champion_files(name: str, version: str, cache: Path) -> tuple[Path, pd.DataF
 
     folder = cache / f"{name}-v{version}"
     if not (folder / "reference.parquet").exists():
+        import shutil
+
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".export-"))
-        export_champion(name, version, tmp / "model")
-        rows, card = download_reference(name, version, tmp / "ref")
-        rows.to_parquet(tmp / "model" / "reference.parquet")
-        (tmp / "model" / "card.json").write_text(json.dumps(card, default=str), encoding="utf-8")
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        (tmp / "model").rename(folder)
+        try:
+            export_champion(name, version, tmp / "model")
+            rows, card = download_reference(name, version, tmp / "ref")
+            rows.to_parquet(tmp / "model" / "reference.parquet")
+            (tmp / "model" / "card.json").write_text(json.dumps(card, default=str), encoding="utf-8")
+            try:  # whole, by one rename; a folder another process (a label import, a check) finished first is
+                (tmp / "model").rename(folder)  # theirs, and it may be reading it: this copy goes instead
+            except OSError:
+                if not (folder / "reference.parquet").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder, pd.read_parquet(folder / "reference.parquet"), json.loads((folder / "card.json").read_text())
 
 

@@ -312,3 +312,26 @@ def test_each_live_quality_rule_reads_the_labels_of_its_own_window(store, tiny_m
     why = {r["name"]: r["why"] for r in check["rules"]}
     assert "on 20 random-sample labels" in why["day"] and "on 60 random-sample labels" in why["week"]
     assert check["live"]["n"] == 60
+
+
+def test_a_champion_export_another_process_finished_first_is_used_not_deleted(store, tmp_path, monkeypatch):
+    import shutil
+
+    from kftune.monitor import check
+    from kftune.steps import resolve
+    from tests.monitor.conftest import MODEL
+
+    real = resolve.export_champion
+
+    def export_while_another_finishes(name, version, dest):  # a label import exporting the same version meanwhile
+        real(name, version, dest)
+        theirs = tmp_path / "cache" / f"{name}-v{version}"
+        shutil.copytree(dest, theirs)
+        resolve.download_reference(name, version, tmp_path / "ref")[0].to_parquet(theirs / "reference.parquet")
+        (theirs / "card.json").write_text("{}")
+        (theirs / "being-read").write_text("by the other process")
+
+    monkeypatch.setattr(resolve, "export_champion", export_while_another_finishes)
+    folder, reference, _ = check.champion_files(MODEL, "1", tmp_path / "cache")
+    assert (folder / "being-read").exists() and len(reference) > 0
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name], "no temporary export left"
