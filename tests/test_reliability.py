@@ -137,12 +137,12 @@ def test_a_run_owned_in_another_pid_namespace_is_not_judged_by_this_ones_pids(ml
     """A kftune command in a container on the host network has this host's name and its own pids."""
     import mlflow
 
-    gone = _dead_pid()
-    with mlflow.start_run(tags={"kftune.owner": f"{socket.gethostname()}:{gone}",
-                                "kftune.owner_where": "4026532000.another-boot"}) as elsewhere:
+    gone, experiment = _dead_pid(), mlflow.set_experiment("owners").experiment_id  # this test's store
+    with mlflow.start_run(experiment_id=experiment, tags={"kftune.owner": f"{socket.gethostname()}:{gone}",
+                                                          "kftune.owner_where": "4026532000.another-boot"}) as elsewhere:
         pass
-    with mlflow.start_run(tags={"kftune.owner": f"{socket.gethostname()}:{gone}", "kftune.owner_where": owner_where()}) \
-            as here:
+    with mlflow.start_run(experiment_id=experiment, tags={"kftune.owner": f"{socket.gethostname()}:{gone}",
+                                                          "kftune.owner_where": owner_where()}) as here:
         pass
     client = mlflow.MlflowClient()
     for run in (elsewhere, here):

@@ -124,7 +124,7 @@ def test_any_label_or_rule_name_makes_a_key_mlflow_accepts_and_no_two_share_one(
     names = ["c++", "c--", "a/", "what's up", "😀", "a/../b", "x" * 300, "négatif", "neutral"]
     keys = [f"test_f1_{key_part(n)}" for n in names]
     assert len(set(keys)) == len(names) and key_part("négatif") == "négatif" and key_part("neutral") == "neutral"
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("keys").experiment_id) as run:  # this store's
         mlflow.log_metrics({k: 1.0 for k in keys})
         mlflow.set_tags({f"kftune.alert.{key_part(n)}": "firing" for n in names})
     assert set(keys) <= set(MlflowClient().get_run(run.info.run_id).data.metrics)
