@@ -164,16 +164,20 @@ def _holder_gone(tags: dict, unchanged_for: float) -> bool:
     return unchanged_for > LEASE_STALE_S or time.time() - float(tags.get("since", "0")) > LEASE_ABANDONED_S
 
 
-def _reap(client, lock: str, token: str) -> None:
+def _reap(client, lock: str, token: str, unchanged_for: float) -> None:
     """Delete a dead holder's lease, one waiter at a time: two waiters that both saw it dead must not both delete,
     or the second would delete the lease the first has taken meanwhile. The waiter that creates the marker model
-    reaps; the others go back to waiting."""
+    reaps; the others go back to waiting, and remove a marker whose lease stays unbroken for 2 x LEASE_STALE_S
+    (its reaper died)."""
     from mlflow.exceptions import MlflowException
 
     marker = f"{lock}.reap.{token or 'untokened'}"
     try:
         client.create_registered_model(marker, description="kftune: breaking a dead holder's registry lease")
     except MlflowException:
+        if unchanged_for > 2 * LEASE_STALE_S:
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(marker)
         return
     try:
         _delete_lease(client, lock, token)
@@ -215,7 +219,7 @@ def lease(name: str):
                 continue
             seen = first_seen.setdefault((holder.get("token", ""), holder.get("since", "")), time.monotonic())
             if _holder_gone(holder, time.monotonic() - seen):
-                _reap(client, lock, holder.get("token", ""))
+                _reap(client, lock, holder.get("token", ""), time.monotonic() - seen)
                 continue
             if time.monotonic() > deadline:
                 raise RegistryError(f"{name}: another promotion holds the registry lease ({holder.get('actor')}, "

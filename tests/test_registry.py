@@ -146,9 +146,10 @@ def test_a_reused_pid_does_not_hold_a_dead_holders_lease_and_one_waiter_reaps_it
     assert registry._holder_gone(client.get_registered_model(lock).tags, 0.0)
     assert not registry._holder_gone({**here, "pid": str(os.getpid()), "pid_start": registry._started("self")}, 0.0)
     client.create_registered_model(f"{lock}.reap.dead")  # another waiter is breaking it: this one backs off
-    registry._reap(client, lock, "dead")
+    registry._reap(client, lock, "dead", 0.0)
     assert client.get_registered_model(lock).tags["token"] == "dead"
-    client.delete_registered_model(f"{lock}.reap.dead")
+    registry._reap(client, lock, "dead", 2 * registry.LEASE_STALE_S + 1)  # that waiter died: its marker goes
+    assert not client.search_registered_models(f"name = '{lock}.reap.dead'")
     registry.promote(NAME, "2", "after the dead holder's lease was broken")
     assert registry.version_by_alias(NAME, registry.CHAMPION) == "2"
     assert not client.search_registered_models(f"name LIKE '{lock}%'"), "no lease and no marker left"
