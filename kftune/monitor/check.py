@@ -101,15 +101,13 @@ def run_drift(folder: Path, reference: pd.DataFrame, new: pd.DataFrame,
               params: Params) -> tuple[dict, bool | None, str]:
     """The drift step's label-free tests with its seeds, thresholds and vote (None: no voting test applies)."""
     from kftune.hardware import bf16_for
-    from kftune.steps.drift import run_checks
+    from kftune.steps.drift import run_checks, vote
 
     checks, _ = run_checks(folder, reference, new[["text"]], params.drift, bf16_for(params.finetune))
-    voting = [m for m in params.drift.methods if m in checks]
+    voting, flags, need = vote(checks, params.drift)
     found = {m: c.to_dict() for m, c in checks.items()}
     if not voting:  # drift.methods has only tests that need labels: live traffic has none
         return found, None, f"none of drift.methods {params.drift.methods} runs on unlabelled traffic"
-    flags = [m for m in voting if checks[m].verdict]
-    need = min(params.drift.min_flags, len(voting))
     why = (f"drift tests on {len(new)} predictions: {len(flags)} of {voting} flagged ({', '.join(flags) or 'none'}), "
            f"{need} needed")
     return found, len(flags) >= need, why
@@ -179,14 +177,15 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
         labelled = joined(R.window(served, now_ts, seconds) if seconds else served, feedback)
         return live_quality(labelled, labels, cfg.confidence_level) if len(labelled) else {"n": 0}
 
-    live = live_in(max([r.window for r in rules if r.kind == "live_quality"], default=None))
+    lives = {w: live_in(w) for w in {r.window for r in rules if r.kind == "live_quality"}}  # one per window
+    live = lives[max(lives)] if lives else live_in(None)
     state["seen_traffic"] = bool(state.get("seen_traffic") or len(logged)
                                  or any(h.get("requests") for h in state["history"]))  # older state files
     ctx = R.Context(ref_stats.get("shares", {}), ref_stats.get("confidence"), drifted, why, live,
                     test.get("accuracy"), ever_traffic=state["seen_traffic"])
     # volume counts every version's predictions: a server that has not swapped to a new champion yet still serves
     verdicts = [R.judge(r, logged if r.kind == "volume" else served, now_ts,
-                        dataclasses.replace(ctx, live=live_in(r.window)) if r.kind == "live_quality" else ctx)
+                        dataclasses.replace(ctx, live=lives[r.window]) if r.kind == "live_quality" else ctx)
                 for r in rules]
     state["alerts"], events = R.transitions(verdicts, state["alerts"], str(now_ts))
 

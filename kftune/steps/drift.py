@@ -244,6 +244,13 @@ def _plot(sides: dict, checks: dict, report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def vote(checks: dict, cfg: DriftConfig) -> tuple[list[str], list[str], int]:
+    """(the methods of drift.methods that ran, those that flagged, how many must): min_flags counts among the
+    tests that ran (a classifier has no entities test, live traffic no label test)."""
+    voting = [m for m in cfg.methods if m in checks]
+    return voting, [m for m in voting if checks[m].verdict], min(cfg.min_flags, len(voting)) or 1
+
+
 def render_report(report: dict) -> str:
     from kftune.console import markdown_cell
 
@@ -286,9 +293,7 @@ def drift(data_dir: str | Path, champion_dir: str | Path, out_dir: str | Path, p
                                     f"missing from the resolve step's output")
         checks, sides = run_checks(champion_dir, pd.read_parquet(ref_path), pd.read_parquet(data_dir / "new.parquet"),
                                    params.drift, bf16_for(params.finetune))
-    voting = [m for m in params.drift.methods if m in checks]  # a classifier has no entities test
-    flags = [m for m in voting if checks[m].verdict]
-    min_flags = min(params.drift.min_flags, len(voting)) or 1  # as the monitor counts: of the tests that ran
+    voting, flags, min_flags = vote(checks, params.drift)
     drifted = len(flags) >= min_flags if checks else None
     hours = hours_since_last_promotion(params.register.model_name, now or time.time())
     decision, reason = retrain_decision(card, drifted, params.retrain, force, hours)
