@@ -467,7 +467,7 @@ class MonitorConfig:
     webhook_retries: int = _doc("Webhook sink: attempts after the first before an alert is logged as undelivered.")
     webhook_backoff_seconds: float = _doc("Webhook sink: wait before the first retry; doubled after each, up to 60 s "
                                           "(redirects are not followed).")
-    webhook_timeout_seconds: float = _doc("Webhook sink: timeout of one POST.")
+    webhook_timeout_seconds: float = _doc("Webhook sink: seconds one POST may take in all, connecting to last byte.")
     queue_random_share: float = _doc("`kftune label queue`: share drawn uniformly at random from the traffic, the "
                                      "only part that estimates live accuracy without bias.")
     queue_drift_share: float = _doc("`kftune label queue`: share drawn from the region the drift tests point at "

@@ -17,24 +17,53 @@ MAX_WAIT = 60.0  # seconds: the doubling waits between webhook attempts stop gro
 def post_webhook(url: str, document: dict, retries: int, backoff: float, timeout: float,
                  sleep=time.sleep) -> tuple[bool, str]:
     """POST `document` as JSON; retry on connection errors and 5xx/429 with doubling waits (at most MAX_WAIT).
-    A redirect is not followed (it would turn the POST into a GET without the alert). (delivered, detail)."""
+    A redirect is not followed (it would turn the POST into a GET without the alert). Each attempt, from
+    connecting to the last byte of the answer, has `timeout` seconds: a receiver that trickles its answer a
+    byte at a time does not hold the check. (delivered, detail)."""
     import requests
 
     wait, last = backoff, ""
     for attempt in range(retries + 1):
         try:
-            r = requests.post(url, json=document, timeout=timeout, allow_redirects=False)
-            if r.status_code < 300:
-                return True, f"HTTP {r.status_code} after {attempt + 1} attempt(s)"
-            last = f"HTTP {r.status_code}"
-            if r.status_code < 500 and r.status_code != 429:
+            status = _post_within(url, document, timeout)
+            if status < 300:
+                return True, f"HTTP {status} after {attempt + 1} attempt(s)"
+            last = f"HTTP {status}"
+            if status < 500 and status != 429:
                 return False, f"{last}: not retried (the receiver refused the document)"
-        except requests.RequestException as exc:
+        except (requests.RequestException, TimeoutError) as exc:
             last = type(exc).__name__
         if attempt < retries:
             sleep(wait)
             wait = min(wait * 2, MAX_WAIT)
     return False, f"{last} after {retries + 1} attempts"
+
+
+def _post_within(url: str, document: dict, timeout: float) -> int:
+    """One POST, answered within `timeout` seconds in all (requests' own timeout bounds each read, not the
+    whole answer). On time-out the session is closed, so the worker thread ends at its socket's next read."""
+    import threading
+
+    import requests
+
+    session, answer = requests.Session(), {}
+
+    def attempt():
+        try:
+            answer["status"] = session.post(url, json=document, timeout=timeout, allow_redirects=False).status_code
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            answer["error"] = exc
+
+    worker = threading.Thread(target=attempt, name="kftune-webhook", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        session.close()
+        raise TimeoutError(f"no whole answer within {timeout:g} s")
+    session.close()
+    if "error" in answer:
+        raise answer["error"]
+    return answer["status"]
 
 
 def deliver(events: list[dict], cfg: MonitorConfig, run_id: str = "", sleep=time.sleep) -> list[dict]:

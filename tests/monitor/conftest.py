@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,9 +79,10 @@ def write_traffic(log_dir: Path, start: float, hours: list[float], per_hour: int
 
 class Receiver:
     """An HTTP receiver on 127.0.0.1 that keeps every JSON document; the first `fail_first` POSTs get 503; with
-    `redirect`, every POST gets a 302 to a page that answers a GET with 200 (what a moved endpoint does)."""
+    `redirect`, every POST gets a 302 to a page that answers a GET with 200 (what a moved endpoint does); with
+    `trickle`, a 200 is sent one byte per `trickle` seconds (each read is quick, the whole answer is not)."""
 
-    def __init__(self, fail_first: int = 0, redirect: bool = False):
+    def __init__(self, fail_first: int = 0, redirect: bool = False, trickle: float = 0.0):
         self.documents, self.attempts, self.fail_first = [], 0, fail_first
         outer = self
 
@@ -92,6 +94,17 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 outer.attempts += 1
+                if trickle:
+                    outer.documents.append(json.loads(body))
+                    try:
+                        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":  # about 40 x trickle s
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(trickle)
+                    except OSError:  # the sender gave up: what it should do
+                        pass
+                    self.close_connection = True
+                    return
                 if redirect:
                     self.send_response(302)
                     self.send_header("Location", "/moved")
@@ -119,8 +132,8 @@ class Receiver:
 def receiver():
     started = []
 
-    def start(fail_first: int = 0, redirect: bool = False) -> Receiver:
-        started.append(Receiver(fail_first, redirect))
+    def start(fail_first: int = 0, redirect: bool = False, trickle: float = 0.0) -> Receiver:
+        started.append(Receiver(fail_first, redirect, trickle))
         return started[-1]
 
     yield start

@@ -220,6 +220,19 @@ def test_webhook_waits_are_capped_and_a_redirect_is_not_followed(receiver):
     assert not ok and detail.startswith("HTTP 302: not retried") and moved.attempts == 1
 
 
+def test_a_receiver_that_trickles_its_answer_costs_one_timeout_per_attempt(receiver):
+    """requests' timeout bounds each read; a receiver sending a byte every 0.2 s would hold the check ~8 s."""
+    import time
+
+    from kftune.monitor.sinks import post_webhook
+
+    slow = receiver(trickle=0.2)
+    start = time.monotonic()
+    ok, detail = post_webhook(slow.url, {"alert": "a"}, retries=1, backoff=0, timeout=0.5, sleep=lambda s: None)
+    assert time.monotonic() - start < 3 and not ok
+    assert detail == "TimeoutError after 2 attempts" and slow.attempts == 2
+
+
 def test_volume_counts_every_versions_predictions(store, tiny_model, tmp_path):
     """Just after a promotion the server still answers with the old version for a poll or two: traffic is
     healthy, and the volume rule must not say "no traffic" because the champion has none of it yet."""
