@@ -602,6 +602,24 @@ def _coerce(value, tp, key: str, problems: list[str]):
     return value
 
 
+_STAND_INS = {int: 1, float: 1.0, str: "", bool: False}
+
+
+def _other_problems(cls, kwargs: dict, bad: list[str], hints: dict, prefix: str) -> list[str]:
+    """The section's own checks on its keys that are not `bad` (missing or of the wrong type): each bad key
+    stands in as a value of its type, and what the checks say about it is dropped. So one wrong type does not
+    hide the section's other problems until it is fixed. Nothing where a bad key is a whole section."""
+    if not hasattr(cls, "problems") or any(dataclasses.is_dataclass(hints[n]) for n in bad):
+        return []
+    stand_ins = {n: [] if typing.get_origin(hints[n]) is list else _STAND_INS[hints[n]] for n in bad}
+    try:
+        found = cls(**{**kwargs, **stand_ins}).problems()
+    except Exception:  # noqa: BLE001 - a check that cannot run on a stand-in: the bad key is reported anyway
+        return []
+    about_bad = re.compile("|".join(rf"(?<![\w.]){re.escape(prefix + n)}(?!\w)" for n in bad))
+    return [p for p in found if not about_bad.search(p)]
+
+
 def _build(cls, data, prefix: str, problems: list[str]):
     """Build dataclass `cls` from a mapping; sections that build run their own semantic checks."""
     if not isinstance(data, dict):
@@ -618,7 +636,8 @@ def _build(cls, data, prefix: str, problems: list[str]):
             kwargs[name] = _BAD
         else:
             kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}", problems)
-    if _BAD in kwargs.values():
+    if bad := [name for name in names if kwargs[name] is _BAD]:
+        problems += _other_problems(cls, kwargs, bad, hints, prefix)
         return _BAD
     obj = cls(**kwargs)
     if hasattr(obj, "problems"):

@@ -32,6 +32,18 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
     assert len(re.findall(r"^\s+- ", msg, re.M)) == 7
 
 
+def test_a_key_of_the_wrong_type_does_not_hide_its_sections_other_problems():
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", ["finetune.batch_size=x", "finetune.learning_rate=5", "serve.max_batch=[1]",
+                                           "serve.agreement_rows=-1", "register.keep_versions=-1"])
+    lines = str(err.value).splitlines()[1:]
+    assert lines == ["  - finetune.batch_size='x': expected int, got str",
+                     "  - finetune.learning_rate=5.0: must be in (0, 1)",
+                     "  - register.keep_versions=-1: must be >= 0 (0 keeps every version)",
+                     "  - serve.max_batch=[1]: expected int, got list",
+                     "  - serve.agreement_rows=-1: must be > 0"], lines
+
+
 @pytest.mark.parametrize("setting", ["retrain.cooldown_hours=nan", "drift.psi_threshold=.nan",
                                      "finetune.weight_decay=inf"])
 def test_nan_and_infinity_are_refused_for_numbers(setting):

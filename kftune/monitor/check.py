@@ -182,7 +182,11 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
     state["seen_traffic"] = bool(state.get("seen_traffic") or len(logged)
                                  or any(h.get("requests") for h in state["history"]))  # older state files
     ctx = R.Context(ref_stats.get("shares", {}), ref_stats.get("confidence"), drifted, why, live,
-                    test.get("accuracy"), ever_traffic=state["seen_traffic"])
+                    test.get("accuracy"), ever_traffic=state["seen_traffic"],
+                    labels=tuple(card.get("labels") or ()) if version else ())
+    cannot = {r.name: why_not for r in rules if (why_not := R.cannot_fire(r, ctx.labels))}
+    for rule_name, why_not in cannot.items():
+        log.warning("monitor rule %s: %s (monitor.rules in params.yaml)", rule_name, why_not)
     # volume counts every version's predictions: a server that has not swapped to a new champion yet still serves
     verdicts = [R.judge(r, logged if r.kind == "volume" else served, now_ts,
                         dataclasses.replace(ctx, live=lives[r.window]) if r.kind == "live_quality" else ctx)
@@ -211,7 +215,8 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
              "new_requests": len(new), "requests": len(interval), "drift": drift, "drifted": drifted, "drift_why": why,
              "rules": [{"name": v.rule.name, "kind": v.rule.kind, "status": v.status, "value": v.value,
                         "requests": v.requests, "why": v.why} for v in verdicts],
-             "events": events, "live": live, "test_accuracy": test.get("accuracy"), "point": point}
+             "events": events, "live": live, "test_accuracy": test.get("accuracy"), "point": point,
+             "cannot_fire": cannot}
     save_state(log_dir, state)  # first: the alerts went out, a failure below must not send them again
     try:  # after the check: housekeeping never delays an alert
         check["log"] = compact_request_log(log_dir, now_ts.timestamp(), cfg.log_retention_days)

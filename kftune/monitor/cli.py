@@ -51,6 +51,7 @@ def describe_check(c: dict) -> str:
              f"since the last check, {c['new_requests']} new for the drift tests",
              f"drift: {'yes' if c['drifted'] else 'no' if c['drifted'] is not None else 'not run'} ({c['drift_why']})",
              f"alerts failing: {', '.join(failing) or 'none'}"]
+    parts += [f"rule {r} cannot fire: {why}" for r, why in c.get("cannot_fire", {}).items()]
     if live.get("n"):
         parts.append(f"live accuracy {live['accuracy']:.3f} [{live['accuracy_low']:.3f}, {live['accuracy_high']:.3f}] "
                      f"on {live['n']} random-sample labels (test {c['test_accuracy'] or 0:.3f})")

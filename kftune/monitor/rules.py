@@ -38,6 +38,14 @@ class Context:
     live: dict  # live_quality() on the window's random-sample feedback
     test_accuracy: float | None  # the champion's accuracy on its test split
     ever_traffic: bool  # whether the log has any prediction at all before now
+    labels: tuple = ()  # the champion's labels (empty: not known)
+
+
+def cannot_fire(rule: AlertRule, labels) -> str | None:
+    """Why `rule` can never fire against a champion with `labels`, or None."""
+    if rule.kind == "label_share" and labels and rule.label not in labels:
+        return f"the champion has no label {rule.label!r} (its labels: {', '.join(labels)}): this rule cannot fire"
+    return None
 
 
 def window(rows: pd.DataFrame, now: pd.Timestamp, seconds: float) -> pd.DataFrame:
@@ -74,6 +82,8 @@ def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) 
     if rule.kind in ("label_share", "label_shift", "confidence") and w["label"].isna().all():
         return Verdict(rule, UNKNOWN, None, n, "a tagger's predictions have no label or confidence per text")
     if rule.kind == "label_share":
+        if why_not := cannot_fire(rule, ctx.labels):
+            return Verdict(rule, UNKNOWN, None, n, why_not)
         share = float((w["label"] == rule.label).mean())
         return verdict(share > rule.max_share, share, f"{rule.label} {share:.1%} of {n} predictions in the last "
                                                       f"{_dur(rule.window)} (max {rule.max_share:.0%})")

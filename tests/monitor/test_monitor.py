@@ -233,6 +233,22 @@ def test_a_receiver_that_trickles_its_answer_costs_one_timeout_per_attempt(recei
     assert detail == "TimeoutError after 2 attempts" and slow.attempts == 2
 
 
+def test_a_label_share_rule_on_a_label_the_champion_lacks_says_it_cannot_fire(store, tiny_model, tmp_path, caplog):
+    rules = ("[{name: typo, kind: label_share, label: negatve, max_share: 0.01, window: 1h, min_requests: 10}, "
+             "{name: surge, kind: label_share, label: negative, max_share: 0.01, window: 1h, min_requests: 10}]")
+    log_dir = tmp_path / "log"
+    write_traffic(log_dir, START, [0.5], per_hour=60)
+    with caplog.at_level("WARNING", logger="kftune.monitor.check"):
+        check = monitor_once(str(log_dir), monitor_params(tiny_model, f"monitor.rules={rules}"), now=START + 3600)
+    typo, surge = check["rules"]
+    assert typo["status"] == "unknown" and "has no label 'negatve'" in typo["why"] and "negative" in typo["why"]
+    assert surge["status"] == "failing" and list(check["cannot_fire"]) == ["typo"]
+    assert "monitor rule typo: the champion has no label 'negatve'" in caplog.text
+    from kftune.monitor.cli import describe_check
+
+    assert "rule typo cannot fire: the champion has no label 'negatve'" in describe_check(check)
+
+
 def test_volume_counts_every_versions_predictions(store, tiny_model, tmp_path):
     """Just after a promotion the server still answers with the old version for a poll or two: traffic is
     healthy, and the volume rule must not say "no traffic" because the champion has none of it yet."""

@@ -85,3 +85,14 @@ def test_min_requests_0_on_volume_and_live_quality():
                   test_accuracy=0.9, ever_traffic=True)
     empty = pd.DataFrame({"time": pd.Series([], dtype="datetime64[ns, UTC]"), "label": [], "probability": []})
     assert [judge(r, empty, NOW, ctx).status for r in rules] == ["failing", "unknown"]
+
+
+def test_a_label_share_rule_on_an_unknown_label_is_unknown_whatever_the_traffic():
+    import dataclasses
+
+    (rule,), _ = parse_rules([{"name": "typo", "kind": "label_share", "label": "negatve", "max_share": 0.0,
+                               "window": "1h", "min_requests": 1}])
+    known = dataclasses.replace(CTX, labels=("negative", "positive"))
+    verdict = judge(rule, hour_of(0.5), NOW, known)
+    assert verdict.status == "unknown" and verdict.why.startswith("the champion has no label 'negatve'")
+    assert judge(rule, hour_of(0.5), NOW, CTX).status == "ok"  # labels not known: judged on the traffic
