@@ -244,7 +244,7 @@ def _fingerprint(tokenized_dir: Path, model_name: str, job: Job) -> dict:
     exported = Path(model_name) / MODEL_INFO  # a champion exported by resolve: a new folder in every pipeline run
     version = read_json(exported).get("version") if exported.exists() else None
     return {"model": f"registry version {version}" if version else model_name, "cfg": vars(job.cfg),
-            "data": tokenized_digest(tokenized_dir), "labels": job.labels}
+            "data": tokenized_digest(tokenized_dir), "labels": job.labels, "processes": job.world}
 
 
 def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
@@ -273,15 +273,28 @@ def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
     job.model.load_state_dict(ckpt["model"])
     job.optimizer.load_state_dict(ckpt["optimizer"])
     job.scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    torch.set_rng_state(ckpt["torch_rng"][job.rank].cpu())  # each process its own dropout draws
     if "cuda_rng" in ckpt and torch.cuda.is_available():  # GPU dropout draws from the CUDA generators
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]][: torch.cuda.device_count()])
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"][job.rank]][: torch.cuda.device_count()])
     job.state, job.best_weights = ckpt["state"], ckpt["best_weights"]
     log.info("fine-tune: resuming from %s at step %d", ckpt_path, job.state["step"])
     return job.state["step"]
 
 
-def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict) -> None:
+def _rng_states(job: Job) -> list[dict]:
+    """Every process's random state, by rank (under torchrun a collective: every rank calls it)."""
+    import torch
+
+    mine = {"torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+    if job.world == 1:
+        return [mine]
+    every: list = [None] * job.world
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict, rngs: list[dict]) -> None:
     import torch
 
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,8 +302,8 @@ def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict) -> None:
     with open(tmp, "wb") as f:
         torch.save({"fingerprint": json.loads(json.dumps(fingerprint)), "model": job.model.state_dict(),
                     "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "state": job.state, "best_weights": job.best_weights,
-                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}, f)
+                    "torch_rng": [r["torch"] for r in rngs], "state": job.state, "best_weights": job.best_weights,
+                    **({"cuda_rng": [r["cuda"] for r in rngs]} if "cuda" in rngs[0] else {})}, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename: a power loss leaves the old checkpoint, not an empty one
     os.replace(tmp, ckpt_path)
@@ -429,8 +442,10 @@ def _train(job: Job, ckpt_path: Path | None, fingerprint: dict, resumed_from: in
                 losses = []
             if state["step"] % job.eval_every == 0 or state["step"] >= job.total_steps:
                 stopped_early = _validate(job) or stopped_early
-            if job.rank == 0 and ckpt_path and cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0:
-                _save_checkpoint(job, ckpt_path, fingerprint)
+            if ckpt_path and cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0:
+                rngs = _rng_states(job)
+                if job.rank == 0:
+                    _save_checkpoint(job, ckpt_path, fingerprint, rngs)
             if stopped_early or state["step"] >= job.total_steps:
                 break
     bar.close()
@@ -567,13 +582,19 @@ def launch(tokenized_dir: str, out_dir: str, model_name: str, cfg: FinetuneConfi
     """
     import subprocess
 
+    if subprocess.run(torchrun_command(tokenized_dir, out_dir, model_name, cfg, processes, run_id,
+                                       checkpoint_dir)).returncode:
+        raise DistributedFailed(f"distributed fine-tune ({processes} processes) failed; see its log above")
+
+
+def torchrun_command(tokenized_dir: str, out_dir: str, model_name: str, cfg: FinetuneConfig, processes: int,
+                     run_id: str = "", checkpoint_dir: str | None = None) -> list[str]:
+    """The command `launch` runs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "kftune.steps.finetune", "--tokenized", str(tokenized_dir), "--out", str(out_dir),
            "--model", model_name, "--config", json.dumps(vars(cfg))]
     cmd += ["--mlflow-run-id", run_id] if run_id else []
-    cmd += ["--checkpoint-dir", str(checkpoint_dir)] if checkpoint_dir else []
-    if subprocess.run(cmd).returncode:
-        raise DistributedFailed(f"distributed fine-tune ({processes} processes) failed; see its log above")
+    return cmd + (["--checkpoint-dir", str(checkpoint_dir)] if checkpoint_dir else [])
 
 
 def main(argv: list[str] | None = None) -> None:

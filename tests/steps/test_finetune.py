@@ -159,6 +159,38 @@ def test_two_processes_under_torchrun_train_one_model(prepared, params, mlflow_s
     AutoModelForSequenceClassification.from_pretrained(prepared / "ddp")
 
 
+def test_a_killed_torchrun_fine_tune_resumes_every_process_to_the_same_weights(prepared, params):
+    """Each process restores its own random state (dropout): with rank 0's on both, the weights differ."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from kftune.steps.finetune import launch, torchrun_command
+
+    cfg = with_changes(params.finetune, max_steps=40, checkpoint_every_steps=5, eval_every_steps=20)
+    tokenized, ckpt = str(prepared / "tokenized"), prepared / "ckpt"
+    launch(tokenized, str(prepared / "straight"), params.model.name, cfg, processes=2)
+    first = subprocess.Popen(torchrun_command(tokenized, str(prepared / "resumed"), params.model.name, cfg, 2,
+                                              checkpoint_dir=str(ckpt)), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpt / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for proc in [*psutil.Process(first.pid).children(recursive=True), psutil.Process(first.pid)]:
+            proc.kill()  # at the first checkpoint the power goes: torchrun and its workers (each in its own session)
+    finally:
+        first.wait(30)
+    assert first.returncode == -signal.SIGKILL and not (prepared / "resumed").exists()
+    launch(tokenized, str(prepared / "resumed"), params.model.name, cfg, processes=2, checkpoint_dir=str(ckpt))
+    summary = read_json(prepared / "resumed" / "train_summary.json")
+    assert 0 < summary["resumed_from_step"] < 40 and summary["steps"] == 40
+    straight, resumed = _weights(prepared / "straight"), _weights(prepared / "resumed")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_a_collapsed_run_is_trained_again_from_the_next_seed_and_the_better_run_kept(prepared, params):
     # a learning rate this small leaves the random head where it starts: one label for every text
     cfg = with_changes(params.finetune, learning_rate=1e-9, max_steps=4, eval_every_steps=2, restarts=2)
