@@ -124,3 +124,84 @@ def single_instance(lock_path: str | Path, what: str = "scheduler", wait: bool =
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+S3_LEASE_STALE_S = 120.0  # a lease whose object has not changed for this long, on the waiter's clock, is dead
+
+
+@contextlib.contextmanager
+def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, poll: float = 2.0):
+    """Hold the object `path` on S3 (an s3fs filesystem) while the block runs; other holders wait.
+
+    Taken by a conditional create (If-None-Match: *); the holder rewrites it every stale_after / 4 seconds (If-Match
+    its last ETag), so a waiter that sees the same ETag for `stale_after` seconds on its own clock knows the holder
+    is dead (a killed pod) and takes the lease over, again by If-Match, so only one waiter wins. Released by deleting
+    the object if it is still this holder's. Needs an object store with conditional writes (AWS S3, MinIO); where
+    the conditional create fails otherwise, the block runs without a lease, with a warning.
+    """
+    import logging
+    import socket
+    import threading
+    import time
+    import uuid
+
+    log = logging.getLogger(__name__)
+    bucket, key, _ = fs.split_path(path)
+    me = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+
+    def put(beat: int, **condition) -> str:
+        body = json.dumps({"holder": me, "what": what, "beat": beat}).encode()
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+
+    seen, since = None, 0.0
+    while True:
+        try:
+            etag = put(0, IfNoneMatch="*")
+            break
+        except FileExistsError:
+            pass
+        except OSError as exc:  # a store without conditional writes: as before there was a lease
+            log.warning("%s: cannot take the lease %s (%s: %s); running without it", what, path,
+                        type(exc).__name__, exc)
+            yield
+            return
+        try:
+            current = fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
+        except FileNotFoundError:
+            continue  # released meanwhile
+        if current != seen:
+            seen, since = current, time.monotonic()
+        elif time.monotonic() - since >= stale_after:
+            try:
+                etag = put(0, IfMatch=seen)
+            except OSError:  # another waiter took it over first, or the holder came back
+                seen = None
+                continue
+            log.warning("%s: took over the lease %s, unchanged for %.0f s (its holder stopped)", what, path,
+                        stale_after)
+            break
+        time.sleep(poll)
+    held, stop = {"etag": etag, "lost": False}, threading.Event()
+
+    def heartbeat():
+        beat = 0
+        while not stop.wait(stale_after / 4):
+            beat += 1
+            try:
+                held["etag"] = put(beat, IfMatch=held["etag"])
+            except OSError as exc:
+                held["lost"] = True
+                log.error("%s: lost the lease %s (%s); another holder may be running", what, path, exc)
+                return
+
+    beating = threading.Thread(target=heartbeat, name="kftune-s3-lease", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
+        if not held["lost"]:
+            with contextlib.suppress(FileNotFoundError):
+                if fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"] == held["etag"]:
+                    fs.call_s3("delete_object", Bucket=bucket, Key=key)

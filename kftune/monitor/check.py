@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from kftune.config import Params
-from kftune.fileio import single_instance, write_json
+from kftune.fileio import s3_lease, single_instance, write_json
 from kftune.monitor import rules as R
 from kftune.serving.request_log import _fs, _is_local, compact_request_log, read_request_log
 
@@ -53,14 +53,18 @@ def save_state(log_dir: str, state: dict) -> None:
 
 @contextlib.contextmanager
 def one_check_at_a_time(log_dir: str):
-    """Checks of one local log wait for each other (a one-off `kftune monitor` beside `monitor --cron`): two at once
-    would both send an alert's change and one would lose the other's state. Object stores: one check per log is
+    """Checks of one log wait for each other (a one-off `kftune monitor` beside `monitor --cron`, or beside the
+    cluster's recurring run): two at once would both send an alert's change and one would lose the other's state.
+    A local log: a file lock; on S3: a lease object (fileio.s3_lease). Other object stores: one check per log is
     the scheduler's job (the monitoring pipeline's recurring run)."""
     fs, root = _fs(log_dir)
-    if not _is_local(fs):
-        yield
-        return
-    with single_instance(Path(root, "_monitor", ".check.lock"), "monitoring check", wait=True):
+    if _is_local(fs):
+        with single_instance(Path(root, "_monitor", ".check.lock"), "monitoring check", wait=True):
+            yield
+    elif "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        with s3_lease(fs, f"{root}/_monitor/check.lease", "monitoring check"):
+            yield
+    else:
         yield
 
 

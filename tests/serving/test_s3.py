@@ -133,3 +133,60 @@ def test_feedback_written_by_another_process_is_read(s3):
     s3.put_object(Bucket="logs", Key=f"{key.rsplit('/', 1)[0]}/part-99999999T999999999999-1-00000.parquet",
                   Body=body.getvalue())
     assert sorted(read_feedback("s3://logs/fb")["request_id"]) == ["mine", "theirs"]
+
+
+def test_monitoring_checks_of_one_s3_log_wait_for_each_other(s3):
+    """Two checks at once would both send an alert's change; the second waits for the first's lease."""
+    import threading
+    import time
+
+    from kftune.monitor.check import one_check_at_a_time
+
+    spans = []
+
+    def check():
+        with one_check_at_a_time("s3://logs/serve"):
+            start = time.monotonic()
+            time.sleep(0.5)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    (a_start, a_end), (b_start, _) = sorted(spans)
+    assert len(spans) == 2 and b_start >= a_end, spans
+    assert "Contents" not in s3.list_objects_v2(Bucket="logs", Prefix="serve/_monitor/"), "the lease is released"
+
+
+def test_an_s3_lease_that_stops_changing_is_taken_over_and_a_beating_one_is_not(s3, caplog):
+    import threading
+    import time
+
+    import fsspec
+
+    from kftune.fileio import s3_lease
+
+    fs = fsspec.filesystem("s3")
+    s3.put_object(Bucket="logs", Key="lease", Body=b'{"holder": "a pod that was killed"}')
+    start = time.monotonic()
+    with s3_lease(fs, "logs/lease", "check", stale_after=0.6, poll=0.05):
+        waited = time.monotonic() - start
+    assert 0.6 <= waited < 5 and "took over the lease logs/lease" in caplog.text
+
+    released, acquired = [], []
+
+    def live_holder():  # holds for 5 stale_after periods, its heartbeat rewriting the object
+        with s3_lease(fs, "logs/lease", "check", stale_after=0.4, poll=0.05):
+            time.sleep(2.0)
+            released.append(time.monotonic())
+
+    holder = threading.Thread(target=live_holder)
+    holder.start()
+    time.sleep(0.2)
+    with s3_lease(fs, "logs/lease", "check", stale_after=0.4, poll=0.05):
+        acquired.append(time.monotonic())
+    holder.join(10)
+    assert acquired[0] >= released[0], "a live holder's lease was taken"
+    assert "lost the lease" not in caplog.text
