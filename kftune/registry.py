@@ -62,13 +62,18 @@ class Event:
     to_version: str | None
     reason: str
     actor: str
-    time: float
+    time: float  # the writer's clock: shown, never used to order
+    seq: int = 0  # the history's order: one more than the last event's (moves write it under the lease)
 
 
 def record(action: str, name: str, from_version, to_version, reason: str, who: str | None = None,
            intent_id: str = "") -> Event:
+    """Add an event to the history. Its place is `seq`, not its time: writers' clocks differ, and a fast one
+    would put an older move last (and the next command would report the champion as moved outside kftune)."""
+    earlier = _history_runs(name)
     event = Event(action, name, str(from_version) if from_version else None,
-                  str(to_version) if to_version else None, reason, who or actor(), time.time())
+                  str(to_version) if to_version else None, reason, who or actor(), time.time(),
+                  earlier[-1][0].seq + 1 if earlier else 1)
     tags = {f"{TAG}{k}": str(v)[:5000] for k, v in vars(event).items() if v is not None}
     if intent_id:
         tags[f"{TAG}intent_id"] = intent_id
@@ -97,8 +102,8 @@ def _history_runs(name: str) -> list[tuple[Event, str]]:
     for run in runs:
         t = {k.removeprefix(TAG): v for k, v in run.data.tags.items() if k.startswith(TAG)}
         out.append((Event(t["action"], t["model"], t.get("from_version"), t.get("to_version"), t["reason"],
-                          t["actor"], float(t["time"])), t.get("intent_id", "")))
-    return sorted(out, key=lambda pair: pair[0].time)
+                          t["actor"], float(t["time"]), int(t.get("seq", 0))), t.get("intent_id", "")))
+    return sorted(out, key=lambda pair: (pair[0].seq, pair[0].time))  # events from before seq (0) by time, first
 
 
 # --- serialised, crash-consistent alias moves ---------------------------------------------------

@@ -184,6 +184,20 @@ def test_an_alias_moved_outside_kftune_is_detected_and_recorded(store):
     assert MlflowClient().get_model_version(NAME, "4").tags["kftune.promoted_by"] == "outside kftune"
 
 
+def test_the_history_keeps_the_order_of_moves_whatever_the_writers_clocks(store, monkeypatch):
+    """A promotion from a machine whose clock is an hour fast, then one from a machine on time: ordered by
+    time, the history's last move would be the first one, and the champion would read as moved outside kftune."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    registry.promote(NAME, "2", "from a fast clock")
+    monkeypatch.setattr(time, "time", real)
+    registry.promote(NAME, "3", "from a clock on time")
+    moves = [e for e in registry.history(NAME) if e.action == "promote"]
+    assert [e.to_version for e in moves] == ["1", "2", "3"] and moves[1].time > moves[2].time
+    assert [e.seq for e in moves] == sorted(e.seq for e in moves)
+    assert registry.check(NAME) == [] and registry.reconcile(NAME) == []
+
+
 def test_listing_a_consistent_registry_neither_writes_nor_waits_for_a_held_lease(store, capsys):
     from kftune.cli import main
 
