@@ -44,6 +44,21 @@ def merged(model):
     return model.merge_and_unload() if is_peft(model) else model
 
 
+def weights_digest(folder: str | Path) -> str:
+    """sha256 over a model folder's weight files, links followed ("" where it has none): what a LoRA version's
+    base must still be when the version loads, since MLflow records the base by path only."""
+    digest, found = hashlib.sha256(), False
+    for name in WEIGHT_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            found = True
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest() if found else ""
+
+
 def base_folder(base_path: str | Path, model_config) -> Path:
     """A folder `from_pretrained` loads as the base model with this fine-tune's head config (labels).
 

@@ -22,6 +22,7 @@ from kftune.config import KftuneError
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
 TAG = "kftune."
+LORA_BASE, LORA_BASE_SHA256 = f"{TAG}lora_base", f"{TAG}lora_base_sha256"  # a LoRA version's base, as registered
 
 
 class RegistryError(KftuneError):
@@ -496,6 +497,7 @@ def load_components(uri: str) -> dict:
 
     from kftune.lora import merged
 
+    _check_lora_base(uri)
     try:
         parts = mlflow.transformers.load_model(uri, return_type="components")
         parts["model"] = merged(parts["model"])
@@ -505,6 +507,26 @@ def load_components(uri: str) -> dict:
         raise RegistryError(f"cannot load {name} v{version} ({uri}): {_broken_file(name, version) or 'its files'}: "
                             f"{type(exc).__name__}: {str(exc)[:300]}; restore the file, or move champion to a "
                             f"readable version (`kftune models rollback` / `kftune models promote VERSION`)") from None
+
+
+def _check_lora_base(uri: str) -> None:
+    """A LoRA version loads its base from a path: refuse when the weights there are not the ones it was trained
+    on (a base package upgraded under it), which would load without an error and predict wrongly."""
+    from kftune.lora import weights_digest
+
+    name, _, version = uri.removeprefix("models:/").rpartition("/")
+    if not (uri.startswith("models:/") and version.isdigit()):
+        return
+    tags = _client().get_model_version(name, version).tags
+    if not (expected := tags.get(LORA_BASE_SHA256)):
+        return  # a full model, or a LoRA version registered before the digest was recorded
+    base = tags.get(LORA_BASE, "")
+    if (now := weights_digest(base)) != expected:
+        what = f"now {now[:12]}" if now else "now missing"
+        raise RegistryError(f"{name} v{version} is a LoRA adapter over the base model at {base}, whose weights "
+                            f"changed since it was registered (sha256 {expected[:12]}, {what}): the adapter would "
+                            f"load onto other weights. Restore that base (the package version it came from), or "
+                            f"train and register the model again")
 
 
 def _broken_file(name: str, version: str) -> str:

@@ -45,3 +45,28 @@ def test_lora_trains_registers_an_adapter_version_and_serves_it_merged(prepared,
     np.testing.assert_allclose(predict_proba_with(parts["model"], parts["tokenizer"], texts), expected, atol=1e-5)
     served = load_version(params.register.model_name, verdict.version, params.serve, "fp32")
     assert [p["label"] for p in served.predict(texts, 8)] == [merged.config.id2label[i] for i in expected.argmax(1)]
+
+
+def test_a_lora_version_whose_base_weights_changed_is_refused_at_load(prepared, params, mlflow_store, tmp_path):
+    """MLflow records a LoRA version's base by path: an upgraded base package would load under the adapter."""
+    import shutil
+
+    import pytest
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from kftune.registry import RegistryError
+
+    base = tmp_path / "base"
+    shutil.copytree(params.model.name, base)
+    lora = dataclasses.replace(params, model=dataclasses.replace(params.model, name=str(base)),
+                               finetune=dataclasses.replace(params.finetune, method="lora", max_steps=20))
+    _, verdict = train_and_register(prepared, lora, "lora")
+    uri = f"models:/{params.register.model_name}/{verdict.version}"
+    load_components(uri)  # the base as registered: loads
+    upgraded = AutoModelForMaskedLM.from_pretrained(base)
+    with torch.no_grad():
+        upgraded.bert.encoder.layer[0].attention.self.query.weight.add_(0.01)
+    upgraded.save_pretrained(base)  # the same path, other weights
+    with pytest.raises(RegistryError, match=r"v\d+ is a LoRA adapter over the base model at .* whose weights changed"):
+        load_components(uri)

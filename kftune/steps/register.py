@@ -86,6 +86,7 @@ def _log_reference(data_dir: Path, card: dict) -> None:
 
 
 def _log_model(model_dir: Path, name: str, example: list[str], task: str):
+    """Log and register the model: (a LoRA version's base folder or None, the logged model's info)."""
     import mlflow
     import torch
     import transformers
@@ -102,7 +103,7 @@ def _log_model(model_dir: Path, name: str, example: list[str], task: str):
         transformers.pipeline(hf_task, model=str(model_dir), tokenizer=str(model_dir), device="cpu"), None)
     # text classification: one label per text; tagged sentences: mlflow's own signature for the task
     signature = infer_signature(example, pd.DataFrame(pipe(example))) if hf_task == "text-classification" else None
-    return mlflow.transformers.log_model(
+    return base_path, mlflow.transformers.log_model(
         transformers_model=pipe, name="model", task=hf_task, registered_model_name=name,
         signature=signature, input_example=example, base_model_path=base_path,
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
@@ -153,11 +154,16 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
     with mlflow.start_run(run_id=run_id or None, experiment_id=None if run_id else experiment_id(cfg.experiment)) as run:
         _log_run(data_dir, model_dir, eval_dir, card, metrics, params, tags, new_run=not run_id)
         progress.update(1)
-        version = str(_log_model(model_dir, cfg.model_name, test["text"].head(3).tolist(), task).registered_model_version)
+        base_path, info = _log_model(model_dir, cfg.model_name, test["text"].head(3).tolist(), task)
+        version = str(info.registered_model_version)
         progress.update(1)
         client = mlflow.MlflowClient()
         version_tags = {**tags, f"kftune.test_{primary}": f"{metrics['model'][primary]:.4f}",
                         "kftune.run_id": run.info.run_id}
+        if base_path:  # what registry.load_components checks the base against
+            from kftune.lora import weights_digest
+
+            version_tags.update({registry.LORA_BASE: base_path, registry.LORA_BASE_SHA256: weights_digest(base_path)})
         if hist:
             version_tags[f"kftune.historical_{primary}"] = f"{hist[primary]:.4f}"
         for k, v in version_tags.items():
