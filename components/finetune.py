@@ -6,7 +6,7 @@ from components import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
-                run_name: str, model: Output[Model], init_model: Input[Model] = None) -> str:
+                run_name: str, model: Output[Model], init_model: Input[Model] = None, task_id: str = "") -> str:
     """Fine-tune the base model, logging to a new MLflow run; returns that run's id.
 
     init_model (retraining): the champion exported by the resolve step; training starts from its
@@ -15,7 +15,8 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
 
     Checkpoints go to checkpoint_root/<tokenized data hash>-<params hash>, so re-running the same data and
     settings after a crash resumes instead of starting over. Empty checkpoint_root disables that.
-    With cluster.finetune_gpus > 1 the training runs under torchrun, one process per GPU.
+    With cluster.finetune_gpus > 1 the training runs under torchrun, one process per GPU. task_id: this task's
+    KFP id, so a retried attempt closes the run an evicted one left RUNNING.
     """
     from kftune.taskexit import skip_teardown
 
@@ -45,7 +46,7 @@ def finetune_op(tokenized: Input[Dataset], params: dict, checkpoint_root: str,
                 p.finetune, learning_rate=warm(p.finetune.learning_rate),
                 lora_learning_rate=warm(p.finetune.lora_learning_rate))
     ckpt = os.path.join(checkpoint_root, f"{tokenized_digest(tokenized.path)[:16]}-{p.digest()}") if checkpoint_root else None
-    run_id = start_run(p, run_name)
+    run_id = start_run(p, run_name, task_id)
     with mlflow.start_run(run_id=run_id):
         if p.cluster.finetune_gpus > 1:  # one process per GPU under torchrun; rank 0 logs the steps and
             # writes the model with its train_summary.json, which the run's records below come from

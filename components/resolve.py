@@ -6,11 +6,12 @@ from components import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def resolve_op(data_path: str, data_repo: str, data_rev: str, params: dict, run_name: str, data: Output[Dataset],
-               champion: Output[Model]) -> str:
+               champion: Output[Model], task_id: str = "") -> str:
     """Read the latest data version, compare it with the champion's rows, write the challenger's dataset.
 
     Returns first-training, nothing-new or new-data. Opens the MLflow run that records this
-    retraining decision; its id travels in the dataset card (lineage.retrain_run_id).
+    retraining decision; its id travels in the dataset card (lineage.retrain_run_id). task_id: this task's
+    KFP id, so a retried attempt closes the run an evicted one left RUNNING.
     """
     from kftune.taskexit import skip_teardown
 
@@ -27,7 +28,7 @@ def resolve_op(data_path: str, data_repo: str, data_rev: str, params: dict, run_
     from kftune.steps.resolve import resolve, start_retraining_run
 
     p = params_from_dict(params)
-    run_id = start_retraining_run(p, run_name)
+    run_id = start_retraining_run(p, run_name, task_id)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local, lineage = materialize(data_path, data_repo, data_rev, tmp)

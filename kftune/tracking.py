@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
+TASK_ID = "kftune.kfp_task_id"  # a pipeline task's id, the same for each of its attempts (tracking.task_attempt)
 # The MLflow 3 UI opens an experiment by its kind: without this tag it guesses, and an experiment with
 # few runs opens on the GenAI overview (traces) instead of the runs table.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -117,15 +119,16 @@ def redact_url(url: str) -> str:
         ("/..." if parts.path.strip("/") or parts.query else "")
 
 
-def start_run(params, run_name: str = "") -> str:
-    """Create the MLflow run that one pipeline run logs into, with every setting as a param."""
+def start_run(params, run_name: str = "", task_id: str = "") -> str:
+    """Create the MLflow run that one pipeline run logs into, with every setting as a param (task_id: see
+    task_attempt)."""
     import mlflow
 
     configure()
     client = mlflow.MlflowClient()
     run = client.create_run(experiment_id(params.register.experiment), run_name=run_name or None,
                             tags={"kftune.params_hash": params.digest(), "kftune.model": params.model.name,
-                                  **owner_tags()})
+                                  **owner_tags(), **task_attempt(client, task_id)})
     items = [mlflow.entities.Param(k, str(v)) for k, v in flatten(redacted(params.to_dict())).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -154,6 +157,21 @@ def owner_where() -> str:
 
 def owner_tags() -> dict[str, str]:
     return {"kftune.owner": owner(), "kftune.owner_where": owner_where()}
+
+
+def task_attempt(client, task_id: str) -> dict[str, str]:
+    """The tag that names a run's pipeline task (`dsl.PIPELINE_TASK_ID_PLACEHOLDER`, the same for every attempt
+    of one task), after closing as KILLED the runs an earlier attempt of it left RUNNING: a cluster retries a
+    task whose pod was evicted or OOM-killed, and that pod cannot end its run (local runs of killed commands
+    are swept by owner pid instead). No task id, or one KFP did not fill in: nothing."""
+    if not re.fullmatch(r"[A-Za-z0-9-]+", task_id or ""):
+        return {}
+    earlier = client.search_runs(_kftune_experiments(client), f"tags.`{TASK_ID}` = '{task_id}' and "
+                                                              f"attributes.status = 'RUNNING'", max_results=100)
+    for run in earlier:
+        _close(client, run.info.run_id, "KILLED", f"an earlier attempt of this pipeline task (owner "
+                                                  f"{run.data.tags.get('kftune.owner', '?')}) did not finish; retried")
+    return {TASK_ID: task_id}
 
 
 def _alive(run_owner: str, where: str = "") -> bool:

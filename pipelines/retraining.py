@@ -28,7 +28,8 @@ def create_pipeline(defaults: dict, image: str = BASE_IMAGE, cluster: bool = Fal
                                 batch_size=batch_size, min_delta=min_delta, require_approval=require_approval)
         p = settings.output
         resolve = resolve_op(data_path=data_path, data_repo=data_repo, data_rev=data_rev, params=p,
-                             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("1 resolve data")
+                             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                             task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER).set_display_name("1 resolve data")
         resolve.set_caching_options(False)  # reads the latest data and the registry
         tasks = [settings, resolve]
         with dsl.If(resolve.outputs["Output"] != "nothing-new", name="something-new"):

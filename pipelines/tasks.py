@@ -70,7 +70,8 @@ def train_and_gate(data, params, checkpoint_root, git_commit, first: int, init_m
     tokenize = tokenize_op(data=data, params=params).set_display_name(f"{first} tokenize")
     extra = {"init_model": init_model} if init_model is not None else {}
     finetune = finetune_op(tokenized=tokenize.outputs["tokenized"], params=params, checkpoint_root=checkpoint_root,
-                           run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **extra)
+                           run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+                           **extra)
     finetune.set_display_name(f"{first + 1} fine-tune").set_caching_options(False)  # each run logs its own MLflow run
     evaluate = evaluate_op(data=data, model=finetune.outputs["model"], params=params)
     evaluate.set_display_name(f"{first + 2} evaluate")

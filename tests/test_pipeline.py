@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def test_compiled_pipeline_has_the_gate_image_and_caching(tmp_path, params):
         "inputs.parameter_values['pipelinechannel--register-op-Output'] == 'promote'")
     for name in ("ingest-op", "finetune-op", "register-op"):
         assert not tasks[name]["cachingOptions"].get("enableCache"), f"{name} reads external state"
+    task_id = tasks["finetune-op"]["inputs"]["parameters"]["task_id"]["runtimeValue"]["constant"]
+    assert task_id == "{{$.pipeline_task_uuid}}", "each attempt of the task knows its KFP task id"
     promote = spec["components"]["comp-condition-1"]["dag"]["tasks"]["promote-op"]
     assert not promote["cachingOptions"].get("enableCache"), "promote reads the registry"
     defaults = spec["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
@@ -51,6 +54,7 @@ def test_pipeline_trains_registers_and_promotes_then_holds_a_worse_model(tmp_pat
     assert len(tags["kftune.data_sha256"]) == 64
     run = MlflowClient().get_run(tags["kftune.run_id"])
     assert run.data.metrics["test_macro_f1"] > 0.9 > run.data.metrics["baseline_tfidf_logreg_macro_f1"]
+    assert re.fullmatch(r"[0-9A-Za-z-]+", run.data.tags["kftune.kfp_task_id"]), "the task id placeholder, filled in"
     assert "val_macro_f1" in run.data.metrics and "train_loss" in run.data.metrics
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/confusion_matrix.png", "evaluation/report.md"} <= artifacts

@@ -151,6 +151,28 @@ def test_a_run_owned_in_another_pid_namespace_is_not_judged_by_this_ones_pids(ml
     assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
 
 
+def test_a_retried_cluster_task_closes_the_run_its_evicted_attempt_left_running(mlflow_store, params, monkeypatch):
+    """An evicted pod cannot end its run, and no sweep here can judge another pod's pid; the task's next attempt
+    (same KFP task id) closes it. Another task's run and a task id KFP did not fill in are left alone."""
+    import mlflow
+
+    from kftune.tracking import start_run
+
+    client = mlflow.MlflowClient()
+    monkeypatch.setenv("KFTUNE_OWNER_WHERE", "pod-a-namespace")
+    evicted = start_run(params, "job-1", task_id="0b5e6f3a-task-finetune")
+    other_task = start_run(params, "job-1", task_id="77c1d2aa-task-other")
+    assert sweep_dead_runs() == [] and client.get_run(evicted).info.status == "RUNNING"
+    monkeypatch.setenv("KFTUNE_OWNER_WHERE", "pod-b-namespace")
+    retry = start_run(params, "job-1", task_id="0b5e6f3a-task-finetune")
+    closed = client.get_run(evicted)
+    assert closed.info.status == "KILLED" and "an earlier attempt of this pipeline task" in closed.data.tags["kftune.failure"]
+    assert client.get_run(retry).info.status == "RUNNING" and client.get_run(other_task).info.status == "RUNNING"
+    unfilled = start_run(params, "job-1", task_id="{{$.pipeline_task_uuid}}")
+    assert "kftune.kfp_task_id" not in client.get_run(unfilled).data.tags
+    assert client.get_run(retry).info.status == "RUNNING"
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()

@@ -120,17 +120,18 @@ def training_set(new: pd.DataFrame, history: pd.DataFrame, replay_fraction: floa
     return pd.concat([new, replay, history[history["split"] == "validation"]], ignore_index=True)
 
 
-def start_retraining_run(params: Params, run_name: str = "") -> str:
-    """The MLflow run that records one retraining decision: counts, drift scores, outcome."""
+def start_retraining_run(params: Params, run_name: str = "", task_id: str = "") -> str:
+    """The MLflow run that records one retraining decision: counts, drift scores, outcome (task_id: see
+    kftune.tracking.task_attempt)."""
     import mlflow
 
-    from kftune.tracking import configure, experiment_id, owner_tags
+    from kftune.tracking import configure, experiment_id, owner_tags, task_attempt
 
     configure()
-    run = mlflow.MlflowClient().create_run(experiment_id(f"{params.register.experiment}-retraining"),
-                                           run_name=run_name or None,
-                                           tags={"kftune.model_name": params.register.model_name,
-                                                 "kftune.params_hash": params.digest(), **owner_tags()})
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id(f"{params.register.experiment}-retraining"), run_name=run_name or None,
+                            tags={"kftune.model_name": params.register.model_name, "kftune.params_hash": params.digest(),
+                                  **owner_tags(), **task_attempt(client, task_id)})
     return run.info.run_id
 
 
