@@ -19,6 +19,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from kftune.config import KftuneError
+from kftune.processes import started, where
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous-champion", "challenger"
 TAG = "kftune."
@@ -131,35 +132,15 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _where() -> dict:
-    """The lease holder's address: host, boot and pid namespace (containers on the host network share its name,
-    not its pids; VMs cloned from one image share a name and the root namespace's number, not a boot id)."""
-    try:
-        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        namespace = boot = ""
-    return {"host": socket.gethostname(), "pid_namespace": namespace, "boot": boot}
-
-
-def _started(pid: int | str) -> str:
-    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22): with the pid, it names one
-    process, where a pid alone may be reused; "" where it cannot be read (no such process, no /proc)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 def _holder_gone(tags: dict, unchanged_for: float) -> bool:
     """A holder this process can see (same host, boot and pid namespace) is gone when its process is (its pid
     reused by another process counts as gone); any other when its heartbeat has not changed for LEASE_STALE_S
     as this waiter saw it (`unchanged_for` seconds so far), or is LEASE_ABANDONED_S old."""
-    here = _where()
+    here = where()
     if all(tags.get(k, "") == here[k] for k in ("host", "pid_namespace", "boot")) and tags.get("pid", "").isdigit():
         if Path("/proc/self/stat").exists():  # Linux: /proc says whether that process, not only its pid, lives
-            started = _started(tags["pid"])
-            return not started or bool(tags.get("pid_start")) and started != tags["pid_start"]
+            began = started(tags["pid"])
+            return not began or bool(tags.get("pid_start")) and began != tags["pid_start"]
         try:
             os.kill(int(tags["pid"]), 0)
         except ProcessLookupError:
@@ -212,7 +193,7 @@ def lease(name: str):
     while True:
         try:
             client.create_registered_model(lock, description=f"kftune: held while {name}'s champion moves",
-                                           tags={**_where(), "pid": str(os.getpid()), "pid_start": _started("self"),
+                                           tags={**where(), "pid": str(os.getpid()), "pid_start": started("self"),
                                                  "actor": actor(), "since": str(time.time()), "token": token})
             break
         except MlflowException:

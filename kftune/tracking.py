@@ -147,11 +147,11 @@ def owner() -> str:
 def owner_where() -> str:
     """The owner's pid namespace and boot (KFTUNE_OWNER_WHERE in its pipeline steps, containers included): a pid
     means that process only there. A container on the host network shares the host's name, not its pids."""
-    from kftune.registry import _where
+    from kftune.processes import where
 
     if os.environ.get("KFTUNE_OWNER_WHERE"):
         return os.environ["KFTUNE_OWNER_WHERE"]
-    here = _where()
+    here = where()
     return f"{here['pid_namespace']}.{here['boot']}"
 
 

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from kftune import registry
+from kftune.processes import started, where
 
 pytestmark = pytest.mark.slow  # real processes: about a minute on 2 idle cores
 
@@ -140,11 +141,11 @@ def test_a_stale_lease_from_another_host_is_broken_and_a_lease_is_deleted_only_b
 
 def test_a_reused_pid_does_not_hold_a_dead_holders_lease_and_one_waiter_reaps_it(store):
     client, lock = MlflowClient(), f"{registry.LEASE_PREFIX}{NAME}"
-    here = registry._where()  # this machine, a live pid (ours), but another process's start time: the pid reused
+    here = where()  # this machine, a live pid (ours), but another process's start time: the pid reused
     client.create_registered_model(lock, tags={**here, "pid": str(os.getpid()), "pid_start": "1", "token": "dead",
                                                "since": str(time.time())})
     assert registry._holder_gone(client.get_registered_model(lock).tags, 0.0)
-    assert not registry._holder_gone({**here, "pid": str(os.getpid()), "pid_start": registry._started("self")}, 0.0)
+    assert not registry._holder_gone({**here, "pid": str(os.getpid()), "pid_start": started("self")}, 0.0)
     client.create_registered_model(f"{lock}.reap.dead")  # another waiter is breaking it: this one backs off
     registry._reap(client, lock, "dead", 0.0)
     assert client.get_registered_model(lock).tags["token"] == "dead"
