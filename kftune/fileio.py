@@ -129,6 +129,17 @@ def single_instance(lock_path: str | Path, what: str = "scheduler", wait: bool =
 S3_LEASE_STALE_S = 120.0  # a lease whose object has not changed for this long, on the waiter's clock, is dead
 
 
+def _s3_status(exc: BaseException) -> int | None:
+    """The HTTP status behind an s3fs error (s3fs keeps botocore's error as the cause)."""
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _s3_conflict(exc: BaseException) -> bool:
+    """A conditional write lost: 412 Precondition Failed, or AWS's 409 for two conditional writes at once."""
+    return isinstance(exc, FileExistsError) or _s3_status(exc) in (409, 412)
+
+
 @contextlib.contextmanager
 def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, poll: float = 2.0):
     """Hold the object `path` on S3 (an s3fs filesystem) while the block runs; other holders wait.
@@ -136,8 +147,8 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
     Taken by a conditional create (If-None-Match: *); the holder rewrites it every stale_after / 4 seconds (If-Match
     its last ETag), so a waiter that sees the same ETag for `stale_after` seconds on its own clock knows the holder
     is dead (a killed pod) and takes the lease over, again by If-Match, so only one waiter wins. Released by deleting
-    the object if it is still this holder's. Needs an object store with conditional writes (AWS S3, MinIO); where
-    the conditional create fails otherwise, the block runs without a lease, with a warning.
+    the object if it is still this holder's. Needs an object store with conditional writes (AWS S3, MinIO); one
+    that answers them with 400 or 501 runs the block without a lease, with a warning.
     """
     import logging
     import socket
@@ -153,18 +164,17 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
         body = json.dumps({"holder": me, "what": what, "beat": beat}).encode()
         return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
 
-    seen, since = None, 0.0
-    while True:
+    etag, seen, since, unsupported = None, None, 0.0, None
+    while etag is None:
         try:
             etag = put(0, IfNoneMatch="*")
             break
-        except FileExistsError:
-            pass
-        except OSError as exc:  # a store without conditional writes: as before there was a lease
-            log.warning("%s: cannot take the lease %s (%s: %s); running without it", what, path,
-                        type(exc).__name__, exc)
-            yield
-            return
+        except OSError as exc:
+            if not _s3_conflict(exc):
+                if _s3_status(exc) not in (400, 501):
+                    raise
+                unsupported = exc
+                break
         try:
             current = fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
         except FileNotFoundError:
@@ -174,13 +184,19 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
         elif time.monotonic() - since >= stale_after:
             try:
                 etag = put(0, IfMatch=seen)
-            except OSError:  # another waiter took it over first, or the holder came back
-                seen = None
+            except OSError as exc:
+                if not _s3_conflict(exc):
+                    raise
+                seen = None  # another waiter took it over first, or the holder came back
                 continue
             log.warning("%s: took over the lease %s, unchanged for %.0f s (its holder stopped)", what, path,
                         stale_after)
             break
         time.sleep(poll)
+    if unsupported is not None:
+        log.warning("%s: %s refuses conditional writes (%s); running without a lease", what, path, unsupported)
+        yield
+        return
     held, stop = {"etag": etag, "lost": False}, threading.Event()
 
     def heartbeat():
@@ -190,8 +206,11 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
             try:
                 held["etag"] = put(beat, IfMatch=held["etag"])
             except OSError as exc:
+                if not _s3_conflict(exc):  # the store, not the lease: the next beat tries again
+                    log.warning("%s: could not renew the lease %s (%s); trying again", what, path, exc)
+                    continue
                 held["lost"] = True
-                log.error("%s: lost the lease %s (%s); another holder may be running", what, path, exc)
+                log.error("%s: lost the lease %s; another holder may be running", what, path)
                 return
 
     beating = threading.Thread(target=heartbeat, name="kftune-s3-lease", daemon=True)
@@ -201,7 +220,7 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
     finally:
         stop.set()
         beating.join()
-        if not held["lost"]:
-            with contextlib.suppress(FileNotFoundError):
+        if not held["lost"]:  # head, then delete: a holder that took over in between would lose its lease, which
+            with contextlib.suppress(FileNotFoundError):  # needs this one's beats to have stopped stale_after ago
                 if fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"] == held["etag"]:
                     fs.call_s3("delete_object", Bucket=bucket, Key=key)

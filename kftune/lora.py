@@ -44,19 +44,23 @@ def merged(model):
     return model.merge_and_unload() if is_peft(model) else model
 
 
+_DIGESTS: dict = {}  # (file, size, mtime) of each weight file -> digest: a server loads a version many times
+
+
 def weights_digest(folder: str | Path) -> str:
     """sha256 over a model folder's weight files, links followed ("" where it has none): what a LoRA version's
     base must still be when the version loads, since MLflow records the base by path only."""
-    digest, found = hashlib.sha256(), False
-    for name in WEIGHT_FILES:
-        path = Path(folder) / name
-        if path.is_file():
-            found = True
+    files = [Path(folder, name).resolve() for name in WEIGHT_FILES if Path(folder, name).is_file()]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for name, f in zip([n for n in WEIGHT_FILES if Path(folder, n).is_file()], files):
             digest.update(name.encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(chunk)
-    return digest.hexdigest() if found else ""
+        _DIGESTS[key] = digest.hexdigest() if files else ""
+    return _DIGESTS[key]
 
 
 def base_folder(base_path: str | Path, model_config) -> Path:

@@ -502,6 +502,10 @@ def _check_lora_base(uri: str) -> None:
     if not (expected := tags.get(LORA_BASE_SHA256)):
         return  # a full model, or a LoRA version registered before the digest was recorded
     base = tags.get(LORA_BASE, "")
+    if not Path(base).is_dir():
+        raise RegistryError(f"{name} v{version} is a LoRA adapter over the base model folder {base}, which this "
+                            f"machine does not have: load it where it was registered, or register the model in full "
+                            f"(finetune.method=full)")
     if (now := weights_digest(base)) != expected:
         what = f"now {now[:12]}" if now else "now missing"
         raise RegistryError(f"{name} v{version} is a LoRA adapter over the base model at {base}, whose weights "

@@ -82,8 +82,8 @@ def judge(rule: AlertRule, rows: pd.DataFrame, now: pd.Timestamp, ctx: Context) 
     if rule.kind in ("label_share", "label_shift", "confidence") and w["label"].isna().all():
         return Verdict(rule, UNKNOWN, None, n, "a tagger's predictions have no label or confidence per text")
     if rule.kind == "label_share":
-        if why_not := cannot_fire(rule, ctx.labels):
-            return Verdict(rule, UNKNOWN, None, n, why_not)
+        if why_not := cannot_fire(rule, ctx.labels):  # ok, not unknown: an alert fired under an earlier champion
+            return verdict(False, 0.0, why_not)       # that had the label resolves
         share = float((w["label"] == rule.label).mean())
         return verdict(share > rule.max_share, share, f"{rule.label} {share:.1%} of {n} predictions in the last "
                                                       f"{_dur(rule.window)} (max {rule.max_share:.0%})")

