@@ -173,21 +173,25 @@ def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labe
 
 
 def record(name: str, verdict: Verdict, baseline: str) -> None:
-    """Tag the verdict on the version (and the alias challenger); a hold or wait goes into the history."""
+    """Tag the verdict on the version (and the alias challenger); a hold or wait goes into the history. Under the
+    registry lease, like moves: register steps of one model at once would race on the alias (MLflow's sqlite
+    store fails one of them) and on the history's order."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    client.set_registered_model_alias(name, registry.CHALLENGER, verdict.version)  # once it has a decision
     tags = {"decision": verdict.decision, "reasons": " | ".join(verdict.reasons),
             "gated_against": verdict.champion_version,  # "" = no champion: what approval must still find
             # the score compared with: the champion's when it could be scored, else the baseline's
             "compared_with": f"v{verdict.champion_version}" if verdict.champion_score is not None else
             f"{baseline} baseline",
             "reference_score": f"{verdict.reference_score:.4f}", "held_by": ",".join(verdict.held_by)}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, verdict.version, f"kftune.{k}", v[:5000])  # MLflow's tag limit
-    if verdict.decision != PROMOTE:
-        registry.record(verdict.decision, name, verdict.champion_version, verdict.version, " | ".join(verdict.reasons))
+    with registry.lease(name):
+        client.set_registered_model_alias(name, registry.CHALLENGER, verdict.version)  # once it has a decision
+        for k, v in tags.items():
+            client.set_model_version_tag(name, verdict.version, f"kftune.{k}", v[:5000])  # MLflow's tag limit
+        if verdict.decision != PROMOTE:
+            registry.record(verdict.decision, name, verdict.champion_version, verdict.version,
+                            " | ".join(verdict.reasons))
 
 
 def promote(name: str, version: str, reason: str, who: str | None = None,

@@ -72,6 +72,29 @@ def test_racing_promotions_one_wins_the_others_are_refused(store, tmp_path, tria
     _consistent()
 
 
+def test_holds_recorded_at_once_with_a_promotion_each_get_their_own_place_in_the_history(store, tmp_path):
+    """Holds are written by register steps, moves by promote: the challenger alias and the history's order
+    (one number per event) are written one at a time."""
+    go = tmp_path / "go"
+    hold = ("from kftune import gate\n"
+            "gate.record({name!r}, gate.Verdict('hold', sys.argv[1], reasons=['below the champion']), 'tfidf_logreg')")
+    move = "registry.promote({name!r}, sys.argv[1], 'race')"
+    procs = []
+    for version, action in (("2", hold), ("3", hold), ("4", hold), ("5", move)):
+        code = ("import pathlib, sys, time\nprint('ready', flush=True)\n"
+                f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n" + action.format(name=NAME))
+        procs.append(subprocess.Popen([sys.executable, "-c", f"from kftune import registry\n{code}", version],
+                                      env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert all(p.stdout.readline().strip() == "ready" for p in procs)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    events = registry.history(NAME)
+    assert sorted(e.action for e in events) == ["hold", "hold", "hold", "promote", "promote"]
+    assert sorted(e.seq for e in events) == list(range(1, 6)), [(e.action, e.seq) for e in events]
+    _consistent()
+
+
 @pytest.mark.parametrize("point", ["intent", "champion", "previous", "tags", "history"])
 def test_a_kill_between_registry_writes_is_reconciled_by_the_next_command(store, point):
     p = _in_subprocess(f"registry.promote({NAME!r}, '2', 'killed midway', expected_champion='1')", KFTUNE_FAULT=point)
