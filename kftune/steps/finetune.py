@@ -220,7 +220,7 @@ def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfi
     model.to(device)
     train_model = model
     if cuda:
-        torch.cuda.set_device(device)  # NCCL's collectives (all_gather_object at checkpoints) use the current device
+        torch.cuda.set_device(device)  # NCCL's collectives use the current device
     if world > 1:
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -275,28 +275,25 @@ def _resume(job: Job, ckpt_path: Path | None, fingerprint: dict) -> int:
     job.model.load_state_dict(ckpt["model"])
     job.optimizer.load_state_dict(ckpt["optimizer"])
     job.scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["torch_rng"][job.rank].cpu())  # each process its own dropout draws
-    if "cuda_rng" in ckpt and torch.cuda.is_available():  # GPU dropout draws from the CUDA generators
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"][job.rank]][: torch.cuda.device_count()])
     job.state, job.best_weights = ckpt["state"], ckpt["best_weights"]
+    _reseed(job)  # as the interrupted run did at this step
     log.info("fine-tune: resuming from %s at step %d", ckpt_path, job.state["step"])
     return job.state["step"]
 
 
-def _rng_states(job: Job) -> list[dict]:
-    """Every process's random state, by rank (under torchrun a collective: every rank calls it)."""
+def _reseed(job: Job) -> None:
+    """Seed this process's generators (CPU and CUDA: dropout) from (seed, rank, step). Done at every checkpoint
+    boundary, checkpointing or not, and on resuming from one, so a resumed run draws what the interrupted one
+    would have drawn, in every process, with no random state saved and no collective to gather them."""
+    import hashlib
+
     import torch
 
-    mine = {"torch": torch.get_rng_state(),
-            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
-    if job.world == 1:
-        return [mine]
-    every: list = [None] * job.world
-    torch.distributed.all_gather_object(every, mine)
-    return every
+    key = hashlib.sha256(f"{job.cfg.seed}:{job.rank}:{job.state['step']}".encode()).digest()
+    torch.manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
-def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict, rngs: list[dict]) -> None:
+def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict) -> None:
     import torch
 
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,8 +301,7 @@ def _save_checkpoint(job: Job, ckpt_path: Path, fingerprint: dict, rngs: list[di
     with open(tmp, "wb") as f:
         torch.save({"fingerprint": json.loads(json.dumps(fingerprint)), "model": job.model.state_dict(),
                     "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
-                    "torch_rng": [r["torch"] for r in rngs], "state": job.state, "best_weights": job.best_weights,
-                    **({"cuda_rng": [r["cuda"] for r in rngs]} if "cuda" in rngs[0] else {})}, f)
+                    "state": job.state, "best_weights": job.best_weights}, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename: a power loss leaves the old checkpoint, not an empty one
     os.replace(tmp, ckpt_path)
@@ -444,10 +440,10 @@ def _train(job: Job, ckpt_path: Path | None, fingerprint: dict, resumed_from: in
                 losses = []
             if state["step"] % job.eval_every == 0 or state["step"] >= job.total_steps:
                 stopped_early = _validate(job) or stopped_early
-            if ckpt_path and cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0:
-                rngs = _rng_states(job)
-                if job.rank == 0:
-                    _save_checkpoint(job, ckpt_path, fingerprint, rngs)
+            if cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0:
+                _reseed(job)  # checkpointing or not: the same draws either way
+                if ckpt_path and job.rank == 0:
+                    _save_checkpoint(job, ckpt_path, fingerprint)
             if stopped_early or state["step"] >= job.total_steps:
                 break
     bar.close()

@@ -272,3 +272,18 @@ def test_a_batch_run_in_parts_or_accumulated_batches_takes_the_same_step_as_one_
         for name, tensor in whole.items():
             torch.testing.assert_close(other[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
     assert any(not torch.equal(whole[n], base.state_dict()[n]) for n in whole), "the step must move the weights"
+
+
+def test_every_process_reseeds_its_own_dropout_at_a_checkpoint_boundary():
+    """What the torchrun resume relies on: the draws after a boundary depend on (seed, rank, step) only."""
+    from types import SimpleNamespace
+
+    from kftune.steps.finetune import _reseed
+
+    def draws(rank: int, step: int):
+        _reseed(SimpleNamespace(cfg=SimpleNamespace(seed=42), rank=rank, state={"step": step}))
+        return torch.rand(8)
+
+    assert torch.equal(draws(1, 20), draws(1, 20)), "a resumed process draws what the interrupted one did"
+    assert not torch.equal(draws(0, 20), draws(1, 20)), "processes keep independent dropout"
+    assert not torch.equal(draws(1, 20), draws(1, 40))
