@@ -148,7 +148,7 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
     its last ETag), so a waiter that sees the same ETag for `stale_after` seconds on its own clock knows the holder
     is dead (a killed pod) and takes the lease over, again by If-Match, so only one waiter wins. Released by deleting
     the object if it is still this holder's. Needs an object store with conditional writes (AWS S3, MinIO); one
-    that answers them with 400 or 501 runs the block without a lease, with a warning.
+    that answers them with 400 or 501 runs the block without a lease, with a warning. Yields whether it holds one.
     """
     import logging
     import socket
@@ -195,7 +195,7 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
         time.sleep(poll)
     if unsupported is not None:
         log.warning("%s: %s refuses conditional writes (%s); running without a lease", what, path, unsupported)
-        yield
+        yield False
         return
     held, stop = {"etag": etag, "lost": False}, threading.Event()
 
@@ -216,7 +216,7 @@ def s3_lease(fs, path: str, what: str, stale_after: float = S3_LEASE_STALE_S, po
     beating = threading.Thread(target=heartbeat, name="kftune-s3-lease", daemon=True)
     beating.start()
     try:
-        yield
+        yield True
     finally:
         stop.set()
         beating.join()

@@ -166,12 +166,21 @@ def task_attempt(client, task_id: str) -> dict[str, str]:
     are swept by owner pid instead). No task id, or one KFP did not fill in: nothing."""
     if not re.fullmatch(r"[A-Za-z0-9-]+", task_id or ""):
         return {}
-    earlier = client.search_runs(_kftune_experiments(client), f"tags.`{TASK_ID}` = '{task_id}' and "
-                                                              f"attributes.status = 'RUNNING'", max_results=100)
-    for run in earlier:
-        _close(client, run.info.run_id, "KILLED", f"an earlier attempt of this pipeline task (owner "
-                                                  f"{run.data.tags.get('kftune.owner', '?')}) did not finish; retried")
+    close_running(client, TASK_ID, task_id, "an earlier attempt of this pipeline task (owner {owner}) did not "
+                                            "finish; retried")
     return {TASK_ID: task_id}
+
+
+def close_running(client, tag: str, value: str, cause: str) -> list[str]:
+    """Close as KILLED every RUNNING run tagged `tag` = `value` (letters, digits and '-' only), when the caller
+    knows no live process can own one (a retried task; a check holding its log's lock). `cause` may name the
+    run's {owner}. Returns the run ids."""
+    if not re.fullmatch(r"[A-Za-z0-9-]+", value):
+        raise ValueError(f"{tag}={value!r}: a tag value to search by must be letters, digits and '-'")
+    runs = client.search_runs(_kftune_experiments(client), f"tags.`{tag}` = '{value}' and "
+                                                           f"attributes.status = 'RUNNING'", max_results=100)
+    return [_close(client, r.info.run_id, "KILLED", cause.format(owner=r.data.tags.get("kftune.owner", "?")))
+            for r in runs]
 
 
 def _alive(run_owner: str, where: str = "") -> bool:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ from kftune.serving.request_log import _fs, _is_local, compact_request_log, read
 log = logging.getLogger(__name__)
 
 STATE = "_monitor/state.json"
+CHECK_LOG = "kftune.check_log"  # a digest naming the request log a check run read (log_key)
 
 
 def load_state(log_dir: str) -> dict:
@@ -56,16 +59,24 @@ def one_check_at_a_time(log_dir: str):
     """Checks of one log wait for each other (a one-off `kftune monitor` beside `monitor --cron`, or beside the
     cluster's recurring run): two at once would both send an alert's change and one would lose the other's state.
     A local log: a file lock; on S3: a lease object (fileio.s3_lease). Other object stores: one check per log is
-    the scheduler's job (the monitoring pipeline's recurring run)."""
+    the scheduler's job (the monitoring pipeline's recurring run). Yields whether this check excludes the others."""
     fs, root = _fs(log_dir)
     if _is_local(fs):
         with single_instance(Path(root, "_monitor", ".check.lock"), "monitoring check", wait=True):
-            yield
+            yield True
     elif "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        with s3_lease(fs, f"{root}/_monitor/check.lease", "monitoring check"):
-            yield
+        with s3_lease(fs, f"{root}/_monitor/check.lease", "monitoring check") as held:
+            yield held
     else:
-        yield
+        yield False
+
+
+def log_key(log_dir: str) -> str:
+    """What names one request log in its checks' runs (tag CHECK_LOG): a digest of its host and path where it is a
+    local folder (the lock is per machine), of its URL on an object store."""
+    fs, root = _fs(log_dir)
+    where = f"{socket.gethostname()}:{Path(root).resolve()}" if _is_local(fs) else fs.unstrip_protocol(root)
+    return hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 def champion_files(name: str, version: str, cache: Path) -> tuple[Path, pd.DataFrame, dict]:
@@ -127,18 +138,18 @@ def monitor_once(log_dir: str, params: Params, now: float | None = None, cache_d
         out_dir: where report.md and monitor.png are written (default: a temp folder, logged to MLflow).
     Returns the check's record (also logged as one MLflow run).
     """
-    with one_check_at_a_time(log_dir):
-        return _check(log_dir, params, now, cache_dir, out_dir, sleep)
+    with one_check_at_a_time(log_dir) as alone:
+        return _check(log_dir, params, now, cache_dir, out_dir, sleep, alone)
 
 
 def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Path, out_dir: str | Path | None,
-           sleep) -> dict:
+           sleep, alone: bool) -> dict:
     import mlflow
 
     from kftune import registry
     from kftune.monitor.feedback import joined, live_quality, read_feedback
     from kftune.monitor.sinks import deliver
-    from kftune.tracking import experiment_id
+    from kftune.tracking import close_running, experiment_id, fail_run, finish_run, owner_tags
 
     cfg, name = params.monitor, params.register.model_name
     cfg.check_webhook()  # before the check: its alerts must have somewhere to go
@@ -197,41 +208,46 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
                 for r in rules]
     state["alerts"], events = R.transitions(verdicts, state["alerts"], str(now_ts))
 
-    client = mlflow.MlflowClient()
+    client, key = mlflow.MlflowClient(), log_key(log_dir)
+    if alone:  # no live check of this log can own a RUNNING run of it: an earlier check's process was stopped
+        close_running(client, CHECK_LOG, key, "an earlier check of this request log (owner {owner}) did not finish: "
+                                              "its process stopped; the next check closed it")
     run = client.create_run(experiment_id(cfg.experiment), run_name=f"check {now_ts:%Y-%m-%d %H:%M}",
                             tags={"kftune.model_name": name, "kftune.champion_version": version or "",
-                                  "kftune.check_time": str(now_ts)})
+                                  "kftune.check_time": str(now_ts), CHECK_LOG: key, **owner_tags()})
     run_id = run.info.run_id
-    events = deliver(events, cfg, run_id if "mlflow" in cfg.sinks else "", sleep)
-    state["checks"] += 1
-    point = {"now": str(now_ts), "version": version, "requests": len(interval), "new_requests": len(new),
-             "shares": interval["label"].value_counts(normalize=True).to_dict() if len(interval) else {},
-             "confidence": float(interval["probability"].mean()) if interval["probability"].notna().any() else None,
-             "embedding_p": drift.get("embedding", {}).get("p_value"),
-             "confidence_p": drift.get("confidence", {}).get("p_value"), "drifted": drifted,
-             "live_accuracy": live.get("accuracy"), "live_accuracy_low": live.get("accuracy_low"),
-             "live_accuracy_high": live.get("accuracy_high"), "live_n": live.get("n", 0),
-             "alerts": {v.rule.name: state["alerts"].get(v.rule.name, {}).get("status", R.OK) for v in verdicts},
-             "events": [f"{e['alert']} {e['status']}" for e in events]}
-    state["history"] = (state["history"] + [point])[-cfg.history:]
-    check = {"model": name, "version": version, "now": str(now_ts), "run_id": run_id, "check": state["checks"],
-             "watermark_before": str(watermark) if watermark is not None else None, "watermark": state["watermark"],
-             "new_requests": len(new), "requests": len(interval), "drift": drift, "drifted": drifted, "drift_why": why,
-             "rules": [{"name": v.rule.name, "kind": v.rule.kind, "status": v.status, "value": v.value,
-                        "requests": v.requests, "why": v.why} for v in verdicts],
-             "events": events, "live": live, "test_accuracy": test.get("accuracy"), "point": point,
-             "cannot_fire": cannot}
-    save_state(log_dir, state)  # first: the alerts went out, a failure below must not send them again
-    try:  # after the check: housekeeping never delays an alert
-        check["log"] = compact_request_log(log_dir, now_ts.timestamp(), cfg.log_retention_days)
-    except Exception as exc:  # noqa: BLE001 - the next check tries again
-        log.warning("request log %s: compaction failed (next check tries again): %s: %s", log_dir,
-                    type(exc).__name__, exc)
     try:
+        events = deliver(events, cfg, run_id if "mlflow" in cfg.sinks else "", sleep)
+        state["checks"] += 1
+        point = {"now": str(now_ts), "version": version, "requests": len(interval), "new_requests": len(new),
+                 "shares": interval["label"].value_counts(normalize=True).to_dict() if len(interval) else {},
+                 "confidence": float(interval["probability"].mean()) if interval["probability"].notna().any() else None,
+                 "embedding_p": drift.get("embedding", {}).get("p_value"),
+                 "confidence_p": drift.get("confidence", {}).get("p_value"), "drifted": drifted,
+                 "live_accuracy": live.get("accuracy"), "live_accuracy_low": live.get("accuracy_low"),
+                 "live_accuracy_high": live.get("accuracy_high"), "live_n": live.get("n", 0),
+                 "alerts": {v.rule.name: state["alerts"].get(v.rule.name, {}).get("status", R.OK) for v in verdicts},
+                 "events": [f"{e['alert']} {e['status']}" for e in events]}
+        state["history"] = (state["history"] + [point])[-cfg.history:]
+        check = {"model": name, "version": version, "now": str(now_ts), "run_id": run_id, "check": state["checks"],
+                 "watermark_before": str(watermark) if watermark is not None else None,
+                 "watermark": state["watermark"], "new_requests": len(new), "requests": len(interval), "drift": drift,
+                 "drifted": drifted, "drift_why": why,
+                 "rules": [{"name": v.rule.name, "kind": v.rule.kind, "status": v.status, "value": v.value,
+                            "requests": v.requests, "why": v.why} for v in verdicts],
+                 "events": events, "live": live, "test_accuracy": test.get("accuracy"), "point": point,
+                 "cannot_fire": cannot}
+        save_state(log_dir, state)  # first: the alerts went out, a failure below must not send them again
+        try:  # after the check: housekeeping never delays an alert
+            check["log"] = compact_request_log(log_dir, now_ts.timestamp(), cfg.log_retention_days)
+        except Exception as exc:  # noqa: BLE001 - the next check tries again
+            log.warning("request log %s: compaction failed (next check tries again): %s: %s", log_dir,
+                        type(exc).__name__, exc)
         _log_run(client, run_id, check, state["history"], out_dir, int(now_ts.timestamp() * 1000))
-    except Exception:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as exc:  # the run ends with the check, whatever stops it here
+        fail_run(run_id, f"{type(exc).__name__}: {exc}")
         raise
+    finish_run(run_id)
     return check
 
 
@@ -269,4 +285,3 @@ def _log_run(client, run_id: str, check: dict, history: list[dict], out_dir, ts:
                                                    default=str), encoding="utf-8")
         for f in ("report.md", "monitor.png", "check.json"):
             client.log_artifact(run_id, str(out / f), "monitor")
-    client.set_terminated(run_id)

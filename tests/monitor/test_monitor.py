@@ -364,3 +364,69 @@ def test_a_champion_export_another_process_finished_first_is_used_not_deleted(st
     folder, reference, _ = check.champion_files(MODEL, "1", tmp_path / "cache")
     assert (folder / "being-read").exists() and len(reference) > 0
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name], "no temporary export left"
+
+
+def test_a_check_stopped_midway_leaves_its_run_to_the_next_check_of_the_log(store, tiny_model, tmp_path, receiver):
+    """A check killed while its run is open (kill -9, an evicted pod) cannot end that run: the next check of the same
+    log, holding the log's lock, closes it as KILLED and sends the alert the killed one never finished sending; a
+    check of another log leaves it alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kftune.monitor.check import CHECK_LOG, log_key
+    from tests.conftest import ROOT
+
+    hook = receiver(trickle=1.0)  # answers one byte a second: the first check sits in its delivery
+    log_dir, other = tmp_path / "log", tmp_path / "other"
+    for folder in (log_dir, other):
+        write_traffic(folder, START, [0.9], per_hour=60)
+    slow = [f"monitor.rules={SURGE}", "monitor.sinks=[log, webhook]", f"monitor.webhook_url={hook.url}",
+            "monitor.webhook_timeout_seconds=120"]
+    code = ("import sys; from kftune.monitor.check import monitor_once; from tests.monitor.conftest import "
+            "monitor_params; monitor_once(sys.argv[1], monitor_params(sys.argv[2], *sys.argv[5:]), "
+            "now=float(sys.argv[3]), cache_dir=sys.argv[4])")
+    child = subprocess.Popen([sys.executable, "-c", code, str(log_dir), tiny_model, str(START + 3600),
+                              str(tmp_path / "cache"), *slow], cwd=ROOT)
+    client, running = mlflow.MlflowClient(), f"tags.`{CHECK_LOG}` = '{log_key(str(log_dir))}'"
+    try:
+        deadline = time.monotonic() + 120
+        while not hook.attempts and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert hook.attempts == 1, "the first check never reached its webhook"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [left] = client.search_runs(experiments, running)
+    assert left.info.status == "RUNNING"
+
+    params = monitor_params(tiny_model, f"monitor.rules={SURGE}")
+    monitor_once(str(other), params, now=START + 3600)
+    assert client.get_run(left.info.run_id).info.status == "RUNNING", "another log's check closed it"
+    check = monitor_once(str(log_dir), params, now=START + 3600)
+    closed = client.get_run(left.info.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["kftune.status"] == "killed"
+    assert "an earlier check of this request log" in closed.data.tags["kftune.failure"]
+    assert [(e["alert"], e["status"]) for e in check["events"]] == [("negative-surge", "firing")]
+    assert {r.info.status for r in client.search_runs(experiments, running)} == {"KILLED", "FINISHED"}
+
+
+def test_a_check_that_fails_after_opening_its_run_ends_it_failed(store, tiny_model, tmp_path, monkeypatch):
+    import pytest
+
+    from kftune.monitor import check
+
+    def full_disk(log_dir, state):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(check, "save_state", full_disk)
+    write_traffic(tmp_path / "log", START, [0.3], per_hour=60)
+    with pytest.raises(OSError, match="No space left"):
+        monitor_once(str(tmp_path / "log"), monitor_params(tiny_model, f"monitor.rules={SURGE}"), now=START + 3600)
+    client = mlflow.MlflowClient()
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               f"tags.`{check.CHECK_LOG}` = '{check.log_key(str(tmp_path / 'log'))}'")
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["kftune.failure"]

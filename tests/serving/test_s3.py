@@ -142,10 +142,11 @@ def test_monitoring_checks_of_one_s3_log_wait_for_each_other(s3):
 
     from kftune.monitor.check import one_check_at_a_time
 
-    spans = []
+    spans, alone = [], []
 
     def check():
-        with one_check_at_a_time("s3://logs/serve"):
+        with one_check_at_a_time("s3://logs/serve") as held:
+            alone.append(held)
             start = time.monotonic()
             time.sleep(0.5)
             spans.append((start, time.monotonic()))
@@ -157,6 +158,7 @@ def test_monitoring_checks_of_one_s3_log_wait_for_each_other(s3):
         t.join(30)
     (a_start, a_end), (b_start, _) = sorted(spans)
     assert len(spans) == 2 and b_start >= a_end, spans
+    assert alone == [True, True], "each check knows it excludes the others (it may close their dead runs)"
     assert "Contents" not in s3.list_objects_v2(Bucket="logs", Prefix="serve/_monitor/"), "the lease is released"
 
 
@@ -190,6 +192,30 @@ def test_an_s3_lease_that_stops_changing_is_taken_over_and_a_beating_one_is_not(
     holder.join(10)
     assert acquired[0] >= released[0], "a live holder's lease was taken"
     assert "lost the lease" not in caplog.text
+
+
+def test_a_store_that_refuses_conditional_writes_runs_the_check_without_a_lease(s3, monkeypatch, caplog):
+    """A check then does not exclude others, so it must not close runs another check may still own."""
+    import fsspec
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from kftune.fileio import s3_lease
+
+    fs = fsspec.filesystem("s3")
+    real = fs.call_s3
+
+    def no_conditions(method, *args, **kwargs):
+        if "IfNoneMatch" in kwargs or "IfMatch" in kwargs:
+            raise translate_boto_error(ClientError({"Error": {"Code": "NotImplemented", "Message": "conditional"},
+                                                    "ResponseMetadata": {"HTTPStatusCode": 501}}, "PutObject"))
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", no_conditions)
+    with s3_lease(fs, "logs/lease", "check") as held:
+        assert held is False
+    assert "refuses conditional writes" in caplog.text
+    assert "Contents" not in s3.list_objects_v2(Bucket="logs", Prefix="lease")
 
 
 def test_a_lost_conditional_write_is_told_from_other_s3_errors_without_s3fs_condition_field():
