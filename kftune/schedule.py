@@ -38,11 +38,16 @@ def next_fire(cron: str, after: float) -> float:
 
     croniter reads a naive datetime as UTC, so the start is given with the local zone attached: the zone with its
     rules (`tzlocal`), not today's fixed offset, or a daily job would fire an hour off across a daylight-saving
-    change (twice on the night the clocks go back)."""
+    change. The night the clocks go back repeats an hour: a job at fixed hours fires in its first pass only, as
+    cron's does (one whose hour field starts with '*' fires in both)."""
     from croniter import croniter
     from dateutil.tz import tzlocal
 
-    return croniter(cron, datetime.fromtimestamp(after, tzlocal())).get_next(float)
+    fires = croniter(cron, datetime.fromtimestamp(after, tzlocal()))
+    fire = fires.get_next(datetime)
+    while fire.fold and not cron.split()[1].startswith("*"):  # fold 1: the second pass of a repeated hour
+        fire = fires.get_next(datetime)
+    return fire.timestamp()
 
 
 class Clock:

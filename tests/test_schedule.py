@@ -74,6 +74,31 @@ def test_a_daily_cron_keeps_its_hour_across_daylight_saving_changes(start, monke
         time.tzset()
 
 
+def test_the_hour_repeated_when_the_clocks_go_back_fires_a_daily_job_once_and_an_hourly_one_twice(monkeypatch):
+    """Berlin repeats 02:00-03:00 on 2026-10-25: a job at 02:30 runs in the first pass only, as cron's does."""
+    from kftune.schedule import next_fire
+
+    def fires(cron: str, start: datetime, n: int) -> list[str]:
+        out, t = [], start.timestamp()
+        for _ in range(n):
+            t = next_fire(cron, t)
+            out.append(datetime.fromtimestamp(t).astimezone().isoformat(timespec="minutes"))
+        return out
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        assert fires("30 2 * * *", datetime(2026, 10, 24, 12), 2) == ["2026-10-25T02:30+02:00",
+                                                                    "2026-10-26T02:30+01:00"]
+        assert fires("30 2 * * *", datetime(2026, 10, 25, 2, 45), 1) == ["2026-10-26T02:30+01:00"]
+        assert fires("0 * * * *", datetime(2026, 10, 25, 1, 30), 3) == ["2026-10-25T02:00+02:00",
+                                                                       "2026-10-25T02:00+01:00",
+                                                                       "2026-10-25T03:00+01:00"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_a_failing_run_does_not_stop_the_schedule(tmp_path, caplog):
     clock = FakeClock(datetime(2026, 11, 22, 2, 0))
     calls = []
