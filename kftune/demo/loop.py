@@ -338,8 +338,8 @@ def rescore_previous(log_dir: Path, name: str, served: str, previous: str, param
     from kftune.serving.request_log import read_request_log
 
     logged = read_request_log(str(log_dir))
-    rows = joined(logged[(logged["model"] == name) & (logged["version"] == served)], read_feedback(str(log_dir)))
-    rows = rows[rows["sample"] == "random"]
+    rows = joined(logged[logged["model"] == name], read_feedback(str(log_dir)))  # then by version: ids are reused
+    rows = rows[(rows["version"] == served) & (rows["sample"] == "random")]
     if rows.empty:
         return {"n": 0}
     folder, _, _ = champion_files(name, previous, cache)

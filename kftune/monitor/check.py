@@ -185,11 +185,13 @@ def _check(log_dir: str, params: Params, now: float | None, cache_dir: str | Pat
             state["watermark"] = str(new["time"].max())
         state["reference"][version] = ref_stats
 
-    feedback = read_feedback(log_dir)
+    # each correction to its own prediction over all that was read, any version: a client may reuse a request id
+    corrected = joined(logged, read_feedback(log_dir))
+    corrected = corrected[corrected["version"] == version] if version else corrected.iloc[:0]
     labels = list(served["labels"].iloc[0]) if len(served) else []
 
     def live_in(seconds: float | None) -> dict:  # seconds None: all of the champion's predictions read
-        labelled = joined(R.window(served, now_ts, seconds) if seconds else served, feedback)
+        labelled = R.window(corrected, now_ts, seconds) if seconds else corrected
         return live_quality(labelled, labels, cfg.confidence_level) if len(labelled) else {"n": 0}
 
     lives = {w: live_in(w) for w in {r.window for r in rules if r.kind == "live_quality"}}  # one per window

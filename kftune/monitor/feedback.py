@@ -63,7 +63,9 @@ def write_feedback(log_dir: str, rows: list[dict]) -> int:
 
 
 def read_feedback(log_dir: str):
-    """Every correction, the latest per (request_id, index), as a DataFrame with SCHEMA's columns."""
+    """Every correction, the latest per (request_id, index), as a DataFrame with SCHEMA's columns. Its `sample` is
+    how a labelling queue drew that prediction: a later correction through the API ("") keeps it, and a prediction
+    once drawn into the random sample stays there (live accuracy is estimated on that sample)."""
     import pyarrow.parquet as pq
 
     fs, root = _fs(log_dir)
@@ -73,8 +75,12 @@ def read_feedback(log_dir: str):
         with fs.open(f, "rb") as fh:
             tables.append(pq.read_table(fh, schema=SCHEMA))
     df = pa.concat_tables(tables).to_pandas() if tables else SCHEMA.empty_table().to_pandas()
-    df = df.sort_values("time", kind="stable").drop_duplicates(["request_id", "index"], keep="last")
-    return df.reset_index(drop=True)
+    keys = ["request_id", "index"]
+    df = df.sort_values("time", kind="stable")
+    drawn = df[df["sample"] != ""].sort_values("sample", key=lambda s: s == RANDOM, kind="stable")
+    drawn = drawn.drop_duplicates(keys, keep="last")[[*keys, "sample"]]  # random, else the latest queue's draw
+    df = df.drop_duplicates(keys, keep="last").drop(columns="sample").merge(drawn, on=keys, how="left")
+    return df.assign(sample=df["sample"].fillna(""))[SCHEMA.names].reset_index(drop=True)
 
 
 def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, labeller: str = "",
@@ -165,7 +171,8 @@ def joined(requests, feedback):
 
     Request ids come from clients, which may reuse one: a correction goes, once, to the latest prediction logged
     under its (request_id, index) at or before the correction (the latest of all where none is: a replay's
-    predictions carry their clients' clocks)."""
+    predictions carry their clients' clocks). So `requests` is every prediction read, of every version: filter the
+    result by window or version, never the input."""
     keys = ["request_id", "index"]
     fb = feedback.rename(columns={"label": "true_label", "time": "feedback_time"})
     both = requests.merge(fb[[*keys, "true_label", "sample", "labeller", "feedback_time"]], on=keys)

@@ -85,6 +85,27 @@ def test_a_reused_request_id_joins_its_correction_to_the_latest_prediction_once(
     assert joined(log, early)[["text", "true_label"]].values.tolist() == [["new", "positive"]]
 
 
+def test_a_later_correction_keeps_the_sample_a_queue_drew_its_prediction_into(tmp_path):
+    """A user correcting through the API a prediction the queue had labelled as part of the random sample: the
+    new label counts, in the random sample still (it would otherwise drop out of live accuracy, and the
+    predictions users correct are mostly wrong ones)."""
+    from kftune.monitor.feedback import write_feedback
+
+    log_dir, day = str(tmp_path), pd.Timestamp("2026-12-01", tz="UTC")
+    write_feedback(log_dir, [{"request_id": "a", "label": "negative", "sample": "random", "time": day},
+                             {"request_id": "b", "label": "negative", "sample": "uncertain", "time": day},
+                             {"request_id": "c", "label": "negative", "sample": "uncertain", "time": day}])
+    write_feedback(log_dir, [{"request_id": "a", "label": "positive", "time": day + pd.Timedelta(hours=1)},
+                             {"request_id": "b", "label": "positive", "sample": "random",
+                              "time": day + pd.Timedelta(hours=1)},
+                             {"request_id": "d", "label": "positive", "time": day + pd.Timedelta(hours=1)}])
+    got = read_feedback(log_dir).set_index("request_id")
+    assert got["label"].to_dict() == {"a": "positive", "b": "positive", "c": "negative", "d": "positive"}
+    assert got["sample"].to_dict() == {"a": "random", "b": "random", "c": "uncertain", "d": ""}
+    assert list(read_feedback(log_dir).columns) == ["request_id", "index", "label", "labeller", "source", "sample",
+                                                   "time"]
+
+
 def _logged(log_dir, ids: dict[str, int], model: str = MODEL) -> None:
     """Predictions in a request log: request id -> number of texts."""
     served = SimpleNamespace(name=model, version="1", precision="fp32", task="sequence-classification",

@@ -430,3 +430,27 @@ def test_a_check_that_fails_after_opening_its_run_ends_it_failed(store, tiny_mod
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                f"tags.`{check.CHECK_LOG}` = '{check.log_key(str(tmp_path / 'log'))}'")
     assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["kftune.failure"]
+
+
+def test_a_correction_counts_for_the_prediction_it_was_about_not_a_later_one_under_the_same_id(
+        store, tiny_model, tmp_path):
+    """Clients reuse request ids. A correction belongs to the latest prediction at or before it, found over the whole
+    log read: filtering by the rule's window or the champion's version first would hand it to a later prediction
+    (another text) whenever its own one is older than the window or was served by an earlier champion."""
+    from tests.monitor.conftest import MODEL
+
+    log_dir = tmp_path / "log"
+    write_traffic(log_dir, START, [0.3] * 3, per_hour=20)
+    out = RequestLog(str(log_dir), 1000, 3600, 1000)
+    answer = {"label": "negative", "probability": 0.9, "probabilities": {"negative": 0.9, "positive": 0.1}}
+    for rid, version, hour in (("reused", "0", 0.2), ("again", "1", 0.3), ("reused", "1", 2.5), ("again", "1", 2.6)):
+        served = SimpleNamespace(name=MODEL, version=version, precision="fp32", task="sequence-classification",
+                                 labels=["negative", "positive"])
+        out.append(records(rid, served, [f"{rid} at hour {hour}"], [answer], at=START + hour * 3600))
+    out.close()
+    at = __import__("pandas").Timestamp(START + 3600, unit="s", tz="UTC")  # both corrected at hour 1
+    write_feedback(str(log_dir), [{"request_id": rid, "label": "positive", "sample": "random", "time": at}
+                                  for rid in ("reused", "again")])
+    rules = "[{name: hour, kind: live_quality, max_gap: 0.1, window: 1h, min_requests: 1}]"
+    check = monitor_once(str(log_dir), monitor_params(tiny_model, f"monitor.rules={rules}"), now=START + 3 * 3600 - 1)
+    assert check["live"]["n"] == 0, "a correction made at hour 1 was counted against a prediction of hour 2.5"
