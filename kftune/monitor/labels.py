@@ -62,17 +62,21 @@ def oov_share(texts: pd.Series, vocabulary: set[str]) -> np.ndarray:
 
 
 def select(candidates: pd.DataFrame, n: int, random_share: float, drift_share: float, vocabulary: set[str],
-           seed: int) -> pd.DataFrame:
+           seed: int, labelled=None) -> pd.DataFrame:
     """Pure selection: `candidates` (one row per prediction: text, probability, ...) -> the queue with `sample`.
 
     The random share is drawn uniformly over predictions, a text served twice twice as likely, so its labels
-    estimate the accuracy of what was served; the chosen shares take each remaining text once."""
+    estimate the accuracy of what was served; the chosen shares take each remaining text once, leaving out the
+    rows where `labelled` (a boolean Series on candidates' index) is true: an earlier queue's drift or uncertain
+    picks, which the random draw must still see or later random samples would lack the hard cases."""
     n = min(n, len(candidates))
     n_random = round(n * random_share)
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(candidates), size=n_random, replace=False)
     parts = [candidates.iloc[picked].assign(sample=RANDOM)]
     rest = candidates.drop(candidates.index[picked])
+    if labelled is not None:
+        rest = rest[~labelled.reindex(rest.index, fill_value=False)]
     rest = rest[~rest["text"].isin(parts[0]["text"])].drop_duplicates("text")
     n = min(n, n_random + len(rest))
     n_drift = min(round(n * drift_share), n - n_random)
@@ -101,16 +105,18 @@ def queue(log_dir: str, params: Params, n: int, out_dir: str | Path, since: date
     rows = read_request_log(log_dir, since=since)
     rows = rows[(rows["model"] == params.register.model_name) & (rows["version"] == version) & rows["label"].notna()]
     fb = read_feedback(log_dir)
-    # out: predictions an earlier queue had labelled; a correction sent to the API (sample "") does not count, or
-    # the random share would skip the wrong answers users corrected and overrate the model
-    queued = fb[fb["sample"] != ""]
-    done = set(zip(queued["request_id"], queued["index"]))
-    rows = rows[[k not in done for k in zip(rows["request_id"], rows["index"])]].reset_index(drop=True)
+    # out: predictions in the random sample already; out of the drift and uncertain shares only: an earlier queue's
+    # picks. A correction sent to the API (sample "") counts for neither, or the random share would skip the wrong
+    # answers users corrected and overrate the model.
+    sample = dict(zip(zip(fb["request_id"], fb["index"]), fb["sample"]))
+    drawn = pd.Series([sample.get(k, "") for k in zip(rows["request_id"], rows["index"])], index=rows.index,
+                      dtype=object)
+    rows, labelled = rows[drawn != RANDOM].reset_index(drop=True), (drawn[drawn != RANDOM] != "").reset_index(drop=True)
     if rows.empty:
         raise LabelError(f"no unlabelled predictions of {params.register.model_name} v{version} in {log_dir}"
                          f"{' since ' + str(since) if since else ''}")
     vocabulary = {w for t in reference[reference["split"] == "train"]["text"] for w in words(t)}
-    picked = select(rows, n, cfg.queue_random_share, cfg.queue_drift_share, vocabulary, cfg.queue_seed)
+    picked = select(rows, n, cfg.queue_random_share, cfg.queue_drift_share, vocabulary, cfg.queue_seed, labelled)
     out = pd.DataFrame({"request_id": picked["request_id"], "index": picked["index"],
                         "time": picked["time"].astype(str), "version": picked["version"], "sample": picked["sample"],
                         "unbiased": picked["sample"] == RANDOM, "predicted": picked["label"],

@@ -37,6 +37,14 @@ def test_the_random_share_is_uniform_over_the_traffic_and_blind_to_confidence():
     r, chosen = q[q["sample"] == RANDOM], q[q["sample"] != RANDOM]
     assert len(r) == 202 and chosen["text"].is_unique and not set(chosen["text"]) & set(r["text"])
     assert len(q) == 202 + len(set(twice["text"]) - set(r["text"]))
+    # an earlier queue's drift and uncertain picks (the hard cases): still in the random draw, not chosen again
+    hard = pd.Series(cands["probability"] < 0.5, index=cands.index)
+    counts = np.zeros(n)
+    for seed in range(300):
+        q = select(cands, 40, 0.5, 0.25, {"t", "word1"}, seed, labelled=hard)
+        counts[q[q["sample"] == RANDOM].index] += 1
+        assert not hard[q[q["sample"] != RANDOM].index].any()
+    assert chisquare(counts).pvalue > 0.01
     q = select(cands, 40, 0.5, 0.25, {"t"}, 0)
     rest = cands.drop(q.index)
     assert q[q["sample"] == UNCERTAIN]["probability"].max() <= rest["probability"].min() or \
@@ -95,11 +103,15 @@ def test_queue_then_import_refuses_unknown_labels_and_known_texts_and_adds_a_ver
     again = import_labels(tmp_path / "good.csv", params, dvc_project, str(log_dir), push=False)  # idempotent
     assert again["added"] == 0 and again["commit"] is None and again["dropped_existing"] == 60
     assert len(read_feedback(str(log_dir))) == 60
-    # the feedback removed the labelled requests from the next queue; a user's correction through the API does
-    # not (users correct wrong answers: leaving those out would overrate the model's live accuracy)
+    # the next queue's random draw leaves out the random sample's 30 only; its drift and uncertain shares leave out
+    # all 60; a user's correction through the API leaves out nothing (users correct wrong answers: leaving those
+    # out would overrate the model's live accuracy)
     left = [r for r in rows if r["request_id"] not in set(q["request_id"])]
     write_feedback(str(log_dir), [{"request_id": left[0]["request_id"], "label": "negative"}])
-    assert queue(str(log_dir), params, 500, tmp_path / "queue2")["candidates"] == 200 - 60
+    assert queue(str(log_dir), params, 500, tmp_path / "queue2")["candidates"] == 200 - 30
+    q2 = pd.read_csv(tmp_path / "queue2" / "queue.csv", dtype=str, keep_default_na=False)
+    assert not set(q2["request_id"]) & set(q[q["sample"] == RANDOM]["request_id"])
+    assert not set(q2[q2["sample"] != RANDOM]["request_id"]) & set(q["request_id"])
     # a queue being labelled in place is not replaced by a new one
     q.to_csv(tmp_path / "queue" / "queue.csv", index=False)
     with pytest.raises(LabelError, match=r"queue\.csv: 60 label\(s\) filled in; a new queue would replace them"):
