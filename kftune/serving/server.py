@@ -170,6 +170,7 @@ async def follow_alias(state: State) -> None:
                         state.metrics.swaps.inc()
                     log.info("now serving %s v%s at %s (loaded and warm in %.1f s)", new.name, new.version,
                              new.precision, time.perf_counter() - started)
+                    del old, new  # the old version goes once its requests are done, not at the next swap
         except Exception:  # noqa: BLE001 - registry unreachable for a while: keep serving, try again
             log.exception("checking %s@%s failed; trying again in %gs", state.name, state.alias, state.cfg.poll_seconds)
         if state.pinned_version and state.current:

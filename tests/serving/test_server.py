@@ -330,3 +330,38 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(start_server, s
     metrics = requests.get(f"{server.url}/metrics", timeout=5).text
     assert "kftune_serve_model_load_failures_total 1.0" in metrics
     assert "model.safetensors" in server.log() and "Traceback" not in server.log()
+
+
+def test_a_swapped_out_version_is_freed_once_its_requests_are_done(serve_store, monkeypatch):
+    """The alias moves v1 -> v2: v1's weights must go with the swap, not stay until the next one (two versions
+    resident, three while the next loads)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from kftune.config import load_params
+    from kftune.serving.server import State, follow_alias
+    from tests.conftest import ROOT, use_mlflow_store
+
+    use_mlflow_store(serve_store, monkeypatch)
+    alias = {"version": "1"}  # what the registry's alias says; the versions loaded are the store's real ones
+    monkeypatch.setattr(registry, "version_by_alias", lambda name, a: alias["version"])
+    cfg = load_params(ROOT / "params.yaml", ["serve.poll_seconds=0.05", "serve.precision=fp32"]).serve
+    state = State(CLASSIFIER, "champion", cfg, [])
+
+    async def swap() -> bool:
+        follow = asyncio.create_task(follow_alias(state))
+        try:
+            while state.current is None or state.current.version != "1":
+                await asyncio.sleep(0.05)
+            first = weakref.ref(state.current)
+            alias["version"] = "2"
+            while state.current.version != "2":
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # the loop went round again, still following the alias
+            gc.collect()
+            return first() is None
+        finally:
+            follow.cancel()
+
+    assert asyncio.run(asyncio.wait_for(swap(), 120)), "the swapped-out version is still referenced"
