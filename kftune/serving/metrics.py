@@ -35,8 +35,10 @@ class Metrics:
         self.load_seconds = Gauge("kftune_serve_model_load_seconds", "Seconds the serving version took to load, "
                                   "choose its precision and warm up, before it took traffic", registry=r)
         self.load_failures = Counter("kftune_serve_model_load_failures", "Versions that failed to load", registry=r)
-        self.log_dropped = Counter("kftune_serve_request_log_dropped", "Predictions not written to the request log",
-                                   registry=r)
+        self.log_dropped = Counter("kftune_serve_request_log_dropped", "Predictions not written to the request log "
+                                   "(its queue full, or still unwritten when the server stopped)", registry=r)
+        self.log_backlog = Gauge("kftune_serve_request_log_backlog", "Predictions waiting to be written to the request "
+                                 "log (growing: its writes fail and are being tried again)", registry=r)
         self._by_route: dict = {}  # (route, code) -> its series: a labels() lookup per request costs the event loop
 
     def request(self, route: str, status: int, seconds: float) -> None:

@@ -88,16 +88,23 @@ def _fs(log_dir: str):
 class RequestLog:
     """Append predictions to Parquet files off the request path; `close()` writes what is left."""
 
-    def __init__(self, log_dir: str, max_queue: int, flush_seconds: float, file_rows: int, mask=None):
-        """mask: applied to each text by the writer thread, off the request path (kftune.pii.mask), or None."""
+    def __init__(self, log_dir: str, max_queue: int, flush_seconds: float, file_rows: int, mask=None,
+                 on_drop=None):
+        """mask: applied to each text by the writer thread, off the request path (kftune.pii.mask), or None.
+        on_drop: called with the number of rows each time some are dropped (the queue full, or unwritten at close).
+
+        A write that fails (the object store down, a full disk) is tried again at each flush; its rows count against
+        max_queue meanwhile, so an outage drops the newest predictions once the queue is full, never the server."""
         self.log_dir, self.max_queue, self.flush_seconds, self.file_rows = log_dir, max_queue, flush_seconds, file_rows
-        self.mask = mask
+        self.mask, self.on_drop = mask, on_drop or (lambda n: None)
         self.fs, self.root = _fs(log_dir)
         # one list of rows per request, handed over under the lock; the writer wakes every flush_seconds, or
         # once file_rows are waiting (not per request: a wake-up per request cost the forward passes ~10%)
         self._pending: list[list[dict]] = []
         self._pending_rows = 0  # beyond max_queue, a request's rows are dropped
         self._in_flight = 0  # rows the writer took and has not written (or failed to) yet
+        self._retry: list[dict] = []  # encoded rows whose write failed: the next flush tries them first
+        self.write_failures = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
@@ -112,8 +119,9 @@ class RequestLog:
         """Queue one request's rows without waiting, all or none; return how many were dropped because the
         queue had no room for them."""
         with self._lock:
-            if self._pending_rows + len(rows) > self.max_queue:
+            if self.backlog + len(rows) > self.max_queue:
                 self.dropped += len(rows)
+                self.on_drop(len(rows))
                 return len(rows)
             self._pending.append(rows)
             self._pending_rows += len(rows)
@@ -134,12 +142,18 @@ class RequestLog:
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            with self._lock:
-                lost = self._pending_rows + self._in_flight
-                self.dropped += lost
-            log.error("request log: %d predictions not written within %gs of closing; counted as dropped", lost,
-                      timeout)
+        with self._lock:
+            lost = self.backlog if self._thread.is_alive() else len(self._retry)
+            self.dropped += lost
+        if lost:
+            self.on_drop(lost)
+            log.error("request log: %d predictions not written %s; counted as dropped", lost,
+                      f"within {timeout:g}s of closing" if self._thread.is_alive() else "when the server stopped")
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written: queued, being written, or to be tried again."""
+        return self._pending_rows + self._in_flight + len(self._retry)
 
     def _run(self) -> None:
         while True:
@@ -148,8 +162,9 @@ class RequestLog:
             closing = self._closing  # read before taking the rows: what was appended before close() is in them
             with self._lock:
                 taken, self._pending, self._pending_rows = self._pending, [], 0
-                self._in_flight = sum(map(len, taken))
-            rows = [self._encoded(r) for request in taken for r in request]
+                retry, self._retry = self._retry, []
+                self._in_flight = len(retry) + sum(map(len, taken))
+            rows = retry + [self._encoded(r) for request in taken for r in request]
             for at in range(0, len(rows), self.file_rows):
                 self._write(rows[at : at + self.file_rows])
             if closing:
@@ -179,10 +194,12 @@ class RequestLog:
         try:
             write_table(self.fs, folder, name, pa.table({c: [r[c] for r in rows] for c in SCHEMA.names}, schema=SCHEMA))
             self.written += len(rows)
-        except Exception:  # noqa: BLE001 - a failed write loses these rows, not the server
+        except Exception as exc:  # noqa: BLE001 - tried again at the next flush; the server goes on
             with self._lock:
-                self.dropped += len(rows)
-            log.exception("request log: could not write %d predictions to %s", len(rows), folder)
+                self._retry += rows
+                self.write_failures += 1
+            log.error("request log: could not write %d predictions to %s (%s: %s); trying again in %gs", len(rows),
+                      folder, type(exc).__name__, exc, self.flush_seconds)
         finally:
             with self._lock:
                 self._in_flight -= len(rows)

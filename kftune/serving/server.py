@@ -240,7 +240,8 @@ def create_app(state: State):
         state.batcher.start()
         if cfg.log_dir:
             state.request_log = RequestLog(cfg.log_dir, cfg.log_queue, cfg.log_flush_seconds, cfg.log_file_rows,
-                                           mask=mask_pii if cfg.log_mask_pii else None)
+                                           mask=mask_pii if cfg.log_mask_pii else None, on_drop=metrics.log_dropped.inc)
+            metrics.log_backlog.set_function(lambda: state.request_log.backlog)
         follower = asyncio.create_task(follow_alias(state), name="kftune-follow-alias")
         try:
             yield
@@ -303,10 +304,7 @@ def create_app(state: State):
         for label, n in counts.items():
             metrics.predictions.labels(label).inc(n)
         if state.request_log is not None:  # texts are masked by the log's writer thread (cfg.log_mask_pii)
-            dropped = state.request_log.append(records(request.state.request_id, served, texts, answers,
-                                                       at=client_time(request)))
-            if dropped:
-                metrics.log_dropped.inc(dropped)
+            state.request_log.append(records(request.state.request_id, served, texts, answers, at=client_time(request)))
         return answers
 
     def client_time(request: Request) -> float | None:

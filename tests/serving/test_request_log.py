@@ -237,3 +237,38 @@ def test_rows_still_unwritten_when_close_gives_up_are_counted_as_dropped(tmp_pat
     log.close(timeout=0.3)
     assert log.written == 0 and log.dropped == 3, "every prediction is written or counted"
     release.set()
+
+
+def test_a_failed_write_is_tried_again_and_only_what_never_lands_is_counted_dropped(tmp_path, monkeypatch):
+    """An object store down for a while (or a full disk): the rows wait and are written at a later flush; those
+    still unwritten when the server stops are dropped, counted, and reported to the metric."""
+    from kftune.serving import request_log
+
+    real, calls = request_log.write_table, []
+
+    def down_twice(*args):
+        calls.append(args[1])
+        if len(calls) <= 2:
+            raise OSError("503 Slow Down")
+        return real(*args)
+
+    monkeypatch.setattr(request_log, "write_table", down_twice)
+    reported = []
+    log = RequestLog(str(tmp_path / "log"), max_queue=100, flush_seconds=0.05, file_rows=1000, on_drop=reported.append)
+    answer = {"label": "pos", "probability": 0.9, "probabilities": {"neg": 0.1, "pos": 0.9}}
+    log.append(records("r1", served(), ["a", "b", "c"], [answer] * 3))
+    deadline = time.monotonic() + 10
+    while log.written < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    log.append(records("r2", served(), ["d"], [answer]))
+    log.close()
+    assert log.write_failures == 2 and log.written == 4 and log.dropped == 0 and reported == []
+    assert sorted(read_request_log(str(tmp_path / "log"))["text"]) == ["a", "b", "c", "d"]
+
+    monkeypatch.setattr(request_log, "write_table", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    log = RequestLog(str(tmp_path / "full"), max_queue=5, flush_seconds=0.05, file_rows=1000, on_drop=reported.append)
+    log.append(records("r3", served(), ["e", "f", "g"], [answer] * 3))
+    time.sleep(0.2)  # failed a few times: the three rows still take room in the queue
+    assert log.backlog == 3 and log.append(records("r4", served(), ["h", "i", "j"], [answer] * 3)) == 3
+    log.close()
+    assert log.written == 0 and log.dropped == 6 and reported == [3, 3]
