@@ -127,19 +127,39 @@ def import_feedback(path: str, log_dir: str, labels: list[str] | None = None, la
 
 def logged_requests(log_dir: str, request_ids, model: str | None = None) -> dict[str, int]:
     """How many texts each of `request_ids` has in the request log's files (answered by `model`, if given);
-    ids the log does not have are absent."""
+    ids the log does not have are absent. Read one file at a time, newest first (a correction is mostly about a
+    recent prediction), until every id is found: a server's lookup never holds months of log in memory. An id
+    reused across files counts in its newest file that has it."""
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    from kftune.serving.request_log import read_log_tables
+    from kftune.serving.request_log import SCHEMA, log_files
 
     wanted = pa.array(sorted(set(map(str, request_ids))), pa.string())
     found: dict[str, int] = {}
-    for t in read_log_tables(log_dir, columns=["request_id", "index", "model"]):
-        mask = pc.is_in(t["request_id"], value_set=wanted)
-        if model is not None:
-            mask = pc.and_(mask, pc.equal(t["model"], model))
-        for rid, i in zip(*(t.filter(mask)[c].to_pylist() for c in ("request_id", "index"))):
-            found[rid] = max(found.get(rid, 0), i + 1)
+    read: set[str] = set()
+    for attempt in range(3):
+        fs, files, _ = log_files(log_dir)
+        try:
+            for f in reversed(files):
+                if f in read:
+                    continue
+                with fs.open(f, "rb") as fh:
+                    t = pq.read_table(fh, schema=SCHEMA, columns=["request_id", "index", "model"])
+                read.add(f)
+                mask = pc.is_in(t["request_id"], value_set=wanted)
+                if model is not None:
+                    mask = pc.and_(mask, pc.equal(t["model"], model))
+                here: dict[str, int] = {}
+                for rid, i in zip(*(t.filter(mask)[c].to_pylist() for c in ("request_id", "index"))):
+                    here[rid] = max(here.get(rid, 0), i + 1)
+                found.update({rid: n for rid, n in here.items() if rid not in found})
+                if len(found) == len(wanted):
+                    break
+            return found
+        except FileNotFoundError:  # compacted meanwhile: list again, the compacted file holds its rows
+            if attempt == 2:
+                raise
     return found
 
 

@@ -272,3 +272,17 @@ def test_a_failed_write_is_tried_again_and_only_what_never_lands_is_counted_drop
     assert log.backlog == 3 and log.append(records("r4", served(), ["h", "i", "j"], [answer] * 3)) == 3
     log.close()
     assert log.written == 0 and log.dropped == 6 and reported == [3, 3]
+
+
+def test_a_feedback_lookup_reads_the_newest_files_first_and_stops_once_it_has_every_id(tmp_path):
+    """The server looks up ids older than its memory in the files: one file at a time, newest first, so a
+    correction of a recent prediction never reads the months behind it (here an older day is unreadable)."""
+    from kftune.monitor.feedback import logged_requests
+
+    log_dir = tmp_path / "log"
+    four_days(log_dir)
+    for old in (log_dir / "date=2026-03-01").glob("part-*.parquet"):
+        old.write_bytes(b"not parquet: reading this file fails")
+    assert logged_requests(str(log_dir), ["d3-9", "d2-0"]) == {"d3-9": 1, "d2-0": 1}
+    with pytest.raises(Exception, match="Parquet magic bytes"):  # an id not there: every file is read
+        logged_requests(str(log_dir), ["d3-9"], model="another model")
