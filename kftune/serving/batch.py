@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kftune.serving.model import ServedModel, ServingError
@@ -152,6 +153,21 @@ def answer_columns(served: ServedModel, answers: list[dict], fmt: str) -> dict[s
     return cols
 
 
+def _plain(value):
+    """json.dumps's fallback: numpy arrays and scalars (Parquet list and struct columns) as JSON lists and numbers."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _cells_as_json(df: pd.DataFrame) -> pd.DataFrame:
+    """A CSV or TSV cell holding a list or a mapping (an input column of lists: Parquet, JSON Lines) as JSON text,
+    not Python's repr (`['x' 'y']`)."""
+    def cell(v):
+        return json.dumps(v, ensure_ascii=False, default=_plain) if isinstance(v, (list, dict, np.ndarray)) else v
+
+    columns = [c for c in df.columns if df[c].dtype == object]
+    return df.assign(**{c: df[c].map(cell) for c in columns}) if columns else df
+
+
 class _Writer:
     def __init__(self, path: Path, fmt: str):
         self.path, self.fmt, self.parquet, self.rows, self.columns = path, fmt, None, 0, None
@@ -183,8 +199,9 @@ class _Writer:
             with open(self.path, "a", encoding="utf-8") as f:
                 for row in df.to_dict(orient="records"):  # a field a row lacks is null, not NaN (invalid JSON)
                     row = {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                    f.write(json.dumps(row, ensure_ascii=False, default=_plain) + "\n")
         elif self.fmt == "tsv":  # no quoting, as kftune's readers read TSV: a tab or line break cannot be held
+            df = _cells_as_json(df)
             bad = next(((i, c) for c in df.columns for i, v in enumerate(df[c]) if isinstance(v, str)
                         and any(ch in v for ch in "\t\n\r")), None)
             if bad:
@@ -192,7 +209,7 @@ class _Writer:
                                    f"which a TSV file cannot; write CSV or JSON Lines")
             df.to_csv(self.path, mode="a", header=self.rows == 0, index=False, sep="\t", quoting=csv.QUOTE_NONE)
         else:
-            df.to_csv(self.path, mode="a", header=self.rows == 0, index=False)
+            _cells_as_json(df).to_csv(self.path, mode="a", header=self.rows == 0, index=False)
         self.rows += len(df)
 
     def close(self) -> None:

@@ -207,3 +207,18 @@ def test_ids_come_back_exactly_and_outputs_never_replace_inputs(tmp_path, classi
             predict_file(classifier, str(tmp_path / output), str(tmp_path / "q.csv"), input_format="csv",
                          progress=False)
         assert (tmp_path / output).read_text() == before
+
+
+def test_list_and_struct_input_columns_come_back_as_json_in_every_format(tmp_path, classifier):
+    """Parquet hands list columns over as numpy arrays: written as JSON lists, not `['x' 'y']`."""
+    pd.DataFrame({"text": ["a b", "c"], "tags": [["x", "y"], []], "meta": [{"n": 1}, {"n": 2}],
+                  "scores": [[0.5, 1.5], [2.0]]}).to_parquet(tmp_path / "in.parquet")
+    predict_file(classifier, str(tmp_path / "in.parquet"), str(tmp_path / "out.jsonl"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["tags"], r["meta"], r["scores"]) for r in rows] == [(["x", "y"], {"n": 1}, [0.5, 1.5]),
+                                                                  ([], {"n": 2}, [2.0])]
+    for fmt in ("csv", "tsv"):
+        predict_file(classifier, str(tmp_path / "in.parquet"), str(tmp_path / f"out.{fmt}"), progress=False)
+        got = pd.read_csv(tmp_path / f"out.{fmt}", sep="," if fmt == "csv" else "\t", keep_default_na=False)
+        assert [json.loads(v) for v in got["tags"]] == [["x", "y"], []] and json.loads(got["meta"][1]) == {"n": 2}
+        assert got["text"].tolist() == ["a b", "c"]
