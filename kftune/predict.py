@@ -309,32 +309,39 @@ def _word_tags(model, tokenizer, sentences: list[list[str]], batch_size: int, bf
     return tags, scores, tokenized
 
 
+def text_words(backend, texts: list[str]) -> list[list[tuple[str, tuple[int, int]]]]:
+    """Per text, its words with their character offsets, as the tokenizer's backend splits it: its normalizer too
+    (BERT's puts each CJK ideograph on its own, which the pre-tokenizer alone would leave as one word), then
+    its pre-tokenizer (whitespace and punctuation). A word the tokenizer turns into nothing (U+200B) is left out."""
+    backend.no_truncation()  # a long text is windowed later, as in training
+    backend.no_padding()
+    out = []
+    for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False)):
+        spans: dict[int, list[int]] = {}
+        for w, (a, b) in zip(enc.word_ids, enc.offsets):
+            if w is not None:
+                span = spans.setdefault(w, [a, b])
+                span[0], span[1] = min(span[0], a), max(span[1], b)
+        words = []
+        for a, b in spans.values():  # the raw characters behind each word, without spaces or a byte-order mark
+            raw = text[a:b]  # around it (byte-level pre-tokenizers attach the leading space)
+            word = raw.strip().strip("\ufeff").strip()
+            if word:
+                start = a + raw.find(word)
+                words.append((word, (start, start + len(word))))
+        out.append(words)
+    return out
+
+
 def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[list[dict]]:
     """Token classification on raw texts: per text, its entities (type, text, start, end, score).
 
-    Words come from the tokenizer's own pre-tokenizer (BERT's: whitespace and punctuation), with their
-    character offsets; sub-tokens are grouped back into words and words into spans.
+    Words come from the tokenizer itself (text_words), with their character offsets; sub-tokens are grouped back
+    into words and words into spans.
     """
-    import re
-
     from kftune.ner import char_spans, repaired
 
-    pre = tokenizer.backend_tokenizer.pre_tokenizer  # None: split on whitespace
-
-    def words(text: str) -> list[tuple[str, tuple[int, int]]]:
-        # the raw characters behind each pre-token, without surrounding spaces (byte-level pre-tokenizers
-        # rewrite words and attach the leading space)
-        pieces = pre.pre_tokenize_str(text) if pre else [(m.group(), m.span()) for m in re.finditer(r"\S+", text)]
-        out = []
-        for _, (a, b) in pieces:
-            raw = text[a:b]
-            word = raw.strip().strip("\ufeff").strip()  # no spaces or byte-order mark around a word
-            if word:
-                start = a + raw.find(word)
-                out.append((word, (start, start + len(word))))
-        return out
-
-    split = [words(t) for t in texts]
+    split = text_words(tokenizer.backend_tokenizer, texts)
     tags, scores, tokenized = _word_tags(model, tokenizer, [[w for w, _ in ws] for ws in split], batch_size)
     spans = []
     for text, ws, t, s, kept in zip(texts, split, tags, scores, tokenized):

@@ -132,3 +132,26 @@ def test_a_word_the_tokenizer_drops_does_not_cut_an_entity(tiny_model):
     got = [[(e["text"], e["start"], e["end"]) for e in spans] for spans in predict_spans(model.eval(), tok, texts)]
     assert got == [[("gain \u0301 loss", 0, 11)], [("gain \u200b loss", 0, 11)], [("gain loss", 1, 10)],
                    [("gain  loss", 0, 10)]]
+
+
+def test_words_come_from_the_tokenizer_itself_so_cjk_ideographs_are_words_of_their_own(tiny_model):
+    """BERT's normalizer puts each CJK ideograph on its own; its pre-tokenizer alone left "东京是首都" one word,
+    and an entity tagged on its first character took all five."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from kftune.predict import predict_spans, text_words
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = "东京是首都 in Tokyo, \u200bok"
+    assert text_words(tok.backend_tokenizer, [text]) == [[("东", (0, 1)), ("京", (1, 2)), ("是", (2, 3)),
+                                                          ("首", (3, 4)), ("都", (4, 5)), ("in", (6, 8)),
+                                                          ("Tokyo", (9, 14)), (",", (14, 15)), ("ok", (17, 19))]]
+    model = AutoModelForTokenClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label={0: "O", 1: "B-LOC", 2: "I-LOC"}, label2id={"O": 0, "B-LOC": 1, "I-LOC": 2})
+    with torch.no_grad():  # every token B-LOC: each word is an entity of its own
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    [spans] = predict_spans(model.eval(), tok, ["东京是首都"])
+    assert [(e["text"], e["start"], e["end"]) for e in spans] == [("东", 0, 1), ("京", 1, 2), ("是", 2, 3),
+                                                                  ("首", 3, 4), ("都", 4, 5)]
