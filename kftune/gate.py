@@ -37,6 +37,10 @@ class Verdict:
     champion_historical_score: float | None = None
     challenger_golden_score: float | None = None  # register.golden_test, the fixed test file
     champion_golden_score: float | None = None
+    # the champion trained or validated on some test rows (other split settings, given splits): both scored on
+    # the `unseen_rows` it never saw
+    unseen_rows: int | None = None
+    challenger_unseen_score: float | None = None
     reasons: list[str] = field(default_factory=list)
     held_by: list[str] = field(default_factory=list)  # the rules that failed
 
@@ -75,9 +79,11 @@ def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str |
         checks.append(("baseline", ok, f"{prefix}test {name} {v.challenger_score:.4f} {'>' if ok else '<='} "
                        f"{base_name} {v.baseline_score:.4f}"))
     if v.champion_score is not None:
-        ok = v.challenger_score - v.champion_score >= min_delta - TIE
-        checks.append(("champion", ok, f"test {name} {v.challenger_score:.4f} {'>=' if ok else '<'} champion "
-                       f"{v.champion_score:.4f} + min_delta {min_delta:.4f} on the same test split"))
+        mine, where = (v.challenger_score, "on the same test split") if v.unseen_rows is None else \
+            (v.challenger_unseen_score, f"on the {v.unseen_rows} test rows the champion never trained on")
+        ok = mine - v.champion_score >= min_delta - TIE
+        checks.append(("champion", ok, f"test {name} {mine:.4f} {'>=' if ok else '<'} champion "
+                       f"{v.champion_score:.4f} + min_delta {min_delta:.4f} {where}"))
     for rule_name, where, champion, challenger in (
             ("forgetting", "historical test", v.champion_historical_score, v.challenger_historical_score),
             ("golden-test", "golden test", v.champion_golden_score, v.challenger_golden_score)):
@@ -114,6 +120,22 @@ def score_version(uri: str, tests: dict[str, pd.DataFrame], labels: list[str], p
         y = df["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
         out[name] = classification_metrics(y, probs, labels, params.evaluate.ece_bins)["macro_f1"]
     return out
+
+
+def seen_by(name: str, version: str) -> set[str]:
+    """The texts a registered version trained or validated on (its reference rows' train and validation splits).
+    A version whose reference cannot be read counts as having seen none, with a warning."""
+    import tempfile
+
+    from kftune.steps.resolve import download_reference
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            rows, _ = download_reference(name, version, tmp)
+        except Exception as exc:  # noqa: BLE001 - DataError: compared as before, on the whole split
+            log.warning("cannot tell which test rows v%s trained on, so it is scored on all of them: %s", version, exc)
+            return set()
+    return set(rows.loc[rows["split"].isin(["train", "validation"]), "text"])
 
 
 def smoke_test(uri: str, texts: list[str], labels: list[str], task: str) -> str | None:
@@ -156,6 +178,16 @@ def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labe
                                                         {"golden": tests["golden"]}, labels, params)["golden"]
     if verdict.champion_version:
         try:
+            seen = seen_by(cfg.model_name, verdict.champion_version)
+            unseen = tests["test"][~tests["test"]["text"].isin(seen)]
+            if len(unseen) < len(tests["test"]):  # its score on rows it trained on would be inflated
+                if unseen.empty:
+                    raise registry.RegistryError(f"it trained or validated on all {len(tests['test'])} test rows of "
+                                                 f"this split (other ingest split settings, or given splits)")
+                verdict.unseen_rows = len(unseen)
+                verdict.challenger_unseen_score = score_version(f"models:/{cfg.model_name}/{verdict.version}",
+                                                                {"test": unseen}, labels, params)["test"]
+                tests = {**tests, "test": unseen}
             measured = score_version(f"models:/{cfg.model_name}/{verdict.champion_version}", tests, labels, params)
             verdict.champion_score, verdict.champion_historical_score = measured["test"], measured.get("historical")
             verdict.champion_golden_score = measured.get("golden")

@@ -71,3 +71,36 @@ def test_the_model_card_names_the_baseline_when_the_champion_could_not_be_scored
     unscorable.champion_version, unscorable.decision = "5", "hold"  # judged, but v5 could not be scored
     card = model_card("m", "6", "bert-tiny", {}, metrics, unscorable, "abc", "run")
     assert "against the tfidf_logreg baseline 0.6100" in card and "champion v5 0.61" not in card
+
+
+def test_the_champion_is_compared_only_on_test_rows_it_never_trained_on():
+    ok, why, held = rule(Verdict("hold", "2", "macro_f1", 0.80, 0.5, "1", 0.83, unseen_rows=40,
+                                 challenger_unseen_score=0.84), 0.005, 0.02)
+    assert ok and not held and "0.8400 >= champion 0.8300 + min_delta 0.0050 on the 40 test rows the champion " \
+                               "never trained on" in why[1]
+
+
+def test_a_champion_that_trained_on_this_test_split_is_scored_on_the_rest(mlflow_store, tiny_model, tmp_path):
+    """Other split settings put most of the champion's training rows into this run's test split: scored there it
+    would look better than it is and hold a better challenger. Both are scored on the rows it never saw."""
+    import dataclasses
+
+    import pandas as pd
+
+    from kftune import registry
+    from kftune.steps.resolve import reference_rows
+    from tests.conftest import subword_texts, tiny_params, with_changes
+    from tests.serving.conftest import _register, _train
+
+    params = tiny_params(tiny_model)
+    subword_texts(300).to_csv(tmp_path / "texts.csv", index=False)
+    _train(tmp_path / "v1", tmp_path / "texts.csv", params, steps=4)
+    registry.promote(params.register.model_name, _register(tmp_path / "v1", params), "first")
+    salted = dataclasses.replace(params, ingest=with_changes(params.ingest, split_salt="another salt"))
+    _train(tmp_path / "v2", tmp_path / "texts.csv", salted, steps=4)
+    _register(tmp_path / "v2", salted)
+    decision = pd.read_json(next((tmp_path / "v2").glob("gate-*/decision.json")), typ="series")
+    first, test = reference_rows(tmp_path / "v1" / "data"), pd.read_parquet(tmp_path / "v2" / "data" / "test.parquet")
+    unseen = (~test["text"].isin(first.loc[first["split"] != "test", "text"])).sum()
+    assert 0 < unseen < len(test) and decision["unseen_rows"] == unseen
+    assert any(f"on the {unseen} test rows the champion never trained on" in r for r in decision["reasons"])
