@@ -245,7 +245,7 @@ class DriftConfig:
         out += [f"drift.{k}={getattr(self, k)!r}: must be > 0" for k in
                 ("psi_threshold", "oov_increase", "unseen_entity_increase", "permutations", "max_rows", "batch_size")
                 if getattr(self, k) <= 0]
-        if self.permutations and 1 / (self.permutations + 1) >= self.alpha:
+        if self.permutations > 0 and 1 / (self.permutations + 1) >= self.alpha:
             out.append(f"drift.permutations={self.permutations}: too few to reach p < drift.alpha={self.alpha}")
         return out
 
@@ -408,6 +408,12 @@ class AlertRule:
     for_checks: int = 1  # fire only after this many failing checks in a row (Prometheus' `for`)
 
 
+def _text(value) -> str:
+    """A rule's name or label as text: a whole number is the same text whether YAML gave an int or a cluster task's
+    protobuf Struct (which keeps every number as a float) gave 1.0."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
     out, problems = [], []
     for i, r in enumerate(rules):
@@ -423,8 +429,8 @@ def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
         problems += [f"{key}.{k}: unknown key for a {kind} rule (keys: {', '.join(needed)}, for_checks)"
                      for k in extra]
         for_checks = r.get("for_checks", 1)
-        if isinstance(for_checks, bool) or not isinstance(for_checks, (int, float)) or for_checks < 1 \
-                or for_checks != int(for_checks):
+        if isinstance(for_checks, bool) or not isinstance(for_checks, (int, float)) or not math.isfinite(for_checks) \
+                or for_checks < 1 or for_checks != int(for_checks):
             problems.append(f"{key}.for_checks={for_checks!r}: must be a whole number >= 1")
             continue
         if missing or extra:
@@ -433,7 +439,7 @@ def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
         if seconds is None or seconds <= 0:
             problems.append(f"{key}.window={r['window']!r}: not a duration like 90s, 30m, 1h or 2d")
         bad = [k for k in ("min_requests", *ALERT_KINDS[kind]) if k != "label" and
-               (isinstance(r[k], bool) or not isinstance(r[k], (int, float)) or r[k] < 0)]
+               (isinstance(r[k], bool) or not isinstance(r[k], (int, float)) or not math.isfinite(r[k]) or r[k] < 0)]
         problems += [f"{key}.{k}={r[k]!r}: must be a number >= 0" for k in bad]
         if "min_requests" not in bad and r["min_requests"] != int(r["min_requests"]):
             bad.append("min_requests")
@@ -441,12 +447,13 @@ def parse_rules(rules: list[dict]) -> tuple[list[AlertRule], list[str]]:
         if kind == "label_share" and not bad and not 0 < r["max_share"] < 1:
             problems.append(f"{key}.max_share={r['max_share']!r}: must be in (0, 1)")
         if seconds and not bad:
-            out.append(AlertRule(str(r["name"]), kind, seconds, int(r["min_requests"]), for_checks=int(for_checks),
-                                 **{k: (str(r[k]) if k == "label" else float(r[k])) for k in ALERT_KINDS[kind]}))
+            out.append(AlertRule(_text(r["name"]), kind, seconds, int(r["min_requests"]),
+                                 for_checks=int(for_checks),
+                                 **{k: (_text(r[k]) if k == "label" else float(r[k])) for k in ALERT_KINDS[kind]}))
     names = [r.get("name") for r in rules]
     problems += [f"monitor.rules[{i}].name={n!r}: must be a non-empty text" for i, n in enumerate(names)
-                 if not isinstance(n, (str, int)) or isinstance(n, bool) or not str(n).strip()]
-    names = [str(n) for n in names]  # 1 and "1" are the same alert
+                 if not isinstance(n, (str, int, float)) or isinstance(n, bool) or not str(n).strip()]
+    names = [_text(n) for n in names]  # 1 and "1" are the same alert
     problems += [f"monitor.rules: name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
     return out, problems
 

@@ -92,6 +92,19 @@ def test_kfp_struct_numbers_come_back_as_floats_and_are_accepted():
         params_from_dict(data)
 
 
+def test_a_rules_numeric_label_and_name_read_the_same_after_a_kfp_struct():
+    """A cluster task gets params through a protobuf Struct, where every integer becomes a float: a rule on label 1
+    must still watch label "1", not "1.0" (which the champion lacks: the rule could never fire)."""
+    rules = "[{name: 7, kind: label_share, label: 1, max_share: 0.5, window: 1h, min_requests: 1}]"
+    local = load_params(ROOT / "params.yaml", [f"monitor.rules={rules}"])
+    data = local.to_dict()
+    data["monitor"]["rules"] = [{k: float(v) if isinstance(v, int) else v for k, v in r.items()}
+                                for r in data["monitor"]["rules"]]
+    on_cluster = params_from_dict(data)
+    assert [(r.name, r.label) for r in on_cluster.monitor.parsed_rules()] == [("7", "1")]
+    assert local.monitor.parsed_rules() == on_cluster.monitor.parsed_rules()
+
+
 def test_missing_params_file_says_where():
     with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
         load_params("nope.yaml")
@@ -122,6 +135,13 @@ def test_a_malformed_override_is_a_clear_error(bad):
      "{name: '1', kind: volume, window: 2h, min_requests: 1}]", "monitor.rules: name '1' is used twice"),
     ("monitor.rules=[{name: v, kind: volume, window: 1h, min_requests: 1.5}]",
      "monitor.rules[0].min_requests=1.5: must be a whole number"),
+    ("drift.permutations=-1", "drift.permutations=-1: must be > 0"),
+    ("monitor.rules=[{name: v, kind: volume, window: 1h, min_requests: .inf}]",
+     "monitor.rules[0].min_requests=inf: must be a number >= 0"),
+    ("monitor.rules=[{name: v, kind: volume, window: 1h, min_requests: 1, for_checks: .inf}]",
+     "monitor.rules[0].for_checks=inf: must be a whole number >= 1"),
+    ("monitor.rules=[{name: q, kind: live_quality, window: 1h, min_requests: 1, max_gap: .nan}]",
+     "monitor.rules[0].max_gap=nan: must be a number >= 0"),
 ])
 def test_values_that_would_break_a_later_step_are_refused_up_front(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
