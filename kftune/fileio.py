@@ -13,6 +13,17 @@ from pathlib import Path
 from kftune.config import KftuneError
 
 
+def umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it, racing other threads' new files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temp folder beside `path`; it replaces `path` only if the block succeeds.
@@ -37,6 +48,7 @@ def atomic_dir(path: str | Path):
             for name in kept:
                 os.replace(path / name, tmp / name)
             shutil.rmtree(path)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the output from other users (a server's uid)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -61,6 +73,7 @@ def write_json(path: str | Path, obj, sort_keys: bool = True) -> None:
             f.write(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600: readable as any file written here
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
