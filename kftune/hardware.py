@@ -68,18 +68,40 @@ def choose_bf16(setting: str, device: str, cuda_bf16: bool, flags: set[str]) -> 
     return Choice(native, f"finetune.bf16=auto: {where}")
 
 
-def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup") -> float | None:
-    """CPUs allowed by the cgroup quota (a container's or pod's CPU limit), None when unlimited."""
+def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", own: str | Path = "/proc/self/cgroup") -> float | None:
+    """CPUs allowed by the cgroup quota (a container's or pod's CPU limit), None when unlimited: the smallest quota
+    from this process's own cgroup (`own`: a systemd unit's CPUQuota, a container sharing the host's cgroup
+    namespace) up to the root (what a container with a namespace of its own sees), in cgroup v2 and v1."""
     root = Path(root)
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        lines = [line.split(":", 2) for line in Path(own).read_text().splitlines() if line.count(":") >= 2]
+    except OSError:
+        lines = []
+    v2 = next((path for hid, _, path in lines if hid == "0"), "/")
+    v1 = next((path for _, controllers, path in lines if "cpu" in controllers.split(",")), "/")
+    limits = []
+    for base, path, read in ((root, v2, _v2_quota), (root / "cpu", v1, _v1_quota)):
+        folder = base.joinpath(*[p for p in path.split("/") if p not in ("", ".", "..")])
+        for where in (folder, *folder.parents):
+            if (quota := read(where)) is not None:
+                limits.append(quota)
+            if where == base:
+                break
+    return min(limits, default=None)
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]  # "max 100000" or "200000 100000"
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
-        pass
-    try:  # cgroup v1
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota <= 0 else quota / period
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())  # -1: unlimited
+        return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
 

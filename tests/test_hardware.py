@@ -80,6 +80,27 @@ def test_cgroup_quota_v2_and_v1(tmp_path):
     assert cgroup_cpu_limit(tmp_path / "none") is None
 
 
+def test_a_quota_on_the_processs_own_cgroup_or_a_parent_counts_not_only_the_roots(tmp_path):
+    """A systemd unit's CPUQuota or a container sharing the host's cgroup namespace: the limit is on the process's
+    own cgroup (or one above it), which /proc/self/cgroup names; the smallest on the way up wins."""
+    own = tmp_path / "self-cgroup"
+    own.write_text("0::/system.slice/job.scope/worker\n")
+    root = tmp_path / "v2"
+    for folder, limit in (("", "max 100000"), ("system.slice", "max 100000"),
+                          ("system.slice/job.scope", "300000 100000"), ("system.slice/job.scope/worker", "max 100000")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "cpu.max").write_text(limit + "\n")
+    assert cgroup_cpu_limit(root, own) == 3.0
+    (root / "system.slice/job.scope/worker/cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(root, own) == 1.5
+    own.write_text("12:cpu,cpuacct:/docker/abc\n11:cpuset:/docker/abc\n")  # cgroup v1, the host's namespace
+    (tmp_path / "v1" / "cpu" / "docker" / "abc").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "v1" / "cpu" / "docker" / "abc" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path / "v1", own) == 0.5
+    assert cgroup_cpu_limit(tmp_path / "none", own) is None
+
+
 @pytest.mark.parametrize("flags, precision", [(AVX2_ONLY, "fp32"), (AVX512_BF16, "bf16")])
 def test_a_default_run_trains_in_bf16_only_on_a_cpu_with_native_bf16(prepared, params, tmp_path, monkeypatch,
                                                                        flags, precision):
