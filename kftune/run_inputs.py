@@ -26,8 +26,13 @@ def defaults_of(params: dict) -> dict:
 
 def apply(params: dict, inputs: dict) -> dict:
     """`params` with the run inputs written into their keys, validated (raises ConfigError naming each key)."""
-    from kftune.config import params_from_dict
+    from kftune.config import ConfigError, params_from_dict
 
+    lora = params["finetune"]["method"] == "lora"
+    if lora and "learning_rate" in inputs and float(inputs["learning_rate"]) != params["finetune"]["learning_rate"]:
+        raise ConfigError(f"pipeline inputs: learning_rate={inputs['learning_rate']!r} sets finetune.learning_rate, "
+                          f"which finetune.method=lora does not use: set finetune.lora_learning_rate in the params "
+                          f"(now {params['finetune']['lora_learning_rate']!r})")
     data = copy.deepcopy(params)
     for name, value in inputs.items():
         section, key = RUN_INPUTS[name].split(".")

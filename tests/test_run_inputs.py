@@ -46,3 +46,8 @@ def test_the_settings_task_keeps_the_digest_and_applies_what_a_run_changes(param
     assert changed.digest() != params.digest()
     with pytest.raises(ConfigError, match="finetune.batch_size"):
         settings_op.python_func(params=doc, **{**defaults_of(doc), "batch_size": 0})
+    lora = {**doc, "finetune": {**doc["finetune"], "method": "lora"}}  # its rate is finetune.lora_learning_rate
+    assert params_from_dict(settings_op.python_func(params=lora, **defaults_of(lora))).finetune.method == "lora"
+    with pytest.raises(ConfigError, match="learning_rate=5e-05 sets finetune.learning_rate, which finetune.method=lora "
+                                          "does not use: set finetune.lora_learning_rate"):
+        settings_op.python_func(params=lora, **{**defaults_of(lora), "learning_rate": 5e-5})
