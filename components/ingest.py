@@ -30,5 +30,10 @@ def ingest_op(data_path: str, data_repo: str, data_rev: str, data_hash: str, par
     if data_hash and data_hash != card["sha256"]:
         raise ValueError(f"{data_path} at {data_rev or 'HEAD'} changed since submission: content SHA-256 "
                          f"{card['sha256']} != data_hash {data_hash}")
+    if p.register.golden_test:  # read where register will read it, before the fine-tune, not after
+        from kftune.splits import check_golden, read_golden
+
+        golden = p.register.golden_test
+        check_golden(read_golden(golden, p.ingest, p.task), card["labels"], golden)
     data.metadata.update({"sha256": card["sha256"], "rows": card["rows"], **card["lineage"]})
     return card["sha256"]

@@ -42,6 +42,13 @@ def test_a_golden_test_with_unknown_labels_fails_before_anything_is_registered(t
     message = rf"register.golden_test={golden}: labels \['bullish'\] are not among the model's"
     with pytest.raises(DataError, match=message):  # `kftune run`: before training
         preflight(str(subword_csv), gated)
-    with pytest.raises(DataError, match=message):  # a cluster or retraining run: before registering
+    with pytest.raises(DataError, match=message):  # a cluster run: in its ingest task, before the fine-tune
+        from kfp import dsl
+
+        from components.ingest import ingest_op
+
+        ingest_op.python_func(data_path=str(subword_csv), data_repo="", data_rev="", data_hash="",
+                              params=gated.to_dict(), data=dsl.Dataset(uri=str(tmp_path / "ingested")))
+    with pytest.raises(DataError, match=message):  # a retraining run: before registering
         train_and_register(prepared, gated, "never", max_steps=1)
     assert not MlflowClient().search_model_versions(f"name='{params.register.model_name}'")
