@@ -27,11 +27,20 @@ def baseline_probs(train: pd.DataFrame, test: pd.DataFrame, labels: list[str], c
 
     y = train["label"].map({lbl: i for i, lbl in enumerate(labels)}).to_numpy()
     prior = np.bincount(y, minlength=len(labels)) / len(y)
-    tfidf = make_pipeline(TfidfVectorizer(ngram_range=(1, cfg.tfidf_ngram_max), sublinear_tf=True),
-                          LogisticRegression(C=cfg.tfidf_c, max_iter=2000))
-    tfidf.fit(train["text"], y)
+    def tfidf(**vectorizer):
+        return make_pipeline(TfidfVectorizer(sublinear_tf=True, **vectorizer), LogisticRegression(C=cfg.tfidf_c,
+                                                                                                 max_iter=2000))
+
+    try:
+        model = tfidf(ngram_range=(1, cfg.tfidf_ngram_max)).fit(train["text"], y)
+    except ValueError as exc:  # no word of two or more letters in any training text (emoji, single CJK characters)
+        if "empty vocabulary" not in str(exc):
+            raise
+        log.warning("evaluate: the training texts have no words of two or more characters; the TF-IDF baseline "
+                    "reads character n-grams (1-3) instead")
+        model = tfidf(analyzer="char_wb", ngram_range=(1, 3)).fit(train["text"], y)
     tfidf_probs = np.zeros((len(test), len(labels)))
-    tfidf_probs[:, tfidf.classes_] = tfidf.predict_proba(test["text"])
+    tfidf_probs[:, model.classes_] = model.predict_proba(test["text"])
     return {"majority": np.tile(prior, (len(test), 1)), "tfidf_logreg": tfidf_probs}
 
 

@@ -137,3 +137,14 @@ def test_the_confusion_matrix_of_150_labels_is_an_image_a_viewer_opens(tmp_path)
     _plot_confusion(np.random.default_rng(0).integers(0, 5, (150, 150)).tolist(), labels, tmp_path / "cm.png")
     with Image.open(tmp_path / "cm.png") as image:
         assert max(image.size) <= 4000, image.size
+
+
+def test_the_tfidf_baseline_reads_character_ngrams_when_no_text_has_a_word_of_two_letters(params, caplog):
+    """Emoji reactions or single CJK characters are valid data: the word baseline's vocabulary would be empty."""
+    from kftune.steps.evaluate import baseline_probs
+
+    train = pd.DataFrame({"text": ["😀", "😀 😀", "好", "😡", "😡 😡", "差"] * 3,
+                          "label": ["positive", "positive", "positive", "negative", "negative", "negative"] * 3})
+    test = pd.DataFrame({"text": ["😀", "😡"], "label": ["positive", "negative"]})
+    probs = baseline_probs(train, test, ["negative", "positive"], params.evaluate)
+    assert probs["tfidf_logreg"].argmax(1).tolist() == [1, 0] and "character n-grams" in caplog.text
