@@ -9,6 +9,8 @@ test set is never thinned by a leak from train.
 
 from __future__ import annotations
 
+import unicodedata
+
 import numpy as np
 import pandas as pd
 
@@ -69,7 +71,9 @@ def read_golden(path: str, cfg: IngestConfig, task: str) -> pd.DataFrame:
     if task == "token-classification":
         return read_sentences(path, cfg)[0]
     df, _ = read_tables(path, cfg)
-    df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())
+    # as ingest reads labels (tables.clean): NFC, so "négatif" typed two ways is the model's label
+    df = df.assign(text=df["text"].map(normalise), label=df["label"].map(lambda s: unicodedata.normalize("NFC", s)
+                                                                              .strip()))
     return df[(df["text"] != "") & (df["label"] != "")].reset_index(drop=True)
 
 

@@ -109,3 +109,18 @@ def _params_file(tmp_path, params) -> str:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     return str(path)
+
+
+def test_golden_labels_are_read_as_ingest_reads_them(tmp_path, params):
+    """A golden file saved on macOS spells "négatif" decomposed (NFD); the training data's NFC spelling is the same
+    label."""
+    import unicodedata
+
+    from kftune.splits import check_golden, read_golden
+
+    golden = tmp_path / "golden.csv"
+    golden.write_text("text,label\nbad news,%s\ngood news, positif\n" % unicodedata.normalize("NFD", "négatif"),
+                      encoding="utf-8")
+    rows = read_golden(str(golden), params.ingest, "sequence-classification")
+    check_golden(rows, ["négatif", "positif"], str(golden))
+    assert rows["label"].tolist() == ["négatif", "positif"]
