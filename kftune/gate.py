@@ -56,7 +56,7 @@ TIE = 1e-9  # a difference exactly at min_delta or max_forgetting passes, whatev
 
 
 def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str | None = None,
-         champion_error: str | None = None) -> tuple[bool, list[str], list[str]]:
+         champion_error: str | None = None, golden_error: str | None = None) -> tuple[bool, list[str], list[str]]:
     """The decision rule, pure. Returns (passes, reasons with numbers, names of the rules that failed).
 
     A challenger must beat the baseline, unless the champion is itself below the baseline on this
@@ -92,6 +92,8 @@ def rule(v: Verdict, min_delta: float, max_forgetting: float, smoke_error: str |
             ok = drop <= max_forgetting + TIE
             checks.append((rule_name, ok, f"{where} {name} {challenger:.4f} vs champion {champion:.4f}: drop "
                            f"{drop:.4f} {'<=' if ok else '>'} max_forgetting {max_forgetting:.4f}"))
+    if golden_error:
+        checks.append(("golden-test", False, f"golden test: {golden_error}"))
     checks.append(("smoke-test", not smoke_error, f"smoke test through the registry failed: {smoke_error}"
                    if smoke_error else "smoke test through the registry passed"))
     return (all(ok for _, ok, _ in checks), [why for _, _, why in checks],
@@ -171,14 +173,24 @@ def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labe
     """Score the champion on `tests` (test, historical when retraining, golden with register.golden_test: read and
     checked before the version was registered), smoke-test the challenger, apply the rule; fills the verdict's
     champion scores, decision and reasons."""
-    cfg = params.register
-    champion_error = None
-    if "golden" in tests:  # the fixed test set: both sides re-scored on it every time
-        verdict.challenger_golden_score = score_version(f"models:/{cfg.model_name}/{verdict.version}",
-                                                        {"golden": tests["golden"]}, labels, params)["golden"]
+    cfg, tests = params.register, dict(tests)
+    champion_error, golden_error, notes = None, None, []
+    seen = seen_by(cfg.model_name, verdict.champion_version) if verdict.champion_version else set()
+    if "golden" in tests:  # the fixed test set: both sides re-scored on it every time, on rows neither trained on
+        golden, trained = tests["golden"], tests.pop("golden_trained_on", False)  # register: the challenger's
+        kept = golden[~(trained | golden["text"].isin(seen))]
+        if len(kept) < len(golden):
+            notes.append(f"golden test: {len(golden) - len(kept)} of its {len(golden)} rows left out, the challenger "
+                         f"or the champion trained or validated on them")
+        tests = {**tests, "golden": kept}
+        if kept.empty:
+            golden_error = "every row was training or validation data, so it cannot show what was forgotten"
+            del tests["golden"]
+        else:
+            verdict.challenger_golden_score = score_version(f"models:/{cfg.model_name}/{verdict.version}",
+                                                            {"golden": kept}, labels, params)["golden"]
     if verdict.champion_version:
         try:
-            seen = seen_by(cfg.model_name, verdict.champion_version)
             unseen = tests["test"][~tests["test"]["text"].isin(seen)]
             if len(unseen) < len(tests["test"]):  # its score on rows it trained on would be inflated
                 if unseen.empty:
@@ -196,7 +208,8 @@ def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labe
     smoke_error = smoke_test(f"models:/{cfg.model_name}/{verdict.version}",
                              tests["test"]["text"].head(cfg.smoke_examples).tolist(), labels, task)
     ok, verdict.reasons, verdict.held_by = rule(verdict, cfg.min_delta, cfg.max_forgetting, smoke_error,
-                                                champion_error)
+                                                champion_error, golden_error)
+    verdict.reasons += notes
     verdict.decision = (AWAITING if cfg.require_approval else PROMOTE) if ok else HOLD
     if verdict.decision == AWAITING:
         verdict.reasons.append(f"register.require_approval is true: approve with `kftune models promote "

@@ -52,3 +52,30 @@ def test_a_golden_test_with_unknown_labels_fails_before_anything_is_registered(t
     with pytest.raises(DataError, match=message):  # a retraining run: before registering
         train_and_register(prepared, gated, "never", max_steps=1)
     assert not MlflowClient().search_model_versions(f"name='{params.register.model_name}'")
+
+
+def test_golden_rows_either_side_trained_on_are_left_out_and_all_of_them_hold(tmp_path, prepared, params,
+                                                                             mlflow_store):
+    """A golden file cut from earlier labelled batches overlaps the training data: scored there, the challenger
+    would look as if it forgot nothing. Those rows are left out, and a file that is all training rows holds."""
+    import pandas as pd
+
+    name = params.register.model_name
+    _, first = train_and_register(prepared, params, "champion", max_steps=4)
+    registry.promote(name, first.version, "test", expected_champion=None)
+    train = pd.read_parquet(prepared / "data" / "train.parquet")
+    golden = tmp_path / "golden.csv"
+    pd.concat([train[["text", "label"]].head(30), subword_texts(20, seed=21)]).to_csv(golden, index=False)
+    gated = dataclasses.replace(params, register=dataclasses.replace(params.register, golden_test=str(golden),
+                                                                     min_delta=-1.0, max_forgetting=1.0))
+    _, verdict = train_and_register(prepared, gated, "second", max_steps=4)
+    unseen = tmp_path / "unseen.csv"
+    subword_texts(20, seed=21).to_csv(unseen, index=False)
+    assert verdict.challenger_golden_score == score(f"{name}/{verdict.version}", str(unseen), params)["metrics"][
+        "macro_f1"]
+    assert "golden test: 30 of its 50 rows left out, the challenger or the champion trained or validated on them" \
+        in verdict.reasons and "golden-test" not in verdict.held_by
+    train[["text", "label"]].head(30).to_csv(golden, index=False)
+    _, verdict = train_and_register(prepared, gated, "third", max_steps=4)
+    assert "golden-test" in verdict.held_by and verdict.decision == "hold"
+    assert "golden test: every row was training or validation data" in " ".join(verdict.reasons)

@@ -150,6 +150,8 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
 
         tests["golden"] = read_golden(cfg.golden_test, params.ingest, task)
         check_golden(tests["golden"], metrics["labels"], cfg.golden_test)
+        trained = {t for s in ("train", "validation") for t in pd.read_parquet(data_dir / f"{s}.parquet")["text"]}
+        tests["golden_trained_on"] = tests["golden"]["text"].isin(trained)  # the gate leaves these rows out
     progress = Progress("register", 4, "parts (run, model, gate, card)", every=0)
     with mlflow.start_run(run_id=run_id or None, experiment_id=None if run_id else experiment_id(cfg.experiment)) as run:
         _log_run(data_dir, model_dir, eval_dir, card, metrics, params, tags, new_run=not run_id)
