@@ -281,14 +281,14 @@ def cmd_completion(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from kftune.tracking import flatten
+    from kftune.tracking import flatten, redacted
 
-    values = flatten(_params(args).to_dict())
+    values = flatten(redacted(_params(args).to_dict()))  # a credential shows where it points only
     shipped = Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults kftune ships with
     if args.changed and not shipped.exists():
         raise KftuneError(f"--changed compares with kftune's own params.yaml, which is not at {shipped} (an install "
                           f"that is not editable: `pip install -e .` from the project keeps it beside the package)")
-    defaults = flatten(load_params(shipped).to_dict()) if shipped.exists() else {}
+    defaults = flatten(redacted(load_params(shipped).to_dict())) if shipped.exists() else {}
     for key, text in params_help().items():
         value = values.get(key)
         if args.changed and key in defaults and defaults[key] == value:

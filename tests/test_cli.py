@@ -216,6 +216,11 @@ def test_params_prints_values_and_changed_only_what_differs(capsys):
     assert main(["params", "--changed", "--params", str(ROOT / "params.yaml"), "-S", "finetune.epochs=1"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert line.startswith("finetune.epochs") and line.endswith("(default 0)")
+    # a webhook URL carries its token: shown as where it points, however short
+    assert main(["params", "--changed", "--params", str(ROOT / "params.yaml"), "-S",
+                 "monitor.webhook_url=https://h.io/T0K3N"]) == 0
+    out = capsys.readouterr().out
+    assert "https://h.io/..." in out and "T0K3N" not in out
 
 
 def test_params_changed_outside_an_editable_install_says_why_it_cannot_compare(monkeypatch, tmp_path, capsys):
