@@ -40,6 +40,8 @@ def compile_pipeline(params: Params, out: str | Path, which: str = "training", i
 
     if not Path(out).resolve().parent.is_dir():
         raise ClusterError(f"{out}: the folder {Path(out).resolve().parent} does not exist")
+    if Path(out).suffix not in (".yaml", ".yml"):  # KFP: .json is deprecated and cannot hold the Kubernetes parts
+        raise ClusterError(f"{out}: a compiled pipeline is KFP IR YAML; name the file .yaml or .yml")
     defaults = params.to_dict()
     secret = params.cluster.webhook_secret
     if params.monitor.webhook_url and which == "monitoring":

@@ -99,6 +99,8 @@ def test_compile_writes_ir_yaml_with_the_image_given_on_every_task(tmp_path, cap
     spec = next(yaml.safe_load_all(out.read_text()))
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
         "registry.example/kftune:7"}, "the image is handed in when the pipeline is built, not read at import"
+    assert main(["compile", "-o", str(tmp_path / "pipeline.json"), "--params", str(ROOT / "params.yaml")]) == 2
+    assert "pipeline.json: a compiled pipeline is KFP IR YAML; name the file .yaml" in capsys.readouterr().err
 
 
 def test_a_missing_folder_a_kfp_api_error_and_a_second_recurring_run_are_one_line_errors(tmp_path, capsys):
