@@ -90,7 +90,7 @@ def run_pipeline(which: str, params: Params, project_dir: Path, verbose: bool = 
         os.environ[WEBHOOK_ENV] = doc["monitor"]["webhook_url"]  # as a parameter kfp.local would log it
         doc["monitor"]["webhook_url"] = ""
     outputs = project_dir / "local_outputs"
-    run_id = f"{which}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = f"{which}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # Ctrl-C stops this run's containers only
     if runner == "docker":  # every task in the component image (kftune.containers), against a tracking server
         from kftune.cluster import image as default_image
         from kftune.containers import docker_runner
