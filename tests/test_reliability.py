@@ -87,12 +87,14 @@ def test_a_runner_error_that_is_not_a_step_failure_still_ends_the_runs(tmp_path,
 
     import kftune.cluster
     from kftune.local import run_pipeline
-    from kftune.tracking import owner
+    from kftune.tracking import experiment_id, owner
 
     def pipeline(which):
         def compiled(*args, **kwargs):
-            def run(**arguments):
-                with mlflow.start_run(tags={"kftune.owner": owner()}):  # what a step's run carries
+            def run(**arguments):  # what a step's run carries; an explicit experiment: this worker's active one
+                # may be another test's, in another store
+                with mlflow.start_run(experiment_id=experiment_id(params.register.experiment),
+                                      tags={"kftune.owner": owner()}):
                     raise ConnectionResetError("the engine went away")
             return run
         return compiled
