@@ -7,7 +7,7 @@ the description of the run that trained it. Pure functions of the step outputs, 
 from __future__ import annotations
 
 from kftune.console import code_span, markdown_cell
-from kftune.metrics import score_cells
+from kftune.metrics import score_cells, unscored
 
 
 def _score_rows(metrics: dict, verdict) -> list[str]:
@@ -20,7 +20,19 @@ def _score_rows(metrics: dict, verdict) -> list[str]:
     if verdict.champion_version and verdict.champion_score is not None:
         cells = [f"{verdict.champion_score:.4f}" if k == primary else "" for k in keys]
         lines.append(f"| champion v{verdict.champion_version} (re-scored now) | " + " | ".join(cells) + " |")
+        if verdict.unseen_rows is not None:
+            cells = [f"{verdict.challenger_unseen_score:.4f}" if k == primary else "" for k in keys]
+            lines[-1] = lines[-1].replace("(re-scored now)", f"(re-scored now, on the {verdict.unseen_rows} rows "
+                                                              f"it never trained on)")
+            lines.append(f"| **this version**, on the same {verdict.unseen_rows} rows | " + " | ".join(cells) + " |")
     return lines
+
+
+def _compared(verdict) -> tuple[float, str]:
+    """The challenger's score the gate compared with the reference, and on which rows."""
+    if verdict.unseen_rows is not None and verdict.champion_score is not None:
+        return verdict.challenger_unseen_score, f" on the {verdict.unseen_rows} test rows the champion never trained on"
+    return verdict.challenger_score, ""
 
 
 LABEL_ROWS = 20  # more labels (150 intents): the weakest this many, so the card keeps its later sections
@@ -28,12 +40,15 @@ LABEL_ROWS = 20  # more labels (150 intents): the weakest this many, so the card
 
 def _per_class_rows(metrics: dict) -> list[str]:
     per = metrics["model"].get("per_class") or metrics["model"].get("per_type", {})
-    shown = per if len(per) <= LABEL_ROWS else dict(sorted(per.items(), key=lambda kv: kv[1]["f1"])[:LABEL_ROWS])
+    shown = per if len(per) <= LABEL_ROWS else dict(sorted(  # no test rows and never predicted: nothing to show
+        ((lbl, c) for lbl, c in per.items() if not unscored(c)), key=lambda kv: kv[1]["f1"])[:LABEL_ROWS])
     lines = ["| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {markdown_cell(lbl)} | {score_cells(c)} | {c['support']} |" for lbl, c in shown.items()]
     if len(shown) < len(per):
-        lines += ["", f"The {len(shown)} weakest of {len(per)} labels; all of them are in the run's "
-                      f"`evaluation/report.html`."]
+        idle = sum(unscored(c) for c in per.values())
+        lines += ["", f"The {len(shown)} weakest of {len(per) - idle} scored labels"
+                      + (f" ({idle} more had no test rows and no predictions)" if idle else "")
+                      + "; all of them are in the run's `evaluation/report.html`."]
     return lines
 
 
@@ -89,8 +104,8 @@ def model_card(name: str, version: str, base_model: str, card: dict, metrics: di
     lines = [f"# {name} v{version}", "",
              f"A {task.replace('-', ' ')} model fine-tuned from `{code_span(base_model)}` by kftune; "
              f"labels: {_labels(metrics['labels'])}.", "",
-             f"**Gate: {verdict.decision}** — test {primary} {verdict.challenger_score:.4f} against {against} "
-             f"{verdict.reference_score:.4f}.", "", "## Why", ""]
+             f"**Gate: {verdict.decision}** — test {primary} {_compared(verdict)[0]:.4f} against {against} "
+             f"{verdict.reference_score:.4f}{_compared(verdict)[1]}.", "", "## Why", ""]
     lines += [f"- {markdown_cell(r)}" for r in verdict.reasons]
     lines += ["", f"## Test split ({metrics['test_rows']} rows)", "", *_score_rows(metrics, verdict), "",
               *_per_class_rows(metrics)]
@@ -111,7 +126,9 @@ def run_description(version: str, name: str, metrics: dict, verdict) -> str:
     """The run's description (MLflow's mlflow.note.content): one paragraph, the card's headline."""
     primary = metrics["primary"]
     base = metrics["baselines"][metrics["baseline"]][primary]
+    mine, rows = _compared(verdict)
     champion = (f", champion v{verdict.champion_version} {verdict.champion_score:.4f}"
+                + (f" against this version's {mine:.4f}{rows}" if rows else "")
                 if verdict.champion_version and verdict.champion_score is not None else "")
     return (f"Registered {name} v{version}; gate: **{verdict.decision}**. Test {primary} "
             f"{verdict.challenger_score:.4f} ({metrics['baseline']} baseline {base:.4f}{champion}). "

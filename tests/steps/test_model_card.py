@@ -95,4 +95,31 @@ def test_a_card_for_150_labels_fits_the_registry_and_keeps_its_later_sections():
                       Verdict(PROMOTE, "3", challenger_score=0.9, baseline_score=0.8, reasons=["ok"]), "abc", "r1")
     assert len(card) < DESCRIPTION_LIMIT, len(card)
     assert "## Reproduce" in card and "weakest label: intent\\_000" in card and "(150 in all)" in card
-    assert "| intent\\_019 |" in card and "| intent\\_020 |" not in card and "The 20 weakest of 150 labels" in card
+    assert "| intent\\_019 |" in card and "| intent\\_020 |" not in card
+    assert "The 20 weakest of 150 scored labels" in card
+
+
+def test_a_card_shows_the_scores_the_gate_compared_and_skips_labels_with_nothing_to_score():
+    """The champion trained on some test rows: the headline puts the two scores on the rows it never saw side by
+    side, not this version's whole-split score against the champion's on fewer rows. A label with no test row and
+    no prediction has no F1: it does not crowd out the weakest scored labels."""
+    from kftune.card import model_card, run_description
+    from kftune.gate import Verdict
+
+    labels = [f"l{i:02d}" for i in range(25)]
+    per = {lbl: ({"precision": 0.9, "recall": 0.9, "f1": 0.6 + i / 100, "support": 10, "predicted": 10} if i < 5 else
+                 {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 0})
+           for i, lbl in enumerate(labels)}
+    scores = {"accuracy": 0.9, "macro_f1": 0.91, "ece": 0.02}
+    metrics = {"primary": "macro_f1", "baseline": "tfidf_logreg", "labels": labels, "test_rows": 500,
+               "model": {**scores, "per_class": per}, "baselines": {"tfidf_logreg": {**scores, "macro_f1": 0.7}}}
+    verdict = Verdict(HOLD, "4", challenger_score=0.91, baseline_score=0.7, champion_version="3", champion_score=0.89,
+                      unseen_rows=120, challenger_unseen_score=0.88, reasons=["held"])
+    card = model_card("m", "4", "minilm-l6", {"rows": {"train": 900}, "sha256": "0" * 64}, metrics, verdict, "c", "r")
+    assert "**Gate: hold** — test macro_f1 0.8800 against champion v3 0.8900 on the 120 test rows the champion " \
+           "never trained on." in card
+    assert "| **this version**, on the same 120 rows | " in card and "it never trained on) |" in card
+    assert "champion v3 0.8900 against this version's 0.8800 on the 120 test rows" in run_description(
+        "4", "m", metrics, verdict)
+    assert all(f"| l{i:02d} |" in card for i in range(5)), "every scored label is shown"
+    assert "The 5 weakest of 5 scored labels (20 more had no test rows and no predictions)" in card
