@@ -204,3 +204,17 @@ def test_auto_at_load_measures_when_the_numbers_come_from_another_machine(serve_
     # the copy that was measured is the one served (not built a second time): it answers as measured
     assert [a["label"] in ("negative", "positive") for a in served.predict(["gainoku said", "the lossira"], 8)] == [
         True, True]
+
+
+def test_a_recorded_agreement_reads_back_whole_not_rounded_past_the_minimum(serve_store, monkeypatch):
+    """2 of 397 texts disagreeing is 0.99496: under serve.min_agreement 0.995. Tagged with four decimals it read
+    back as 0.9950, and a restarted server served the precision its first start had refused."""
+    from mlflow import MlflowClient
+
+    from kftune.serving.model import record_precisions
+
+    use_mlflow_store(serve_store, monkeypatch)
+    with _retagged(CLASSIFIER, "2", {}):
+        record_precisions(CLASSIFIER, "2", "fp32", "test", {"fp32": m(1.0, 100.0), "int8": m(395 / 397, 500.0)})
+        measured, _ = recorded_precisions(MlflowClient().get_model_version(CLASSIFIER, "2").tags)
+    assert measured["int8"]["agreement"] == 395 / 397 < 0.995
