@@ -101,16 +101,23 @@ def mask(text: str) -> str:
 def mask_tokens(tokens: list[str]) -> list[str]:
     """`mask` for a tagged sentence: PII is found in the tokens joined by spaces (a phone number or an IBAN spans
     several), and each token it touches has that part replaced, so the tokens and their tags stay aligned."""
-    text = " ".join(tokens)
-    spans = find_pii(text)
-    out, at = [], 0
+    offsets, at = [], 0
     for tok in tokens:
-        a, b = at, at + len(tok)
-        at = b + 1
+        offsets.append((at, at + len(tok)))
+        at += len(tok) + 1
+    return mask_words(" ".join(tokens), offsets)
+
+
+def mask_words(text: str, offsets: list[tuple[int, int]]) -> list[str]:
+    """The words of `text` at `offsets` (start, end), each with the part a PII span of the text touches replaced by
+    that span's placeholder: the words stay where they were (a tagger's spans keep pointing into the text)."""
+    spans = find_pii(text)
+    out = []
+    for a, b in offsets:
         pieces, pos = [], a
         for s, e, kind in spans:
             if s < b and a < e:
                 pieces += [text[pos:max(s, a)], PLACEHOLDERS[kind]]
                 pos = min(e, b)
-        out.append("".join(pieces) + text[pos:b] if pieces else tok)
+        out.append("".join(pieces) + text[pos:b] if pieces else text[a:b])
     return out

@@ -333,16 +333,20 @@ def text_words(backend, texts: list[str]) -> list[list[tuple[str, tuple[int, int
     return out
 
 
-def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64) -> list[list[dict]]:
+def predict_spans(model, tokenizer, texts: list[str], batch_size: int = 64, mask_pii: bool = False) -> list[list[dict]]:
     """Token classification on raw texts: per text, its entities (type, text, start, end, score).
 
     Words come from the tokenizer itself (text_words), with their character offsets; sub-tokens are grouped back
-    into words and words into spans.
+    into words and words into spans. mask_pii: the model trained on sentences read with ingest.mask_pii, so it
+    sees each word masked as they were (the spans still point into the text as given).
     """
     from kftune.ner import char_spans, repaired
+    from kftune.pii import mask_words
 
     split = text_words(tokenizer.backend_tokenizer, texts)
-    tags, scores, tokenized = _word_tags(model, tokenizer, [[w for w, _ in ws] for ws in split], batch_size)
+    words = [mask_words(text, [at for _, at in ws]) if mask_pii else [w for w, _ in ws]
+             for text, ws in zip(texts, split)]
+    tags, scores, tokenized = _word_tags(model, tokenizer, words, batch_size)
     spans = []
     for text, ws, t, s, kept in zip(texts, split, tags, scores, tokenized):
         # a word the tokenizer turns into nothing (a lone combining mark, U+200B, U+FE0F) gets no tag of its own:

@@ -155,3 +155,41 @@ def test_words_come_from_the_tokenizer_itself_so_cjk_ideographs_are_words_of_the
     [spans] = predict_spans(model.eval(), tok, ["东京是首都"])
     assert [(e["text"], e["start"], e["end"]) for e in spans] == [("东", 0, 1), ("京", 1, 2), ("是", 2, 3),
                                                                   ("首", 3, 4), ("都", 4, 5)]
+
+
+def test_a_version_trained_on_masked_texts_sees_served_texts_masked_the_same_way(tiny_model, monkeypatch):
+    """ingest.mask_pii: the model learned <EMAIL>, never an address; served raw, it would see what it never saw."""
+    import pandas as pd
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    from kftune.predict import predict_spans
+    from kftune.serving import model as served_model
+    from kftune.serving.model import ServedModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    clf = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).eval()
+    text, masked = "refund  to jane.doe@example.com now", "refund to <EMAIL> now"
+    plain, careful = (ServedModel("m", "1", "sequence-classification", ["a", "b"], clf, tok, mask_pii=m)
+                      for m in (False, True))
+    assert careful.predict([text], 8) == plain.predict([masked], 8) != plain.predict([text], 8)
+
+    import torch
+
+    from kftune import predict
+
+    tagger = AutoModelForTokenClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label={0: "O", 1: "B-PER", 2: "I-PER"}, label2id={"O": 0, "B-PER": 1, "I-PER": 2})
+    with torch.no_grad():  # every token B-PER: each word an entity of its own
+        tagger.classifier.weight.zero_()
+        tagger.classifier.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    real, seen = predict._word_tags, []
+    monkeypatch.setattr(predict, "_word_tags", lambda m, t, words, *a: seen.append(words) or real(m, t, words, *a))
+    [spans] = predict_spans(tagger.eval(), tok, [text], 8, mask_pii=True)
+    assert seen[0][0][:3] == ["refund", "to", "<EMAIL>"] and "jane" not in seen[0][0], "the model sees it masked"
+    assert [e["text"] for e in spans][:3] == ["refund", "to", "jane"], "the spans point into the text as given"
+    assert all(text[e["start"]:e["end"]] == e["text"] for e in spans)
+
+    rows = pd.DataFrame({"text": ["a b", "c"], "label": ["x", "y"], "split": ["test", "train"]})
+    monkeypatch.setattr("kftune.steps.resolve.download_reference",
+                        lambda name, version, dest: (rows, {"split": {"mask_pii": True, "split_salt": "s"}}))
+    assert served_model.version_reference("m", "1", 10, 10) == (["a b"], ["c"], True)

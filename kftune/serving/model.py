@@ -35,6 +35,7 @@ class ServedModel:
     precision_reason: str = ""
     measured: dict = field(default_factory=dict)
     batching: Batching = PADDED  # how texts share forward passes, and why (kftune.predict.choose_batching)
+    mask_pii: bool = False  # trained on texts read with ingest.mask_pii: the model sees them masked the same way
 
     def predict(self, texts: list[str], batch_size: int) -> list[dict]:
         """One answer per text, in order; texts share forward passes as `batching` says: packed into rows, or
@@ -47,8 +48,14 @@ class ServedModel:
 
         if not texts:
             return []
-        if self.task == "token-classification":
-            return [{"entities": spans} for spans in predict_spans(self.model, self.tokenizer, texts, batch_size)]
+        if self.task == "token-classification":  # masked word by word: the spans' offsets stay the text's
+            return [{"entities": spans} for spans in predict_spans(self.model, self.tokenizer, texts, batch_size,
+                                                                   self.mask_pii)]
+        if self.mask_pii:
+            from kftune.pii import mask
+            from kftune.tables import normalise
+
+            texts = [mask(normalise(t)) for t in texts]  # as ingest read the training texts
         seqs = self.tokenizer(texts, truncation=True, max_length=self.tokenizer.model_max_length)["input_ids"]
         probs = softmax(batched_logits(self.model, seqs, self.tokenizer.pad_token_id, batch_size, self.batching))
         best = probs.argmax(axis=1)
@@ -85,11 +92,16 @@ def resolve_version(name: str, alias: str | None, version: str | None) -> str:
 
 def version_texts(name: str, version: str, limit: int, calibration_rows: int) -> tuple[list[str], list[str]]:
     """The version's held-out and calibration texts (see `split_texts`), from its `reference/` artifact."""
+    return version_reference(name, version, limit, calibration_rows)[:2]
+
+
+def version_reference(name: str, version: str, limit: int, calibration_rows: int) -> tuple[list[str], list[str], bool]:
+    """version_texts, and whether the version trained on PII-masked texts (`ingest.mask_pii`, in its data card)."""
     from kftune.steps.resolve import download_reference
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows, _ = download_reference(name, version, tmp)
-    return split_texts(rows, limit, calibration_rows)
+        rows, card = download_reference(name, version, tmp)
+    return (*split_texts(rows, limit, calibration_rows), bool((card.get("split") or {}).get("mask_pii")))
 
 
 def split_texts(rows, limit: int, calibration_rows: int) -> tuple[list[str], list[str]]:
@@ -276,10 +288,10 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     from kftune.predict import labels_of
 
     try:
-        texts, calibration = version_texts(name, version, cfg.agreement_rows, cfg.int8_calibration_rows)
+        texts, calibration, masked = version_reference(name, version, cfg.agreement_rows, cfg.int8_calibration_rows)
     except Exception as exc:  # noqa: BLE001 - an older version without reference rows can still be served
         log.warning("%s v%s: no held-out rows to measure precision on (%s)", name, version, exc)
-        texts, calibration = [], []
+        texts, calibration, masked = [], [], False
     int8 = int8_recipe(cfg, tokenizer, calibration)
     measured, skipped, fresh, built = {}, [], False, {}
     if setting == "auto":
@@ -306,7 +318,7 @@ def load_version(name: str, version: str, cfg: ServeConfig, precision: str | Non
     if converted is None:
         converted = prec.convert(model, choice.value, int8)
     served = ServedModel(name, str(version), task, labels_of(model), converted, tokenizer, choice.value, choice.reason,
-                         measured)
+                         measured, mask_pii=masked)
     warm = (texts or ["warm up"])[: cfg.max_batch]
     served.predict(warm, cfg.max_batch)  # first-call costs paid before the version takes traffic
     served.predict(sorted(warm, key=len)[-1:] * 2, cfg.max_batch)

@@ -96,7 +96,7 @@ def test_load_version_records_the_choice_on_the_version(serve_store, monkeypatch
     tags = MlflowClient().get_model_version(TAGGER, "1").tags
     assert tags["kftune.serve.precision"] == served.precision and served.task == "token-classification"
     assert set(served.measured) <= {"fp32", "bf16", "int8"} and "fp32" in served.measured
-    assert tags["kftune.serve.measured_on"] and tags["kftune.serve.agreement_fp32"] == "1.0000"
+    assert tags["kftune.serve.measured_on"] and float(tags["kftune.serve.agreement_fp32"]) == 1.0
     answers = served.predict(["gainoku said", "the lossira dropmek"], 8)
     assert all(set(a) == {"entities"} for a in answers)
 
