@@ -37,10 +37,10 @@ def _unknown(found: Counter, labels: list[str], source: str, what: str, model: s
 
 def _labelled_texts(source: str, params: Params, labels: list[str], model_label: str):
     """The rows of `source` with a text and a label (normalised as ingest does), and how many had neither."""
-    from kftune.tables import DataError, normalise, read_tables
+    from kftune.tables import DataError, normalise, normalise_label, read_tables
 
     df, _ = read_tables(source, params.ingest)  # names the missing text/label column and the file
-    df = df.assign(text=df["text"].map(normalise), label=df["label"].str.strip())
+    df = df.assign(text=df["text"].map(normalise), label=df["label"].map(normalise_label))
     empty = (df["text"] == "") | (df["label"] == "")
     df = df[~empty]
     if df.empty:
@@ -55,6 +55,7 @@ def score_texts(model, tokenizer, source: str, params: Params, model_label: str,
     from kftune.metrics import classification_metrics
     from kftune.predict import labels_of, predict_proba_with
     from kftune.steps.evaluate import baseline_probs
+    from kftune.tables import DataError
 
     labels = labels_of(model)
     df, skipped = _labelled_texts(source, params, labels, model_label)
@@ -64,6 +65,9 @@ def score_texts(model, tokenizer, source: str, params: Params, model_label: str,
            "primary": "macro_f1", "metrics": classification_metrics(y, probs, labels, params.evaluate.ece_bins)}
     if train:
         fit, _ = _labelled_texts(train, params, labels, model_label)
+        if fit["label"].nunique() < 2:
+            raise DataError(f"--train {train}: every row has the label {fit['label'].iloc[0]!r}; a TF-IDF baseline "
+                            f"needs at least two labels to learn from")
         out["baselines"] = {k: classification_metrics(y, p, labels, params.evaluate.ece_bins)
                             for k, p in baseline_probs(fit, df, labels, params.evaluate).items()}
         out["train"] = {"input": train, "rows": len(fit)}

@@ -9,8 +9,6 @@ test set is never thinned by a leak from train.
 
 from __future__ import annotations
 
-import unicodedata
-
 import numpy as np
 import pandas as pd
 
@@ -66,14 +64,12 @@ def card(given_by, given: set[str], hashed: set[str] | None = None) -> dict:
 
 def read_golden(path: str, cfg: IngestConfig, task: str) -> pd.DataFrame:
     """register.golden_test: every labelled row (or tagged sentence) of the file, as the gate scores them."""
-    from kftune.tables import normalise, read_sentences, read_tables
+    from kftune.tables import normalise, normalise_label, read_sentences, read_tables
 
     if task == "token-classification":
         return read_sentences(path, cfg)[0]
     df, _ = read_tables(path, cfg)
-    # as ingest reads labels (tables.clean): NFC, so "négatif" typed two ways is the model's label
-    df = df.assign(text=df["text"].map(normalise), label=df["label"].map(lambda s: unicodedata.normalize("NFC", s)
-                                                                              .strip()))
+    df = df.assign(text=df["text"].map(normalise), label=df["label"].map(normalise_label))
     return df[(df["text"] != "") & (df["label"] != "")].reset_index(drop=True)
 
 

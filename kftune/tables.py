@@ -170,6 +170,11 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
+def normalise_label(label: str) -> str:
+    """A label as every reader takes it: NFC ("négatif" typed two ways is one label), no surrounding spaces."""
+    return unicodedata.normalize("NFC", label).strip()
+
+
 def split_settings(cfg: IngestConfig) -> dict:
     """What decides every row's split (mask_pii: the hash is of the masked text); a data version's splits are
     only comparable under the same settings."""
@@ -210,8 +215,7 @@ def clean(df: pd.DataFrame, reasons: dict | None = None, tagged: bool = False) -
     reason means and up to three of its rows (the data card's `drop_reasons`).
     """
     drops: dict[str, int] = {}
-    df = df.assign(text=df["text"].map(normalise),  # labels NFC too: "négatif" typed two ways is one label
-                   label=df["label"].map(lambda s: unicodedata.normalize("NFC", s).strip()))
+    df = df.assign(text=df["text"].map(normalise), label=df["label"].map(normalise_label))
     for reason in WHY_DROPPED:
         if reason == "empty":
             mask = (df["text"] == "") | (df["label"] == "")

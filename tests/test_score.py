@@ -92,6 +92,12 @@ def test_score_says_which_labels_and_columns_are_wrong(tmp_path, params, registe
     with pytest.raises(DataError, match=r"cols.csv: no text column 'text' \(columns: sentence, label\); set "
                                         r"ingest.text_column"):
         score(name, str(tmp_path / "cols.csv"), params)
+    # a --train file of one label cannot train the TF-IDF baseline: said, not sklearn's ValueError
+    pd.DataFrame({"text": ["gainoku the", "a b"], "label": ["positive", "positive"]}).to_csv(tmp_path / "one.csv",
+                                                                                             index=False)
+    with pytest.raises(DataError, match="--train .*one.csv: every row has the label 'positive'; a TF-IDF baseline "
+                                        "needs at least two labels"):
+        score(name, str(tmp_path / "one.csv"), params, train=str(tmp_path / "one.csv"))
 
 
 def test_score_tagged_sentences_against_known_entities(tmp_path, params, mlflow_store):
