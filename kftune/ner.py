@@ -109,6 +109,9 @@ def check_tags(sentence: Sentence, where: str, repair: bool, allowed: set[str] |
                                    f"B-{tag[2:]} or {tag}; set ingest.bio_repair=true to turn it into B-{tag[2:]}")
             sentence.tags[i] = tag = "B-" + tag[2:]
             repairs += 1
+            if allowed is not None and tag not in allowed:
+                raise NerDataError(f"{where}: I-{tag[2:]} on token {sentence.tokens[i]!r} repaired to {tag!r}, which "
+                                   f"ingest.labels does not list ({sorted(allowed)}): add it")
         previous = tag
     return repairs
 

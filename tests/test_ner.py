@@ -63,6 +63,10 @@ def test_bio_repair_and_rejection():
         ner.check_tags(Sentence(["a"], ["B-ORG"], 1), "f:1", True, allowed={"O", "B-PER", "I-PER"})
     with pytest.raises(NerDataError, match="tag 'PER' of token 'a' is not O, B-TYPE or I-TYPE"):
         ner.check_tags(Sentence(["a"], ["PER"], 1), "f:1", True, allowed=None)
+    # IOB1-style data and ingest.labels without the B- tag: the repair's B-PER would be a tag tokenize cannot map
+    with pytest.raises(NerDataError, match=r"f:1: I-PER on token 'a' repaired to 'B-PER', which ingest.labels does "
+                                           r"not list \(\['I-PER', 'O'\]\): add it"):
+        ner.check_tags(Sentence(["a", "b"], ["I-PER", "I-PER"], 1), "f:1", True, allowed={"O", "I-PER"})
 
 
 def test_tag_set_and_spans():
