@@ -87,10 +87,12 @@ def _optimizer(model, cfg: FinetuneConfig):
 
 
 def _read_split(tokenized_dir: Path, split: str, ner: bool):
-    """(input ids, labels, word ids): labels one int per text, or (NER) one array per window with word ids."""
+    """(input ids, labels, words): labels one int per text, or (NER) one array per window with, per window, its
+    word ids and the sentence it is part of."""
     df = pd.read_parquet(tokenized_dir / f"{split}.parquet")
     if ner:
-        return [list(x) for x in df["input_ids"]], [np.array(y) for y in df["labels"]], list(df["word_ids"])
+        return ([list(x) for x in df["input_ids"]], [np.array(y) for y in df["labels"]],
+                list(zip(df["word_ids"], df["sentence"], df["first_word"])))
     return [list(x) for x in df["input_ids"]], df["label"].to_numpy(copy=True), None
 
 
@@ -112,7 +114,8 @@ COLLAPSE_MIN_ROWS = 5  # a label with this many validation rows that is never pr
 
 
 def validation_metrics(model, x, y, word_ids, pad_id: int, labels: list[str], batch_size: int, bf16: bool) -> dict:
-    """Validation loss and score: macro-F1 for texts, entity F1 (seqeval) for tags on each word's first sub-token."""
+    """Validation loss and score: macro-F1 for texts, entity F1 (seqeval) for tags on each word's first sub-token,
+    per sentence as evaluate scores it (word_ids: per window, its word ids, sentence and first word)."""
     import torch
 
     from kftune.metrics import entity_metrics, macro_f1
@@ -131,11 +134,15 @@ def validation_metrics(model, x, y, word_ids, pad_id: int, labels: list[str], ba
     flat_logits = np.concatenate([lg[yy != IGNORE] for lg, yy in zip(logits, y)])
     flat_y = np.concatenate([yy[yy != IGNORE] for yy in y])
     loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(flat_logits), torch.from_numpy(flat_y)))
-    gold, pred = [], []
-    for lg, yy, ww in zip(logits, y, word_ids):
+    sentences: dict[int, list] = {}  # sentence -> its windows' (first word, gold tags, predicted tags)
+    for lg, yy, (ww, sentence, first_word) in zip(logits, y, word_ids):
         first = [i for i, w in enumerate(ww) if w >= 0 and (i == 0 or ww[i - 1] != w)]
-        gold.append(repaired([labels[yy[i]] for i in first]))  # a window may start inside an entity: I-X -> B-X
-        pred.append(repaired([labels[int(lg[i].argmax())] for i in first]))
+        sentences.setdefault(sentence, []).append((first_word, [labels[yy[i]] for i in first],
+                                                   [labels[int(lg[i].argmax())] for i in first]))
+    # windows joined back into sentences: an entity across a window boundary is one entity, as in evaluate
+    joined = [sorted(windows, key=lambda w: w[0]) for windows in sentences.values()]
+    gold = [repaired([t for w in windows for t in w[1]]) for windows in joined]
+    pred = [repaired([t for w in windows for t in w[2]]) for windows in joined]
     m = entity_metrics(gold, pred)
     return {"val_entity_f1": m["entity_f1"], "val_token_accuracy": m["token_accuracy"], "val_loss": loss}
 

@@ -287,3 +287,27 @@ def test_every_process_reseeds_its_own_dropout_at_a_checkpoint_boundary():
     assert torch.equal(draws(1, 20), draws(1, 20)), "a resumed process draws what the interrupted one did"
     assert not torch.equal(draws(0, 20), draws(1, 20)), "processes keep independent dropout"
     assert not torch.equal(draws(1, 20), draws(1, 40))
+
+
+def test_a_taggers_validation_scores_whole_sentences_as_evaluate_does(monkeypatch):
+    """An entity across a window boundary (a sentence longer than tokenize.max_length) is one entity: scored per
+    window it was two, and a prediction that found only its first part scored as half right."""
+    import numpy as np
+
+    from kftune import predict
+    from kftune.steps.finetune import validation_metrics
+
+    labels = ["O", "B-ORG", "I-ORG"]
+    # one sentence "a b c d e Bank of America" in two windows: words 0-5 ([CLS] + 6 words) and 6-7
+    windows = [([-1, 0, 1, 2, 3, 4, 5, -1], 0, 0), ([-1, 0, 1, -1], 0, 6)]
+    gold = [np.array([-100, 0, 0, 0, 0, 0, 1, -100]), np.array([-100, 2, 2, -100])]
+    found = [[0, 0, 0, 0, 0, 1], [0, 0]]  # "Bank" tagged B-ORG, "of America" missed
+
+    def logits(model, x, pad_id, batch_size, bf16):
+        return [np.eye(3)[[0, *tags, 0]] * 5 for tags in found]
+
+    monkeypatch.setattr(predict, "predict_token_logits", logits)
+    m = validation_metrics(None, [[0] * 8, [0] * 4], gold, windows, 0, labels, 8, False)
+    assert m["val_entity_f1"] == 0.0, "ORG 'Bank' is not ORG 'Bank of America'"
+    found[1] = [2, 2]
+    assert validation_metrics(None, [[0] * 8, [0] * 4], gold, windows, 0, labels, 8, False)["val_entity_f1"] == 1.0
