@@ -26,9 +26,18 @@ def wrap(model, r: int, alpha: int, dropout: float, ner: bool):
     sentence-embedding checkpoint) gets a random pooler at every load, so it must live in the adapter."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    from kftune.config import ConfigError
+
     config = LoraConfig(task_type=TaskType.TOKEN_CLS if ner else TaskType.SEQ_CLS, r=r, lora_alpha=alpha,
                         lora_dropout=dropout, modules_to_save=["classifier"] if ner else ["classifier", "pooler"])
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # peft names no default attention projections for this architecture
+        if "target_modules" not in str(exc):
+            raise
+        raise ConfigError(f"finetune.method=lora: peft has no default LoRA target modules for model type "
+                          f"{model.config.model_type!r} (BERT-family models have them); use finetune.method=full "
+                          f"for this base model") from None
 
 
 def is_peft(model) -> bool:

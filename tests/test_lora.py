@@ -70,3 +70,17 @@ def test_a_lora_version_whose_base_weights_changed_is_refused_at_load(prepared, 
     upgraded.save_pretrained(base)  # the same path, other weights
     with pytest.raises(RegistryError, match=r"v\d+ is a LoRA adapter over the base model at .* whose weights changed"):
         load_components(uri)
+
+
+def test_lora_on_a_model_type_peft_has_no_targets_for_says_so():
+    import pytest
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from kftune.config import ConfigError
+    from kftune.lora import wrap
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(n_layers=1, dim=32, hidden_dim=64, n_heads=2,
+                                                                 vocab_size=100))
+    with pytest.raises(ConfigError, match="finetune.method=lora: peft has no default LoRA target modules for model "
+                                          "type 'distilbert'"):
+        wrap(model, 4, 8, 0.0, False)

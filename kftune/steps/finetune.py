@@ -211,6 +211,10 @@ def _build(tokenized_dir: Path, stats: dict, model_name: str, cfg: FinetuneConfi
     hw = setup(cfg.bf16, cfg.threads)
     set_seed(cfg.seed)
     train, val = _read_split(tokenized_dir, "train", ner), _read_split(tokenized_dir, "validation", ner)
+    if not ner and len(np.unique(val[1])) < 2:
+        log.warning("fine-tune: every validation row has the label %r: checkpoints chosen by macro-F1 there favour "
+                    "predicting it everywhere; give the validation split rows of other labels (a larger "
+                    "ingest.validation_fraction, or a split column)", labels[int(val[1][0])] if len(val[1]) else None)
     model = load_pretrained(AutoModelForTokenClassification if ner else AutoModelForSequenceClassification,
                             resolve_base_model(model_name), num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={lbl: i for i, lbl in enumerate(labels)})

@@ -311,3 +311,11 @@ def test_a_taggers_validation_scores_whole_sentences_as_evaluate_does(monkeypatc
     assert m["val_entity_f1"] == 0.0, "ORG 'Bank' is not ORG 'Bank of America'"
     found[1] = [2, 2]
     assert validation_metrics(None, [[0] * 8, [0] * 4], gold, windows, 0, labels, 8, False)["val_entity_f1"] == 1.0
+
+
+def test_a_validation_split_of_one_label_is_warned_about(prepared, params, tmp_path, caplog):
+    tokenized = prepared / "tokenized"
+    val = pd.read_parquet(tokenized / "validation.parquet")
+    val.assign(label=0).to_parquet(tokenized / "validation.parquet")
+    finetune(tokenized, tmp_path / "m", params.model.name, with_changes(params.finetune, max_steps=1, restarts=0))
+    assert "every validation row has the label 'negative'" in caplog.text
