@@ -33,7 +33,9 @@ def test_wnut17_tagger_detects_the_source_shift_and_retrains_on_it(tmp_path, mlf
     data.mkdir()
     (data / "a-train.conll").symlink_to(wnut / "wnut17train.conll")
     resolve(str(data), tmp_path / "r0", tmp_path / "c0", params)
-    train_champion(tmp_path, params, tmp_path / "r0")
+    # bert-tiny after 5 epochs sits at WNUT-17's memorisation baseline (entity F1 0.26-0.29 against 0.28): the
+    # first champion is promoted whatever the gate says; this test is about the drift and the retraining after it
+    train_champion(tmp_path, params, tmp_path / "r0", must_pass_gate=False)
 
     (data / "b-dev.conll").symlink_to(wnut / "emerging.dev.conll")
     (data / "c-test.conll").symlink_to(wnut / "emerging.test.annotated")
