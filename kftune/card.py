@@ -101,11 +101,12 @@ def model_card(name: str, version: str, base_model: str, card: dict, metrics: di
     # the score the gate compared with: the champion's when it could be scored, else the baseline's
     against = f"champion v{verdict.champion_version}" if verdict.champion_score is not None else \
         f"the {metrics['baseline']} baseline"
+    mine, rows = _compared(verdict)
     lines = [f"# {name} v{version}", "",
              f"A {task.replace('-', ' ')} model fine-tuned from `{code_span(base_model)}` by kftune; "
              f"labels: {_labels(metrics['labels'])}.", "",
-             f"**Gate: {verdict.decision}** — test {primary} {_compared(verdict)[0]:.4f} against {against} "
-             f"{verdict.reference_score:.4f}{_compared(verdict)[1]}.", "", "## Why", ""]
+             f"**Gate: {verdict.decision}** — test {primary} {mine:.4f} against {against} "
+             f"{verdict.reference_score:.4f}{rows}.", "", "## Why", ""]
     lines += [f"- {markdown_cell(r)}" for r in verdict.reasons]
     lines += ["", f"## Test split ({metrics['test_rows']} rows)", "", *_score_rows(metrics, verdict), "",
               *_per_class_rows(metrics)]

@@ -169,16 +169,18 @@ def smoke_test(uri: str, texts: list[str], labels: list[str], task: str) -> str 
     return None
 
 
-def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labels: list[str], task: str) -> Verdict:
+def judge(verdict: Verdict, params: Params, tests: dict[str, pd.DataFrame], labels: list[str], task: str,
+          trained_on: set[str] = frozenset()) -> Verdict:
     """Score the champion on `tests` (test, historical when retraining, golden with register.golden_test: read and
     checked before the version was registered), smoke-test the challenger, apply the rule; fills the verdict's
-    champion scores, decision and reasons."""
+    champion scores, decision and reasons. trained_on: the challenger's training and validation texts (golden rows
+    among them are left out)."""
     cfg, tests = params.register, dict(tests)
     champion_error, golden_error, notes = None, None, []
     seen = seen_by(cfg.model_name, verdict.champion_version) if verdict.champion_version else set()
     if "golden" in tests:  # the fixed test set: both sides re-scored on it every time, on rows neither trained on
-        golden, trained = tests["golden"], tests.pop("golden_trained_on", False)  # register: the challenger's
-        kept = golden[~(trained | golden["text"].isin(seen))]
+        golden = tests["golden"]
+        kept = golden[~golden["text"].isin(seen | set(trained_on))]
         if len(kept) < len(golden):
             notes.append(f"golden test: {len(golden) - len(kept)} of its {len(golden)} rows left out, the challenger "
                          f"or the champion trained or validated on them")

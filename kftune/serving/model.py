@@ -90,13 +90,9 @@ def resolve_version(name: str, alias: str | None, version: str | None) -> str:
     return found
 
 
-def version_texts(name: str, version: str, limit: int, calibration_rows: int) -> tuple[list[str], list[str]]:
-    """The version's held-out and calibration texts (see `split_texts`), from its `reference/` artifact."""
-    return version_reference(name, version, limit, calibration_rows)[:2]
-
-
 def version_reference(name: str, version: str, limit: int, calibration_rows: int) -> tuple[list[str], list[str], bool]:
-    """version_texts, and whether the version trained on PII-masked texts (`ingest.mask_pii`, in its data card)."""
+    """The version's held-out and calibration texts (see `split_texts`), from its `reference/` artifact, and whether
+    it trained on PII-masked texts (`ingest.mask_pii`, in its data card)."""
     from kftune.steps.resolve import download_reference
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -145,13 +145,13 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
     tests = {"test": test}
     if hist:
         tests["historical"] = pd.read_parquet(data_dir / "historical_test.parquet")
+    trained: set[str] = set()  # the challenger's training and validation texts: the golden test leaves them out
     if cfg.golden_test:  # read and checked before anything is registered
         from kftune.splits import check_golden, read_golden
 
         tests["golden"] = read_golden(cfg.golden_test, params.ingest, task)
         check_golden(tests["golden"], metrics["labels"], cfg.golden_test)
         trained = {t for s in ("train", "validation") for t in pd.read_parquet(data_dir / f"{s}.parquet")["text"]}
-        tests["golden_trained_on"] = tests["golden"]["text"].isin(trained)  # the gate leaves these rows out
     progress = Progress("register", 4, "parts (run, model, gate, card)", every=0)
     with mlflow.start_run(run_id=run_id or None, experiment_id=None if run_id else experiment_id(cfg.experiment)) as run:
         _log_run(data_dir, model_dir, eval_dir, card, metrics, params, tags, new_run=not run_id)
@@ -177,7 +177,7 @@ def register(data_dir: str | Path, model_dir: str | Path, eval_dir: str | Path, 
         verdict = gate.Verdict(gate.HOLD, version, primary, metrics["model"][primary],
                                metrics["baselines"][metrics["baseline"]][primary], champion or "",
                                challenger_historical_score=hist[primary] if hist else None)
-        gate.judge(verdict, params, tests, metrics["labels"], task)
+        gate.judge(verdict, params, tests, metrics["labels"], task, trained)
         progress.update(1)
         mlflow.log_metrics({f"champion_{k}_{primary}": v for k, v in {
             "test": verdict.champion_score, "historical_test": verdict.champion_historical_score}.items()

@@ -3,7 +3,7 @@
 import pytest
 
 from kftune.config import load_params
-from kftune.serving.model import int8_recipe, load_version, recorded_precisions, split_texts, version_texts
+from kftune.serving.model import int8_recipe, load_version, recorded_precisions, split_texts, version_reference
 from kftune.serving.precision import Int8Recipe, choose_precision, convert, measure_precisions
 from tests.conftest import ROOT, use_mlflow_store
 from tests.serving.conftest import CLASSIFIER, TAGGER
@@ -38,7 +38,7 @@ def test_measure_on_the_versions_own_held_out_rows(serve_store, monkeypatch):
     import torch
 
     use_mlflow_store(serve_store, monkeypatch)
-    texts, calibration = version_texts(CLASSIFIER, "1", 30, 20)
+    texts, calibration, _ = version_reference(CLASSIFIER, "1", 30, 20)
     assert len(texts) == 30 and len(calibration) == 20 and not set(texts) & set(calibration)
     parts = mlflow.transformers.load_model(f"models:/{CLASSIFIER}/1", return_type="components")
     cfg = load_params(ROOT / "params.yaml").serve
@@ -68,7 +68,7 @@ def test_agreement_is_the_share_of_texts_whose_answer_the_other_precision_change
     from kftune.serving import precision
 
     use_mlflow_store(serve_store, monkeypatch)
-    texts, _ = version_texts(CLASSIFIER, "1", 40, 0)
+    texts, _, _ = version_reference(CLASSIFIER, "1", 40, 0)
     parts = mlflow.transformers.load_model(f"models:/{CLASSIFIER}/1", return_type="components")
     model, tok = parts["model"].eval(), parts["tokenizer"]
     with torch.no_grad():
